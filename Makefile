@@ -1,0 +1,63 @@
+# The two commands a newcomer needs: `make run` and `make test`. Everything they need is
+# installed here, on a fresh machine, by these targets.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+KAFKA := deploy/kafka/kafka.sh
+POSTGRES := deploy/postgres/postgres.sh
+
+.PHONY: install run test services services-stop lint fmt bench schemas clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test,bench]'
+	rm -f $(VENV)/.installed-* && touch $(STAMP)
+
+install: $(STAMP)
+
+## run: the whole pipeline in one process on the embedded default (memory bus, embedded Postgres)
+run: install
+	$(BIN)/cdp-stream up
+
+## services: start the local Kafka broker and PostgreSQL server (idempotent)
+services: install
+	bash $(KAFKA) start
+	bash $(POSTGRES) start
+
+services-stop:
+	-bash $(KAFKA) stop
+	-bash $(POSTGRES) stop
+
+## test: lint, start Kafka and Postgres (stopping afterwards what this run started), run every test
+test: install lint
+	@started=""; \
+	bash $(KAFKA) status >/dev/null 2>&1 || started="$$started kafka"; \
+	bash $(POSTGRES) status >/dev/null 2>&1 || started="$$started postgres"; \
+	trap 'for s in $$started; do case $$s in kafka) bash $(KAFKA) stop;; postgres) bash $(POSTGRES) stop;; esac; done' EXIT; \
+	bash $(KAFKA) start && bash $(POSTGRES) start && \
+	CDP_TEST_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} \
+	CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/mypy
+	$(BIN)/cdp-stream schemas --check
+
+fmt: install
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+schemas: install
+	$(BIN)/cdp-stream schemas
+
+## bench: the printed benchmarks against the real broker and server
+bench: install services
+	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} $(BIN)/python benchmarks/collect.py
+
+clean:
+	rm -rf $(VENV) .cdp .pytest_cache .mypy_cache .ruff_cache

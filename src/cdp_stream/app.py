@@ -1,0 +1,97 @@
+"""Wiring: start the shared resources a process needs and build its HTTP app.
+
+``Runtime`` owns the engine and the bus for one process (migrations and bootstrap
+credentials run once at its start); ``create_app`` mounts the collector and/or the API on
+it with ``/healthz`` and ``/readyz``. The stages themselves know nothing of this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI
+from fastapi.responses import ORJSONResponse
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream import topics
+from cdp_stream.api.profiles import router as profiles_router
+from cdp_stream.bus import make_bus
+from cdp_stream.bus.base import Bus, BusUnavailable
+from cdp_stream.collector.auth import WriteKeys
+from cdp_stream.collector.routes import router as collector_router
+from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
+from cdp_stream.profiles.db import make_engine, resolve_database_url
+from cdp_stream.profiles.migrate import upgrade_to_head
+from cdp_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    role: str
+    engine: AsyncEngine
+    bus: Bus
+    credentials: NewCredentials = field(default_factory=NewCredentials)
+
+    @classmethod
+    async def start(cls, settings: Settings, role: str, *, migrate: bool = True) -> Runtime:
+        engine = make_engine(await resolve_database_url(settings), role)
+        if migrate:
+            await upgrade_to_head(engine)
+        async with engine.begin() as conn:
+            creds = await bootstrap_credentials(
+                conn, settings.bootstrap_write_key, settings.bootstrap_api_token
+            )
+        bus = make_bus(settings, client_id=f"cdp-stream-{role}")
+        await bus.start()
+        await bus.ensure_topics(topics.all_topics(settings.topic_partitions))
+        return cls(settings, role, engine, bus, creds)
+
+    async def stop(self) -> None:
+        await self.bus.stop()
+        await self.engine.dispose()
+
+
+def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) -> FastAPI:
+    app = FastAPI(title="cdp-stream", default_response_class=ORJSONResponse)
+    app.state.settings = runtime.settings
+    app.state.engine = runtime.engine
+    app.state.bus = runtime.bus
+    app.state.write_keys = WriteKeys(runtime.engine)
+    if "collector" in parts:
+        app.include_router(collector_router)
+    if "api" in parts:
+        app.include_router(profiles_router)
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, str]:
+        """The process is up (liveness)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["health"])
+    async def readyz() -> ORJSONResponse:
+        """The bus and the database answer (readiness)."""
+        checks: dict[str, str] = {}
+        try:
+            await asyncio.wait_for(runtime.bus.ping(), 5)
+            checks["bus"] = "ok"
+        except (BusUnavailable, TimeoutError) as exc:
+            checks["bus"] = f"unavailable: {exc}"
+        try:
+            async with runtime.engine.connect() as conn:
+                await asyncio.wait_for(conn.execute(text("SELECT 1")), 5)
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure means not ready; say which
+            checks["database"] = f"unavailable: {exc}"
+        ok = all(v == "ok" for v in checks.values())
+        return ORJSONResponse(
+            {"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503
+        )
+
+    return app

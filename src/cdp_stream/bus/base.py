@@ -1,0 +1,100 @@
+"""The bus interface every stage talks to; nothing above it knows Kafka from memory.
+
+Semantics both implementations keep (checked by ``tests/bus/test_contract.py``):
+
+* ``publish``/``publish_many`` return only after the broker acknowledged every record;
+  on failure they raise :class:`BusUnavailable` and the caller must assume nothing was
+  accepted (records may still have been written: consumers dedupe by messageId).
+* A record goes to the partition chosen by hashing its key, so one key keeps its order.
+* A consumer belongs to a named group; the group's partitions are split among its live
+  members and each record is seen by one member of each group.
+* Work is at-least-once: offsets move only through ``commit``; a member that stops (or
+  dies) without committing leaves its records to be delivered again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class BusUnavailable(Exception):
+    """The broker could not acknowledge in time: the caller must not report success."""
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One record to publish."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One consumed record with its position."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+
+
+TopicPartition = tuple[str, int]
+
+
+class Consumer(Protocol):
+    """A member of a consumer group."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None:
+        """Leave the group promptly; uncommitted records are redelivered to others."""
+
+    async def getmany(self, max_records: int, timeout_ms: int) -> list[Message]:
+        """Up to ``max_records`` records, waiting at most ``timeout_ms`` for the first."""
+
+    async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+        """Commit, per partition, the offset of the *next* record to read.
+
+        A commit the group no longer accepts is logged and dropped, never raised: the
+        partitions moved to another member in a rebalance (Kafka's ``CommitFailedError``)
+        or the broker did not answer in time. Those records are delivered again (to
+        their new owner), which at-least-once consumers must handle anyway.
+        """
+
+    def assignment(self) -> frozenset[TopicPartition]:
+        """The partitions this member owns now; empty until it has joined the group."""
+
+
+class Bus(Protocol):
+    """Publish with acks, consume as a group, commit after work."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+    async def ensure_topics(self, topics: Mapping[str, int]) -> None:
+        """Create the topics (name -> partitions) that do not exist yet."""
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes) -> None: ...
+
+    async def publish_many(self, records: Sequence[Record]) -> None:
+        """Publish all records and wait for every acknowledgement."""
+
+    async def ping(self) -> None:
+        """Raise :class:`BusUnavailable` when the broker cannot be reached."""
+
+    def consumer(self, group: str, topics: Sequence[str]) -> Consumer: ...
+
+
+def next_offsets(messages: Sequence[Message]) -> dict[TopicPartition, int]:
+    """The offsets to commit after processing ``messages``: last offset + 1 per partition."""
+    offsets: dict[TopicPartition, int] = {}
+    for m in messages:
+        tp = (m.topic, m.partition)
+        offsets[tp] = max(offsets.get(tp, 0), m.offset + 1)
+    return offsets

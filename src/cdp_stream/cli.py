@@ -1,0 +1,156 @@
+"""``cdp-stream``: one command per process role, plus ``up`` that runs them all in one.
+
+    up          collector + resolver + API in one process (embedded default without settings)
+    collector   the HTTP collector only (stateless; run many behind a load balancer)
+    resolver    one resolver consumer (run up to the partition count of cdp.events)
+    api         the profile API only
+    migrate     bring the Postgres schema to the newest migration
+    schemas     write (or --check) the JSON Schemas in schemas/ from the event models
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Collection
+from pathlib import Path
+
+import typer
+import uvicorn
+
+from cdp_stream.app import Runtime, create_app
+from cdp_stream.profiles.db import make_engine, resolve_database_url
+from cdp_stream.profiles.migrate import upgrade_to_head
+from cdp_stream.resolver.consumer import run_resolver
+from cdp_stream.settings import Settings
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+def _settings(port: int | None = None) -> Settings:
+    settings = Settings()
+    return settings if port is None else settings.model_copy(update={"http_port": port})
+
+
+def _describe(runtime: Runtime, parts: Collection[str]) -> None:
+    s = runtime.settings
+    say = typer.echo
+    say(f"cdp-stream {runtime.role}: {', '.join(parts)}")
+    if s.memory_bus:
+        say(
+            "  bus: in-process memory bus (embedded default). Events are acknowledged once "
+            "they are in this process's memory: a crash loses events not yet stored in "
+            "Postgres. Set CDP_KAFKA_BOOTSTRAP for a durable, scaled-out bus."
+        )
+    else:
+        say(f"  bus: Kafka at {s.kafka_bootstrap}")
+    where = "embedded Postgres in " + str(s.data_dir / "pgdata") if s.embedded_postgres else "postgres"
+    say(f"  database: {where} ({runtime.engine.url.render_as_string(hide_password=True)})")
+    if "collector" in parts or "api" in parts:
+        say(f"  http: http://{s.http_host}:{s.http_port}")
+    if runtime.credentials.write_key:
+        say(f"  created source write key: {runtime.credentials.write_key}")
+    if runtime.credentials.api_token:
+        say(f"  created API token (all scopes, shown once): {runtime.credentials.api_token}")
+
+
+async def _serve(settings: Settings, role: str, parts: Collection[str], resolvers: int) -> None:
+    runtime = await Runtime.start(settings, role)
+    _describe(runtime, parts)
+    stop = asyncio.Event()
+    workers = [
+        asyncio.create_task(run_resolver(runtime.bus, runtime.engine, settings, stop))
+        for _ in range(resolvers)
+    ]
+    try:
+        if parts:
+            config = uvicorn.Config(
+                create_app(runtime, parts),
+                host=settings.http_host,
+                port=settings.http_port,
+                lifespan="off",
+                log_level="info",
+                access_log=False,
+            )
+            await uvicorn.Server(config).serve()  # returns on SIGINT/SIGTERM
+        else:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            await asyncio.wait(
+                [asyncio.create_task(stop.wait()), *workers], return_when=asyncio.FIRST_COMPLETED
+            )
+    finally:
+        stop.set()
+        await asyncio.gather(*workers, return_exceptions=True)
+        for w in workers:
+            if w.done() and not w.cancelled() and w.exception():
+                raise w.exception()  # type: ignore[misc]
+        await runtime.stop()
+
+
+@cli.command()
+def up(port: int = typer.Option(None, help="HTTP port (default CDP_HTTP_PORT)")) -> None:
+    """Run collector, resolver and API in one process."""
+    asyncio.run(_serve(_settings(port), "up", ("collector", "api"), resolvers=1))
+
+
+@cli.command()
+def collector(port: int = typer.Option(None, help="HTTP port")) -> None:
+    """Run the HTTP collector."""
+    asyncio.run(_serve(_settings(port), "collector", ("collector",), resolvers=0))
+
+
+@cli.command()
+def resolver() -> None:
+    """Run one resolver consumer in the group."""
+    asyncio.run(_serve(_settings(), "resolver", (), resolvers=1))
+
+
+@cli.command()
+def api(port: int = typer.Option(None, help="HTTP port")) -> None:
+    """Run the profile API."""
+    asyncio.run(_serve(_settings(port), "api", ("api",), resolvers=0))
+
+
+@cli.command()
+def migrate() -> None:
+    """Bring the database schema to the newest migration."""
+
+    async def run() -> None:
+        engine = make_engine(await resolve_database_url(_settings()), "migrate")
+        try:
+            await upgrade_to_head(engine)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    typer.echo("schema is at the newest migration")
+
+
+@cli.command()
+def schemas(
+    out: Path = typer.Option(Path("schemas"), help="directory for the JSON Schemas"),
+    check: bool = typer.Option(False, help="exit 1 if the files differ from the models"),
+) -> None:
+    """Write the JSON Schemas generated from the event models."""
+    from cdp_stream.schemas_io import check_schemas, write_schemas
+
+    if check:
+        drift = check_schemas(out)
+        for line in drift:
+            typer.echo(line, err=True)
+        raise typer.Exit(1 if drift else 0)
+    for path in write_schemas(out):
+        typer.echo(f"wrote {path}")
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli(prog_name="cdp-stream")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

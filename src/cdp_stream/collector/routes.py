@@ -1,0 +1,121 @@
+"""The Segment HTTP Tracking API: ``POST /v1/{identify,track,page,screen,group,alias,batch}``.
+
+A request goes: bounded read -> gunzip (bounded) -> strict JSON -> write key -> per-event
+validation and enrichment (``intake``) -> publish accepted events to ``cdp.events`` and
+rejected ones to ``cdp.events.rejected`` -> answer.
+
+When the client gets its 200: only after the broker acknowledged every record of the
+request, accepted and rejected alike. If the broker cannot acknowledge in time the answer
+is 503 with Retry-After and the client must send again (redelivered copies are harmless:
+the resolver dedupes by messageId, which is fixed per event before publishing).
+"""
+
+from __future__ import annotations
+
+import zlib
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import ORJSONResponse
+
+from cdp_stream import topics
+from cdp_stream.bus.base import Bus, BusUnavailable, Record
+from cdp_stream.collector._json import BadRequest, loads_strict
+from cdp_stream.collector.auth import WriteKeys, basic_username
+from cdp_stream.collector.intake import body_write_key, intake
+from cdp_stream.settings import Settings
+
+router = APIRouter(tags=["collector"])
+
+ENDPOINTS = ("identify", "track", "page", "screen", "group", "alias", "batch")
+
+
+def _error(status: int, message: str, **extra: Any) -> ORJSONResponse:
+    return ORJSONResponse({"success": False, "error": message, **extra}, status_code=status)
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, decompressed, refusing (413) anything over ``limit`` bytes either way."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise BadRequest(413, f"request body over the {limit}-byte limit")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BadRequest(413, f"request body over the {limit}-byte limit")
+        chunks.append(chunk)
+    body = b"".join(chunks)
+    encoding = request.headers.get("content-encoding", "").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding != "gzip":
+        raise BadRequest(415, f"unsupported Content-Encoding {encoding!r}; use gzip")
+    inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    try:
+        out = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise BadRequest(400, f"invalid gzip body: {exc}") from exc
+    if len(out) > limit:
+        raise BadRequest(413, f"decompressed request body over the {limit}-byte limit")
+    if not inflater.eof:
+        raise BadRequest(400, "truncated gzip body")
+    return out
+
+
+async def _collect(request: Request, endpoint: str) -> ORJSONResponse:
+    state = request.app.state
+    settings: Settings = state.settings
+    bus: Bus = state.bus
+    write_keys: WriteKeys = state.write_keys
+    received_at = datetime.now(UTC)
+    try:
+        body = loads_strict(
+            await _read_body(request, settings.max_request_bytes), settings.max_json_depth
+        )
+        key = basic_username(request.headers.get("authorization")) or body_write_key(body)
+        source_id = await write_keys.source_id(key) if key else None
+        if source_id is None:
+            return _error(401, "missing or unknown write key")
+        result = intake(
+            body,
+            endpoint,
+            settings=settings,
+            source_id=source_id,
+            received_at=received_at,
+            ip=request.client.host if request.client else None,
+            user_agent=request.headers.get("user-agent"),
+        )
+    except BadRequest as exc:
+        return _error(exc.status, exc.message)
+
+    records = [Record(topics.EVENTS, a.key, a.value) for a in result.accepted]
+    records += [Record(topics.REJECTED, source_id.encode(), r.record) for r in result.rejected]
+    try:
+        await bus.publish_many(records)
+    except BusUnavailable as exc:
+        return ORJSONResponse(
+            {"success": False, "error": f"event bus unavailable, nothing accepted: {exc}"},
+            status_code=503,
+            headers={"Retry-After": str(settings.retry_after_s)},
+        )
+    rejected = [
+        {"index": r.index, "messageId": r.message_id, "reason": r.reason} for r in result.rejected
+    ]
+    if endpoint != "batch" and rejected:
+        return _error(400, rejected[0]["reason"], rejected=rejected)
+    return ORJSONResponse({"success": True, **({"rejected": rejected} if rejected else {})})
+
+
+def _route(endpoint: str) -> Any:
+    async def handler(request: Request) -> ORJSONResponse:
+        return await _collect(request, endpoint)
+
+    handler.__name__ = f"collect_{endpoint}"
+    return handler
+
+
+for _endpoint in ENDPOINTS:
+    router.add_api_route(f"/v1/{_endpoint}", _route(_endpoint), methods=["POST"])

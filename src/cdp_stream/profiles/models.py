@@ -1,0 +1,108 @@
+"""The tables, as SQLAlchemy Core metadata.
+
+The schema itself is created only by the Alembic migrations in ``migrations/``; a test
+compares them with this metadata so the two never drift.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+
+metadata = MetaData()
+
+_now = func.now()
+_empty_object = text("'{}'::jsonb")
+
+# Sources are where events come from; the write key is public (it ships in web pages),
+# so it is stored as is and grants nothing but writing events.
+sources = Table(
+    "sources",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("write_key", Text, nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+# API tokens are secrets: only their SHA-256 is stored.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("token_hash", Text, nullable=False, unique=True),
+    Column("scopes", ARRAY(Text), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+# A profile is canonical while merged_into is null; a merged-away profile keeps its row
+# so that lookups by its id land on the canonical one.
+profiles = Table(
+    "profiles",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("merged_into", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=True),
+    Column("traits", JSONB, nullable=False, server_default=_empty_object),
+    Column("trait_ts", JSONB, nullable=False, server_default=_empty_object),
+    Column("computed", JSONB, nullable=False, server_default=_empty_object),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+# One identifier belongs to exactly one profile: the primary key is the serialization
+# point for concurrent resolvers.
+identities = Table(
+    "identities",
+    metadata,
+    Column("type", Text, nullable=False),
+    Column("value", Text, nullable=False),
+    Column("profile_id", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    PrimaryKeyConstraint("type", "value", name="identities_pkey"),
+    Index("identities_profile_id_idx", "profile_id"),
+)
+
+profile_merges = Table(
+    "profile_merges",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("canonical_id", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=False),
+    Column("merged_id", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=False),
+    Column("source_id", Text, nullable=True),
+    Column("message_id", Text, nullable=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Index("profile_merges_canonical_idx", "canonical_id"),
+    Index("profile_merges_merged_idx", "merged_id"),
+)
+
+# Every accepted event once: (source_id, message_id) is the redelivery guard.
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("source_id", Text, nullable=False),
+    Column("message_id", Text, nullable=False),
+    Column("profile_id", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=False),
+    Column("type", Text, nullable=False),
+    Column("event", Text, nullable=True),
+    Column("channel", Text, nullable=False),
+    Column("timestamp", DateTime(timezone=True), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("payload", JSONB, nullable=False),
+    UniqueConstraint("source_id", "message_id", name="events_source_message_key"),
+    Index("events_profile_timeline_idx", "profile_id", "timestamp", "id"),
+)

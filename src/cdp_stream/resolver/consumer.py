@@ -1,0 +1,89 @@
+"""The resolver loop: poll a batch -> one transaction -> commit offsets.
+
+Offsets are committed only after the database commit, so a crash anywhere before it
+redelivers the batch, and ``batch.apply_batch`` turns the redelivery into a no-op.
+A record that is not an event (it cannot be decoded) is parked on the rejected topic
+rather than blocking its partition forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream import topics
+from cdp_stream.bus.base import Bus, Message, next_offsets
+from cdp_stream.resolver.batch import BatchResult, apply_batch
+from cdp_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# serialization_failure, deadlock_detected, unique_violation (a racing identity claim):
+# the whole batch is retried on a fresh transaction.
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "23505"}
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+
+
+async def apply_with_retry(engine: AsyncEngine, events: Sequence[dict[str, Any]]) -> BatchResult:
+    """One transaction for the batch; conflicts and an unreachable database are retried
+    with backoff (the offsets wait, nothing is skipped)."""
+    delay = 0.05
+    while True:
+        try:
+            async with engine.begin() as conn:
+                return await apply_batch(conn, events)
+        except (OperationalError, OSError) as exc:
+            log.warning("database unavailable, retrying batch in %.1fs: %s", delay, exc)
+        except DBAPIError as exc:
+            if _sqlstate(exc) not in _RETRYABLE_SQLSTATES:
+                raise
+            log.info("batch conflict (%s), retrying", _sqlstate(exc))
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+async def _decode(bus: Bus, messages: Sequence[Message]) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = []
+    for m in messages:
+        try:
+            value = orjson.loads(m.value)
+            if not isinstance(value, dict):
+                raise ValueError("not a JSON object")
+            events.append(value)
+        except ValueError as exc:
+            reason = f"undecodable record at {m.topic}[{m.partition}]@{m.offset}: {exc}"
+            record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
+            await bus.publish(topics.REJECTED, m.key, orjson.dumps(record))
+    return events
+
+
+async def run_resolver(
+    bus: Bus, engine: AsyncEngine, settings: Settings, stop: asyncio.Event
+) -> None:
+    consumer = bus.consumer(topics.RESOLVER_GROUP, [topics.EVENTS])
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            messages = await consumer.getmany(
+                settings.resolver_batch_size, settings.resolver_poll_timeout_ms
+            )
+            if not messages:
+                continue
+            events = await _decode(bus, messages)
+            result = await apply_with_retry(engine, events)
+            log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
+            await consumer.commit(next_offsets(messages))
+    finally:
+        await consumer.stop()

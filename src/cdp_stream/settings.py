@@ -1,0 +1,51 @@
+"""The one typed configuration object, read from ``CDP_*`` environment variables.
+
+It is built once at the edge (the CLI) and passed down; nothing imports a global.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob cdp-stream has. Unset Kafka/Postgres settings mean the embedded default."""
+
+    model_config = SettingsConfigDict(env_prefix="CDP_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="postgresql+asyncpg://... ; unset: embedded Postgres in data_dir",
+    )
+    kafka_bootstrap: str | None = Field(
+        default=None, description="host:port[,host:port]; unset: the in-process memory bus"
+    )
+    data_dir: Path = Path(".cdp")
+    http_host: str = "127.0.0.1"
+    http_port: int = 8080
+    bootstrap_write_key: str | None = None
+    bootstrap_api_token: str | None = None
+
+    topic_partitions: int = Field(default=6, ge=1)
+    # Collector limits (Segment's documented limits).
+    max_event_bytes: int = 32 * 1024
+    max_request_bytes: int = 500 * 1024
+    max_batch_events: int = 2500
+    max_json_depth: int = 32
+    # Resolver micro-batching.
+    resolver_batch_size: int = Field(default=500, ge=1)
+    resolver_poll_timeout_ms: int = Field(default=200, ge=1)
+    # How long the collector waits for the broker before answering 503.
+    publish_timeout_s: float = Field(default=10.0, gt=0)
+    retry_after_s: int = 5
+
+    @property
+    def embedded_postgres(self) -> bool:
+        return self.database_url is None
+
+    @property
+    def memory_bus(self) -> bool:
+        return self.kafka_bootstrap is None

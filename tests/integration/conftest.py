@@ -1,0 +1,82 @@
+"""A whole pipeline in this process on the real broker and server: collector + API app
+(driven through httpx's ASGI transport) and a resolver task."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from cdp_stream.app import Runtime, create_app
+from cdp_stream.resolver.consumer import run_resolver
+from cdp_stream.settings import Settings
+
+WRITE_KEY = "wk_test_" + uuid.uuid4().hex[:8]
+API_TOKEN = "tok_test_" + uuid.uuid4().hex[:8]
+
+
+@pytest.fixture(scope="session")
+async def pipeline(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=pg_url,
+        bootstrap_write_key=WRITE_KEY,
+        bootstrap_api_token=API_TOKEN,
+        resolver_poll_timeout_ms=50,
+    )
+    runtime = await Runtime.start(settings, "test")
+    stop = asyncio.Event()
+    resolver = asyncio.create_task(run_resolver(runtime.bus, runtime.engine, settings, stop))
+    yield runtime
+    stop.set()
+    await resolver
+    await runtime.stop()
+
+
+@pytest.fixture(scope="session")
+async def client(pipeline: Runtime) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(pipeline)
+    transport = httpx.ASGITransport(app=app, client=("203.0.113.7", 4242))
+    async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as c:
+        yield c
+
+
+AUTH = {"authorization": f"Bearer {API_TOKEN}"}
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.1
+) -> Any:
+    """Poll ``probe`` until it returns a truthy value (the pipeline is asynchronous)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        result = await probe()
+        if result or loop.time() > deadline:
+            return result
+        await asyncio.sleep(interval)
+
+
+@pytest.fixture
+def profile_of(
+    client: httpx.AsyncClient,
+) -> Callable[..., Awaitable[dict[str, Any] | None]]:
+    """Wait for the profile of ``ref`` to exist (and satisfy ``until``), return its JSON."""
+
+    async def get(
+        ref: str, until: Callable[[dict[str, Any]], bool] = lambda p: True
+    ) -> dict[str, Any] | None:
+        async def probe() -> dict[str, Any] | None:
+            r = await client.get(f"/v1/profiles/{ref}", headers=AUTH)
+            if r.status_code == 200 and until(r.json()):
+                return dict(r.json())
+            return None
+
+        result: dict[str, Any] | None = await eventually(probe)
+        return result
+
+    return get
