@@ -13,7 +13,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from fastapi import FastAPI
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -59,7 +59,7 @@ class Runtime:
 
 
 def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) -> FastAPI:
-    app = FastAPI(title="cdp-stream", default_response_class=ORJSONResponse)
+    app = FastAPI(title="cdp-stream")
     app.state.settings = runtime.settings
     app.state.engine = runtime.engine
     app.state.bus = runtime.bus
@@ -75,7 +75,7 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         return {"status": "ok"}
 
     @app.get("/readyz", tags=["health"])
-    async def readyz() -> ORJSONResponse:
+    async def readyz() -> JSONResponse:
         """The bus and the database answer (readiness)."""
         checks: dict[str, str] = {}
         try:
@@ -90,7 +90,7 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         except Exception as exc:  # any failure means not ready; say which
             checks["database"] = f"unavailable: {exc}"
         ok = all(v == "ok" for v in checks.values())
-        return ORJSONResponse(
+        return JSONResponse(
             {"status": "ok" if ok else "unavailable", **checks}, status_code=200 if ok else 503
         )
 

@@ -1,11 +1,11 @@
 """``cdp-stream``: one command per process role, plus ``up`` that runs them all in one.
 
-    up          collector + resolver + API in one process (embedded default without settings)
-    collector   the HTTP collector only (stateless; run many behind a load balancer)
-    resolver    one resolver consumer (run up to the partition count of cdp.events)
-    api         the profile API only
-    migrate     bring the Postgres schema to the newest migration
-    schemas     write (or --check) the JSON Schemas in schemas/ from the event models
+up          collector + resolver + API in one process (embedded default without settings)
+collector   the HTTP collector only (stateless; run many behind a load balancer)
+resolver    one resolver consumer (run up to the partition count of cdp.events)
+api         the profile API only
+migrate     bring the Postgres schema to the newest migration
+schemas     write (or --check) the JSON Schemas in schemas/ from the event models
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-import sys
 from collections.abc import Collection
 from pathlib import Path
+from typing import Annotated
 
 import typer
 import uvicorn
@@ -25,6 +25,8 @@ from cdp_stream.profiles.db import make_engine, resolve_database_url
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.settings import Settings
+
+Port = Annotated[int | None, typer.Option(help="HTTP port (default: CDP_HTTP_PORT)")]
 
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
@@ -46,7 +48,9 @@ def _describe(runtime: Runtime, parts: Collection[str]) -> None:
         )
     else:
         say(f"  bus: Kafka at {s.kafka_bootstrap}")
-    where = "embedded Postgres in " + str(s.data_dir / "pgdata") if s.embedded_postgres else "postgres"
+    where = (
+        "embedded Postgres in " + str(s.data_dir / "pgdata") if s.embedded_postgres else "postgres"
+    )
     say(f"  database: {where} ({runtime.engine.url.render_as_string(hide_password=True)})")
     if "collector" in parts or "api" in parts:
         say(f"  http: http://{s.http_host}:{s.http_port}")
@@ -92,13 +96,13 @@ async def _serve(settings: Settings, role: str, parts: Collection[str], resolver
 
 
 @cli.command()
-def up(port: int = typer.Option(None, help="HTTP port (default CDP_HTTP_PORT)")) -> None:
+def up(port: Port = None) -> None:
     """Run collector, resolver and API in one process."""
     asyncio.run(_serve(_settings(port), "up", ("collector", "api"), resolvers=1))
 
 
 @cli.command()
-def collector(port: int = typer.Option(None, help="HTTP port")) -> None:
+def collector(port: Port = None) -> None:
     """Run the HTTP collector."""
     asyncio.run(_serve(_settings(port), "collector", ("collector",), resolvers=0))
 
@@ -110,7 +114,7 @@ def resolver() -> None:
 
 
 @cli.command()
-def api(port: int = typer.Option(None, help="HTTP port")) -> None:
+def api(port: Port = None) -> None:
     """Run the profile API."""
     asyncio.run(_serve(_settings(port), "api", ("api",), resolvers=0))
 
@@ -132,8 +136,8 @@ def migrate() -> None:
 
 @cli.command()
 def schemas(
-    out: Path = typer.Option(Path("schemas"), help="directory for the JSON Schemas"),
-    check: bool = typer.Option(False, help="exit 1 if the files differ from the models"),
+    out: Annotated[Path, typer.Option(help="directory for the JSON Schemas")] = Path("schemas"),
+    check: Annotated[bool, typer.Option(help="exit 1 if the files differ from the models")] = False,
 ) -> None:
     """Write the JSON Schemas generated from the event models."""
     from cdp_stream.schemas_io import check_schemas, write_schemas
@@ -148,9 +152,13 @@ def schemas(
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # embedded_postgres logs every initdb/pg_ctl command line with its output at INFO.
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
     cli(prog_name="cdp-stream")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -49,11 +49,11 @@ AUTH = {"authorization": f"Bearer {API_TOKEN}"}
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[Any]], timeout: float = 20.0, interval: float = 0.1
+    probe: Callable[[], Awaitable[Any]], within_s: float = 20.0, interval: float = 0.1
 ) -> Any:
     """Poll ``probe`` until it returns a truthy value (the pipeline is asynchronous)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within_s
     while True:
         result = await probe()
         if result or loop.time() > deadline:

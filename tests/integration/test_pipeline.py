@@ -8,7 +8,6 @@ from typing import Any
 
 import httpx
 import orjson
-
 from tests.integration.conftest import AUTH, WRITE_KEY
 
 BASIC = httpx.BasicAuth(WRITE_KEY, "")
@@ -18,7 +17,9 @@ def uid() -> str:
     return uuid.uuid4().hex[:12]
 
 
-async def test_single_identify_lands_on_a_profile(client: httpx.AsyncClient, profile_of: Any) -> None:
+async def test_single_identify_lands_on_a_profile(
+    client: httpx.AsyncClient, profile_of: Any
+) -> None:
     user, anon = f"u-{uid()}", f"a-{uid()}"
     r = await client.post(
         "/v1/identify",
@@ -49,8 +50,13 @@ async def test_write_key_in_body_works(client: httpx.AsyncClient, profile_of: An
 def _batch(user: str, n: int) -> dict[str, Any]:
     return {
         "batch": [
-            {"type": "track", "userId": user, "event": "Product Viewed", "messageId": f"{user}-{i}",
-             "properties": {"i": i}}
+            {
+                "type": "track",
+                "userId": user,
+                "event": "Product Viewed",
+                "messageId": f"{user}-{i}",
+                "properties": {"i": i},
+            }
             for i in range(n)
         ]
     }
@@ -73,7 +79,9 @@ async def test_batch_plain_and_gzip(client: httpx.AsyncClient, profile_of: Any) 
     assert p1 is not None and p2 is not None
 
 
-async def test_redelivered_events_are_stored_once(client: httpx.AsyncClient, profile_of: Any) -> None:
+async def test_redelivered_events_are_stored_once(
+    client: httpx.AsyncClient, profile_of: Any
+) -> None:
     user = f"u-{uid()}"
     for _ in range(3):  # a client retrying the same batch: same messageIds
         r = await client.post("/v1/batch", json=_batch(user, 5), auth=BASIC)
@@ -86,7 +94,9 @@ async def test_redelivered_events_are_stored_once(client: httpx.AsyncClient, pro
 
 
 async def test_unknown_profile_is_404_and_api_needs_a_token(client: httpx.AsyncClient) -> None:
-    assert (await client.get("/v1/profiles/user_id:nobody-" + uid(), headers=AUTH)).status_code == 404
+    assert (
+        await client.get("/v1/profiles/user_id:nobody-" + uid(), headers=AUTH)
+    ).status_code == 404
     assert (await client.get(f"/v1/profiles/{uuid.uuid4()}", headers=AUTH)).status_code == 404
     assert (await client.get("/v1/profiles/user_id:x")).status_code == 401
     bad = {"authorization": "Bearer nope"}

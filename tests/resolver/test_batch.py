@@ -59,11 +59,21 @@ async def test_redelivered_batch_changes_nothing(engine: AsyncEngine) -> None:
 async def test_late_event_does_not_overwrite_newer_trait(engine: AsyncEngine) -> None:
     user = f"u-{uuid.uuid4().hex[:8]}"
     async with engine.begin() as conn:
-        await apply_batch(conn, [ev(f"{user}-new", "2024-03-01T00:00:00Z", userId=user,
-                                    traits={"plan": "pro"})])
+        await apply_batch(
+            conn, [ev(f"{user}-new", "2024-03-01T00:00:00Z", userId=user, traits={"plan": "pro"})]
+        )
     async with engine.begin() as conn:
-        await apply_batch(conn, [ev(f"{user}-old", "2024-01-01T00:00:00Z", userId=user,
-                                    traits={"plan": "free", "city": "Oslo"})])
+        await apply_batch(
+            conn,
+            [
+                ev(
+                    f"{user}-old",
+                    "2024-01-01T00:00:00Z",
+                    userId=user,
+                    traits={"plan": "free", "city": "Oslo"},
+                )
+            ],
+        )
     profile = await _profile(engine, Identifier("user_id", user))
     assert profile["traits"] == {"plan": "pro", "city": "Oslo"}
     assert profile["computed"]["first_seen"] == "2024-01-01T00:00:00.000000Z"
@@ -90,7 +100,9 @@ async def test_concurrent_batches_on_the_same_people_never_split_an_identity(
         )
         by_value = dict(owners.all())
         stored = await conn.scalar(
-            select(func.count()).select_from(events_table).where(
+            select(func.count())
+            .select_from(events_table)
+            .where(
                 events_table.c.message_id.like("u-%")
                 & events_table.c.message_id.in_([e["messageId"] for b in batches for e in b])
             )

@@ -7,7 +7,9 @@ from hypothesis import strategies as st
 
 from cdp_stream.resolver.computed import fold_event
 
-_stamps = st.lists(st.integers(1, 28).map(lambda d: f"2024-02-{d:02d}T00:00:00.000000Z"), max_size=10)
+_stamps = st.lists(
+    st.integers(1, 28).map(lambda d: f"2024-02-{d:02d}T00:00:00.000000Z"), max_size=10
+)
 
 
 @given(_stamps, st.randoms())

@@ -7,8 +7,27 @@ from cdp_stream.resolver.identity import Identifier, identifiers_of, normalize, 
 
 @pytest.mark.parametrize(
     "raw",
-    ["", "  ", "undefined", "NULL", "None", "nan", "anonymous", "Guest", "true", "FALSE",
-     "[object Object]", "0", "-1", "000", "0-0-0", None, True, {"a": 1}, ["x"]],
+    [
+        "",
+        "  ",
+        "undefined",
+        "NULL",
+        "None",
+        "nan",
+        "anonymous",
+        "Guest",
+        "true",
+        "FALSE",
+        "[object Object]",
+        "0",
+        "-1",
+        "000",
+        "0-0-0",
+        None,
+        True,
+        {"a": 1},
+        ["x"],
+    ],
 )
 def test_blocked_and_junk_values_never_link(raw: object) -> None:
     assert normalize("user_id", raw) is None

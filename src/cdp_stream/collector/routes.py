@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import JSONResponse
 
 from cdp_stream import topics
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
@@ -31,8 +31,8 @@ router = APIRouter(tags=["collector"])
 ENDPOINTS = ("identify", "track", "page", "screen", "group", "alias", "batch")
 
 
-def _error(status: int, message: str, **extra: Any) -> ORJSONResponse:
-    return ORJSONResponse({"success": False, "error": message, **extra}, status_code=status)
+def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"success": False, "error": message, **extra}, status_code=status)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -65,7 +65,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return out
 
 
-async def _collect(request: Request, endpoint: str) -> ORJSONResponse:
+async def _collect(request: Request, endpoint: str) -> JSONResponse:
     state = request.app.state
     settings: Settings = state.settings
     bus: Bus = state.bus
@@ -92,11 +92,15 @@ async def _collect(request: Request, endpoint: str) -> ORJSONResponse:
         return _error(exc.status, exc.message)
 
     records = [Record(topics.EVENTS, a.key, a.value) for a in result.accepted]
-    records += [Record(topics.REJECTED, source_id.encode(), r.record) for r in result.rejected]
+    records += [
+        Record(topics.REJECTED, source_id.encode(), r.record)
+        for r in result.rejected
+        if r.record is not None  # an oversize event is refused, never published
+    ]
     try:
         await bus.publish_many(records)
     except BusUnavailable as exc:
-        return ORJSONResponse(
+        return JSONResponse(
             {"success": False, "error": f"event bus unavailable, nothing accepted: {exc}"},
             status_code=503,
             headers={"Retry-After": str(settings.retry_after_s)},
@@ -104,13 +108,13 @@ async def _collect(request: Request, endpoint: str) -> ORJSONResponse:
     rejected = [
         {"index": r.index, "messageId": r.message_id, "reason": r.reason} for r in result.rejected
     ]
-    if endpoint != "batch" and rejected:
-        return _error(400, rejected[0]["reason"], rejected=rejected)
-    return ORJSONResponse({"success": True, **({"rejected": rejected} if rejected else {})})
+    if endpoint != "batch" and result.rejected:
+        return _error(400, result.rejected[0].reason, rejected=rejected)
+    return JSONResponse({"success": True, **({"rejected": rejected} if rejected else {})})
 
 
 def _route(endpoint: str) -> Any:
-    async def handler(request: Request) -> ORJSONResponse:
+    async def handler(request: Request) -> JSONResponse:
         return await _collect(request, endpoint)
 
     handler.__name__ = f"collect_{endpoint}"

