@@ -198,7 +198,7 @@ cmd_start() {
       java -Xms"${CDP_KAFKA_HEAP:-512m}" -Xmx"${CDP_KAFKA_HEAP:-512m}" -XX:+UseG1GC \
       -XX:MaxGCPauseMillis=20 -Djava.awt.headless=true \
       -Dlog4j2.configurationFile="$RUN/log4j2.properties" \
-      -cp "$LIB/*" kafka.Kafka "$RUN/server.properties" </dev/null >>"$RUN/kafka.out" 2>&1 &
+      -cp "$LIB/*" kafka.Kafka "$RUN/server.properties" </dev/null >>"$RUN/kafka.out" 2>&1 9>&- &
     for _ in $(seq 50); do pid=$(our_pid) && break; sleep 0.1; done
     [[ -n "${pid:-}" ]] || { log "the broker did not start:"; tail -n 30 "$RUN/kafka.out" >&2; return 1; }
     wait_ready "$pid" "$TIMEOUT" || rc=$?

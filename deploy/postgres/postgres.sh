@@ -22,7 +22,7 @@ log() { echo "postgres: $*" >&2; }
 now_ms() { date +%s%3N; }
 # cd /: the caller's cwd may be /root. 9>&-: the server must not inherit (and hold) our lock.
 as_pg() { (cd / && runuser -u postgres -- "$@" 9>&-); }
-ready() { "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" -t 2; }
+ready() { "$BIN/pg_isready" -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -t 2; }
 sql() { "$BIN/psql" -X -q -h 127.0.0.1 -p "$PORT" -U postgres -d postgres -tAc "$1"; }
 
 ensure_tools() {
@@ -99,7 +99,7 @@ EOF
     if ! as_pg "$BIN/pg_ctl" -D "$DATA" -w -t "$TIMEOUT" -l "$LOG" start >/dev/null; then
       log "the server did not start:"; tail -n 30 "$LOG" >&2 2>/dev/null || true; return 1
     fi
-    pid=$(our_pid)
+    pid=$(our_pid) || true
   fi
   if [[ "$(sql "select 1 from pg_database where datname = '$DB'")" != 1 ]]; then
     sql "create database $DB" || { log "cannot create database $DB on 127.0.0.1:$PORT"; return 1; }

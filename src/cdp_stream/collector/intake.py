@@ -286,7 +286,7 @@ def _serialize(event: Mapping[str, Any]) -> bytes:
     try:
         value = orjson.dumps(event, option=orjson.OPT_STRICT_INTEGER)
     except orjson.JSONEncodeError as exc:
-        if "53-bit" in str(exc):
+        if "-bit range" in str(exc):  # orjson: "exceeds 53-bit range" or "64-bit"
             raise _Refused("an integer is outside ±(2^53-1), the range JSON keeps exact") from exc
         if "surrogates" in str(exc):
             raise _Refused("a string holds a lone UTF-16 surrogate (not valid Unicode)") from exc
