@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import orjson
+
 from tests.integration.conftest import AUTH, WRITE_KEY
 
 BASIC = httpx.BasicAuth(WRITE_KEY, "")
