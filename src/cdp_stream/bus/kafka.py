@@ -90,8 +90,13 @@ class KafkaBus:
         if self._starting is not None:
             self._starting.cancel()
             await asyncio.gather(self._starting, return_exceptions=True)
-        if self._producer is not None:
-            self._discard(self._producer)
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await producer.stop()  # a healthy producer flushes what it holds
+            except _FAILURES as exc:
+                log.warning("the Kafka producer did not close cleanly: %r", exc)
         if self._closing:
             await asyncio.wait(self._closing, timeout=self._timeout + 1)
 
@@ -136,20 +141,30 @@ class KafkaBus:
         return producer
 
     def _discard(self, producer: AIOKafkaProducer) -> None:
-        """Drop a producer after a failure; the next call starts a fresh one. A fresh one
-        also means a fresh idempotence sequence: an expired batch leaves a gap that the
-        old producer id could never get past. Closing flushes what it still holds."""
+        """Drop a producer after a failure; the next call starts a fresh one.
+
+        Its unacknowledged records are abandoned, not flushed: the collector has already
+        answered 503 for them, and aiokafka's idempotent producer would otherwise retry
+        them until the broker is back (it never expires a batch, and ``stop()`` flushes),
+        so an event the client was told failed would arrive anyway. A fresh producer
+        also means a fresh idempotence sequence. (A record the broker wrote just before
+        the failure stays written: the client's retry carries the same messageId.)
+        """
         if self._producer is producer:
             self._producer = None
 
-        async def close() -> None:
+        async def abort() -> None:
+            # aiokafka has no public abort; these are the steps of stop() minus the flush.
+            producer._closed = True
+            producer._message_accumulator.fail_all(BusUnavailable("producer discarded"))
             try:
                 async with asyncio.timeout(self._timeout):
-                    await producer.stop()
+                    await producer._sender.close()  # in-flight requests end after one try
             except (*_FAILURES, RuntimeError) as exc:
-                log.debug("closing a failed producer: %r", exc)
+                log.debug("aborting a failed producer: %r", exc)
+            await producer.client.close()
 
-        task = asyncio.create_task(close())
+        task = asyncio.create_task(abort())
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
 
