@@ -12,9 +12,10 @@ import logging
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream import topics
@@ -64,6 +65,19 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     app.state.engine = runtime.engine
     app.state.bus = runtime.bus
     app.state.write_keys = WriteKeys(runtime.engine)
+
+    @app.exception_handler(DBAPIError)
+    @app.exception_handler(OSError)
+    @app.exception_handler(TimeoutError)
+    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+        """Postgres down (or too slow): a retryable 503, never a 500 with a stack trace."""
+        log.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
+        return JSONResponse(
+            {"success": False, "error": "database unavailable, try again"},
+            status_code=503,
+            headers={"Retry-After": str(runtime.settings.retry_after_s)},
+        )
+
     if "collector" in parts:
         app.include_router(collector_router)
     if "api" in parts:

@@ -40,5 +40,7 @@ def make_engine(url: str, role: str, pool_size: int = 5) -> AsyncEngine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_pre_ping=True,
-        connect_args={"server_settings": {"application_name": f"cdp-stream-{role}"}},
+        pool_timeout=10,
+        # A database that is down answers within seconds, not asyncpg's default minute.
+        connect_args={"server_settings": {"application_name": f"cdp-stream-{role}"}, "timeout": 5},
     )
