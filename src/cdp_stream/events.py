@@ -16,7 +16,7 @@ values for them are overwritten.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -87,6 +87,16 @@ class Context(BaseModel):
     externalIds: list[ExternalId] | None = None
 
 
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def _identified(model: _M) -> _M:
+    """Events without any id cannot land on a profile."""
+    if getattr(model, "userId", None) is None and getattr(model, "anonymousId", None) is None:
+        raise ValueError("an event needs a userId or an anonymousId")
+    return model
+
+
 class _Common(BaseModel):
     """The fields every call shares (Segment's "common fields")."""
 
@@ -108,9 +118,7 @@ class _Common(BaseModel):
 
     @model_validator(mode="after")
     def _someone(self) -> Self:
-        if self.userId is None and self.anonymousId is None:
-            raise ValueError("an event needs a userId or an anonymousId")
-        return self
+        return _identified(self)
 
 
 class Identify(_Common):
@@ -209,6 +217,10 @@ class Event(BaseModel):
     channel: Channel
     context: Object
     flags: list[Literal["timestamp_untrusted"]] | None = None
+
+    @model_validator(mode="after")
+    def _someone(self) -> Self:
+        return _identified(self)
 
 
 class Rejection(BaseModel):

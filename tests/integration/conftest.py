@@ -14,6 +14,7 @@ import pytest
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.settings import Settings
+from tests.support import eventually
 
 WRITE_KEY = "wk_test_" + uuid.uuid4().hex[:8]
 API_TOKEN = "tok_test_" + uuid.uuid4().hex[:8]
@@ -46,19 +47,6 @@ async def client(pipeline: Runtime) -> AsyncIterator[httpx.AsyncClient]:
 
 
 AUTH = {"authorization": f"Bearer {API_TOKEN}"}
-
-
-async def eventually(
-    probe: Callable[[], Awaitable[Any]], within_s: float = 20.0, interval: float = 0.1
-) -> Any:
-    """Poll ``probe`` until it returns a truthy value (the pipeline is asynchronous)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + within_s
-    while True:
-        result = await probe()
-        if result or loop.time() > deadline:
-            return result
-        await asyncio.sleep(interval)
 
 
 @pytest.fixture

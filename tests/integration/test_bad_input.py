@@ -17,7 +17,8 @@ from sqlalchemy import text
 from cdp_stream import topics
 from cdp_stream.app import Runtime
 from cdp_stream.bus.base import next_offsets
-from tests.integration.conftest import WRITE_KEY, eventually
+from tests.integration.conftest import WRITE_KEY
+from tests.support import eventually
 
 BASIC = httpx.BasicAuth(WRITE_KEY, "")
 JSON = {"content-type": "application/json"}

@@ -18,7 +18,8 @@ from cdp_stream import topics
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.bus.base import next_offsets
 from cdp_stream.settings import Settings
-from tests.integration.conftest import WRITE_KEY, eventually
+from tests.integration.conftest import WRITE_KEY
+from tests.support import eventually
 
 KAFKA_SH = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka.sh"
 PORT = int(os.environ.get("CDP_TEST_OUTAGE_KAFKA_PORT", "19092"))

@@ -2,8 +2,9 @@
 
 Offsets are committed only after the database commit, so a crash anywhere before it
 redelivers the batch, and ``batch.apply_batch`` turns the redelivery into a no-op.
-A record that is not an event (it cannot be decoded) is parked on the rejected topic
-rather than blocking its partition forever.
+A record that is not an event as :class:`cdp_stream.events.Event` describes it (not JSON,
+or missing what the collector always sets) is parked on the rejected topic rather than
+blocking its partition forever.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream import topics
 from cdp_stream.bus.base import Bus, Message, next_offsets
+from cdp_stream.events import Event
 from cdp_stream.resolver.batch import BatchResult, apply_batch
 from cdp_stream.settings import Settings
 
@@ -59,11 +61,10 @@ async def _decode(bus: Bus, messages: Sequence[Message]) -> list[dict[str, Any]]
     for m in messages:
         try:
             value = orjson.loads(m.value)
-            if not isinstance(value, dict):
-                raise ValueError("not a JSON object")
+            Event.model_validate(value)
             events.append(value)
-        except ValueError as exc:
-            reason = f"undecodable record at {m.topic}[{m.partition}]@{m.offset}: {exc}"
+        except ValueError as exc:  # orjson's and pydantic's errors are ValueErrors
+            reason = f"not an event at {m.topic}[{m.partition}]@{m.offset}: {exc}"
             record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
             await bus.publish(topics.REJECTED, m.key, orjson.dumps(record))
     return events

@@ -1,0 +1,85 @@
+"""The resolver loop on the memory bus and the real Postgres server: events are stored,
+records that are not events are parked on the rejected topic, and offsets are committed
+only after the database commit."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import orjson
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream import topics
+from cdp_stream.bus.base import next_offsets
+from cdp_stream.bus.memory import MemoryBus
+from cdp_stream.profiles.models import events as events_table
+from cdp_stream.resolver.consumer import run_resolver
+from cdp_stream.settings import Settings
+from tests.support import eventually
+
+SETTINGS = Settings(resolver_poll_timeout_ms=20)
+
+
+def event(message_id: str, user: str) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "track",
+            "event": "E",
+            "messageId": message_id,
+            "sourceId": "src_consumer_test",
+            "userId": user,
+            "timestamp": "2026-01-01T00:00:00.000000Z",
+            "receivedAt": "2026-01-01T00:00:00.000000Z",
+            "channel": "other",
+            "context": {},
+        }
+    )
+
+
+async def stored(engine: AsyncEngine, message_ids: list[str]) -> int:
+    query = select(func.count()).where(events_table.c.message_id.in_(message_ids))
+    async with engine.connect() as conn:
+        return int((await conn.execute(query)).scalar_one())
+
+
+async def test_events_stored_poison_parked_offsets_committed(engine: AsyncEngine) -> None:
+    run = uuid.uuid4().hex[:10]
+    bus = MemoryBus(default_partitions=2)
+    await bus.ensure_topics(topics.all_topics(2))
+    good = [f"{run}-{i}" for i in range(3)]
+    await bus.publish(topics.EVENTS, b"k1", event(good[0], f"u-{run}"))
+    await bus.publish(topics.EVENTS, b"k1", b"{not json")
+    no_id = orjson.loads(event(f"{run}-x", "u"))
+    del no_id["userId"]
+    await bus.publish(topics.EVENTS, b"k1", orjson.dumps(no_id))
+    await bus.publish(topics.EVENTS, b"k1", orjson.dumps([1, 2]))
+    for mid in good[1:]:
+        await bus.publish(topics.EVENTS, b"k2", event(mid, f"u-{run}"))
+
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_resolver(bus, engine, SETTINGS, stop))
+
+    async def all_stored() -> bool:
+        return await stored(engine, good) == 3
+
+    assert await eventually(all_stored)
+    stop.set()
+    await task
+
+    # every record was committed: a new member of the resolver group gets nothing
+    after = bus.consumer(topics.RESOLVER_GROUP, [topics.EVENTS])
+    await after.start()
+    assert await after.getmany(100, 50) == []
+    await after.stop()
+
+    parked = bus.consumer("test-parked", [topics.REJECTED])
+    await parked.start()
+    letters = await parked.getmany(100, 50)
+    await parked.commit(next_offsets(letters))
+    await parked.stop()
+    reasons = [orjson.loads(m.value)["reason"] for m in letters]
+    assert len(reasons) == 3
+    assert all(r.startswith("not an event at cdp.events[") for r in reasons)
+    assert any("userId or an anonymousId" in r for r in reasons)
