@@ -36,10 +36,11 @@ def _settings(port: int | None = None) -> Settings:
     return settings if port is None else settings.model_copy(update={"http_port": port})
 
 
-def _describe(runtime: Runtime, parts: Collection[str]) -> None:
+def _describe(runtime: Runtime, parts: Collection[str], resolvers: int) -> None:
     s = runtime.settings
     say = typer.echo
-    say(f"cdp-stream {runtime.role}: {', '.join(parts)}")
+    stages = [*parts, *([f"resolver x{resolvers}"] if resolvers else [])]
+    say(f"cdp-stream {runtime.role}: {', '.join(stages)}")
     if s.memory_bus:
         say(
             "  bus: in-process memory bus (embedded default). Events are acknowledged once "
@@ -62,7 +63,7 @@ def _describe(runtime: Runtime, parts: Collection[str]) -> None:
 
 async def _serve(settings: Settings, role: str, parts: Collection[str], resolvers: int) -> None:
     runtime = await Runtime.start(settings, role)
-    _describe(runtime, parts)
+    _describe(runtime, parts, resolvers)
     stop = asyncio.Event()
     workers = [
         asyncio.create_task(run_resolver(runtime.bus, runtime.engine, settings, stop))
@@ -78,7 +79,10 @@ async def _serve(settings: Settings, role: str, parts: Collection[str], resolver
                 log_level="info",
                 access_log=False,
             )
-            await uvicorn.Server(config).serve()  # returns on SIGINT/SIGTERM
+            server = uvicorn.Server(config)
+            for w in workers:  # a resolver that dies takes the process down, never silently
+                w.add_done_callback(lambda _: setattr(server, "should_exit", True))
+            await server.serve()  # returns on SIGINT/SIGTERM
         else:
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):

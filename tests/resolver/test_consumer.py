@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream import topics
-from cdp_stream.bus.base import next_offsets
+from cdp_stream.bus.base import BusUnavailable, Record, next_offsets
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.resolver.consumer import run_resolver
@@ -83,3 +83,45 @@ async def test_events_stored_poison_parked_offsets_committed(engine: AsyncEngine
     assert len(reasons) == 3
     assert all(r.startswith("not an event at cdp.events[") for r in reasons)
     assert any("userId or an anonymousId" in r for r in reasons)
+
+
+class FlakyBus(MemoryBus):
+    """A memory bus whose first ``failures`` publishes fail as a broker outage would."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(default_partitions=1)
+        self.failures = failures
+
+    async def publish(self, topic: str, key: bytes | None, value: bytes) -> None:
+        if self.failures > 0:
+            self.failures -= 1
+            raise BusUnavailable("broker down (test)")
+        await super().publish(topic, key, value)
+
+
+async def test_a_bus_failure_mid_batch_loses_nothing(engine: AsyncEngine) -> None:
+    """Parking fails before the batch is stored: the resolver rejoins the group and the
+    whole batch comes again from the committed offset."""
+    run = uuid.uuid4().hex[:10]
+    bus = FlakyBus(failures=2)
+    await bus.ensure_topics(topics.all_topics(1))
+    await bus.publish_many(
+        [
+            Record(topics.EVENTS, b"k", b"garbage"),
+            Record(topics.EVENTS, b"k", event(f"{run}-a", f"u-{run}")),
+        ]
+    )
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_resolver(bus, engine, SETTINGS, stop))
+
+    async def stored_once() -> bool:
+        return await stored(engine, [f"{run}-a"]) == 1
+
+    assert await eventually(stored_once)
+    stop.set()
+    await task
+    assert bus.failures == 0
+    parked = bus.consumer("test-parked", [topics.REJECTED])
+    await parked.start()
+    assert len(await parked.getmany(100, 50)) == 1
+    await parked.stop()

@@ -19,7 +19,7 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream import topics
-from cdp_stream.bus.base import Bus, Message, next_offsets
+from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, next_offsets
 from cdp_stream.events import Event
 from cdp_stream.resolver.batch import BatchResult, apply_batch
 from cdp_stream.settings import Settings
@@ -70,6 +70,19 @@ async def _decode(bus: Bus, messages: Sequence[Message]) -> list[dict[str, Any]]
     return events
 
 
+async def _rejoin(consumer: Consumer, stop: asyncio.Event) -> None:
+    """Leave and join the group again: the consumer's position had moved past records
+    that were not stored, and only a fresh assignment restarts at the committed offsets."""
+    await consumer.stop()
+    while not stop.is_set():
+        await asyncio.sleep(1)
+        try:
+            await consumer.start()
+            return
+        except BusUnavailable as exc:
+            log.warning("cannot rejoin the group yet: %s", exc)
+
+
 async def run_resolver(
     bus: Bus, engine: AsyncEngine, settings: Settings, stop: asyncio.Event
 ) -> None:
@@ -77,14 +90,18 @@ async def run_resolver(
     await consumer.start()
     try:
         while not stop.is_set():
-            messages = await consumer.getmany(
-                settings.resolver_batch_size, settings.resolver_poll_timeout_ms
-            )
-            if not messages:
-                continue
-            events = await _decode(bus, messages)
-            result = await apply_with_retry(engine, events)
-            log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
-            await consumer.commit(next_offsets(messages))
+            try:
+                messages = await consumer.getmany(
+                    settings.resolver_batch_size, settings.resolver_poll_timeout_ms
+                )
+                if not messages:
+                    continue
+                events = await _decode(bus, messages)
+                result = await apply_with_retry(engine, events)
+                log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
+                await consumer.commit(next_offsets(messages))
+            except BusUnavailable as exc:
+                log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
+                await _rejoin(consumer, stop)
     finally:
         await consumer.stop()
