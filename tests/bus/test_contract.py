@@ -123,7 +123,7 @@ async def test_new_group_reads_every_record_once_intact(bus: Bus, member: MakeCo
     reads each record exactly once, with key and value byte-for-byte as published (also a
     null key and an empty value), and offsets increase within each partition."""
     topic = await new_topic(bus, 3)
-    sent = [(b"solo", b"\x00\xffbinary\n")]
+    sent: list[tuple[bytes | None, bytes]] = [(b"solo", b"\x00\xffbinary\n")]
     await bus.publish(topic, b"solo", b"\x00\xffbinary\n")
     await bus.publish(topic, None, b"no key")
     sent.append((None, b"no key"))
