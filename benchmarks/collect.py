@@ -48,7 +48,6 @@ import orjson
 import psutil
 
 EVENTS_TOPIC, RESOLVER_GROUP = "cdp.events", "cdp-resolver"
-WRITE_KEY, API_TOKEN = "wk_bench_" + uuid.uuid4().hex[:8], "tok_bench_" + uuid.uuid4().hex[:8]
 NAMES = ["Product Viewed", "Product Added", "Order Completed", "Email Opened", "Video Played"]
 UA = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 Version/17.4 Safari"
 CHUNK = 1000
@@ -156,12 +155,12 @@ def confluent_loop(bootstrap: str, topic: str, counters: Counters, stop: Any) ->
 
 
 async def http_loop(
-    urls: list[str], endpoint: str, concurrency: int, counters: Counters, stop: Any
+    urls: list[str], endpoint: str, concurrency: int, key: str, counters: Counters, stop: Any
 ) -> None:
     import httpx
 
     per = 100 if endpoint == "batch" else 1
-    auth = "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()
+    auth = "Basic " + base64.b64encode(f"{key}:".encode()).decode()
     headers = {"authorization": auth, "content-type": "application/json"}
     prefix, rng = f"b{os.getpid()}-{uuid.uuid4().hex[:6]}", random.Random()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -178,6 +177,8 @@ async def http_loop(
                 counters[2] += 1
                 continue
             ok = r.status_code == 200 and b'"rejected"' not in r.content
+            if not ok and not counters[1]:
+                print(f"first bad answer: {r.status_code} {r.text[:300]}", file=sys.stderr)
             counters[0 if ok else 1] += per if ok else 1
 
     async with httpx.AsyncClient(limits=limits, timeout=30) as client:
@@ -307,8 +308,8 @@ def start_collector(opts: argparse.Namespace, db_url: str, log: Path) -> tuple[A
         **os.environ,
         "CDP_KAFKA_BOOTSTRAP": opts.bootstrap,
         "CDP_DATABASE_URL": db_url,
-        "CDP_BOOTSTRAP_WRITE_KEY": WRITE_KEY,
-        "CDP_BOOTSTRAP_API_TOKEN": API_TOKEN,
+        "CDP_BOOTSTRAP_WRITE_KEY": opts.write_key,
+        "CDP_BOOTSTRAP_API_TOKEN": opts.write_key.replace("wk_", "tok_"),
     }
     exe = Path(sys.executable).with_name("cdp-stream")
     with log.open("ab") as out:  # start_new_session: our Ctrl-C must not reach it first
@@ -395,6 +396,7 @@ def main() -> None:
         sys.exit(f"Kafka is not reachable at {opts.bootstrap} ({exc}): run `make services`")
     run_id = uuid.uuid4().hex[:8]
     db_name, topic = f"cdp_bench_{run_id}", f"cdp-bench-{run_id}"
+    opts.write_key = f"wk_bench_{run_id}"
     try:
         asyncio.run(database(opts.database_url, db_name, create=True))
     except Exception as exc:  # refused, unknown host, timeout, auth
@@ -428,7 +430,7 @@ def main() -> None:
             ("collector /v1/batch x100", "batch"),
             ("collector /v1/track", "track"),
         ):
-            args = (urls, endpoint, opts.concurrency)
+            args = (urls, endpoint, opts.concurrency, opts.write_key)
             results.append(run_load(label, "http", args, opts, watch, opts.clients))
     finally:
         for proc in collectors:

@@ -50,14 +50,18 @@ def _finite(text: str) -> float:
     return value
 
 
+_CONTAINERS = (dict, list)
+
+
 def _too_deep(value: Any, max_depth: int) -> bool:
-    """Is any container nested deeper than ``max_depth`` (the top level being 1)?"""
-    level = [value] if isinstance(value, dict | list) else []
+    """Is any container nested deeper than ``max_depth`` (the top level being 1)?
+    Level by level, so the cost is one visit per container (this runs on every request)."""
+    level = [value] if type(value) in _CONTAINERS else []
     for _ in range(max_depth):
-        below: list[Any] = []
+        below = []
         for node in level:
-            children = node.values() if isinstance(node, dict) else node
-            below.extend(c for c in children if isinstance(c, dict | list))
+            children = node.values() if type(node) is dict else node
+            below += [c for c in children if type(c) in _CONTAINERS]
         if not below:
             return False
         level = below

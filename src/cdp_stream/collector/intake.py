@@ -185,7 +185,7 @@ def _enrich(
 
     out = {k: v for k, v in event.items() if k != "writeKey"}
     for name in ("userId", "anonymousId", "groupId", "previousUserId"):
-        if getattr(model, name, None) is not None:
+        if event.get(name) is not None:
             out[name] = getattr(model, name)  # integers become strings
     timestamp, untrusted = _event_time(
         model.timestamp, model.originalTimestamp, model.sentAt, received_at
@@ -241,7 +241,8 @@ def _event_time(
 
 
 def _iso(value: datetime) -> str:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Fixed-width UTC, sortable as text: ``2026-01-02T03:04:05.000006Z``."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
 
 
 def _generated_message_id(source_id: str, event: Mapping[str, Any]) -> str:
