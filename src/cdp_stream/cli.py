@@ -19,6 +19,7 @@ from typing import Annotated
 
 import typer
 import uvicorn
+import uvloop
 
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.profiles.db import make_engine, resolve_database_url
@@ -102,25 +103,25 @@ async def _serve(settings: Settings, role: str, parts: Collection[str], resolver
 @cli.command()
 def up(port: Port = None) -> None:
     """Run collector, resolver and API in one process."""
-    asyncio.run(_serve(_settings(port), "up", ("collector", "api"), resolvers=1))
+    uvloop.run(_serve(_settings(port), "up", ("collector", "api"), resolvers=1))
 
 
 @cli.command()
 def collector(port: Port = None) -> None:
     """Run the HTTP collector."""
-    asyncio.run(_serve(_settings(port), "collector", ("collector",), resolvers=0))
+    uvloop.run(_serve(_settings(port), "collector", ("collector",), resolvers=0))
 
 
 @cli.command()
 def resolver() -> None:
     """Run one resolver consumer in the group."""
-    asyncio.run(_serve(_settings(), "resolver", (), resolvers=1))
+    uvloop.run(_serve(_settings(), "resolver", (), resolvers=1))
 
 
 @cli.command()
 def api(port: Port = None) -> None:
     """Run the profile API."""
-    asyncio.run(_serve(_settings(port), "api", ("api",), resolvers=0))
+    uvloop.run(_serve(_settings(port), "api", ("api",), resolvers=0))
 
 
 @cli.command()

@@ -6,6 +6,7 @@ It is built once at the edge (the CLI) and passed down; nothing imports a global
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -22,6 +23,11 @@ class Settings(BaseSettings):
     )
     kafka_bootstrap: str | None = Field(
         default=None, description="host:port[,host:port]; unset: the in-process memory bus"
+    )
+    kafka_producer: Literal["aiokafka", "confluent"] = Field(
+        default="aiokafka",
+        description="the Kafka producer library; confluent (librdkafka, the `confluent` "
+        "extra) spends a fraction of aiokafka's CPU per event: see benchmarks/collect.py",
     )
     data_dir: Path = Path(".cdp")
     http_host: str = "127.0.0.1"

@@ -1,9 +1,10 @@
 """The bus contract (:mod:`cdp_stream.bus.base`), checked on both implementations.
 
-Every test in the first part runs twice: on :class:`MemoryBus` and on :class:`KafkaBus`
-against the real broker (``kafka_bootstrap``: skipped locally, failed in CI when Kafka is
-unreachable). Each test creates its own uniquely named topics and groups, so tests do not
-see each other's records and the suite can be re-run against the same broker.
+Every test in the first part runs three times: on :class:`MemoryBus`, and on
+:class:`KafkaBus` with each of its producers (aiokafka, librdkafka) against the real broker
+(``kafka_bootstrap``: skipped locally, failed in CI when Kafka is unreachable). Each test
+creates its own uniquely named topics and groups, so tests do not see each other's records
+and the suite can be re-run against the same broker.
 
 The last part holds the few checks that only make sense on one implementation.
 """
@@ -19,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 import pytest
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, Record, next_offsets
+from cdp_stream.bus.confluent import ConfluentKafkaBus
 from cdp_stream.bus.kafka import KafkaBus
 from cdp_stream.bus.memory import MemoryBus, MemoryConsumer, partition_for_key
 
@@ -38,7 +40,11 @@ def uid() -> str:
 
 @pytest.fixture(
     scope="module",
-    params=["memory", pytest.param("kafka", marks=pytest.mark.kafka)],
+    params=[
+        "memory",
+        pytest.param("kafka", marks=pytest.mark.kafka),
+        pytest.param("kafka-confluent", marks=pytest.mark.kafka),
+    ],
 )
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     """One bus per implementation, shared by the module's tests (topics are per test)."""
@@ -47,7 +53,8 @@ async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
         b = MemoryBus()
     else:
         bootstrap = request.getfixturevalue("kafka_bootstrap")
-        b = KafkaBus(bootstrap, client_id=f"contract-{uid()}")
+        kind = ConfluentKafkaBus if request.param == "kafka-confluent" else KafkaBus
+        b = kind(bootstrap, client_id=f"contract-{uid()}")
     await b.start()
     yield b
     await b.stop()
@@ -358,10 +365,11 @@ async def test_getmany_waits_then_returns_empty_and_honours_max_records(
 # -- one implementation ----------------------------------------------------------------
 
 
-async def test_kafka_unreachable_broker_raises_bus_unavailable() -> None:
+@pytest.mark.parametrize("kind", [KafkaBus, ConfluentKafkaBus])
+async def test_kafka_unreachable_broker_raises_bus_unavailable(kind: type[KafkaBus]) -> None:
     """Kafka only: with no broker, publish and ping raise BusUnavailable within a bounded
     time (the collector answers 503 instead of hanging); no real broker is needed."""
-    dead = KafkaBus("127.0.0.1:1", client_id=f"contract-dead-{uid()}", publish_timeout_s=2)
+    dead = kind("127.0.0.1:1", client_id=f"contract-dead-{uid()}", publish_timeout_s=2)
     try:
         async with asyncio.timeout(15):
             with pytest.raises(BusUnavailable):

@@ -1,6 +1,6 @@
 """The collector with its broker stopped: 503 with Retry-After and nothing accepted; after
 the broker is back, it works again without a restart. Runs its own broker (another port)
-so stopping it does not disturb the other tests."""
+so stopping it does not disturb the other tests. Once per Kafka producer library."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Literal
 
 import httpx
 import pytest
@@ -39,9 +40,13 @@ async def own_broker(kafka_bootstrap: str) -> AsyncIterator[str]:
     await kafka("stop")
 
 
-async def test_broker_down_means_503_and_nothing_accepted(own_broker: str, pg_url: str) -> None:
+@pytest.mark.parametrize("producer", ["aiokafka", "confluent"])
+async def test_broker_down_means_503_and_nothing_accepted(
+    own_broker: str, pg_url: str, producer: Literal["aiokafka", "confluent"]
+) -> None:
     settings = Settings(
         kafka_bootstrap=own_broker,
+        kafka_producer=producer,
         database_url=pg_url,
         bootstrap_write_key=WRITE_KEY,
         publish_timeout_s=3,

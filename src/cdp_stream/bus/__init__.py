@@ -1,9 +1,10 @@
 """The bus: the seam between stages, and the one place that picks an implementation.
 
-``make_bus`` returns the Kafka bus when ``CDP_KAFKA_BOOTSTRAP`` is set and the in-process
-memory bus otherwise; both keep the contract written in :mod:`cdp_stream.bus.base`. Code
-above this package only sees :class:`Bus`, :class:`Consumer` and friends; it never
-imports ``kafka`` or ``memory`` directly (tests and benchmarks aside).
+``make_bus`` returns the Kafka bus when ``CDP_KAFKA_BOOTSTRAP`` is set (with the librdkafka
+producer when ``CDP_KAFKA_PRODUCER=confluent``) and the in-process memory bus otherwise;
+both keep the contract written in :mod:`cdp_stream.bus.base`. Code above this package only
+sees :class:`Bus`, :class:`Consumer` and friends; it never imports ``kafka`` or ``memory``
+directly (tests and benchmarks aside).
 """
 
 from __future__ import annotations
@@ -37,6 +38,12 @@ __all__ = [
 
 def make_bus(settings: Settings, client_id: str) -> Bus:
     """Kafka when ``settings.kafka_bootstrap`` is set, else the in-process bus."""
+    if settings.kafka_bootstrap and settings.kafka_producer == "confluent":
+        from cdp_stream.bus.confluent import ConfluentKafkaBus  # an optional dependency
+
+        return ConfluentKafkaBus(
+            settings.kafka_bootstrap, client_id, publish_timeout_s=settings.publish_timeout_s
+        )
     if settings.kafka_bootstrap:
         return KafkaBus(
             settings.kafka_bootstrap,

@@ -112,10 +112,11 @@ def intake(
         items, defaults = [body], {}
 
     result = IntakeResult()
+    server = _Server(source_id, received_at, _iso(received_at), ip, user_agent)
     for index, raw in enumerate(items):
         event = _with_defaults(raw, defaults)
         try:
-            enriched = _enrich(event, endpoint, source_id, received_at, ip, user_agent)
+            enriched = _enrich(event, endpoint, server)
             value = _serialize(enriched)
             if len(value) > settings.max_event_bytes:
                 size = len(_dumps_any(raw))
@@ -163,14 +164,18 @@ def _with_defaults(raw: Any, defaults: dict[str, Any]) -> Any:
     return event
 
 
-def _enrich(
-    event: Any,
-    endpoint: str,
-    source_id: str,
-    received_at: datetime,
-    ip: str | None,
-    user_agent: str | None,
-) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class _Server:
+    """What the server adds to every event of one request (formatted once per request)."""
+
+    source_id: str
+    received_at: datetime
+    received_iso: str
+    ip: str | None
+    user_agent: str | None
+
+
+def _enrich(event: Any, endpoint: str, server: _Server) -> dict[str, Any]:
     """The validated event with the server's fields; raises :class:`_Refused`."""
     if not isinstance(event, dict):
         raise _Refused("an event must be a JSON object")
@@ -188,22 +193,22 @@ def _enrich(
         if event.get(name) is not None:
             out[name] = getattr(model, name)  # integers become strings
     timestamp, untrusted = _event_time(
-        model.timestamp, model.originalTimestamp, model.sentAt, received_at
+        model.timestamp, model.originalTimestamp, model.sentAt, server.received_at
     )
     out["timestamp"] = _iso(timestamp)
-    out["receivedAt"] = _iso(received_at)
+    out["receivedAt"] = server.received_iso
     if model.sentAt is not None:
         out["sentAt"] = _iso(_utc(model.sentAt))
     original = event.get("originalTimestamp", event.get("timestamp"))
     if original is not None:
         out["originalTimestamp"] = original
-    out["sourceId"] = source_id
-    out["messageId"] = model.messageId or _generated_message_id(source_id, event)
+    out["sourceId"] = server.source_id
+    out["messageId"] = model.messageId or _generated_message_id(server.source_id, event)
     context = dict(event.get("context") or {})
-    if ip is not None:
-        context.setdefault("ip", ip)
-    if user_agent is not None:
-        context.setdefault("userAgent", user_agent)
+    if server.ip is not None:
+        context.setdefault("ip", server.ip)
+    if server.user_agent is not None:
+        context.setdefault("userAgent", server.user_agent)
     out["context"] = context
     out["channel"] = channel_of(out)
     if untrusted:
