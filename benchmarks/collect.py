@@ -22,9 +22,9 @@ Each figure is events acknowledged per second over ``--seconds`` windows after a
 The CPU of the producer or collector, the load generator, the broker and the whole machine
 is sampled over the same windows (100% = one core): that says what bounds the figure.
 Every load runs in its own process, counting into shared memory that the parent reads at
-window edges. At exit the collector is stopped, the topic and database are dropped, and
-the idle resolver group is moved past the events the collector put on ``cdp.events`` (else
-the next resolver, e.g. in ``make test``, replays them; ``--keep-resolver-offsets``).
+window edges. The collector runs in a topic namespace of its own (``CDP_TOPIC_NAMESPACE``),
+so no resolver on the same broker ever sees its events; at exit the collector is stopped
+and its topics, the raw producers' topic and the database are dropped.
 
     .venv/bin/python benchmarks/collect.py [--seconds 8] [--repeats 3] [--concurrency 32]
 """
@@ -52,7 +52,6 @@ from typing import Any
 import orjson
 import psutil
 
-EVENTS_TOPIC, RESOLVER_GROUP = "cdp.events", "cdp-resolver"
 NAMES = ["Product Viewed", "Product Added", "Order Completed", "Email Opened", "Video Played"]
 UA = "Mozilla/5.0 (Macintosh; Intel Mac OS X 14_4) AppleWebKit/605.1.15 Version/17.4 Safari"
 Counters = Any  # a shared mp.Array("q", 3): events acknowledged, bad answers, errors
@@ -281,7 +280,7 @@ def start_collector(
 
     port, key = free_port(), opts.write_key
     env = os.environ | {"CDP_KAFKA_BOOTSTRAP": opts.bootstrap, "CDP_DATABASE_URL": db_url}
-    env |= {"CDP_KAFKA_PRODUCER": producer}
+    env |= {"CDP_KAFKA_PRODUCER": producer, "CDP_TOPIC_NAMESPACE": opts.namespace}
     env |= {"CDP_BOOTSTRAP_WRITE_KEY": key, "CDP_BOOTSTRAP_API_TOKEN": "tok_" + key}
     command = [Path(sys.executable).with_name("cdp-stream"), "collector", "--port", str(port)]
     with log.open("ab") as out:  # its own session: Ctrl-C reaches us, we stop it in order
@@ -310,39 +309,6 @@ def stop_collectors(collectors: list[subprocess.Popen[bytes]]) -> None:
     collectors.clear()
 
 
-def end_offsets(bootstrap: str) -> dict[int, int]:
-    from confluent_kafka import Consumer, TopicPartition
-
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": "cdp-bench-probe"})
-    try:
-        topic = c.list_topics(EVENTS_TOPIC, timeout=10).topics.get(EVENTS_TOPIC)
-        parts = topic.partitions if topic and not topic.error else {}
-        return {p: c.get_watermark_offsets(TopicPartition(EVENTS_TOPIC, p), 10)[1] for p in parts}
-    finally:
-        c.close()
-
-
-def skip_for_resolver(bootstrap: str, before: dict[int, int]) -> None:
-    """Move the idle resolver group past our events, on partitions where it had read all."""
-    from confluent_kafka import ConsumerGroupTopicPartitions as Group
-    from confluent_kafka import TopicPartition
-    from confluent_kafka.admin import AdminClient
-
-    after, admin = end_offsets(bootstrap), AdminClient({"bootstrap.servers": bootstrap})
-    got = admin.list_consumer_group_offsets([Group(RESOLVER_GROUP)])[RESOLVER_GROUP].result()
-    done = {tp.partition: max(tp.offset, 0) for tp in got.topic_partitions}
-    moves = [
-        TopicPartition(EVENTS_TOPIC, p, end)
-        for p, end in after.items()
-        if done.get(p, 0) >= before.get(p, 0) and end > before.get(p, 0)
-    ]
-    if moves:  # refused while the group has members: then the caller says so
-        admin.alter_consumer_group_offsets([Group(RESOLVER_GROUP, moves)])[RESOLVER_GROUP].result()
-    skipped = sum(tp.offset - done.get(tp.partition, 0) for tp in moves)
-    left = sum(after.values()) - sum(before.values()) - skipped
-    print(f"resolver group {RESOLVER_GROUP}: moved past {skipped:,} events; {left:,} left to it")
-
-
 def cleanup(what: str, action: Any, *args: Any) -> None:
     try:
         action(*args)
@@ -368,7 +334,6 @@ def main() -> None:
     ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
     ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
-    ap.add_argument("--keep-resolver-offsets", action="store_true")
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 
@@ -379,6 +344,7 @@ def main() -> None:
         sys.exit(f"Kafka is not reachable at {opts.bootstrap} ({exc}); start it: make services")
     run_id = uuid.uuid4().hex[:8]
     db, topic, opts.write_key = f"cdp_bench_{run_id}", f"cdp-bench-{run_id}", f"wk_b_{run_id}"
+    opts.namespace = f"bench-{run_id}."
     try:
         asyncio.run(database(opts.database_url, db, create=True))
     except Exception as exc:  # refused, timeout, auth, unknown database
@@ -386,18 +352,18 @@ def main() -> None:
     from confluent_kafka.admin import AdminClient
 
     from cdp_stream.bus import KafkaBus
+    from cdp_stream.topics import Topics
 
     asyncio.run(KafkaBus(opts.bootstrap).ensure_topics({topic: 6}))
     opts.watch = {"broker": broker_processes(opts.bootstrap)}
     collectors: list[subprocess.Popen[bytes]] = []
-    before, results = None, []
+    results = []
     try:
         print(f"raw producers -> topic {topic} (6 partitions) on {opts.bootstrap}")
         for label in ("aiokafka", "confluent-kafka"):
             kind = label.split("-")[0]
             results.append(run_load(f"raw {label}", kind, (opts.bootstrap, topic), opts))
         log = Path(tempfile.gettempdir()) / f"cdp-bench-collector-{run_id}.log"
-        before = end_offsets(opts.bootstrap)
         db_url = opts.database_url.rsplit("/", 1)[0] + f"/{db}"
         broker = opts.watch
         for producer in opts.producers:
@@ -415,9 +381,8 @@ def main() -> None:
         stop_collectors(collectors)
         cleanup("dropping the database", asyncio.run, database(opts.database_url, db, False))
         admin = AdminClient({"bootstrap.servers": opts.bootstrap})
-        cleanup("deleting the topic", lambda: admin.delete_topics([topic])[topic].result(30))
-        if before is not None and not opts.keep_resolver_offsets:
-            cleanup("moving the resolver group", skip_for_resolver, opts.bootstrap, before)
+        for name in (topic, *Topics(opts.namespace).all(1)):
+            cleanup(f"deleting {name}", lambda n=name: admin.delete_topics([n])[n].result(30))
 
     report(opts, results)
 

@@ -18,7 +18,6 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream import topics
 from cdp_stream.api.profiles import router as profiles_router
 from cdp_stream.bus import make_bus
 from cdp_stream.bus.base import Bus, BusUnavailable
@@ -51,7 +50,7 @@ class Runtime:
             )
         bus = make_bus(settings, client_id=f"cdp-stream-{role}")
         await bus.start()
-        await bus.ensure_topics(topics.all_topics(settings.topic_partitions))
+        await bus.ensure_topics(settings.topics.all(settings.topic_partitions))
         return cls(settings, role, engine, bus, creds)
 
     async def stop(self) -> None:

@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdp_stream.topics import Topics
+
 
 class Settings(BaseSettings):
     """Every knob cdp-stream has. Unset Kafka/Postgres settings mean the embedded default."""
@@ -36,6 +38,9 @@ class Settings(BaseSettings):
     bootstrap_api_token: str | None = None
 
     topic_partitions: int = Field(default=6, ge=1)
+    topic_namespace: str = Field(
+        default="", description="prefix of every topic and group name (shared clusters, tests)"
+    )
     # Collector limits (Segment's documented limits).
     max_event_bytes: int = 32 * 1024
     max_request_bytes: int = 500 * 1024
@@ -47,6 +52,10 @@ class Settings(BaseSettings):
     # How long the collector waits for the broker before answering 503.
     publish_timeout_s: float = Field(default=10.0, gt=0)
     retry_after_s: int = 5
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.topic_namespace)
 
     @property
     def embedded_postgres(self) -> bool:

@@ -1,16 +1,40 @@
-"""Topic names and partition keys: the only place they are spelled."""
+"""Topic and consumer-group names: the only place they are spelled.
+
+``CDP_TOPIC_NAMESPACE`` (default empty) prefixes every name, so several deployments, a
+benchmark or a test run can share one Kafka cluster without reading each other's records.
+"""
 
 from __future__ import annotations
 
-EVENTS = "cdp.events"
-REJECTED = "cdp.events.rejected"
-PROFILE_UPDATES = "cdp.profile-updates"
-DMP_AUDIENCE_COUNTS = "cdp.dmp.audience-counts"
-
-RESOLVER_GROUP = "cdp-resolver"
-ACTIVATION_GROUP = "cdp-activation"
+from dataclasses import dataclass
 
 
-def all_topics(partitions: int) -> dict[str, int]:
-    """Topic -> partition count that the application creates at start-up if missing."""
-    return {EVENTS: partitions, REJECTED: partitions, PROFILE_UPDATES: partitions}
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """The names for one namespace."""
+
+    namespace: str = ""
+
+    @property
+    def events(self) -> str:
+        return f"{self.namespace}cdp.events"
+
+    @property
+    def rejected(self) -> str:
+        return f"{self.namespace}cdp.events.rejected"
+
+    @property
+    def profile_updates(self) -> str:
+        return f"{self.namespace}cdp.profile-updates"
+
+    @property
+    def resolver_group(self) -> str:
+        return f"{self.namespace}cdp-resolver"
+
+    def all(self, partitions: int) -> dict[str, int]:
+        """Topic -> partition count that the application creates at start-up if missing."""
+        return {
+            self.events: partitions,
+            self.rejected: partitions,
+            self.profile_updates: partitions,
+        }

@@ -14,9 +14,9 @@ import orjson
 import pytest
 from sqlalchemy import text
 
-from cdp_stream import topics
 from cdp_stream.app import Runtime
 from cdp_stream.bus.base import next_offsets
+from cdp_stream.topics import Topics
 from tests.integration.conftest import WRITE_KEY
 from tests.support import eventually
 
@@ -38,7 +38,7 @@ async def post_raw(
 
 async def dead_letters(runtime: Runtime, marker: str, expected: int) -> list[dict[str, Any]]:
     """The rejection records whose event mentions ``marker`` (read by a fresh group)."""
-    consumer = runtime.bus.consumer(f"test-dlq-{uid()}", [topics.REJECTED])
+    consumer = runtime.bus.consumer(f"test-dlq-{uid()}", [Topics().rejected])
     await consumer.start()
     found: list[dict[str, Any]] = []
 

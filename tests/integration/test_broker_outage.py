@@ -15,10 +15,10 @@ from typing import Literal
 import httpx
 import pytest
 
-from cdp_stream import topics
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.bus.base import next_offsets
 from cdp_stream.settings import Settings
+from cdp_stream.topics import Topics
 from tests.integration.conftest import WRITE_KEY
 from tests.support import eventually
 
@@ -84,7 +84,7 @@ async def test_broker_down_means_503_and_nothing_accepted(
             assert (await client.get("/readyz")).status_code == 200
 
         # What the broker holds: the events answered 200, not the one answered 503.
-        consumer = runtime.bus.consumer(f"outage-check-{run}", [topics.EVENTS])
+        consumer = runtime.bus.consumer(f"outage-check-{run}", [Topics().events])
         await consumer.start()
         ids: set[str] = set()
 

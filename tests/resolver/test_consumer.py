@@ -11,12 +11,12 @@ import orjson
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream import topics
 from cdp_stream.bus.base import BusUnavailable, Record, next_offsets
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.settings import Settings
+from cdp_stream.topics import Topics
 from tests.support import eventually
 
 SETTINGS = Settings(resolver_poll_timeout_ms=20)
@@ -47,16 +47,16 @@ async def stored(engine: AsyncEngine, message_ids: list[str]) -> int:
 async def test_events_stored_poison_parked_offsets_committed(engine: AsyncEngine) -> None:
     run = uuid.uuid4().hex[:10]
     bus = MemoryBus(default_partitions=2)
-    await bus.ensure_topics(topics.all_topics(2))
+    await bus.ensure_topics(Topics().all(2))
     good = [f"{run}-{i}" for i in range(3)]
-    await bus.publish(topics.EVENTS, b"k1", event(good[0], f"u-{run}"))
-    await bus.publish(topics.EVENTS, b"k1", b"{not json")
+    await bus.publish(Topics().events, b"k1", event(good[0], f"u-{run}"))
+    await bus.publish(Topics().events, b"k1", b"{not json")
     no_id = orjson.loads(event(f"{run}-x", "u"))
     del no_id["userId"]
-    await bus.publish(topics.EVENTS, b"k1", orjson.dumps(no_id))
-    await bus.publish(topics.EVENTS, b"k1", orjson.dumps([1, 2]))
+    await bus.publish(Topics().events, b"k1", orjson.dumps(no_id))
+    await bus.publish(Topics().events, b"k1", orjson.dumps([1, 2]))
     for mid in good[1:]:
-        await bus.publish(topics.EVENTS, b"k2", event(mid, f"u-{run}"))
+        await bus.publish(Topics().events, b"k2", event(mid, f"u-{run}"))
 
     stop = asyncio.Event()
     task = asyncio.create_task(run_resolver(bus, engine, SETTINGS, stop))
@@ -69,12 +69,12 @@ async def test_events_stored_poison_parked_offsets_committed(engine: AsyncEngine
     await task
 
     # every record was committed: a new member of the resolver group gets nothing
-    after = bus.consumer(topics.RESOLVER_GROUP, [topics.EVENTS])
+    after = bus.consumer(Topics().resolver_group, [Topics().events])
     await after.start()
     assert await after.getmany(100, 50) == []
     await after.stop()
 
-    parked = bus.consumer("test-parked", [topics.REJECTED])
+    parked = bus.consumer("test-parked", [Topics().rejected])
     await parked.start()
     letters = await parked.getmany(100, 50)
     await parked.commit(next_offsets(letters))
@@ -104,11 +104,11 @@ async def test_a_bus_failure_mid_batch_loses_nothing(engine: AsyncEngine) -> Non
     whole batch comes again from the committed offset."""
     run = uuid.uuid4().hex[:10]
     bus = FlakyBus(failures=2)
-    await bus.ensure_topics(topics.all_topics(1))
+    await bus.ensure_topics(Topics().all(1))
     await bus.publish_many(
         [
-            Record(topics.EVENTS, b"k", b"garbage"),
-            Record(topics.EVENTS, b"k", event(f"{run}-a", f"u-{run}")),
+            Record(Topics().events, b"k", b"garbage"),
+            Record(Topics().events, b"k", event(f"{run}-a", f"u-{run}")),
         ]
     )
     stop = asyncio.Event()
@@ -121,7 +121,7 @@ async def test_a_bus_failure_mid_batch_loses_nothing(engine: AsyncEngine) -> Non
     stop.set()
     await task
     assert bus.failures == 0
-    parked = bus.consumer("test-parked", [topics.REJECTED])
+    parked = bus.consumer("test-parked", [Topics().rejected])
     await parked.start()
     assert len(await parked.getmany(100, 50)) == 1
     await parked.stop()

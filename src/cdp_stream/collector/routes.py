@@ -19,7 +19,6 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from cdp_stream import topics
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import WriteKeys, basic_username
@@ -91,9 +90,9 @@ async def _collect(request: Request, endpoint: str) -> JSONResponse:
     except BadRequest as exc:
         return _error(exc.status, exc.message)
 
-    records = [Record(topics.EVENTS, a.key, a.value) for a in result.accepted]
+    records = [Record(settings.topics.events, a.key, a.value) for a in result.accepted]
     records += [
-        Record(topics.REJECTED, source_id.encode(), r.record)
+        Record(settings.topics.rejected, source_id.encode(), r.record)
         for r in result.rejected
         if r.record is not None  # an oversize event is refused, never published
     ]

@@ -18,7 +18,6 @@ import orjson
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream import topics
 from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, next_offsets
 from cdp_stream.events import Event
 from cdp_stream.resolver.batch import BatchResult, apply_batch
@@ -56,7 +55,7 @@ async def apply_with_retry(engine: AsyncEngine, events: Sequence[dict[str, Any]]
         delay = min(delay * 2, 5.0)
 
 
-async def _decode(bus: Bus, messages: Sequence[Message]) -> list[dict[str, Any]]:
+async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     for m in messages:
         try:
@@ -66,7 +65,7 @@ async def _decode(bus: Bus, messages: Sequence[Message]) -> list[dict[str, Any]]
         except ValueError as exc:  # orjson's and pydantic's errors are ValueErrors
             reason = f"not an event at {m.topic}[{m.partition}]@{m.offset}: {exc}"
             record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
-            await bus.publish(topics.REJECTED, m.key, orjson.dumps(record))
+            await bus.publish(rejected, m.key, orjson.dumps(record))
     return events
 
 
@@ -86,7 +85,8 @@ async def _rejoin(consumer: Consumer, stop: asyncio.Event) -> None:
 async def run_resolver(
     bus: Bus, engine: AsyncEngine, settings: Settings, stop: asyncio.Event
 ) -> None:
-    consumer = bus.consumer(topics.RESOLVER_GROUP, [topics.EVENTS])
+    names = settings.topics
+    consumer = bus.consumer(names.resolver_group, [names.events])
     await consumer.start()
     try:
         while not stop.is_set():
@@ -96,7 +96,7 @@ async def run_resolver(
                 )
                 if not messages:
                     continue
-                events = await _decode(bus, messages)
+                events = await _decode(bus, names.rejected, messages)
                 result = await apply_with_retry(engine, events)
                 log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
                 await consumer.commit(next_offsets(messages))
