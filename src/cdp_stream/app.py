@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.api.metrics import router as metrics_router
 from cdp_stream.api.profiles import router as profiles_router
 from cdp_stream.bus import make_bus
 from cdp_stream.bus.base import Bus, BusUnavailable
@@ -26,6 +27,7 @@ from cdp_stream.collector.routes import router as collector_router
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
 from cdp_stream.profiles.db import make_engine, resolve_database_url
 from cdp_stream.profiles.migrate import upgrade_to_head
+from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     app.state.engine = runtime.engine
     app.state.bus = runtime.bus
     app.state.write_keys = WriteKeys(runtime.engine)
+    app.state.rules = IdentityRules.from_settings(runtime.settings)
 
     @app.exception_handler(DBAPIError)
     @app.exception_handler(OSError)
@@ -81,6 +84,7 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         app.include_router(collector_router)
     if "api" in parts:
         app.include_router(profiles_router)
+        app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -46,6 +46,29 @@ class Settings(BaseSettings):
     max_request_bytes: int = 500 * 1024
     max_batch_events: int = 2500
     max_json_depth: int = 32
+    # Identity resolution (see cdp_stream.resolver): priority of identifier types (the
+    # others follow), how many values of a type one profile may hold, values that never link.
+    identity_priority: list[str] = ["user_id", "email", "phone"]
+    identity_limits: dict[str, int] = {"user_id": 1}
+    identity_default_limit: int = Field(default=5, ge=1)
+    identity_blocked_values: list[str] = [
+        "",
+        "undefined",
+        "null",
+        "none",
+        "nil",
+        "nan",
+        "anonymous",
+        "guest",
+        "true",
+        "false",
+        "[object Object]",
+        "0",
+        "-1",
+    ]
+    phone_default_region: str | None = Field(
+        default=None, description="ISO country for phone numbers without +country (e.g. DE)"
+    )
     # Resolver micro-batching.
     resolver_batch_size: int = Field(default=500, ge=1)
     resolver_poll_timeout_ms: int = Field(default=200, ge=1)

@@ -14,7 +14,10 @@ from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import identities
 from cdp_stream.resolver.batch import apply_batch
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import Identifier
+from cdp_stream.resolver.identity import Identifier, IdentityRules
+from cdp_stream.settings import Settings
+
+RULES = IdentityRules.from_settings(Settings())
 
 
 def ev(msg: str, ts: str, **fields: Any) -> dict[str, Any]:
@@ -46,9 +49,9 @@ async def test_redelivered_batch_changes_nothing(engine: AsyncEngine) -> None:
         ev(f"{user}-2", "2024-01-02T00:00:00Z", userId=user, traits={"plan": "pro"}),
     ]
     async with engine.begin() as conn:
-        first = await apply_batch(conn, batch)
+        first = await apply_batch(conn, batch, RULES)
     async with engine.begin() as conn:
-        second = await apply_batch(conn, batch)
+        second = await apply_batch(conn, batch, RULES)
     assert (first.stored, first.duplicates) == (2, 1)
     assert (second.stored, second.duplicates) == (0, 3)
     profile = await _profile(engine, Identifier("user_id", user))
@@ -60,7 +63,9 @@ async def test_late_event_does_not_overwrite_newer_trait(engine: AsyncEngine) ->
     user = f"u-{uuid.uuid4().hex[:8]}"
     async with engine.begin() as conn:
         await apply_batch(
-            conn, [ev(f"{user}-new", "2024-03-01T00:00:00Z", userId=user, traits={"plan": "pro"})]
+            conn,
+            [ev(f"{user}-new", "2024-03-01T00:00:00Z", userId=user, traits={"plan": "pro"})],
+            RULES,
         )
     async with engine.begin() as conn:
         await apply_batch(
@@ -73,6 +78,7 @@ async def test_late_event_does_not_overwrite_newer_trait(engine: AsyncEngine) ->
                     traits={"plan": "free", "city": "Oslo"},
                 )
             ],
+            RULES,
         )
     profile = await _profile(engine, Identifier("user_id", user))
     assert profile["traits"] == {"plan": "pro", "city": "Oslo"}
@@ -91,7 +97,7 @@ async def test_concurrent_batches_on_the_same_people_never_split_an_identity(
         ]
 
     batches = [batch(str(i), people if i % 2 else people[::-1]) for i in range(6)]
-    await asyncio.gather(*(apply_with_retry(engine, b) for b in batches))
+    await asyncio.gather(*(apply_with_retry(engine, b, RULES) for b in batches))
     async with engine.connect() as conn:
         owners = await conn.execute(
             select(identities.c.value, identities.c.profile_id).where(

@@ -1,32 +1,132 @@
+"""Computed traits: each field's rule, and one result for any order or grouping."""
+
 from __future__ import annotations
 
+from functools import reduce
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdp_stream.resolver.computed import fold_event
+from cdp_stream.resolver import computed
 
-_stamps = st.lists(
-    st.integers(1, 28).map(lambda d: f"2024-02-{d:02d}T00:00:00.000000Z"), max_size=10
+
+def fold(events: list[tuple[dict[str, Any], str]]) -> dict[str, Any]:
+    return reduce(computed.merge, (computed.of_event(e, ts) for e, ts in events), {})
+
+
+def ts(day: int) -> str:
+    return f"2024-02-{day:02d}T00:00:00.000000Z"
+
+
+def order(revenue: Any, currency: str | None = "EUR", **extra: Any) -> dict[str, Any]:
+    properties = {"revenue": revenue, **({"currency": currency} if currency else {}), **extra}
+    return {
+        "type": "track",
+        "event": "Order Completed",
+        "channel": "purchase",
+        "properties": properties,
+    }
+
+
+def test_every_field() -> None:
+    events = [
+        (
+            {
+                "type": "page",
+                "channel": "website",
+                "messageId": "m1",
+                "context": {
+                    "campaign": {"source": "google", "medium": "cpc", "name": "spring"},
+                    "page": {"referrer": "https://google.com/"},
+                },
+            },
+            ts(3),
+        ),
+        (
+            {
+                "type": "page",
+                "channel": "website",
+                "messageId": "m2",
+                "context": {"page": {"referrer": "https://news.example/"}},
+            },
+            ts(9),
+        ),
+        ({"type": "track", "event": "Email Opened", "channel": "email"}, ts(4)),
+        ({"type": "track", "event": " email link clicked ", "channel": "email"}, ts(5)),
+        ({"type": "track", "event": "Email Bounced", "channel": "email"}, ts(6)),
+        (order(10.1), ts(7)),
+        (order(19.9), ts(8)),
+        (order(5, "usd"), ts(2)),
+        (order("lots"), ts(1)),  # not a number: an order, no revenue
+    ]
+    result = fold(events)
+    assert result == {
+        "event_count": 9,
+        "first_seen": ts(1),
+        "last_seen": ts(9),
+        "page_views": 2,
+        "email_opens": 1,
+        "email_clicks": 1,
+        "email_bounces": 1,
+        "channels": ["email", "purchase", "website"],
+        "orders": {
+            "EUR": {"count": 3, "micros": 30_000_000},
+            "USD": {"count": 1, "micros": 5_000_000},
+        },
+        "order_count": 4,
+        "last_order_at": ts(8),
+        "currency": "EUR",
+        "total_revenue": 30.0,
+        "average_order_value": 10.0,
+        "first_touch": {
+            "at": ts(3),
+            "message_id": "m1",
+            "source": "google",
+            "medium": "cpc",
+            "campaign": "spring",
+            "referrer": "https://google.com/",
+        },
+        "last_touch": {
+            "at": ts(9),
+            "message_id": "m2",
+            "source": None,
+            "medium": None,
+            "campaign": None,
+            "referrer": "https://news.example/",
+        },
+    }
+
+
+def test_total_falls_back_and_currency_defaults_to_usd() -> None:
+    event = {"type": "track", "event": "Order Completed", "properties": {"total": 12.5}}
+    assert fold([(event, ts(1))])["orders"] == {"USD": {"count": 1, "micros": 12_500_000}}
+
+
+_event = st.one_of(
+    st.builds(lambda c: {"type": "page", "channel": c}, st.sampled_from(["website", "other"])),
+    st.builds(
+        lambda n: {"type": "track", "event": n, "channel": "email"},
+        st.sampled_from(["Email Opened", "Email Bounced", "Signed Up"]),
+    ),
+    st.builds(
+        order,
+        st.floats(0, 1000, allow_nan=False).map(lambda f: round(f, 2)),
+        st.sampled_from(["EUR", "USD", None]),
+    ),
+    st.builds(
+        lambda s, m: {"type": "page", "messageId": m, "context": {"campaign": {"source": s}}},
+        st.sampled_from(["a", "b"]),
+        st.sampled_from(["m1", "m2", "m3"]),
+    ),
 )
 
 
-@given(_stamps, st.randoms())
-def test_fold_is_order_independent(stamps: list[str], rnd: Any) -> None:
-    def run(order: list[str]) -> dict[str, Any]:
-        computed: dict[str, Any] = {}
-        for ts in order:
-            fold_event(computed, {"type": "track"}, ts)
-        return computed
-
-    shuffled = list(stamps)
+@given(st.lists(st.tuples(_event, st.integers(1, 28).map(ts)), max_size=12), st.randoms())
+def test_any_order_and_grouping_gives_the_same_result(events: list[Any], rnd: Any) -> None:
+    shuffled = list(events)
     rnd.shuffle(shuffled)
-    result = run(stamps)
-    assert result == run(shuffled)
-    if stamps:
-        assert result == {
-            "event_count": len(stamps),
-            "first_seen": min(stamps),
-            "last_seen": max(stamps),
-        }
+    cut = rnd.randint(0, len(events))
+    assert (
+        fold(events) == fold(shuffled) == computed.merge(fold(shuffled[:cut]), fold(shuffled[cut:]))
+    )

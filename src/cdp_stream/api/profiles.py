@@ -1,19 +1,27 @@
-"""``/v1/profiles``: one profile per person, found by profile id or by any identifier."""
+"""``/v1/profiles``: one profile per person, found by profile id or by any identifier.
+
+``ref`` is a profile id (a merged-away one lands on its canonical profile) or
+``type:value`` with the value normalized as on ingestion (``email:Ada@Example.com`` finds
+``ada@example.com``).
+"""
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel
 
 from cdp_stream.api.deps import Conn, require_scope
 from cdp_stream.profiles import repository as repo
-from cdp_stream.resolver.identity import parse_ref
+from cdp_stream.resolver.identity import IdentityRules
+from cdp_stream.resolver.unmerge import unmerge_last
 
 router = APIRouter(prefix="/v1/profiles", tags=["profiles"])
+READ = [Depends(require_scope("profiles:read"))]
 
 
 class IdentityOut(BaseModel):
@@ -26,27 +34,149 @@ class ProfileOut(BaseModel):
     identities: list[IdentityOut]
     traits: dict[str, Any]
     computed: dict[str, Any]
+    merged_from: list[str]
     created_at: datetime
     updated_at: datetime
 
 
-async def resolve_ref(conn: Conn, ref: str) -> uuid.UUID:
+async def resolve_ref(request: Request, conn: Conn, ref: str) -> uuid.UUID:
     """A profile id or ``type:value`` -> the canonical profile id, or 404."""
     try:
         found = await repo.canonical_id(conn, uuid.UUID(ref))
     except ValueError:
-        ident = parse_ref(ref)
+        rules: IdentityRules = request.app.state.rules
+        ident = rules.parse_ref(ref)
         found = None if ident is None else await repo.profile_for_identifier(conn, ident)
     if found is None:
         raise HTTPException(404, f"no profile for {ref!r}")
     return found
 
 
-@router.get(
-    "/{ref}", response_model=ProfileOut, dependencies=[Depends(require_scope("profiles:read"))]
-)
-async def get_profile(ref: str, conn: Conn) -> dict[str, Any]:
-    profile = await repo.read_profile(conn, await resolve_ref(conn, ref))
+Profile = Annotated[uuid.UUID, Depends(resolve_ref)]
+
+
+@router.get("/{ref}", response_model=ProfileOut, dependencies=READ)
+async def get_profile(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+    profile = await repo.read_profile(conn, profile_id)
     if profile is None:
-        raise HTTPException(404, f"no profile for {ref!r}")
+        raise HTTPException(404, f"no profile {profile_id}")
     return profile
+
+
+class EventOut(BaseModel):
+    message_id: str
+    source_id: str
+    type: str
+    event: str | None
+    channel: str
+    timestamp: datetime
+    received_at: datetime
+    payload: dict[str, Any]
+
+
+class EventPage(BaseModel):
+    items: list[EventOut]
+    next: str | None
+
+
+def _cursor(timestamp: datetime, row_id: int) -> str:
+    return base64.urlsafe_b64encode(f"{timestamp.isoformat()}|{row_id}".encode()).decode()
+
+
+def _after(cursor: str) -> tuple[datetime, int]:
+    try:
+        when, _, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        return datetime.fromisoformat(when), int(row_id)
+    except ValueError as exc:
+        raise HTTPException(400, "invalid cursor") from exc
+
+
+@router.get("/{ref}/events", response_model=EventPage, dependencies=READ)
+async def get_events(
+    profile_id: Profile,
+    conn: Conn,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+    type: str | None = None,
+    channel: str | None = None,
+    since: datetime | None = None,
+) -> dict[str, Any]:
+    """The profile's timeline, newest first, ``limit`` at a time; ``next`` pages on."""
+    rows = await repo.read_events(
+        conn,
+        profile_id,
+        limit=limit + 1,
+        before=_after(cursor) if cursor else None,
+        type_=type,
+        channel=channel,
+        since=since,
+    )
+    page = rows[:limit]
+    more = len(rows) > limit
+    return {
+        "items": [r.item for r in page],
+        "next": _cursor(page[-1].timestamp, page[-1].id) if more else None,
+    }
+
+
+class IdentityDetail(IdentityOut):
+    created_at: datetime
+
+
+@router.get("/{ref}/identities", response_model=list[IdentityDetail], dependencies=READ)
+async def get_identities(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
+    return await repo.read_identities(conn, profile_id)
+
+
+class MergeOut(BaseModel):
+    id: int
+    canonical_id: str
+    merged_id: str
+    source_id: str | None
+    message_id: str | None
+    created_at: datetime
+    undone_at: datetime | None
+
+
+class RefusalOut(BaseModel):
+    type: str
+    value: str
+    other_profile_id: str | None
+    reason: str
+    source_id: str
+    message_id: str
+    created_at: datetime
+
+
+class MergesOut(BaseModel):
+    merges: list[MergeOut]
+    refusals: list[RefusalOut]
+
+
+@router.get("/{ref}/merges", response_model=MergesOut, dependencies=READ)
+async def get_merges(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+    """The merges that built this profile (undone ones too) and the links it refused."""
+    return await repo.read_merges(conn, profile_id)
+
+
+class UnmergeOut(BaseModel):
+    undone_merge: int
+    profile: ProfileOut
+    restored: ProfileOut
+
+
+@router.post(
+    "/{ref}/unmerge",
+    response_model=UnmergeOut,
+    dependencies=[Depends(require_scope("profiles:write"))],
+)
+async def post_unmerge(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+    """Reverse the profile's last merge (see :mod:`cdp_stream.resolver.unmerge`)."""
+    done = await unmerge_last(conn, profile_id)
+    if done is None:
+        raise HTTPException(409, "this profile has no merge to undo")
+    return {
+        "undone_merge": done.merge_id,
+        "profile": await repo.read_profile(conn, done.kept),
+        "restored": await repo.read_profile(conn, done.restored),
+    }

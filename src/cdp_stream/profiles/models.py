@@ -57,7 +57,8 @@ profiles = Table(
     Column("id", UUID(as_uuid=True), primary_key=True),
     Column("merged_into", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=True),
     Column("traits", JSONB, nullable=False, server_default=_empty_object),
-    Column("trait_ts", JSONB, nullable=False, server_default=_empty_object),
+    # {"set": {name: [ts, value]}, "once": {...}}: see cdp_stream.resolver.traits
+    Column("trait_state", JSONB, nullable=False, server_default=_empty_object),
     Column("computed", JSONB, nullable=False, server_default=_empty_object),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=_now),
@@ -72,6 +73,8 @@ identities = Table(
     Column("value", Text, nullable=False),
     Column("profile_id", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    # The profile that first claimed it: what an unmerge regroups by.
+    Column("claimed_by", UUID(as_uuid=True), nullable=False),
     PrimaryKeyConstraint("type", "value", name="identities_pkey"),
     Index("identities_profile_id_idx", "profile_id"),
 )
@@ -85,8 +88,37 @@ profile_merges = Table(
     Column("source_id", Text, nullable=True),
     Column("message_id", Text, nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("undone_at", DateTime(timezone=True), nullable=True),  # set by an unmerge
     Index("profile_merges_canonical_idx", "canonical_id"),
     Index("profile_merges_merged_idx", "merged_id"),
+)
+
+# A link an event asked for and the identity rules refused (a per-type limit): which
+# identifier, which profile got the event, which profile held the identifier.
+identity_refusals = Table(
+    "identity_refusals",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("profile_id", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=False),
+    Column("type", Text, nullable=False),
+    Column("value", Text, nullable=False),
+    Column("other_profile_id", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=True),
+    Column("reason", Text, nullable=False),
+    Column("source_id", Text, nullable=False),
+    Column("message_id", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Index("identity_refusals_profile_idx", "profile_id"),
+)
+
+# Profile updates written in the resolver's transaction and relayed to
+# cdp.profile-updates after it commits (a crash in between loses nothing).
+profile_update_outbox = Table(
+    "profile_update_outbox",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("key", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
 )
 
 # Every accepted event once: (source_id, message_id) is the redelivery guard.
@@ -103,6 +135,8 @@ events = Table(
     Column("timestamp", DateTime(timezone=True), nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("payload", JSONB, nullable=False),
+    # The profile it first attached to: what an unmerge regroups by.
+    Column("origin_profile_id", UUID(as_uuid=True), nullable=False),
     UniqueConstraint("source_id", "message_id", name="events_source_message_key"),
     Index("events_profile_timeline_idx", "profile_id", "timestamp", "id"),
 )

@@ -8,17 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, text, tuple_, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_stream.profiles.models import events, identities, profiles
+from cdp_stream.profiles.models import (
+    events,
+    identities,
+    identity_refusals,
+    profile_merges,
+    profile_update_outbox,
+    profiles,
+)
 from cdp_stream.resolver.identity import Identifier
+from cdp_stream.resolver.traits import view as trait_view
 
 
 def lock_key(kind: str, value: str) -> int:
@@ -65,40 +73,161 @@ async def profiles_of(
     return {Identifier(r.type, r.value): r.profile_id for r in rows}
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
 class ProfileState:
-    traits: dict[str, Any]
-    trait_ts: dict[str, str]
+    trait_state: dict[str, Any]
     computed: dict[str, Any]
 
 
-async def load_states(
+@dataclass(frozen=True, slots=True)
+class LockedProfile:
+    merged_into: uuid.UUID | None
+    created_at: datetime
+    state: ProfileState
+
+
+async def lock_profiles(
     conn: AsyncConnection, ids: Iterable[uuid.UUID]
-) -> dict[uuid.UUID, ProfileState]:
-    wanted = list(set(ids))
+) -> dict[uuid.UUID, LockedProfile]:
+    """Row-lock the profiles in id order (concurrent resolvers queue, never deadlock on
+    each other's order) and read them as they are now."""
+    wanted = sorted(set(ids))
     if not wanted:
         return {}
     rows = await conn.execute(
-        select(profiles.c.id, profiles.c.traits, profiles.c.trait_ts, profiles.c.computed)
+        select(
+            profiles.c.id,
+            profiles.c.merged_into,
+            profiles.c.created_at,
+            profiles.c.trait_state,
+            profiles.c.computed,
+        )
         .where(profiles.c.id.in_(wanted))
         .order_by(profiles.c.id)
         .with_for_update()
     )
-    return {r.id: ProfileState(r.traits, r.trait_ts, r.computed) for r in rows}
+    return {
+        r.id: LockedProfile(r.merged_into, r.created_at, ProfileState(r.trait_state, r.computed))
+        for r in rows
+    }
 
 
-async def insert_profiles(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> None:
+async def identities_of(
+    conn: AsyncConnection, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, set[Identifier]]:
+    """Every identity each profile holds (the per-type limits count them all)."""
+    out: dict[uuid.UUID, set[Identifier]] = {pid: set() for pid in ids}
     if ids:
-        await conn.execute(insert(profiles), [{"id": i} for i in ids])
+        rows = await conn.execute(
+            select(identities.c.type, identities.c.value, identities.c.profile_id).where(
+                identities.c.profile_id.in_(list(ids))
+            )
+        )
+        for r in rows:
+            out[r.profile_id].add(Identifier(r.type, r.value))
+    return out
 
 
-async def insert_identities(
-    conn: AsyncConnection, rows: Sequence[tuple[Identifier, uuid.UUID]]
+async def insert_profiles(
+    conn: AsyncConnection, rows: Sequence[tuple[uuid.UUID, datetime]]
 ) -> None:
     if rows:
         await conn.execute(
+            insert(profiles), [{"id": pid, "created_at": at, "updated_at": at} for pid, at in rows]
+        )
+
+
+async def record_merges(
+    conn: AsyncConnection,
+    merges: Sequence[tuple[uuid.UUID, uuid.UUID, tuple[str, str]]],
+    final: Callable[[uuid.UUID], uuid.UUID],
+) -> None:
+    """Log each merge (canonical, merged, the event's key) as it happened, then point the
+    merged-away profiles, the profiles merged into them before, their identities and
+    their events at the final canonical profile."""
+    if not merges:
+        return
+    await conn.execute(
+        insert(profile_merges),
+        [
+            {"canonical_id": c, "merged_id": m, "source_id": s, "message_id": mid}
+            for c, m, (s, mid) in merges
+        ],
+    )
+    moved = {m: final(m) for _, m, _ in merges}
+    mapping = (
+        text("SELECT * FROM unnest(CAST(:old AS uuid[]), CAST(:new AS uuid[])) AS m(old, new)")
+        .columns(old=UUID(as_uuid=True), new=UUID(as_uuid=True))
+        .subquery("m")
+    )
+    params = {"old": list(moved), "new": list(moved.values())}
+    await conn.execute(
+        update(profiles)
+        .where(profiles.c.id == mapping.c.old)
+        .values(merged_into=mapping.c.new, updated_at=func.now()),
+        params,
+    )
+    await conn.execute(
+        update(profiles)
+        .where(profiles.c.merged_into == mapping.c.old)
+        .values(merged_into=mapping.c.new),
+        params,
+    )
+    for table in (identities, events):
+        await conn.execute(
+            update(table)
+            .where(table.c.profile_id == mapping.c.old)
+            .values(profile_id=mapping.c.new),
+            params,
+        )
+
+
+async def insert_identities(
+    conn: AsyncConnection, rows: Sequence[tuple[Identifier, uuid.UUID, uuid.UUID]]
+) -> None:
+    """(identifier, canonical profile, the profile that claimed it)."""
+    if rows:
+        await conn.execute(
             insert(identities),
-            [{"type": i.type, "value": i.value, "profile_id": p} for i, p in rows],
+            [
+                {"type": i.type, "value": i.value, "profile_id": p, "claimed_by": c}
+                for i, p, c in rows
+            ],
+        )
+
+
+@dataclass(slots=True)
+class Refusal:
+    """A link the identity rules refused, for ``identity_refusals``."""
+
+    profile_id: uuid.UUID
+    identifier: Identifier
+    other_profile_id: uuid.UUID | None
+    reason: str
+    source_id: str
+    message_id: str
+
+
+async def insert_refusals(
+    conn: AsyncConnection,
+    refusals: Sequence[Refusal],
+    final: Callable[[uuid.UUID], uuid.UUID],
+) -> None:
+    if refusals:
+        await conn.execute(
+            insert(identity_refusals),
+            [
+                {
+                    "profile_id": final(r.profile_id),
+                    "type": r.identifier.type,
+                    "value": r.identifier.value,
+                    "other_profile_id": r.other_profile_id and final(r.other_profile_id),
+                    "reason": r.reason,
+                    "source_id": r.source_id,
+                    "message_id": r.message_id,
+                }
+                for r in refusals
+            ],
         )
 
 
@@ -110,7 +239,7 @@ async def save_states(conn: AsyncConnection, states: dict[uuid.UUID, ProfileStat
         .where(profiles.c.id == bindparam("pid"))
         .values(
             traits=bindparam("traits"),
-            trait_ts=bindparam("trait_ts"),
+            trait_state=bindparam("trait_state"),
             computed=bindparam("computed"),
             updated_at=func.now(),
         )
@@ -118,17 +247,23 @@ async def save_states(conn: AsyncConnection, states: dict[uuid.UUID, ProfileStat
     await conn.execute(
         stmt,
         [
-            {"pid": pid, "traits": s.traits, "trait_ts": s.trait_ts, "computed": s.computed}
+            {
+                "pid": pid,
+                "traits": trait_view(s.trait_state),
+                "trait_state": s.trait_state,
+                "computed": s.computed,
+            }
             for pid, s in states.items()
         ],
     )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class EventRow:
     source_id: str
     message_id: str
     profile_id: uuid.UUID
+    origin_profile_id: uuid.UUID
     type: str
     event: str | None
     channel: str
@@ -139,7 +274,104 @@ class EventRow:
 
 async def insert_events(conn: AsyncConnection, rows: Sequence[EventRow]) -> None:
     if rows:
-        await conn.execute(insert(events), [r.__dict__ for r in rows])
+        await conn.execute(
+            insert(events), [{f: getattr(r, f) for f in EventRow.__slots__} for r in rows]
+        )
+
+
+async def insert_outbox(conn: AsyncConnection, updates: Sequence[dict[str, Any]]) -> None:
+    """Profile updates to relay to ``cdp.profile-updates`` once this transaction commits."""
+    if updates:
+        await conn.execute(
+            insert(profile_update_outbox),
+            [{"key": u["profile_id"], "payload": u} for u in updates],
+        )
+
+
+async def take_outbox(conn: AsyncConnection, limit: int) -> list[tuple[str, bytes]]:
+    """Delete and return up to ``limit`` pending updates (key, JSON), oldest first; rows
+    another transaction is relaying are skipped. They come back if the caller rolls back."""
+    rows = await conn.execute(
+        text(
+            "DELETE FROM profile_update_outbox WHERE id IN (SELECT id FROM profile_update_outbox"
+            " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED) RETURNING id, key, payload::text"
+        ),
+        {"n": limit},
+    )
+    return [(r.key, r.payload.encode()) for r in sorted(rows, key=lambda r: r.id)]
+
+
+# --- unmerge ---------------------------------------------------------------------------
+
+
+async def lock_group(conn: AsyncConnection, canonical: uuid.UUID) -> dict[uuid.UUID, datetime]:
+    """Lock a canonical profile's row; its atoms (itself and every profile merged into it)
+    with their creation times."""
+    await conn.execute(select(profiles.c.id).where(profiles.c.id == canonical).with_for_update())
+    rows = await conn.execute(
+        select(profiles.c.id, profiles.c.created_at).where(
+            (profiles.c.id == canonical) | (profiles.c.merged_into == canonical)
+        )
+    )
+    return {r.id: r.created_at for r in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class MergeEntry:
+    id: int
+    canonical_id: uuid.UUID
+    merged_id: uuid.UUID
+
+
+async def merge_log(conn: AsyncConnection, atoms: Sequence[uuid.UUID]) -> list[MergeEntry]:
+    """The merges (not undone) that built a group, oldest first."""
+    rows = await conn.execute(
+        select(profile_merges.c.id, profile_merges.c.canonical_id, profile_merges.c.merged_id)
+        .where(profile_merges.c.merged_id.in_(atoms), profile_merges.c.undone_at.is_(None))
+        .order_by(profile_merges.c.id)
+    )
+    return [MergeEntry(r.id, r.canonical_id, r.merged_id) for r in rows]
+
+
+async def regroup(conn: AsyncConnection, head: dict[uuid.UUID, uuid.UUID]) -> None:
+    """Point each atom, its claimed identities and its first-attached events at its head."""
+    mapping = (
+        text("SELECT * FROM unnest(CAST(:atom AS uuid[]), CAST(:head AS uuid[])) AS m(atom, head)")
+        .columns(atom=UUID(as_uuid=True), head=UUID(as_uuid=True))
+        .subquery("m")
+    )
+    params = {"atom": list(head), "head": list(head.values())}
+    await conn.execute(
+        update(profiles)
+        .where(profiles.c.id == mapping.c.atom)
+        .values(merged_into=func.nullif(mapping.c.head, mapping.c.atom), updated_at=func.now()),
+        params,
+    )
+    await conn.execute(
+        update(identities)
+        .where(identities.c.claimed_by == mapping.c.atom)
+        .values(profile_id=mapping.c.head),
+        params,
+    )
+    await conn.execute(
+        update(events)
+        .where(events.c.origin_profile_id == mapping.c.atom)
+        .values(profile_id=mapping.c.head),
+        params,
+    )
+
+
+async def event_payloads(conn: AsyncConnection, profile_id: uuid.UUID) -> list[dict[str, Any]]:
+    rows = await conn.execute(
+        select(events.c.payload).where(events.c.profile_id == profile_id).order_by(events.c.id)
+    )
+    return [r.payload for r in rows]
+
+
+async def mark_undone(conn: AsyncConnection, merge_id: int) -> None:
+    await conn.execute(
+        update(profile_merges).where(profile_merges.c.id == merge_id).values(undone_at=func.now())
+    )
 
 
 # --- reads, for the API ---------------------------------------------------------------
@@ -175,11 +407,105 @@ async def read_profile(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str
         .where(identities.c.profile_id == profile_id)
         .order_by(identities.c.type, identities.c.value)
     )
+    merged = await conn.execute(
+        select(profiles.c.id).where(profiles.c.merged_into == profile_id).order_by(profiles.c.id)
+    )
     return {
         "id": str(row.id),
         "identities": [{"type": r.type, "value": r.value} for r in ids],
         "traits": row.traits,
         "computed": row.computed,
+        "merged_from": [str(r.id) for r in merged],
         "created_at": row.created_at,
         "updated_at": row.updated_at,
     }
+
+
+@dataclass(frozen=True, slots=True)
+class TimelineRow:
+    id: int
+    timestamp: datetime
+    item: dict[str, Any]
+
+
+async def read_events(
+    conn: AsyncConnection,
+    profile_id: uuid.UUID,
+    *,
+    limit: int,
+    before: tuple[datetime, int] | None,
+    type_: str | None,
+    channel: str | None,
+    since: datetime | None,
+) -> list[TimelineRow]:
+    """A page of the timeline, newest first: (timestamp, id) below ``before``."""
+    query = select(events).where(events.c.profile_id == profile_id)
+    if before is not None:
+        query = query.where(tuple_(events.c.timestamp, events.c.id) < tuple_(*before))
+    if type_ is not None:
+        query = query.where(events.c.type == type_)
+    if channel is not None:
+        query = query.where(events.c.channel == channel)
+    if since is not None:
+        query = query.where(events.c.timestamp >= since)
+    rows = await conn.execute(
+        query.order_by(events.c.timestamp.desc(), events.c.id.desc()).limit(limit)
+    )
+    fields = ("message_id", "source_id", "type", "event", "channel", "timestamp", "received_at")
+    return [
+        TimelineRow(r.id, r.timestamp, {**{f: r._mapping[f] for f in fields}, "payload": r.payload})
+        for r in rows
+    ]
+
+
+async def read_identities(conn: AsyncConnection, profile_id: uuid.UUID) -> list[dict[str, Any]]:
+    rows = await conn.execute(
+        select(identities.c.type, identities.c.value, identities.c.created_at)
+        .where(identities.c.profile_id == profile_id)
+        .order_by(identities.c.type, identities.c.value)
+    )
+    return [dict(r._mapping) for r in rows]
+
+
+async def read_merges(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any]:
+    """The merge log of a profile's group, and the links refused for it."""
+    atoms = select(profiles.c.id).where(
+        (profiles.c.id == profile_id) | (profiles.c.merged_into == profile_id)
+    )
+    merges = await conn.execute(
+        select(profile_merges)
+        .where(
+            profile_merges.c.merged_id.in_(atoms) | (profile_merges.c.canonical_id == profile_id)
+        )
+        .order_by(profile_merges.c.id)
+    )
+    refusals = await conn.execute(
+        select(identity_refusals)
+        .where(identity_refusals.c.profile_id == profile_id)
+        .order_by(identity_refusals.c.id)
+    )
+    return {
+        "merges": [
+            {**r._mapping, "canonical_id": str(r.canonical_id), "merged_id": str(r.merged_id)}
+            for r in merges
+        ],
+        "refusals": [
+            {**r._mapping, "other_profile_id": r.other_profile_id and str(r.other_profile_id)}
+            for r in refusals
+        ],
+    }
+
+
+async def identity_counters(conn: AsyncConnection) -> dict[str, int]:
+    """Totals for ``/metrics`` (read from the tables, so every resolver process counts)."""
+    row = (
+        await conn.execute(
+            text(
+                "SELECT (SELECT count(*) FROM profile_merges WHERE undone_at IS NULL) AS merges,"
+                " (SELECT count(*) FROM profile_merges WHERE undone_at IS NOT NULL) AS unmerges,"
+                " (SELECT count(*) FROM identity_refusals) AS refusals,"
+                " (SELECT count(*) FROM profile_update_outbox) AS outbox"
+            )
+        )
+    ).one()
+    return dict(row._mapping)

@@ -1,7 +1,11 @@
-"""The resolver loop: poll a batch -> one transaction -> commit offsets.
+"""The resolver loop: poll a batch -> one transaction -> relay the outbox -> commit offsets.
 
 Offsets are committed only after the database commit, so a crash anywhere before it
 redelivers the batch, and ``batch.apply_batch`` turns the redelivery into a no-op.
+Profile updates are written to an outbox table in the batch's transaction and relayed to
+``cdp.profile-updates`` after it commits (and at start-up): a crash between the commit and
+the publish leaves them in the outbox for the next relay, never lost. An event with no
+usable identifier is not stored; it goes to the rejected topic with that reason.
 A record that is not an event as :class:`cdp_stream.events.Event` describes it (not JSON,
 or missing what the collector always sets) is parked on the rejected topic rather than
 blocking its partition forever.
@@ -18,9 +22,11 @@ import orjson
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, next_offsets
+from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, Record, next_offsets
 from cdp_stream.events import Event
-from cdp_stream.resolver.batch import BatchResult, apply_batch
+from cdp_stream.profiles import repository as repo
+from cdp_stream.resolver.batch import BatchResult, StaleRead, apply_batch
+from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -37,14 +43,18 @@ def _sqlstate(exc: DBAPIError) -> str | None:
     )
 
 
-async def apply_with_retry(engine: AsyncEngine, events: Sequence[dict[str, Any]]) -> BatchResult:
+async def apply_with_retry(
+    engine: AsyncEngine, events: Sequence[dict[str, Any]], rules: IdentityRules
+) -> BatchResult:
     """One transaction for the batch; conflicts and an unreachable database are retried
     with backoff (the offsets wait, nothing is skipped)."""
     delay = 0.05
     while True:
         try:
             async with engine.begin() as conn:
-                return await apply_batch(conn, events)
+                return await apply_batch(conn, events, rules)
+        except StaleRead as exc:
+            log.info("batch raced another resolver (%s), retrying", exc)
         except (OperationalError, OSError) as exc:
             log.warning("database unavailable, retrying batch in %.1fs: %s", delay, exc)
         except DBAPIError as exc:
@@ -53,6 +63,23 @@ async def apply_with_retry(engine: AsyncEngine, events: Sequence[dict[str, Any]]
             log.info("batch conflict (%s), retrying", _sqlstate(exc))
         await asyncio.sleep(delay)
         delay = min(delay * 2, 5.0)
+
+
+async def relay_outbox(engine: AsyncEngine, bus: Bus, topic: str, limit: int = 5000) -> int:
+    """Publish pending profile updates, oldest first, and delete them once acknowledged.
+
+    Rows are taken with ``SKIP LOCKED``, so resolvers relay side by side; a failure before
+    the delete commits leaves the rows for the next relay (at-least-once: a consumer of
+    ``cdp.profile-updates`` dedupes by profile and messageId).
+    """
+    relayed = 0
+    while True:
+        async with engine.begin() as conn:
+            rows = await repo.take_outbox(conn, limit)
+            if not rows:
+                return relayed
+            await bus.publish_many([Record(topic, key.encode(), value) for key, value in rows])
+        relayed += len(rows)
 
 
 async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
@@ -85,10 +112,11 @@ async def _rejoin(consumer: Consumer, stop: asyncio.Event) -> None:
 async def run_resolver(
     bus: Bus, engine: AsyncEngine, settings: Settings, stop: asyncio.Event
 ) -> None:
-    names = settings.topics
+    names, rules = settings.topics, IdentityRules.from_settings(settings)
     consumer = bus.consumer(names.resolver_group, [names.events])
     await consumer.start()
     try:
+        await relay_outbox(engine, bus, names.profile_updates)  # what a crash left behind
         while not stop.is_set():
             try:
                 messages = await consumer.getmany(
@@ -97,7 +125,12 @@ async def run_resolver(
                 if not messages:
                     continue
                 events = await _decode(bus, names.rejected, messages)
-                result = await apply_with_retry(engine, events)
+                result = await apply_with_retry(engine, events, rules)
+                for event in result.unidentified:
+                    reason = "no usable identifier (every id is missing or blocked)"
+                    record = {"reason": reason, "event": event}
+                    await bus.publish(names.rejected, None, orjson.dumps(record))
+                await relay_outbox(engine, bus, names.profile_updates)
                 log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
                 await consumer.commit(next_offsets(messages))
             except BusUnavailable as exc:

@@ -1,7 +1,8 @@
 """Which identifiers an event carries, normalized, with junk values blocked. Pure, no I/O.
 
 Blocked values ("undefined", "null", "0", ...) are what broken tracking code sends for a
-missing id; letting them link would merge strangers into one profile.
+missing id; letting them link would merge strangers into one profile. The rules (priority,
+per-type limits, blocked values, the phone region) come from :class:`Settings`.
 """
 
 from __future__ import annotations
@@ -11,29 +12,19 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import phonenumbers
+
+from cdp_stream.resolver import as_mapping
+from cdp_stream.settings import Settings
+
 USER_ID = "user_id"
 ANONYMOUS_ID = "anonymous_id"
+EMAIL = "email"
+PHONE = "phone"
+DEVICE_ID = "device_id"
+ADVERTISING_ID = "advertising_id"
+BUILT_IN = (USER_ID, EMAIL, PHONE, ANONYMOUS_ID, DEVICE_ID, ADVERTISING_ID)
 
-# Highest priority first: the profile of the first identifier found is the event's home.
-PRIORITY: tuple[str, ...] = (USER_ID, ANONYMOUS_ID)
-
-DEFAULT_BLOCKED = frozenset(
-    {
-        "",
-        "undefined",
-        "null",
-        "none",
-        "nil",
-        "nan",
-        "anonymous",
-        "guest",
-        "true",
-        "false",
-        "[object object]",
-        "0",
-        "-1",
-    }
-)
 _ZEROS_AND_DASHES = re.compile(r"^[0-]*$")
 
 
@@ -46,36 +37,97 @@ class Identifier:
         return f"{self.type}:{self.value}"
 
 
-def normalize(type_: str, raw: object) -> str | None:
-    """The canonical spelling of an identifier value, or None when it must not link."""
-    if isinstance(raw, bool) or raw is None:
-        return None
-    if isinstance(raw, int | float):
-        raw = str(raw)
-    if not isinstance(raw, str):
-        return None
-    value = raw.strip()
-    if value.lower() in DEFAULT_BLOCKED or _ZEROS_AND_DASHES.match(value):
-        return None
-    return value
+@dataclass(frozen=True)
+class IdentityRules:
+    """How identifiers are ranked, bounded and filtered."""
 
+    priority: tuple[str, ...]
+    limits: Mapping[str, int]
+    default_limit: int
+    blocked: frozenset[str]
+    phone_region: str | None = None
 
-def identifiers_of(event: Mapping[str, Any]) -> list[Identifier]:
-    """The event's identifiers in priority order (duplicates removed)."""
-    found = [
-        (USER_ID, event.get("userId")),
-        (ANONYMOUS_ID, event.get("anonymousId")),
-    ]
-    return _unique(Identifier(t, v) for t, raw in found if (v := normalize(t, raw)) is not None)
+    @classmethod
+    def from_settings(cls, settings: Settings) -> IdentityRules:
+        first = tuple(dict.fromkeys(settings.identity_priority))
+        rest = tuple(t for t in BUILT_IN if t not in first)
+        return cls(
+            priority=first + rest,
+            limits=dict(settings.identity_limits),
+            default_limit=settings.identity_default_limit,
+            blocked=frozenset(v.strip().lower() for v in settings.identity_blocked_values),
+            phone_region=settings.phone_default_region,
+        )
 
+    def rank(self, type_: str) -> tuple[int, str]:
+        """Sort key: configured types in order, then custom types alphabetically."""
+        try:
+            return self.priority.index(type_), ""
+        except ValueError:
+            return len(self.priority), type_
 
-def parse_ref(ref: str) -> Identifier | None:
-    """``type:value`` as used by the API, normalized like ingestion; None if not that form."""
-    type_, sep, raw = ref.partition(":")
-    if not sep or not type_:
-        return None
-    value = normalize(type_, raw)
-    return None if value is None else Identifier(type_, value)
+    def limit(self, type_: str) -> int:
+        return self.limits.get(type_, self.default_limit)
+
+    def normalize(self, type_: str, raw: object) -> str | None:
+        """The canonical spelling of an identifier value, or None when it must not link."""
+        if isinstance(raw, bool) or raw is None:
+            return None
+        if isinstance(raw, int | float):
+            raw = str(raw)
+        if not isinstance(raw, str):
+            return None
+        value = raw.strip()
+        if value.lower() in self.blocked or _ZEROS_AND_DASHES.match(value):
+            return None
+        if type_ == EMAIL:
+            return value.lower()
+        if type_ == PHONE:
+            return self._e164(value)
+        return value
+
+    def _e164(self, value: str) -> str:
+        try:
+            number = phonenumbers.parse(value, self.phone_region)
+        except phonenumbers.NumberParseException:
+            return value
+        if not phonenumbers.is_possible_number(number):
+            return value
+        return str(phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164))
+
+    def identifiers_of(self, event: Mapping[str, Any]) -> list[Identifier]:
+        """The event's usable identifiers, highest priority first, without repeats."""
+        context = as_mapping(event.get("context"))
+        traits = as_mapping(event.get("traits"))
+        context_traits = as_mapping(context.get("traits"))
+        device = as_mapping(context.get("device"))
+        found: list[tuple[str, object]] = [
+            (USER_ID, event.get("userId")),
+            (ANONYMOUS_ID, event.get("anonymousId")),
+            (EMAIL, traits.get("email")),
+            (EMAIL, context_traits.get("email")),
+            (PHONE, traits.get("phone")),
+            (PHONE, context_traits.get("phone")),
+            (DEVICE_ID, device.get("id")),
+            (ADVERTISING_ID, device.get("advertisingId")),
+        ]
+        external = context.get("externalIds")
+        for item in external if isinstance(external, list) else []:
+            item = as_mapping(item)
+            kind = item.get("type")
+            if isinstance(kind, str) and kind.strip():
+                found.append((kind.strip().lower(), item.get("id")))
+        ids = (Identifier(t, v) for t, raw in found if (v := self.normalize(t, raw)) is not None)
+        return sorted(_unique(ids), key=lambda i: (self.rank(i.type), i.value))
+
+    def parse_ref(self, ref: str) -> Identifier | None:
+        """``type:value`` as used by the API, normalized like ingestion; None if not that."""
+        type_, sep, raw = ref.partition(":")
+        type_ = type_.strip().lower()
+        if not sep or not type_:
+            return None
+        value = self.normalize(type_, raw)
+        return None if value is None else Identifier(type_, value)
 
 
 def _unique(ids: Iterable[Identifier]) -> list[Identifier]:

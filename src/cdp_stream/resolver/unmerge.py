@@ -1,0 +1,73 @@
+"""Undo the last merge of a profile by replaying its merge log without that merge.
+
+Every identity remembers the profile that first claimed it and every event the profile it
+first attached to (the *atoms*). A canonical profile is the union of its atoms along the
+merge log; dropping the last merge from that log and taking the connected components
+again gives the profiles as they would be had the merge never happened. Each component's
+canonical profile is its oldest atom, as for a merge, and its traits and computed traits
+are folded again from its events (both folds are order-independent).
+
+The canonical profile's row is locked first, so resolvers touching it wait, and see the
+moved identities when they get the lock (``batch.StaleRead``). A later event linking the
+two parts again merges them again: an unmerge repairs a wrong link, it does not forbid one.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles.repository import ProfileState
+from cdp_stream.resolver import computed, traits
+from cdp_stream.resolver.batch import event_time
+
+
+@dataclass(frozen=True)
+class Unmerged:
+    merge_id: int
+    kept: uuid.UUID
+    restored: uuid.UUID
+
+
+async def unmerge_last(conn: AsyncConnection, canonical: uuid.UUID) -> Unmerged | None:
+    """Reverse the newest merge into ``canonical``; None when it has none left."""
+    atoms = await repo.lock_group(conn, canonical)
+    log = await repo.merge_log(conn, list(atoms))
+    if not log:
+        return None
+    last = log[-1]
+    parent = {a: a for a in atoms}
+
+    def find(a: uuid.UUID) -> uuid.UUID:
+        while parent[a] != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    for entry in log[:-1]:
+        parent[find(entry.merged_id)] = find(entry.canonical_id)
+    components: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for atom in atoms:
+        components.setdefault(find(atom), []).append(atom)
+    head = {}
+    for members in components.values():
+        oldest = min(members, key=lambda a: (atoms[a], a.bytes))
+        head.update(dict.fromkeys(members, oldest))
+
+    await repo.regroup(conn, head)
+    states = {}
+    for profile_id in set(head.values()):
+        state = ProfileState({}, {})
+        for payload in await repo.event_payloads(conn, profile_id):
+            ts = event_time(payload["timestamp"])[1]
+            state = ProfileState(
+                traits.merge(state.trait_state, traits.of_event(payload, ts)),
+                computed.merge(state.computed, computed.of_event(payload, ts)),
+            )
+        states[profile_id] = state
+    await repo.save_states(conn, states)
+    await repo.mark_undone(conn, last.id)
+    return Unmerged(last.id, head[last.canonical_id], head[last.merged_id])
