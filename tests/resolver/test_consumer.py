@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Sequence
+from typing import Any
 
 import orjson
 from sqlalchemy import func, select
@@ -14,12 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cdp_stream.bus.base import BusUnavailable, Record, next_offsets
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.profiles.models import events as events_table
-from cdp_stream.resolver.consumer import run_resolver
+from cdp_stream.profiles.models import profile_update_outbox
+from cdp_stream.resolver.consumer import apply_with_retry, run_resolver
+from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 from cdp_stream.topics import Topics
 from tests.support import eventually
 
 SETTINGS = Settings(resolver_poll_timeout_ms=20)
+RULES = IdentityRules.from_settings(SETTINGS)
 
 
 def event(message_id: str, user: str) -> bytes:
@@ -125,3 +130,74 @@ async def test_a_bus_failure_mid_batch_loses_nothing(engine: AsyncEngine) -> Non
     await parked.start()
     assert len(await parked.getmany(100, 50)) == 1
     await parked.stop()
+
+
+async def updates_for(bus: MemoryBus, message_ids: set[str]) -> list[dict[str, Any]]:
+    """The profile updates on the bus that carry one of ``message_ids``."""
+    reader = bus.consumer(f"test-updates-{uuid.uuid4().hex[:6]}", [Topics().profile_updates])
+    await reader.start()
+    found = [orjson.loads(m.value) for m in await reader.getmany(100_000, 50)]
+    await reader.stop()
+    return [u for u in found if u["event"]["messageId"] in message_ids]
+
+
+async def test_updates_committed_before_a_crash_are_relayed_at_start_up(
+    engine: AsyncEngine,
+) -> None:
+    """The batch committed (outbox rows written) and the process died before publishing:
+    the next resolver relays them as it starts, and the outbox keeps none of them."""
+    run = uuid.uuid4().hex[:10]
+    await apply_with_retry(engine, [orjson.loads(event(f"{run}-a", f"u-{run}"))], RULES)
+    bus = MemoryBus(default_partitions=1)
+    await bus.ensure_topics(Topics().all(1))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_resolver(bus, engine, SETTINGS, stop))
+
+    async def relayed() -> list[dict[str, Any]]:
+        return await updates_for(bus, {f"{run}-a"})
+
+    updates = await eventually(relayed)
+    stop.set()
+    await task
+    assert len(updates) == 1
+    assert updates[0]["changed_computed"]["event_count"] == 1
+    async with engine.connect() as conn:
+        left = await conn.scalar(
+            select(func.count())
+            .select_from(profile_update_outbox)
+            .where(profile_update_outbox.c.key == updates[0]["profile_id"])
+        )
+    assert left == 0
+
+
+class FailingRelayBus(MemoryBus):
+    """Publishing profile updates fails ``failures`` times (the broker went away)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__(default_partitions=1)
+        self.failures = failures
+
+    async def publish_many(self, records: Sequence[Record]) -> None:
+        if self.failures and any(r.topic == Topics().profile_updates for r in records):
+            self.failures -= 1
+            raise BusUnavailable("broker down (test)")
+        await super().publish_many(records)
+
+
+async def test_a_failed_relay_keeps_the_update_for_the_next_one(engine: AsyncEngine) -> None:
+    run = uuid.uuid4().hex[:10]
+    bus = FailingRelayBus(failures=2)
+    await bus.ensure_topics(Topics().all(1))
+    await bus.publish(Topics().events, b"k", event(f"{run}-a", f"u-{run}"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_resolver(bus, engine, SETTINGS, stop))
+
+    async def relayed() -> list[dict[str, Any]]:
+        return await updates_for(bus, {f"{run}-a"})
+
+    updates = await eventually(relayed)
+    stop.set()
+    await task
+    assert bus.failures == 0
+    assert [u["event"]["messageId"] for u in updates] == [f"{run}-a"]
+    assert await stored(engine, [f"{run}-a"]) == 1

@@ -77,13 +77,13 @@ class _Graph:
         pid = self.owner.get(ident)
         return None if pid is None else self.find(pid)
 
-    def fits(self, current: set[Identifier], added: set[Identifier]) -> bool:
-        """Does the union stay within every type's limit?"""
-        for type_ in {i.type for i in added}:
+    def exceeded(self, current: set[Identifier], added: set[Identifier]) -> str | None:
+        """The first type whose limit the union would break, or None if it fits."""
+        for type_ in sorted({i.type for i in added}):
             count = sum(1 for i in current | added if i.type == type_)
             if count > self.rules.limit(type_):
-                return False
-        return True
+                return type_
+        return None
 
     def new_profile(self, now: datetime) -> uuid.UUID:
         pid = uuid.uuid4()
@@ -117,14 +117,15 @@ class _Graph:
         """The canonical profile of one event, applying its claims, merges and refusals."""
         group: uuid.UUID | None = None
         pending: list[Identifier] = []  # claims waiting for the group's profile
-        refused: list[tuple[Identifier, uuid.UUID | None]] = []
+        refused: list[tuple[Identifier, uuid.UUID | None, str]] = []
         for ident in ids:
             other = self.owner_of(ident)
             if other is not None and other == group:
                 continue
             current = self.members[group] if group is not None else set(pending)
-            if not self.fits(current, self.members[other] if other else {ident}):
-                refused.append((ident, other))
+            broken = self.exceeded(current, self.members[other] if other else {ident})
+            if broken is not None:
+                refused.append((ident, other, broken))
             elif other is None and group is None:
                 pending.append(ident)
             elif other is None:
@@ -141,9 +142,9 @@ class _Graph:
             group = self.new_profile(now)
             for waiting in pending:
                 self.claim(waiting, group)
-        for ident, other in refused:
-            limit = self.rules.limit(ident.type)
-            reason = f"a profile may hold at most {limit} {ident.type} value(s)"
+        for ident, other, broken in refused:
+            limit = self.rules.limit(broken)
+            reason = f"a profile may hold at most {limit} {broken} value(s)"
             self.refusals.append(Refusal(group, ident, other, reason, *key))
         return group
 
