@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.metrics import router as metrics_router
@@ -79,6 +79,12 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
             status_code=503,
             headers={"Retry-After": str(runtime.settings.retry_after_s)},
         )
+
+    @app.exception_handler(DataError)
+    async def invalid_value(request: Request, exc: DataError) -> JSONResponse:
+        """A value from the request that Postgres refuses is the client's error, not an
+        outage (the handler above would say 503)."""
+        return JSONResponse({"detail": f"invalid value: {exc.orig}"}, status_code=400)
 
     if "collector" in parts:
         app.include_router(collector_router)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import base64
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
@@ -86,9 +86,17 @@ def _cursor(timestamp: datetime, row_id: int) -> str:
 def _after(cursor: str) -> tuple[datetime, int]:
     try:
         when, _, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        return datetime.fromisoformat(when), int(row_id)
-    except ValueError as exc:
+        position = _in_range(datetime.fromisoformat(when)), int(row_id)
+    except (ValueError, OverflowError) as exc:
         raise HTTPException(400, "invalid cursor") from exc
+    if not 0 < position[1] < 2**63:
+        raise HTTPException(400, "invalid cursor")
+    return position
+
+
+def _in_range(when: datetime) -> datetime:
+    """``when`` in UTC; OverflowError for a time Postgres cannot compare (before year 1)."""
+    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 @router.get("/{ref}/events", response_model=EventPage, dependencies=READ)
@@ -102,6 +110,10 @@ async def get_events(
     since: datetime | None = None,
 ) -> dict[str, Any]:
     """The profile's timeline, newest first, ``limit`` at a time; ``next`` pages on."""
+    try:
+        since = since and _in_range(since)
+    except OverflowError as exc:
+        raise HTTPException(422, "since: out of range") from exc
     rows = await repo.read_events(
         conn,
         profile_id,

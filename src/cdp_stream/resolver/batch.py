@@ -114,34 +114,32 @@ class _Graph:
         return canonical
 
     def place(self, ids: Sequence[Identifier], key: tuple[str, str], now: datetime) -> uuid.UUID:
-        """The canonical profile of one event, applying its claims, merges and refusals."""
+        """The canonical profile of one event, applying its claims, merges and refusals.
+
+        Unowned identifiers are claimed at the end, by the profile the event ends on (its
+        origin too): an unmerge then keeps an identifier with the event that brought it.
+        """
         group: uuid.UUID | None = None
-        pending: list[Identifier] = []  # claims waiting for the group's profile
+        pending: list[Identifier] = []
         refused: list[tuple[Identifier, uuid.UUID | None, str]] = []
         for ident in ids:
             other = self.owner_of(ident)
             if other is not None and other == group:
                 continue
-            current = self.members[group] if group is not None else set(pending)
+            current = (self.members[group] if group else set()) | set(pending)
             broken = self.exceeded(current, self.members[other] if other else {ident})
             if broken is not None:
                 refused.append((ident, other, broken))
-            elif other is None and group is None:
-                pending.append(ident)
             elif other is None:
-                assert group is not None
-                self.claim(ident, group)
+                pending.append(ident)
             elif group is None:
                 group = other
-                for waiting in pending:
-                    self.claim(waiting, group)
-                pending = []
             else:
                 group = self.merge(group, other, key)
         if group is None:
             group = self.new_profile(now)
-            for waiting in pending:
-                self.claim(waiting, group)
+        for ident in pending:
+            self.claim(ident, group)
         for ident, other, broken in refused:
             limit = self.rules.limit(broken)
             reason = f"a profile may hold at most {limit} {broken} value(s)"
