@@ -31,6 +31,9 @@ class Settings(BaseSettings):
         description="the Kafka producer library; confluent (librdkafka, the `confluent` "
         "extra) spends a fraction of aiokafka's CPU per event: see benchmarks/collect.py",
     )
+    kafka_session_timeout_ms: int = Field(
+        default=30_000, ge=1000, description="how soon the group notices a dead consumer"
+    )
     data_dir: Path = Path(".cdp")
     http_host: str = "127.0.0.1"
     http_port: int = 8080

@@ -38,16 +38,16 @@ __all__ = [
 
 def make_bus(settings: Settings, client_id: str) -> Bus:
     """Kafka when ``settings.kafka_bootstrap`` is set, else the in-process bus."""
-    if settings.kafka_bootstrap and settings.kafka_producer == "confluent":
+    if not settings.kafka_bootstrap:
+        return MemoryBus(default_partitions=settings.topic_partitions)
+    kind: type[KafkaBus] = KafkaBus
+    if settings.kafka_producer == "confluent":
         from cdp_stream.bus.confluent import ConfluentKafkaBus  # an optional dependency
 
-        return ConfluentKafkaBus(
-            settings.kafka_bootstrap, client_id, publish_timeout_s=settings.publish_timeout_s
-        )
-    if settings.kafka_bootstrap:
-        return KafkaBus(
-            settings.kafka_bootstrap,
-            client_id,
-            publish_timeout_s=settings.publish_timeout_s,
-        )
-    return MemoryBus(default_partitions=settings.topic_partitions)
+        kind = ConfluentKafkaBus
+    return kind(
+        settings.kafka_bootstrap,
+        client_id,
+        publish_timeout_s=settings.publish_timeout_s,
+        session_timeout_ms=settings.kafka_session_timeout_ms,
+    )

@@ -91,6 +91,7 @@ class ConfluentKafkaBus(KafkaBus):
         publish_timeout_s: float = 10.0,
         linger_ms: int = 5,
         admin_timeout_s: float = 30.0,
+        session_timeout_ms: int = 30_000,
     ) -> None:
         super().__init__(
             bootstrap,
@@ -98,6 +99,7 @@ class ConfluentKafkaBus(KafkaBus):
             publish_timeout_s=publish_timeout_s,
             linger_ms=linger_ms,
             admin_timeout_s=admin_timeout_s,
+            session_timeout_ms=session_timeout_ms,
         )
         self._config: dict[str, Any] = {
             "bootstrap.servers": bootstrap,

@@ -66,8 +66,10 @@ class KafkaBus:
         linger_ms: int = 5,
         max_batch_size: int = 256 * 1024,
         admin_timeout_s: float = 30.0,
+        session_timeout_ms: int = 30_000,
     ) -> None:
         self._bootstrap = bootstrap
+        self._session_timeout_ms = session_timeout_ms
         self._client_id = client_id
         self._timeout = publish_timeout_s
         self._linger_ms = linger_ms
@@ -255,7 +257,13 @@ class KafkaBus:
     # -- consumers ----------------------------------------------------------------------
 
     def consumer(self, group: str, topics: Sequence[str]) -> KafkaConsumer:
-        return KafkaConsumer(self._bootstrap, self._client_id, group, topics)
+        return KafkaConsumer(
+            self._bootstrap,
+            self._client_id,
+            group,
+            topics,
+            session_timeout_ms=self._session_timeout_ms,
+        )
 
 
 class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
