@@ -1,0 +1,628 @@
+"""Resolver throughput into Postgres against the raw COPY ceiling (printed figures, not a test).
+
+The seeded large case of ``tests/resolver/oracle.py`` (``generate``: ~500 people browsing
+anonymously, signing in, opening emails, buying, sharing devices; shuffled, ~5% delivered
+twice; ``--events`` distinct calls, enriched by the collector's own ``intake``) goes
+through ``cdp-stream resolver`` processes, 1 and then 3 of them, ``--repeats`` times
+(median, min..max: the machine is noisy). Every run has a Postgres database (migrated)
+and a topic namespace of its own (``CDP_TOPIC_NAMESPACE``, 6 partitions), so nothing is
+deduped away and no other resolver sees the events. All records are published, and
+acknowledged, before the resolvers start: only the resolvers are timed, from their start
+until ``events`` holds one row per distinct (sourceId, messageId) (``count(*)`` polled
+every 0.2 s). Figures: events/s over the whole time, the time to the first stored row
+(start-up: imports, connections, joining the group) and the rate after it.
+
+The ceiling, in the same run and database once the resolvers are stopped: the same rows
+(one profile per identity group the oracle expects) written by one asyncpg
+``copy_records_to_table`` into a table shaped as ``events`` with its indexes
+(``LIKE events INCLUDING ALL``), and into a bare one (``INCLUDING DEFAULTS``).
+
+CPU, sampled over the timed part (100% = one core), says what bounds the figure:
+``resolvers``; ``db``, the Postgres backends connected to this run's database; ``postgres``,
+the whole server (postmaster and every backend, those that exited included: the server is
+shared with whatever else runs on the box); ``broker``; ``bench``, this process;
+``others``, the machine less all of these; ``machine``. After start-up it is also given per
+stored event (ms), which the noise of other processes does not inflate as it does rates.
+At exit the resolvers are stopped (SIGTERM) and every database, topic and consumer group
+this run made is dropped.
+
+    .venv/bin/python benchmarks/resolve.py [--events 20000] [--people N] [--repeats 3]
+        [--resolvers 1 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import orjson
+import psutil
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = (
+    "source_id",
+    "message_id",
+    "profile_id",
+    "type",
+    "event",
+    "channel",
+    "timestamp",
+    "received_at",
+    "payload",
+    "origin_profile_id",
+)
+
+
+@dataclass
+class Case:
+    """The published records, the rows they must end as, and how many."""
+
+    records: list[tuple[bytes, bytes]]
+    rows: list[tuple[Any, ...]]  # for COPY, in COLUMNS order, one per stored event
+    people: int
+    groups: int
+
+
+@dataclass
+class Run:
+    resolvers: int
+    stored: int = 0
+    seconds: float = 0.0
+    first_s: float | None = None  # time to the first stored row
+    first_n: int = 0  # rows stored at that moment
+    cpu: dict[str, float] = field(default_factory=dict)  # % of one core, the whole run
+    per_resolver: list[float] = field(default_factory=list)  # % of one core, the whole run
+    per_event: dict[str, float] = field(default_factory=dict)  # CPU ms/event after start-up
+    waits: dict[str, float] = field(default_factory=dict)  # mean resolver backends per state
+    copy_indexed: float = 0.0  # rows/s
+    copy_bare: float = 0.0
+    retries: int = 0  # batch retries in the resolver logs (conflicts, races)
+    batches: int = 0  # transactions that stored events
+    codes: list[int | None] = field(default_factory=list)
+    failure: str | None = None
+
+    @property
+    def rate(self) -> float:
+        return self.stored / self.seconds
+
+    @property
+    def steady(self) -> float:
+        """The rate once the first row is stored (start-up excluded)."""
+        assert self.first_s is not None
+        return (self.stored - self.first_n) / max(self.seconds - self.first_s, 1e-9)
+
+
+# -- the case ------------------------------------------------------------------------------
+
+
+def make_case(events: int, people: int | None, seed: int) -> Case:
+    """The seeded large case of the oracle tests, as records and as the rows they become."""
+    sys.path.insert(0, str(ROOT))
+    from tests.resolver.oracle import enrich, expected_state, generate
+
+    people = people or max(2, events // 40)  # the oracle test's 500 people, 20,000 events
+    history = generate(seed, "big", people=people, events=events, shuffle=True)
+    records = enrich(history.sent)
+    decoded = [orjson.loads(value) for _, value in records]
+    expected = expected_state(decoded)
+    profile = {group: uuid.uuid4() for group in expected.groups}
+    rows, seen = [], set()
+    for (_, value), e in zip(records, decoded, strict=True):
+        key = (e["sourceId"], e["messageId"])
+        if key in seen or key not in expected.event_group:  # a duplicate, or parked
+            continue
+        seen.add(key)
+        pid = profile[expected.event_group[key]]
+        rows.append(
+            (
+                *key,
+                pid,
+                e["type"],
+                e.get("event") or e.get("name"),
+                e.get("channel", "other"),
+                datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00")),
+                datetime.fromisoformat(e["receivedAt"].replace("Z", "+00:00")),
+                value.decode(),
+                pid,
+            )
+        )
+    return Case(records, rows, people, len(expected.groups))
+
+
+# -- measuring -----------------------------------------------------------------------------
+
+
+def cpu_s(procs: Sequence[psutil.Process] | None) -> float:
+    """CPU seconds used so far by ``procs`` (None: the whole machine, busy time)."""
+    if procs is None:
+        t = psutil.cpu_times()
+        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += sum(p.cpu_times()[:2])
+    return total
+
+
+def server_cpu_s(root: psutil.Process | None) -> float:
+    """CPU seconds of a server and all its children, those it has reaped included (the
+    backends of every connection, come and gone: Postgres forks one per connection)."""
+    if root is None:
+        return 0.0
+    try:
+        children = root.children(recursive=True)
+    except psutil.Error:
+        return 0.0
+    total = cpu_s(children)
+    try:
+        t = root.cpu_times()
+        return total + t.user + t.system + t.children_user + t.children_system
+    except psutil.Error:
+        return total
+
+
+def backends_cpu_s(root: psutil.Process | None, db: str) -> dict[int, float]:
+    """pid -> CPU seconds of the live Postgres backends connected to ``db`` (their process
+    title names it): the server is shared with whatever else runs on the box."""
+    out: dict[int, float] = {}
+    with contextlib.suppress(psutil.Error):
+        for p in root.children() if root else []:
+            with contextlib.suppress(psutil.Error):
+                if f" {db} " in " ".join(p.cmdline()):
+                    out[p.pid] = sum(p.cpu_times()[:2])
+    return out
+
+
+def listener(port: int) -> psutil.Process | None:
+    """The process listening on ``port`` on this machine (the broker, the postmaster)."""
+    try:
+        conns = psutil.net_connections("tcp")
+        pids = {c.pid for c in conns if c.status == "LISTEN" and c.laddr.port == port and c.pid}
+        return psutil.Process(min(pids)) if pids else None
+    except psutil.Error:
+        return None
+
+
+@dataclass
+class Meter:
+    """CPU seconds, sampled at moments, of: the resolvers, this database's backends, the
+    whole Postgres server, the broker, this benchmark, the machine."""
+
+    resolvers: list[psutil.Process]
+    postgres: psutil.Process | None
+    broker: psutil.Process | None
+    db: str
+    samples: list[tuple[float, dict[str, float], dict[int, float]]] = field(default_factory=list)
+
+    def sample(self) -> None:
+        cpu = {
+            "resolvers": cpu_s(self.resolvers),
+            "postgres": server_cpu_s(self.postgres),
+            "broker": server_cpu_s(self.broker),
+            "bench": cpu_s([psutil.Process()]),
+            "machine": cpu_s(None),
+        }
+        self.samples.append((time.monotonic(), cpu, backends_cpu_s(self.postgres, self.db)))
+
+    def used(self, a: int, b: int) -> dict[str, float]:
+        """CPU seconds between samples ``a`` and ``b``, with ``db`` (this database's
+        backends) and ``others`` (the machine less everything watched)."""
+        (_, x, bx), (_, y, by) = self.samples[a], self.samples[b]
+        d = {k: y[k] - x[k] for k in x}
+        d["db"] = sum(v - bx.get(pid, 0.0) for pid, v in by.items())
+        watched = ("resolvers", "postgres", "broker", "bench")
+        d["others"] = max(0.0, d["machine"] - sum(d[k] for k in watched))
+        order = ("resolvers", "db", "postgres", "broker", "bench", "others", "machine")
+        return {k: d[k] for k in order}
+
+
+# -- the services --------------------------------------------------------------------------
+
+
+async def database(admin_url: str, name: str, create: bool) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url.replace("+asyncpg", ""), timeout=5)
+    try:
+        drop = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
+        await conn.execute(f'CREATE DATABASE "{name}"' if create else drop)
+    finally:
+        await conn.close()
+
+
+async def probe(admin_url: str) -> None:
+    import asyncpg
+
+    conn = await asyncpg.connect(admin_url.replace("+asyncpg", ""), timeout=5)
+    await conn.close()
+
+
+async def prepare(db_url: str, bootstrap: str, namespace: str, case: Case) -> None:
+    """Migrate the database, create the topics, publish every record (acknowledged)."""
+    from cdp_stream.bus import KafkaBus
+    from cdp_stream.bus.base import Record
+    from cdp_stream.profiles.db import make_engine
+    from cdp_stream.profiles.migrate import upgrade_to_head
+    from cdp_stream.topics import Topics
+
+    engine = make_engine(db_url, "bench")
+    try:
+        await upgrade_to_head(engine)
+    finally:
+        await engine.dispose()
+    topics = Topics(namespace)
+    bus = KafkaBus(bootstrap, publish_timeout_s=30)
+    await bus.ensure_topics(topics.all(6))
+    await bus.start()
+    try:
+        records = case.records
+        for i in range(0, len(records), 2000):
+            chunk = records[i : i + 2000]
+            await bus.publish_many([Record(topics.events, k, v) for k, v in chunk])
+    finally:
+        await bus.stop()
+
+
+def start_resolvers(
+    opts: argparse.Namespace, db_url: str, namespace: str, log: Path, n: int
+) -> list[subprocess.Popen[bytes]]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
+    env |= {"CDP_KAFKA_BOOTSTRAP": opts.bootstrap, "CDP_DATABASE_URL": db_url}
+    env |= {"CDP_TOPIC_NAMESPACE": namespace}
+    command = [Path(sys.executable).with_name("cdp-stream"), "resolver"]
+    procs = []
+    with log.open("ab") as out:  # own sessions: Ctrl-C reaches us, we stop them in order
+        for _ in range(n):
+            procs.append(
+                subprocess.Popen(
+                    command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                )
+            )
+    return procs
+
+
+def stop_resolvers(procs: list[subprocess.Popen[bytes]]) -> list[int | None]:
+    """SIGTERM (a graceful shutdown), wait, kill what is left; their exit codes."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        cleanup("stopping a resolver", proc.wait, 30) if proc.poll() is None else None
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return [proc.returncode for proc in procs]
+
+
+# What the resolvers' backends are doing, at each poll.
+ACTIVITY = """SELECT state, wait_event_type, wait_event FROM pg_stat_activity
+WHERE datname = current_database() AND application_name = 'cdp-stream-resolver'"""
+
+
+def state_of(state: str | None, wait_type: str | None, wait: str | None) -> str:
+    """``idle`` (between transactions), ``in tx`` (idle in transaction: waiting for the
+    resolver), ``CPU`` (active, no wait event) or the wait event (``Lock:advisory``...)."""
+    if state == "idle in transaction":
+        return "in tx"
+    if state != "active":
+        return "idle"
+    return f"{wait_type}:{wait}" if wait_type else "CPU"
+
+
+async def timed(
+    opts: argparse.Namespace, case: Case, db: str, namespace: str, log: Path, run: Run
+) -> list[subprocess.Popen[bytes]]:
+    """Start the resolvers and poll ``count(*)`` of events every 0.2 s until it holds every
+    event (or a resolver exits, or ``--timeout``); fills ``run``; returns the resolvers
+    (still running: the caller stops them, also on error)."""
+    import asyncpg
+
+    db_url = opts.database_url.rsplit("/", 1)[0] + f"/{db}"
+    total, procs = len(case.rows), []
+    conn = await asyncpg.connect(db_url.replace("+asyncpg", ""), timeout=5)
+    try:
+        t0 = time.monotonic()
+        procs = start_resolvers(opts, db_url, namespace, log, run.resolvers)
+        opts.procs.extend(procs)  # for the cleanup, whatever happens here
+        mine = [psutil.Process(p.pid) for p in procs]
+        meter = Meter(mine, opts.postgres, opts.broker, db)
+        meter.sample()
+        waits: Counter[str] = Counter()
+        polls = 0
+        while True:
+            n = int(await conn.fetchval("SELECT count(*) FROM events"))
+            elapsed = time.monotonic() - t0
+            polls += 1
+            waits.update(state_of(*row) for row in await conn.fetch(ACTIVITY))
+            if n and run.first_s is None:
+                run.first_s, run.first_n = elapsed, n
+                meter.sample()
+            if n >= total:
+                break
+            if dead := [p.returncode for p in procs if p.poll() is not None]:
+                run.failure = f"a resolver exited ({dead}) with {n:,}/{total:,} stored"
+                break
+            if elapsed > opts.timeout:
+                run.failure = f"only {n:,}/{total:,} stored after {opts.timeout:g} s"
+                break
+            await asyncio.sleep(0.2)
+        meter.sample()
+    finally:
+        await conn.close()
+    run.stored, run.seconds = n, elapsed
+    waits.pop("idle", None)
+    run.waits = {k: v / polls for k, v in waits.most_common()}
+    run.per_resolver = [100 * cpu_s([p]) / elapsed for p in mine]
+    run.cpu = {k: 100 * v / elapsed for k, v in meter.used(0, -1).items()}
+    if run.first_s is not None and n > run.first_n:
+        steady = meter.used(1, -1)
+        run.per_event = {k: 1000 * steady[k] / (n - run.first_n) for k in ("resolvers", "db")}
+    return procs
+
+
+async def copy_ceiling(db_url: str, rows: list[tuple[Any, ...]]) -> tuple[int, float, float]:
+    """The transactions that stored the events (the resolvers' batches), then rows/s of one
+    COPY of ``rows`` into a table like events with its indexes, and into a bare one."""
+    import asyncpg
+
+    conn = await asyncpg.connect(db_url.replace("+asyncpg", ""), timeout=5)
+    rates = []
+    try:
+        batches = int(await conn.fetchval("SELECT count(DISTINCT xmin::text) FROM events"))
+        for table, like in (("copy_indexed", "INCLUDING ALL"), ("copy_bare", "INCLUDING DEFAULTS")):
+            await conn.execute(f"CREATE TABLE {table} (LIKE events {like})")
+            t0 = time.perf_counter()
+            await conn.copy_records_to_table(table, records=rows, columns=COLUMNS)
+            rates.append(len(rows) / (time.perf_counter() - t0))
+            count = await conn.fetchval(f"SELECT count(*) FROM {table}")
+            assert count == len(rows), f"COPY stored {count} of {len(rows)} rows"
+    finally:
+        await conn.close()
+    return batches, rates[0], rates[1]
+
+
+def cleanup(what: str, action: Any, *args: Any) -> None:
+    try:
+        action(*args)
+    except Exception as exc:  # one failed step must not skip the others
+        print(f"cleanup: {what} failed: {exc!r}", file=sys.stderr)
+
+
+def drop_namespace(bootstrap: str, namespace: str) -> None:
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient
+
+    from cdp_stream.topics import Topics
+
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 3})
+    names = Topics(namespace)
+    for topic in names.all(1):
+        cleanup(f"deleting {topic}", lambda t=topic: admin.delete_topics([t])[t].result(30))
+    group = names.resolver_group
+
+    def delete_group() -> None:
+        try:
+            admin.delete_consumer_groups([group])[group].result(30)
+        except KafkaException as exc:  # no resolver ever joined it: nothing to delete
+            if exc.args[0].code() != KafkaError.GROUP_ID_NOT_FOUND:
+                raise
+
+    cleanup(f"deleting group {group}", delete_group)
+
+
+# -- one run -------------------------------------------------------------------------------
+
+
+def one_run(opts: argparse.Namespace, case: Case, n: int, index: int) -> Run:
+    run_id = f"{opts.run_id}_{index}"
+    db, namespace = f"cdp_bench_resolve_{run_id}", f"bench-resolve-{run_id}."
+    db_url = opts.database_url.rsplit("/", 1)[0] + f"/{db}"
+    log = Path(tempfile.gettempdir()) / f"cdp-bench-resolver-{run_id}.log"
+    run = Run(n)
+    opts.procs = []
+    asyncio.run(database(opts.database_url, db, create=True))
+    try:
+        asyncio.run(prepare(db_url, opts.bootstrap, namespace, case))
+        procs = asyncio.run(timed(opts, case, db, namespace, log, run))
+        run.codes = stop_resolvers(procs)
+        if run.failure is None and run.codes != [0] * n:
+            run.failure = f"resolver exit codes {run.codes} (0 expected after SIGTERM)"
+        text = log.read_text(errors="replace")
+        run.retries = text.count("retrying")
+        if run.failure:
+            tail = "\n    ".join(line[:300] for line in text.splitlines()[-25:])
+            print(f"  !! resolver x{n}: {run.failure}; its log ({log}), last lines:\n    {tail}")
+        copied = asyncio.run(copy_ceiling(db_url, case.rows))
+        run.batches, run.copy_indexed, run.copy_bare = copied
+    finally:
+        cleanup("stopping the resolvers", stop_resolvers, opts.procs)
+        cleanup("dropping the database", asyncio.run, database(opts.database_url, db, False))
+        cleanup("dropping the namespace", drop_namespace, opts.bootstrap, namespace)
+    return run
+
+
+def describe_waits(waits: dict[str, float]) -> str:
+    shown = " ".join(f"{k} {v:.2f}" for k, v in list(waits.items())[:6] if v >= 0.005)
+    return shown or "none busy"
+
+
+def show(run: Run, repeat: int) -> None:
+    label = f"resolver x{run.resolvers} run {repeat}:"
+    if run.first_s is None:
+        print(f"  {label:<20} nothing stored in {run.seconds:.1f} s", flush=True)
+        return
+    shown = " ".join(f"{k} {v:.0f}%" for k, v in run.cpu.items())
+    each = "/".join(f"{v:.0f}" for v in run.per_resolver)
+    ms = " ".join(f"{k} {v:.2f}" for k, v in run.per_event.items())
+    print(
+        f"  {label:<20} {run.stored:,} events in {run.seconds:5.1f} s = {run.rate:6,.0f} ev/s;"
+        f" first row at {run.first_s:.1f} s, then {run.steady:6,.0f} ev/s;"
+        f" {run.batches} batches ({run.stored / max(run.batches, 1):.0f} events each),"
+        f" {run.retries} retried\n"
+        f"  {'':<20} CPU {shown} (each resolver {each}%);"
+        f" after start-up, CPU ms/event: {ms}\n"
+        f"  {'':<20} resolvers' backends (mean number): {describe_waits(run.waits)}\n"
+        f"  {'':<20} COPY of the same rows: {run.copy_indexed:,.0f} rows/s with the indexes"
+        f" of events, {run.copy_bare:,.0f} bare",
+        flush=True,
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--events", type=int, default=20_000, help="distinct calls generated")
+    ap.add_argument("--people", type=int, help="people in the history (default: events/40)")
+    ap.add_argument("--seed", type=int, default=20_001)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--resolvers", type=int, nargs="+", default=[1, 3], help="processes")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds to store them all")
+    ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
+    ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
+    opts = ap.parse_args()
+    # A topic just created may have no leader yet: aiokafka retries, and says so on stderr.
+    logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
+
+    host, _, port = opts.bootstrap.split(",")[0].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        sys.exit(f"Kafka is not reachable at {opts.bootstrap} ({exc}); start it: make services")
+    try:
+        asyncio.run(probe(opts.database_url))
+    except Exception as exc:  # refused, timeout, auth, unknown database
+        sys.exit(f"Postgres is not usable at {opts.database_url} ({exc!r}); make services")
+    opts.run_id = uuid.uuid4().hex[:8]
+    opts.broker = listener(int(port))
+    opts.postgres = listener(make_url(opts.database_url).port or 5432)
+
+    t0 = time.monotonic()
+    case = make_case(opts.events, opts.people, opts.seed)
+    print(
+        f"case: seed {opts.seed}, {case.people} people, {len(case.records):,} records "
+        f"({len(case.records) - len(case.rows):,} repeats) -> {len(case.rows):,} events, "
+        f"{case.groups:,} profiles expected (made in {time.monotonic() - t0:.1f} s)"
+    )
+    if opts.postgres is None or opts.broker is None:
+        print("  (the Postgres server or broker process is not visible here: its CPU reads 0)")
+    runs: list[Run] = []
+    for repeat in range(1, opts.repeats + 1):
+        for n in opts.resolvers:  # alternating, so drift on the box hits both alike
+            runs.append(one_run(opts, case, n, len(runs)))
+            show(runs[-1], repeat)
+    report(opts, case, runs)
+
+
+def spread(values: list[float], fmt: str = ",.0f") -> str:
+    return f"{statistics.median(values):>7{fmt}} ({min(values):{fmt}}..{max(values):{fmt}})"
+
+
+def report(opts: argparse.Namespace, case: Case, runs: list[Run]) -> None:
+    print(
+        f"\nsummary: median of {opts.repeats} (min..max); {len(case.rows):,} events, "
+        f"6 partitions; {os.cpu_count()} cores; CPU 100% = one core, over the whole run"
+    )
+    ok = [r for r in runs if r.failure is None]
+    for bad in (r for r in runs if r.failure):
+        print(f"  !! resolver x{bad.resolvers}: {bad.failure}")
+    medians: dict[int, tuple[float, float]] = {}
+    for n in opts.resolvers:
+        mine = [r for r in ok if r.resolvers == n]
+        if not mine:
+            print(f"resolver x{n}: no complete run")
+            continue
+        medians[n] = (
+            statistics.median(r.rate for r in mine),
+            statistics.median(r.steady for r in mine),
+        )
+        cpu = {k: statistics.median(r.cpu[k] for r in mine) for k in mine[0].cpu}
+        ms = {
+            k: statistics.median(r.per_event.get(k, 0.0) for r in mine) for k in ("resolvers", "db")
+        }
+        busiest = statistics.median(max(r.per_resolver) for r in mine)
+        states = {k for r in mine for k in r.waits}
+        waits = {k: statistics.median(r.waits.get(k, 0.0) for r in mine) for k in states}
+        waits = dict(sorted(waits.items(), key=lambda kv: -kv[1]))
+        print(
+            f"resolver x{n:<4} {spread([r.rate for r in mine])} ev/s;"
+            f" start-up {spread([r.first_s or 0.0 for r in mine], '.1f')} s,"
+            f" after it {spread([r.steady for r in mine])} ev/s;"
+            f" batches {spread([float(r.batches) for r in mine], '.0f')},"
+            f" retried {spread([float(r.retries) for r in mine], '.0f')}\n"
+            f"{'':<14}CPU "
+            + " ".join(f"{k} {v:.0f}%" for k, v in cpu.items())
+            + f" (busiest resolver {busiest:.0f}%)\n"
+            f"{'':<14}CPU ms/event after start-up: "
+            + " ".join(f"{k} {v:.2f}" for k, v in ms.items())
+            + f"\n{'':<14}resolvers' backends (mean number): {describe_waits(waits)}"
+            + f"\n{'':<14}-> {bound(cpu, busiest, ms, waits, medians[n][1], n)}"
+        )
+    copy = statistics.median(r.copy_indexed for r in runs if r.copy_indexed)
+    bare = statistics.median(r.copy_bare for r in runs if r.copy_bare)
+    print(
+        f"COPY, events' indexes {spread([r.copy_indexed for r in runs if r.copy_indexed])} rows/s"
+    )
+    print(f"COPY, bare table      {spread([r.copy_bare for r in runs if r.copy_bare])} rows/s")
+    for n, (m, steady) in medians.items():
+        print(
+            f"ratio resolver x{n} / COPY: {m / copy:.3f} (after start-up {steady / copy:.3f};"
+            f" / bare COPY {m / bare:.3f})"
+        )
+    if 1 in medians:
+        for n, (m, steady) in medians.items():
+            if n != 1:
+                print(
+                    f"ratio resolver x{n} / x1: {m / medians[1][0]:.2f}"
+                    f" (after start-up {steady / medians[1][1]:.2f})"
+                )
+
+
+def bound(
+    cpu: dict[str, float],
+    busiest: float,
+    ms: dict[str, float],
+    waits: dict[str, float],
+    rate: float,
+    n: int,
+) -> str:
+    """What the figures say bounds the rate (``rate``: after start-up)."""
+    cores = os.cpu_count() or 1
+    says = []
+    if cpu["machine"] >= 85 * cores:
+        says.append(f"the {cores} cores are saturated (others took {cpu['others']:.0f}%)")
+    if busiest >= 85:
+        says.append("a resolver process is CPU-bound")
+    if r := ms.get("resolvers"):
+        d = ms.get("db", 0.0)
+        loop = (r + d) * rate / 1000 / n
+        says.append(
+            f"each resolver's loop is computing {loop:.0%} of the time, in turn in the resolver"
+            f" ({r:.2f} ms/event) and in Postgres ({d:.2f})"
+        )
+    locks = sum(v for k, v in waits.items() if k.startswith("Lock:"))
+    if locks >= 0.05:
+        says.append(f"{locks:.2f} backends wait on locks on average (batches queue)")
+    return "; ".join(says) or "nothing measured"
+
+
+if __name__ == "__main__":
+    main()
