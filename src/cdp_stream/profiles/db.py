@@ -12,6 +12,7 @@ import asyncio
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from cdp_stream.settings import Settings
@@ -41,6 +42,9 @@ def make_engine(url: str, role: str, pool_size: int = 5) -> AsyncEngine:
         max_overflow=pool_size,
         pool_pre_ping=True,
         pool_timeout=10,
+        # jsonb columns through orjson: several times faster than the stdlib both ways.
+        json_serializer=lambda value: orjson.dumps(value).decode(),
+        json_deserializer=orjson.loads,
         # A database that is down answers within seconds, not asyncpg's default minute.
         connect_args={"server_settings": {"application_name": f"cdp-stream-{role}"}, "timeout": 5},
     )

@@ -53,9 +53,12 @@ async def stored_message_ids(
     if not keys:
         return set()
     rows = await conn.execute(
-        select(events.c.source_id, events.c.message_id).where(
-            tuple_(events.c.source_id, events.c.message_id).in_(list(keys))
-        )
+        text(
+            "SELECT e.source_id, e.message_id FROM events e JOIN unnest("
+            "CAST(:sources AS text[]), CAST(:messages AS text[])) AS k(s, m)"
+            " ON e.source_id = k.s AND e.message_id = k.m"
+        ),
+        {"sources": [s for s, _ in keys], "messages": [m for _, m in keys]},
     )
     return {(r.source_id, r.message_id) for r in rows}
 
@@ -63,12 +66,17 @@ async def stored_message_ids(
 async def profiles_of(
     conn: AsyncConnection, ids: Sequence[Identifier]
 ) -> dict[Identifier, uuid.UUID]:
+    """The profile holding each identifier (arrays, not an IN list: one plan per batch
+    size, and no per-value parameters to compile)."""
     if not ids:
         return {}
     rows = await conn.execute(
-        select(identities.c.type, identities.c.value, identities.c.profile_id).where(
-            tuple_(identities.c.type, identities.c.value).in_([(i.type, i.value) for i in ids])
-        )
+        text(
+            "SELECT i.type, i.value, i.profile_id FROM identities i JOIN unnest("
+            "CAST(:types AS text[]), CAST(:values AS text[])) AS k(t, v)"
+            " ON i.type = k.t AND i.value = k.v"
+        ),
+        {"types": [i.type for i in ids], "values": [i.value for i in ids]},
     )
     return {Identifier(r.type, r.value): r.profile_id for r in rows}
 
