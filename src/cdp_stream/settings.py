@@ -75,6 +75,21 @@ class Settings(BaseSettings):
     # Resolver micro-batching.
     resolver_batch_size: int = Field(default=500, ge=1)
     resolver_poll_timeout_ms: int = Field(default=200, ge=1)
+    # Activation (cdp_stream.activation): the CRM feed, audiences, the DMP feed.
+    activation_batch_size: int = Field(default=500, ge=1)
+    crm_key_pages: list[str] = Field(
+        default=["/pricing"], description="path prefixes whose page views are CRM interactions"
+    )
+    crm_webhook_url: str | None = None
+    crm_webhook_secret: str | None = Field(default=None, description="HMAC-SHA256 key")
+    crm_webhook_max_attempts: int = Field(default=8, ge=1)
+    dmp_k: int = Field(default=100, ge=1, description="buckets under k members are suppressed")
+    dmp_epsilon: float | None = Field(
+        default=None, gt=0, description="Laplace noise epsilon; unset: exact counts"
+    )
+    dmp_dimensions: list[str] = ["country", "device_type", "first_touch_channel"]
+    dmp_windows: list[str] = ["hour", "day"]
+    dmp_interval_s: float = Field(default=60.0, gt=0, description="how often counts are computed")
     # How long the collector waits for the broker before answering 503.
     publish_timeout_s: float = Field(default=10.0, gt=0)
     retry_after_s: int = 5

@@ -10,8 +10,10 @@ from sqlalchemy import (
     BigInteger,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Index,
+    Integer,
     MetaData,
     PrimaryKeyConstraint,
     Table,
@@ -139,4 +141,135 @@ events = Table(
     Column("origin_profile_id", UUID(as_uuid=True), nullable=False),
     UniqueConstraint("source_id", "message_id", name="events_source_message_key"),
     Index("events_profile_timeline_idx", "profile_id", "timestamp", "id"),
+)
+
+# --- activation (cdp_stream.activation) --------------------------------------------------
+
+# One CRM contact per canonical profile that has an email or a user id.
+crm_contacts = Table(
+    "crm_contacts",
+    metadata,
+    Column("profile_id", UUID(as_uuid=True), primary_key=True),
+    Column("email", Text),
+    Column("phone", Text),
+    Column("user_id", Text),
+    Column("first_name", Text),
+    Column("last_name", Text),
+    Column("company", Text),
+    Column("job_title", Text),
+    Column("lifecycle_stage", Text, nullable=False),  # subscriber / lead / customer
+    Column("first_touch_source", Text),
+    Column("last_activity_at", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+# Interactions worth a salesperson's eye, one per source event.
+crm_interactions = Table(
+    "crm_interactions",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("profile_id", UUID(as_uuid=True), nullable=False),
+    Column("source_id", Text, nullable=False),
+    Column("message_id", Text, nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("details", JSONB, nullable=False, server_default=_empty_object),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    UniqueConstraint("source_id", "message_id", name="crm_interactions_event_key"),
+    Index("crm_interactions_timeline_idx", "profile_id", "occurred_at", "id"),
+)
+
+# The outbound CRM webhook's queue: pending -> delivered, or dead after N attempts.
+crm_webhook_deliveries = Table(
+    "crm_webhook_deliveries",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("kind", Text, nullable=False),  # contact / interaction
+    Column("payload", JSONB, nullable=False),
+    Column("status", Text, nullable=False, server_default="pending"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("last_error", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("delivered_at", DateTime(timezone=True)),
+    Index("crm_webhook_deliveries_due_idx", "status", "next_attempt_at"),
+)
+
+audiences = Table(
+    "audiences",
+    metadata,
+    Column("id", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("rule", JSONB, nullable=False),
+    Column("backfill", JSONB, nullable=False, server_default=_empty_object),  # progress
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+audience_members = Table(
+    "audience_members",
+    metadata,
+    Column(
+        "audience_id",
+        UUID(as_uuid=True),
+        ForeignKey("audiences.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("profile_id", UUID(as_uuid=True), nullable=False),
+    Column("entered_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    PrimaryKeyConstraint("audience_id", "profile_id", name="audience_members_pkey"),
+    Index("audience_members_profile_idx", "profile_id"),
+)
+
+# Every enter / exit, with its time.
+audience_changes = Table(
+    "audience_changes",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "audience_id",
+        UUID(as_uuid=True),
+        ForeignKey("audiences.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("profile_id", UUID(as_uuid=True), nullable=False),
+    Column("change", Text, nullable=False),  # enter / exit
+    Column("at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Index("audience_changes_audience_idx", "audience_id", "at"),
+)
+
+# Anonymized audience sizes for the DMP: counts per window and coarse bucket, nothing else.
+dmp_audience_counts = Table(
+    "dmp_audience_counts",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column(
+        "audience_id",
+        UUID(as_uuid=True),
+        ForeignKey("audiences.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("window", Text, nullable=False),  # hour / day
+    Column("window_start", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("dimension", Text, nullable=False),  # overall / country / ...
+    Column("bucket", Text, nullable=False),
+    Column("count", BigInteger, nullable=False),
+    Column("epsilon", Float),  # the Laplace noise's epsilon, None without noise
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    UniqueConstraint(
+        "audience_id",
+        "window",
+        "window_start",
+        "dimension",
+        "bucket",
+        name="dmp_audience_counts_key",
+    ),
+)
+
+# Deleted people's identifiers, hashed: late events for them are refused, not resurrected.
+suppressed_identifiers = Table(
+    "suppressed_identifiers",
+    metadata,
+    Column("digest", Text, primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
 )
