@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -16,10 +17,13 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel
 
 from cdp_stream.api.deps import Conn, require_scope
+from cdp_stream.bus.base import BusUnavailable
 from cdp_stream.profiles import repository as repo
+from cdp_stream.resolver.consumer import relay_outbox
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.resolver.unmerge import unmerge_last
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/profiles", tags=["profiles"])
 READ = [Depends(require_scope("profiles:read"))]
 
@@ -192,3 +196,23 @@ async def post_unmerge(profile_id: Profile, conn: Conn) -> dict[str, Any]:
         "profile": await repo.read_profile(conn, done.kept),
         "restored": await repo.read_profile(conn, done.restored),
     }
+
+
+@router.delete("/{ref}", status_code=204, dependencies=[Depends(require_scope("profiles:delete"))])
+async def delete_profile(request: Request, profile_id: Profile) -> None:
+    """Erase the person everywhere (a data-rights request); see ``repo.delete_group``.
+
+    Their identifiers go to the suppression list, so late events are refused instead of
+    re-creating them, and a tombstone ``{"type": "deleted", "profile_id", "merged_ids"}``
+    goes to ``cdp.profile-updates`` through the outbox, so every consumer forgets them.
+    """
+    state = request.app.state
+    async with state.engine.begin() as conn:
+        ids = await repo.delete_group(conn, profile_id)
+        merged = [str(i) for i in ids if i != profile_id]
+        tombstone = {"type": "deleted", "profile_id": str(profile_id), "merged_ids": merged}
+        await repo.insert_outbox(conn, [tombstone])
+    try:
+        await relay_outbox(state.engine, state.bus, state.settings.topics.profile_updates)
+    except BusUnavailable:  # the row stays in the outbox: the resolver relays it later
+        log.warning("tombstone for %s left in the outbox: the bus is unavailable", profile_id)

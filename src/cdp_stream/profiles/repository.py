@@ -13,17 +13,22 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import bindparam, func, select, text, tuple_, update
+from sqlalchemy import bindparam, delete, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.profiles.models import (
+    audience_changes,
+    audience_members,
+    crm_contacts,
+    crm_interactions,
     events,
     identities,
     identity_refusals,
     profile_merges,
     profile_update_outbox,
     profiles,
+    suppressed_identifiers,
 )
 from cdp_stream.resolver.identity import Identifier
 from cdp_stream.resolver.traits import view as trait_view
@@ -380,6 +385,74 @@ async def mark_undone(conn: AsyncConnection, merge_id: int) -> None:
     await conn.execute(
         update(profile_merges).where(profile_merges.c.id == merge_id).values(undone_at=func.now())
     )
+
+
+# --- deletion ----------------------------------------------------------------------------
+
+
+def identifier_digest(ident: Identifier) -> str:
+    """How a deleted person's identifier is remembered: a SHA-256, never the value."""
+    return hashlib.sha256(f"{ident.type}\x1f{ident.value}".encode()).hexdigest()
+
+
+async def suppressed(conn: AsyncConnection, ids: Sequence[Identifier]) -> set[Identifier]:
+    """Which of ``ids`` belong to deleted people."""
+    if not ids:
+        return set()
+    by_digest = {identifier_digest(i): i for i in ids}
+    rows = await conn.execute(
+        select(suppressed_identifiers.c.digest).where(
+            suppressed_identifiers.c.digest.in_(list(by_digest))
+        )
+    )
+    return {by_digest[r.digest] for r in rows}
+
+
+async def delete_group(conn: AsyncConnection, canonical: uuid.UUID) -> list[uuid.UUID]:
+    """Erase a person: the canonical profile and every profile merged into it, with their
+    identities (remembered as digests in the suppression list), events, merges, refusals,
+    pending updates, CRM contact and interactions, audience membership. Returns the ids."""
+    await conn.execute(select(profiles.c.id).where(profiles.c.id == canonical).with_for_update())
+    ids = list(
+        (
+            await conn.execute(
+                select(profiles.c.id).where(
+                    (profiles.c.id == canonical) | (profiles.c.merged_into == canonical)
+                )
+            )
+        ).scalars()
+    )
+    held = await conn.execute(
+        select(identities.c.type, identities.c.value).where(identities.c.profile_id.in_(ids))
+    )
+    digests = [{"digest": identifier_digest(Identifier(r.type, r.value))} for r in held]
+    if digests:
+        await conn.execute(insert(suppressed_identifiers).on_conflict_do_nothing(), digests)
+    keys = [str(i) for i in ids]
+    await conn.execute(
+        update(identity_refusals)
+        .where(identity_refusals.c.other_profile_id.in_(ids))
+        .values(other_profile_id=None)
+    )
+    for table, column in (
+        (identities, identities.c.profile_id),
+        (events, events.c.profile_id),
+        (identity_refusals, identity_refusals.c.profile_id),
+        (crm_contacts, crm_contacts.c.profile_id),
+        (crm_interactions, crm_interactions.c.profile_id),
+        (audience_members, audience_members.c.profile_id),
+        (audience_changes, audience_changes.c.profile_id),
+    ):
+        await conn.execute(delete(table).where(column.in_(ids)))
+    await conn.execute(delete(profile_update_outbox).where(profile_update_outbox.c.key.in_(keys)))
+    await conn.execute(
+        delete(profile_merges).where(
+            profile_merges.c.canonical_id.in_(ids) | profile_merges.c.merged_id.in_(ids)
+        )
+    )
+    await conn.execute(update(profiles).where(profiles.c.id.in_(ids)).values(merged_into=None))
+    await conn.execute(delete(profiles).where(profiles.c.id.in_(ids)))
+    return ids
 
 
 # --- reads, for the API ---------------------------------------------------------------

@@ -11,6 +11,7 @@ The steps, in the order they must run:
             their identities. If an identity moved between reading and locking (another
             resolver merged, an operator unmerged) :class:`StaleRead` makes the caller
             retry the batch; once the rows are locked nothing can move them.
+   An event carrying an identifier of a deleted person is set aside (suppressed).
 4. place  - each event, in order, by the rules in :mod:`cdp_stream.resolver`: claims,
             merges and refused links, in memory (:class:`_Graph`).
 5. fold   - traits and computed traits of the event into its profile's state.
@@ -43,6 +44,7 @@ class BatchResult:
     stored: int = 0
     duplicates: int = 0
     unidentified: list[dict[str, Any]] = field(default_factory=list)
+    suppressed: list[dict[str, Any]] = field(default_factory=list)  # a deleted person's
     merges: int = 0
     refusals: int = 0
 
@@ -164,6 +166,7 @@ async def apply_batch(
     loaded = await repo.lock_profiles(conn, set(owner.values()))
     if owner != await repo.profiles_of(conn, sorted(owner)):  # now that the rows are ours
         raise StaleRead("identities moved (a merge or unmerge) while the batch was locking")
+    gone = await repo.suppressed(conn, sorted({i for ids in ids_by_event for i in ids}))
     graph = _Graph(
         rules,
         owner,
@@ -182,6 +185,9 @@ async def apply_batch(
         seen.add(key)
         if not ids:
             result.unidentified.append(event)
+            continue
+        if gone.intersection(ids):
+            result.suppressed.append(event)
             continue
         merges_before = len(graph.merges)
         before_states = {pid: graph.states[pid] for pid in {graph.owner_of(i) for i in ids} if pid}

@@ -5,7 +5,8 @@ redelivers the batch, and ``batch.apply_batch`` turns the redelivery into a no-o
 Profile updates are written to an outbox table in the batch's transaction and relayed to
 ``cdp.profile-updates`` after it commits (and at start-up): a crash between the commit and
 the publish leaves them in the outbox for the next relay, never lost. An event with no
-usable identifier is not stored; it goes to the rejected topic with that reason.
+usable identifier is not stored; it goes to the rejected topic with that reason, and so
+does an event for a deleted person (reason ``suppressed``): it must not re-create them.
 A record that is not an event as :class:`cdp_stream.events.Event` describes it (not JSON,
 or missing what the collector always sets) is parked on the rejected topic rather than
 blocking its partition forever.
@@ -30,6 +31,13 @@ from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
+
+_UNIDENTIFIED = "no usable identifier (every id is missing or blocked)"
+
+
+def _origin(event: dict[str, Any]) -> dict[str, Any]:
+    return {k: event.get(k) for k in ("sourceId", "messageId", "type", "receivedAt")}
+
 
 # serialization_failure, deadlock_detected, unique_violation (a racing identity claim):
 # the whole batch is retried on a fresh transaction.
@@ -126,10 +134,24 @@ async def run_resolver(
                     continue
                 events = await _decode(bus, names.rejected, messages)
                 result = await apply_with_retry(engine, events, rules)
-                for event in result.unidentified:
-                    reason = "no usable identifier (every id is missing or blocked)"
-                    record = {"reason": reason, "event": event}
-                    await bus.publish(names.rejected, None, orjson.dumps(record))
+                await bus.publish_many(
+                    [
+                        Record(
+                            names.rejected,
+                            None,
+                            orjson.dumps({"reason": _UNIDENTIFIED, "event": e}),
+                        )
+                        for e in result.unidentified
+                    ]
+                    + [  # only where it came from: it names a person who asked to be erased
+                        Record(
+                            names.rejected,
+                            None,
+                            orjson.dumps({"reason": "suppressed", **_origin(e)}),
+                        )
+                        for e in result.suppressed
+                    ]
+                )
                 await relay_outbox(engine, bus, names.profile_updates)
                 log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
                 await consumer.commit(next_offsets(messages))
