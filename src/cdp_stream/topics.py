@@ -28,13 +28,18 @@ class Topics:
         return f"{self.namespace}cdp.profile-updates"
 
     @property
+    def dmp_audience_counts(self) -> str:
+        return f"{self.namespace}cdp.dmp.audience-counts"
+
+    @property
     def resolver_group(self) -> str:
         return f"{self.namespace}cdp-resolver"
 
+    @property
+    def activation_group(self) -> str:
+        return f"{self.namespace}cdp-activation"
+
     def all(self, partitions: int) -> dict[str, int]:
         """Topic -> partition count that the application creates at start-up if missing."""
-        return {
-            self.events: partitions,
-            self.rejected: partitions,
-            self.profile_updates: partitions,
-        }
+        names = (self.events, self.rejected, self.profile_updates, self.dmp_audience_counts)
+        return dict.fromkeys(names, partitions)

@@ -14,9 +14,13 @@ Semantics both implementations keep (checked by ``tests/bus/test_contract.py``):
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+log = logging.getLogger(__name__)
 
 
 class BusUnavailable(Exception):
@@ -98,3 +102,17 @@ def next_offsets(messages: Sequence[Message]) -> dict[TopicPartition, int]:
         tp = (m.topic, m.partition)
         offsets[tp] = max(offsets.get(tp, 0), m.offset + 1)
     return offsets
+
+
+async def rejoin(consumer: Consumer, stop: asyncio.Event) -> None:
+    """Leave and join the group again, after a bus failure in the middle of a batch: the
+    consumer's position had moved past records that were not processed, and only a fresh
+    assignment restarts at the committed offsets."""
+    await consumer.stop()
+    while not stop.is_set():
+        await asyncio.sleep(1)
+        try:
+            await consumer.start()
+            return
+        except BusUnavailable as exc:
+            log.warning("cannot rejoin the group yet: %s", exc)

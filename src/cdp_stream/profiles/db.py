@@ -9,13 +9,20 @@ at a managed server.
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from cdp_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def _embedded_url(data_dir: Path) -> str:
@@ -48,3 +55,39 @@ def make_engine(url: str, role: str, pool_size: int = 5) -> AsyncEngine:
         # A database that is down answers within seconds, not asyncpg's default minute.
         connect_args={"server_settings": {"application_name": f"cdp-stream-{role}"}, "timeout": 5},
     )
+
+
+class RetryTransaction(Exception):
+    """Raised inside ``retrying``'s work: roll back and run it again (a lost race)."""
+
+
+# serialization_failure, deadlock_detected, unique_violation (a racing insert): the work
+# is run again on a fresh transaction.
+_RETRYABLE_SQLSTATES = {"40001", "40P01", "23505"}
+
+
+def _sqlstate(exc: DBAPIError) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+
+
+async def retrying(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """``work`` in one transaction; conflicts and an unreachable database are retried with
+    backoff, for as long as it takes: a consumer's offsets wait, nothing is skipped."""
+    delay = 0.05
+    while True:
+        try:
+            async with engine.begin() as conn:
+                return await work(conn)
+        except RetryTransaction as exc:
+            log.info("transaction raced another one (%s), retrying", exc)
+        except (OperationalError, OSError) as exc:
+            log.warning("database unavailable, retrying in %.1fs: %s", delay, exc)
+        except DBAPIError as exc:
+            if _sqlstate(exc) not in _RETRYABLE_SQLSTATES:
+                raise
+            log.info("transaction conflict (%s), retrying", _sqlstate(exc))
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)

@@ -30,12 +30,13 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles.db import RetryTransaction
 from cdp_stream.profiles.repository import EventRow, ProfileState, Refusal
 from cdp_stream.resolver import computed, traits
 from cdp_stream.resolver.identity import Identifier, IdentityRules
 
 
-class StaleRead(Exception):
+class StaleRead(RetryTransaction):
     """A profile changed under us between reading and locking it: retry the batch."""
 
 

@@ -20,13 +20,13 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, Record, next_offsets
+from cdp_stream.bus.base import Bus, BusUnavailable, Message, Record, next_offsets, rejoin
 from cdp_stream.events import Event
 from cdp_stream.profiles import repository as repo
-from cdp_stream.resolver.batch import BatchResult, StaleRead, apply_batch
+from cdp_stream.profiles.db import retrying
+from cdp_stream.resolver.batch import BatchResult, apply_batch
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
@@ -39,38 +39,11 @@ def _origin(event: dict[str, Any]) -> dict[str, Any]:
     return {k: event.get(k) for k in ("sourceId", "messageId", "type", "receivedAt")}
 
 
-# serialization_failure, deadlock_detected, unique_violation (a racing identity claim):
-# the whole batch is retried on a fresh transaction.
-_RETRYABLE_SQLSTATES = {"40001", "40P01", "23505"}
-
-
-def _sqlstate(exc: DBAPIError) -> str | None:
-    orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None) or getattr(
-        getattr(orig, "__cause__", None), "sqlstate", None
-    )
-
-
 async def apply_with_retry(
     engine: AsyncEngine, events: Sequence[dict[str, Any]], rules: IdentityRules
 ) -> BatchResult:
-    """One transaction for the batch; conflicts and an unreachable database are retried
-    with backoff (the offsets wait, nothing is skipped)."""
-    delay = 0.05
-    while True:
-        try:
-            async with engine.begin() as conn:
-                return await apply_batch(conn, events, rules)
-        except StaleRead as exc:
-            log.info("batch raced another resolver (%s), retrying", exc)
-        except (OperationalError, OSError) as exc:
-            log.warning("database unavailable, retrying batch in %.1fs: %s", delay, exc)
-        except DBAPIError as exc:
-            if _sqlstate(exc) not in _RETRYABLE_SQLSTATES:
-                raise
-            log.info("batch conflict (%s), retrying", _sqlstate(exc))
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
+    """One transaction for the batch, retried on conflicts and outages (see ``retrying``)."""
+    return await retrying(engine, lambda conn: apply_batch(conn, events, rules))
 
 
 async def relay_outbox(engine: AsyncEngine, bus: Bus, topic: str, limit: int = 5000) -> int:
@@ -102,19 +75,6 @@ async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[
             record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
             await bus.publish(rejected, m.key, orjson.dumps(record))
     return events
-
-
-async def _rejoin(consumer: Consumer, stop: asyncio.Event) -> None:
-    """Leave and join the group again: the consumer's position had moved past records
-    that were not stored, and only a fresh assignment restarts at the committed offsets."""
-    await consumer.stop()
-    while not stop.is_set():
-        await asyncio.sleep(1)
-        try:
-            await consumer.start()
-            return
-        except BusUnavailable as exc:
-            log.warning("cannot rejoin the group yet: %s", exc)
 
 
 async def run_resolver(
@@ -157,6 +117,6 @@ async def run_resolver(
                 await consumer.commit(next_offsets(messages))
             except BusUnavailable as exc:
                 log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
-                await _rejoin(consumer, stop)
+                await rejoin(consumer, stop)
     finally:
         await consumer.stop()
