@@ -3,8 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from typing import Any
+
+import httpx
+from fastapi import APIRouter, FastAPI
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream.profiles.credentials import ensure_token
+from cdp_stream.resolver.identity import IdentityRules
+from cdp_stream.settings import Settings
 
 
 async def eventually(
@@ -19,3 +29,40 @@ async def eventually(
         if result or loop.time() > deadline:
             return result
         await asyncio.sleep(interval)
+
+
+def uid(prefix: str = "") -> str:
+    """A unique id: tests share one database and one broker."""
+    return f"{prefix}-{uuid.uuid4().hex[:10]}" if prefix else uuid.uuid4().hex[:10]
+
+
+def stored_event(
+    source: str, type_: str, ts: str, *, channel: str = "server", **fields: Any
+) -> dict[str, Any]:
+    """An event as the resolver reads it from cdp.events (what the collector enriched)."""
+    return {
+        "type": type_,
+        "messageId": uid("m"),
+        "sourceId": source,
+        "timestamp": ts,
+        "receivedAt": ts,
+        "channel": channel,
+        **fields,
+    }
+
+
+@asynccontextmanager
+async def api_client(
+    engine: AsyncEngine, router: APIRouter, tokens: Mapping[str, tuple[str, ...]]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """One router on its own app over httpx, with API tokens (secret -> scopes) created."""
+    async with engine.begin() as conn:
+        for secret, scopes in tokens.items():
+            await ensure_token(conn, uid("tok"), "test", secret, scopes)
+    app = FastAPI()
+    app.state.engine = engine
+    app.state.rules = IdentityRules.from_settings(Settings())
+    app.include_router(router)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
+        yield client

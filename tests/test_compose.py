@@ -22,7 +22,7 @@ def test_every_cdp_service_runs_a_real_cli_command() -> None:
     commands = set(get_command(cli).commands)  # type: ignore[attr-defined]
     services = _compose()["services"]
     cdp = {name: s for name, s in services.items() if "build" in s}
-    assert {"migrate", "collector", "resolver", "api"} <= set(cdp)
+    assert {"migrate", "collector", "resolver", "activation", "api"} <= set(cdp)
     for name, service in cdp.items():
         assert service["command"][0] in commands, name
         assert (ROOT / service["build"]["dockerfile"]).is_file()

@@ -18,6 +18,9 @@ from sqlalchemy import text
 from sqlalchemy.exc import DataError, DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.api.audiences import router as audiences_router
+from cdp_stream.api.crm import router as crm_router
+from cdp_stream.api.dmp import router as dmp_router
 from cdp_stream.api.metrics import router as metrics_router
 from cdp_stream.api.profiles import router as profiles_router
 from cdp_stream.bus import make_bus
@@ -90,6 +93,9 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         app.include_router(collector_router)
     if "api" in parts:
         app.include_router(profiles_router)
+        app.include_router(crm_router)
+        app.include_router(audiences_router)
+        app.include_router(dmp_router)
         app.include_router(metrics_router)
 
     @app.get("/healthz", tags=["health"])

@@ -1,10 +1,12 @@
 """``cdp-stream``: one command per process role, plus ``up`` that runs them all in one.
 
-up          collector + resolver + API in one process (embedded default without settings)
+up          collector + resolver + activation + API in one process (embedded default)
 collector   the HTTP collector only (stateless; run many behind a load balancer)
 resolver    one resolver consumer (run up to the partition count of cdp.events)
+activation  one activation consumer: CRM feed, audiences, DMP counts
 api         the profile API only
 migrate     bring the Postgres schema to the newest migration
+crm-redrive send dead CRM webhook deliveries again
 schemas     write (or --check) the JSON Schemas in schemas/ from the event models
 """
 
@@ -21,6 +23,8 @@ import typer
 import uvicorn
 import uvloop
 
+from cdp_stream.activation import webhook
+from cdp_stream.activation.consumer import run_activation
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.profiles.db import make_engine, resolve_database_url
 from cdp_stream.profiles.migrate import upgrade_to_head
@@ -37,10 +41,14 @@ def _settings(port: int | None = None) -> Settings:
     return settings if port is None else settings.model_copy(update={"http_port": port})
 
 
-def _describe(runtime: Runtime, parts: Collection[str], resolvers: int) -> None:
+# The consumer loops a process can run beside (or instead of) its HTTP parts.
+_WORKERS = {"resolver": run_resolver, "activation": run_activation}
+
+
+def _describe(runtime: Runtime, parts: Collection[str], workers: Collection[str]) -> None:
     s = runtime.settings
     say = typer.echo
-    stages = [*parts, *([f"resolver x{resolvers}"] if resolvers else [])]
+    stages = [*parts, *workers]
     say(f"cdp-stream {runtime.role}: {', '.join(stages)}")
     if s.memory_bus:
         say(
@@ -62,13 +70,15 @@ def _describe(runtime: Runtime, parts: Collection[str], resolvers: int) -> None:
         say(f"  created API token (all scopes, shown once): {runtime.credentials.api_token}")
 
 
-async def _serve(settings: Settings, role: str, parts: Collection[str], resolvers: int) -> None:
+async def _serve(
+    settings: Settings, role: str, parts: Collection[str], loops: Collection[str] = ()
+) -> None:
     runtime = await Runtime.start(settings, role)
-    _describe(runtime, parts, resolvers)
+    _describe(runtime, parts, loops)
     stop = asyncio.Event()
     workers = [
-        asyncio.create_task(run_resolver(runtime.bus, runtime.engine, settings, stop))
-        for _ in range(resolvers)
+        asyncio.create_task(_WORKERS[name](runtime.bus, runtime.engine, settings, stop))
+        for name in loops
     ]
     try:
         if parts:
@@ -81,7 +91,7 @@ async def _serve(settings: Settings, role: str, parts: Collection[str], resolver
                 access_log=False,
             )
             server = uvicorn.Server(config)
-            for w in workers:  # a resolver that dies takes the process down, never silently
+            for w in workers:  # a consumer that dies takes the process down, never silently
                 w.add_done_callback(lambda _: setattr(server, "should_exit", True))
             await server.serve()  # returns on SIGINT/SIGTERM
         else:
@@ -102,26 +112,46 @@ async def _serve(settings: Settings, role: str, parts: Collection[str], resolver
 
 @cli.command()
 def up(port: Port = None) -> None:
-    """Run collector, resolver and API in one process."""
-    uvloop.run(_serve(_settings(port), "up", ("collector", "api"), resolvers=1))
+    """Run collector, resolver, activation and API in one process."""
+    uvloop.run(_serve(_settings(port), "up", ("collector", "api"), ("resolver", "activation")))
 
 
 @cli.command()
 def collector(port: Port = None) -> None:
     """Run the HTTP collector."""
-    uvloop.run(_serve(_settings(port), "collector", ("collector",), resolvers=0))
+    uvloop.run(_serve(_settings(port), "collector", ("collector",)))
 
 
 @cli.command()
 def resolver() -> None:
     """Run one resolver consumer in the group."""
-    uvloop.run(_serve(_settings(), "resolver", (), resolvers=1))
+    uvloop.run(_serve(_settings(), "resolver", (), ("resolver",)))
+
+
+@cli.command()
+def activation() -> None:
+    """Run one activation consumer (CRM feed, audiences, DMP counts) in its group."""
+    uvloop.run(_serve(_settings(), "activation", (), ("activation",)))
 
 
 @cli.command()
 def api(port: Port = None) -> None:
     """Run the profile API."""
-    uvloop.run(_serve(_settings(port), "api", ("api",), resolvers=0))
+    uvloop.run(_serve(_settings(port), "api", ("api",)))
+
+
+@cli.command("crm-redrive")
+def crm_redrive() -> None:
+    """Send the CRM webhook deliveries that went dead again (after the receiver is fixed)."""
+
+    async def run() -> int:
+        engine = make_engine(await resolve_database_url(_settings()), "crm-redrive")
+        try:
+            return await webhook.redrive(engine)
+        finally:
+            await engine.dispose()
+
+    typer.echo(f"{asyncio.run(run())} dead deliveries are pending again")
 
 
 @cli.command()

@@ -21,6 +21,7 @@ from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
+from tests.support import stored_event, uid
 
 RULES = IdentityRules.from_settings(Settings())
 API_TOKEN = "tok_api_" + uuid.uuid4().hex
@@ -66,20 +67,8 @@ def db(runtime: Runtime) -> AsyncEngine:
 # --- helpers ---------------------------------------------------------------------------
 
 
-def uid(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
 def ev(type_: str, ts: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "type": type_,
-        "messageId": uid("m"),
-        "sourceId": SOURCE,
-        "timestamp": ts,
-        "receivedAt": ts,
-        "channel": "server",
-        **fields,
-    }
+    return stored_event(SOURCE, type_, ts, **fields)
 
 
 async def put(db: AsyncEngine, *events: dict[str, Any]) -> None:

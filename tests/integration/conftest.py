@@ -1,5 +1,5 @@
 """A whole pipeline in this process on the real broker and server: collector + API app
-(driven through httpx's ASGI transport) and a resolver task."""
+(driven through httpx's ASGI transport), a resolver task and an activation task."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cdp_stream.activation.consumer import run_activation
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.settings import Settings
@@ -28,13 +29,19 @@ async def pipeline(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
         bootstrap_write_key=WRITE_KEY,
         bootstrap_api_token=API_TOKEN,
         resolver_poll_timeout_ms=50,
+        # Topics and groups of this session only: nothing left on a shared broker by
+        # earlier runs (or benchmarks) is replayed into this session's database.
+        topic_namespace=f"test-{uuid.uuid4().hex[:8]}.",
     )
     runtime = await Runtime.start(settings, "test")
     stop = asyncio.Event()
-    resolver = asyncio.create_task(run_resolver(runtime.bus, runtime.engine, settings, stop))
+    workers = [
+        asyncio.create_task(run(runtime.bus, runtime.engine, settings, stop))
+        for run in (run_resolver, run_activation)
+    ]
     yield runtime
     stop.set()
-    await resolver
+    await asyncio.gather(*workers)
     await runtime.stop()
 
 

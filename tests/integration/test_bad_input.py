@@ -16,7 +16,6 @@ from sqlalchemy import text
 
 from cdp_stream.app import Runtime
 from cdp_stream.bus.base import next_offsets
-from cdp_stream.topics import Topics
 from tests.integration.conftest import WRITE_KEY
 from tests.support import eventually
 
@@ -38,7 +37,7 @@ async def post_raw(
 
 async def dead_letters(runtime: Runtime, marker: str, expected: int) -> list[dict[str, Any]]:
     """The rejection records whose event mentions ``marker`` (read by a fresh group)."""
-    consumer = runtime.bus.consumer(f"test-dlq-{uid()}", [Topics().rejected])
+    consumer = runtime.bus.consumer(f"test-dlq-{uid()}", [runtime.settings.topics.rejected])
     await consumer.start()
     found: list[dict[str, Any]] = []
 

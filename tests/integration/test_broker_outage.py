@@ -18,7 +18,6 @@ import pytest
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.bus.base import next_offsets
 from cdp_stream.settings import Settings
-from cdp_stream.topics import Topics
 from tests.integration.conftest import WRITE_KEY
 from tests.support import eventually
 
@@ -84,7 +83,7 @@ async def test_broker_down_means_503_and_nothing_accepted(
             assert (await client.get("/readyz")).status_code == 200
 
         # What the broker holds: the events answered 200, not the one answered 503.
-        consumer = runtime.bus.consumer(f"outage-check-{run}", [Topics().events])
+        consumer = runtime.bus.consumer(f"outage-check-{run}", [runtime.settings.topics.events])
         await consumer.start()
         ids: set[str] = set()
 

@@ -1,8 +1,11 @@
-"""Request-scoped dependencies: the database connection and the token's scopes."""
+"""Request-scoped dependencies (the database connection, the token's scopes) and the
+opaque cursors of the newest-first listings."""
 
 from __future__ import annotations
 
+import base64
 from collections.abc import AsyncIterator, Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request
@@ -36,3 +39,25 @@ def require_scope(scope: str) -> Callable[..., Coroutine[Any, Any, Token]]:
         return token
 
     return check
+
+
+def cursor_at(when: datetime, row_id: int) -> str:
+    """The cursor of a newest-first page that ends at (``when``, ``row_id``)."""
+    return base64.urlsafe_b64encode(f"{when.isoformat()}|{row_id}".encode()).decode()
+
+
+def position(cursor: str) -> tuple[datetime, int]:
+    """A cursor back to its position; 400 for anything this API did not hand out."""
+    try:
+        when, _, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
+        at, row = in_utc(datetime.fromisoformat(when)), int(row_id)
+    except (ValueError, OverflowError) as exc:
+        raise HTTPException(400, "invalid cursor") from exc
+    if not 0 < row < 2**63:
+        raise HTTPException(400, "invalid cursor")
+    return at, row
+
+
+def in_utc(when: datetime) -> datetime:
+    """``when`` in UTC (naive means UTC); OverflowError for a time Postgres cannot compare."""
+    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)

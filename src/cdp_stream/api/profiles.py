@@ -7,16 +7,15 @@
 
 from __future__ import annotations
 
-import base64
 import logging
 import uuid
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel
 
-from cdp_stream.api.deps import Conn, require_scope
+from cdp_stream.api.deps import Conn, cursor_at, in_utc, position, require_scope
 from cdp_stream.bus.base import BusUnavailable
 from cdp_stream.profiles import repository as repo
 from cdp_stream.resolver.consumer import relay_outbox
@@ -83,26 +82,6 @@ class EventPage(BaseModel):
     next: str | None
 
 
-def _cursor(timestamp: datetime, row_id: int) -> str:
-    return base64.urlsafe_b64encode(f"{timestamp.isoformat()}|{row_id}".encode()).decode()
-
-
-def _after(cursor: str) -> tuple[datetime, int]:
-    try:
-        when, _, row_id = base64.urlsafe_b64decode(cursor.encode()).decode().partition("|")
-        position = _in_range(datetime.fromisoformat(when)), int(row_id)
-    except (ValueError, OverflowError) as exc:
-        raise HTTPException(400, "invalid cursor") from exc
-    if not 0 < position[1] < 2**63:
-        raise HTTPException(400, "invalid cursor")
-    return position
-
-
-def _in_range(when: datetime) -> datetime:
-    """``when`` in UTC; OverflowError for a time Postgres cannot compare (before year 1)."""
-    return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
-
-
 @router.get("/{ref}/events", response_model=EventPage, dependencies=READ)
 async def get_events(
     profile_id: Profile,
@@ -115,14 +94,14 @@ async def get_events(
 ) -> dict[str, Any]:
     """The profile's timeline, newest first, ``limit`` at a time; ``next`` pages on."""
     try:
-        since = since and _in_range(since)
+        since = since and in_utc(since)
     except OverflowError as exc:
         raise HTTPException(422, "since: out of range") from exc
     rows = await repo.read_events(
         conn,
         profile_id,
         limit=limit + 1,
-        before=_after(cursor) if cursor else None,
+        before=position(cursor) if cursor else None,
         type_=type,
         channel=channel,
         since=since,
@@ -131,7 +110,7 @@ async def get_events(
     more = len(rows) > limit
     return {
         "items": [r.item for r in page],
-        "next": _cursor(page[-1].timestamp, page[-1].id) if more else None,
+        "next": cursor_at(page[-1].timestamp, page[-1].id) if more else None,
     }
 
 

@@ -1,0 +1,77 @@
+"""The activation process: the consumer loop on ``cdp.profile-updates`` and its timers.
+
+Per micro-batch, one transaction: the CRM feed and audience membership are brought up to
+date from the profiles as they are now in Postgres (so a redelivered update changes
+nothing), then the offsets are committed. Beside the loop run the CRM webhook deliveries,
+the expiry of time-window audience members, and the DMP counts: each its own task, so a
+slow webhook or a count never holds up the feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream.activation import audiences, crm, dmp, webhook
+from cdp_stream.bus.base import Bus, BusUnavailable, Message, next_offsets, rejoin
+from cdp_stream.profiles.db import retrying
+from cdp_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _decode(messages: list[Message]) -> list[dict[str, Any]]:
+    updates = []
+    for m in messages:
+        try:
+            update = orjson.loads(m.value)
+        except orjson.JSONDecodeError:
+            update = None
+        if isinstance(update, dict) and "profile_id" in update:
+            updates.append(update)
+        else:  # not ours to understand (the resolver writes every update): skip, say so
+            log.warning("skipping a record that is not a profile update at %s", m)
+    return updates
+
+
+async def run_activation(
+    bus: Bus, engine: AsyncEngine, settings: Settings, stop: asyncio.Event
+) -> None:
+    names, done = settings.topics, asyncio.Event()  # ``done`` stops the timers with us
+    timers = [
+        asyncio.create_task(webhook.run_deliveries(engine, settings, done)),
+        asyncio.create_task(audiences.run_expiry(engine, done, settings.dmp_interval_s)),
+        asyncio.create_task(dmp.run_counts(engine, bus, settings, done)),
+    ]
+    await audiences.resume_backfills(engine)  # what a restart interrupted
+    consumer = bus.consumer(names.activation_group, [names.profile_updates])
+    await consumer.start()
+    try:
+        while not stop.is_set():
+            try:
+                messages = await consumer.getmany(
+                    settings.activation_batch_size, settings.resolver_poll_timeout_ms
+                )
+                if not messages:
+                    continue
+                updates = _decode(messages)
+
+                async def apply(conn: Any, updates: list[dict[str, Any]] = updates) -> None:
+                    await crm.apply_updates(conn, updates, settings)
+                    await audiences.apply_updates(conn, updates, datetime.now(UTC))
+
+                await retrying(engine, apply)
+                await consumer.commit(next_offsets(messages))
+            except BusUnavailable as exc:
+                log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
+                await rejoin(consumer, stop)
+    finally:
+        done.set()
+        await audiences.stop_backfills()
+        await consumer.stop()
+        await asyncio.gather(*timers, return_exceptions=True)

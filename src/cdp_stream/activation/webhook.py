@@ -1,0 +1,251 @@
+"""The CRM webhook: POST each queued ``crm_webhook_deliveries`` row, signed, with retries
+and a dead-letter; a task of its own beside the activation consumer, so a slow or broken
+receiver never holds up the feed (the queue just grows).
+
+What a receiver gets, per delivery: ``POST <CDP_CRM_WEBHOOK_URL>`` with a JSON body (the
+payloads described in :mod:`cdp_stream.activation.crm`) and the headers
+
+* ``X-CDP-Delivery``: the delivery id. Delivery is at least once (a timeout after the
+  receiver answered, a crash before the answer was recorded, a redrive): dedupe on it;
+* ``X-CDP-Kind``: ``contact`` or ``interaction`` (the body's ``type`` says more);
+* ``X-CDP-Timestamp``: when it was signed, in Unix seconds;
+* ``X-CDP-Signature``: ``sha256=`` + the hex HMAC-SHA256, keyed with
+  ``CDP_CRM_WEBHOOK_SECRET``, of ``f"{timestamp}.".encode() + raw_body``. Verify it on the
+  raw bytes before parsing, with a constant-time comparison, and refuse timestamps more
+  than a few minutes off (a replayed request): :func:`verify` does exactly that. Without a
+  secret configured requests go out unsigned (and a warning says so at start).
+
+Any 2xx marks the delivery delivered. Anything else (another status, a refused
+connection, a timeout) counts an attempt and schedules the next one after an exponential
+backoff (``base_delay_s * 2**(attempts - 1)``, at most an hour); after
+``CDP_CRM_WEBHOOK_MAX_ATTEMPTS`` attempts the delivery is ``dead``: it stays in the table
+(the dead-letter) until :func:`redrive` queues it again.
+
+Rows are claimed with ``FOR UPDATE SKIP LOCKED`` and leased (``next_attempt_at`` pushed past
+the time the batch can take) in a short transaction, and no transaction stays open across
+HTTP: several activation processes deliver side by side, and rows of one that dies come
+back when their lease runs out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DELIVERY_HEADER = "X-CDP-Delivery"
+KIND_HEADER = "X-CDP-Kind"
+TIMESTAMP_HEADER = "X-CDP-Timestamp"
+SIGNATURE_HEADER = "X-CDP-Signature"
+MAX_BACKOFF_S = 3600.0
+
+
+def sign(secret: str, timestamp: int, body: bytes) -> str:
+    """The ``X-CDP-Signature`` value of ``body`` sent at ``timestamp``."""
+    mac = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return "sha256=" + mac.hexdigest()
+
+
+def verify(
+    secret: str,
+    timestamp: str | int,
+    body: bytes,
+    signature: str,
+    *,
+    tolerance_s: float = 300.0,
+    now: float | None = None,
+) -> bool:
+    """What a receiver checks: the signature matches and the timestamp is recent."""
+    try:
+        ts = int(timestamp)
+    except (TypeError, ValueError):
+        return False
+    if abs((time.time() if now is None else now) - ts) > tolerance_s:
+        return False
+    return hmac.compare_digest(sign(secret, ts, body), signature.strip())
+
+
+def backoff_s(attempts: int, base_delay_s: float) -> float:
+    """The wait before the next try after ``attempts`` failed ones."""
+    return float(min(base_delay_s * 2 ** max(attempts - 1, 0), MAX_BACKOFF_S))
+
+
+@dataclass(frozen=True, slots=True)
+class Due:
+    id: int
+    kind: str
+    body: bytes  # the payload's JSON, sent as stored
+    attempts: int
+
+
+async def claim(engine: AsyncEngine, limit: int, lease_s: float) -> list[Due]:
+    """Take up to ``limit`` due pending deliveries, oldest first, leased for ``lease_s``."""
+    async with engine.begin() as conn:
+        rows = await conn.execute(
+            text(
+                "UPDATE crm_webhook_deliveries SET next_attempt_at = now() + make_interval("
+                "secs => :lease) WHERE id IN (SELECT id FROM crm_webhook_deliveries"
+                " WHERE status = 'pending' AND next_attempt_at <= now()"
+                " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED)"
+                " RETURNING id, kind, payload::text AS body, attempts"
+            ),
+            {"lease": lease_s, "n": limit},
+        )
+        found = [Due(r.id, r.kind, r.body.encode(), r.attempts) for r in rows]
+    return sorted(found, key=lambda d: d.id)
+
+
+async def _record(
+    engine: AsyncEngine, due: Due, error: str | None, max_attempts: int, base_delay_s: float
+) -> None:
+    attempts = due.attempts + 1
+    if error is None:
+        sql = (
+            "UPDATE crm_webhook_deliveries SET status = 'delivered', attempts = :attempts,"
+            " delivered_at = now(), last_error = NULL WHERE id = :id"
+        )
+        params: dict[str, Any] = {"id": due.id, "attempts": attempts}
+    else:
+        sql = (
+            "UPDATE crm_webhook_deliveries SET status = :status, attempts = :attempts,"
+            " last_error = :error, next_attempt_at = now() + make_interval(secs => :wait)"
+            " WHERE id = :id"
+        )
+        dead = attempts >= max_attempts
+        params = {
+            "id": due.id,
+            "attempts": attempts,
+            "status": "dead" if dead else "pending",
+            "error": error[:2000],
+            "wait": 0.0 if dead else backoff_s(attempts, base_delay_s),
+        }
+        log_ = log.warning if dead else log.info
+        log_(
+            "CRM webhook delivery %s attempt %s failed%s: %s",
+            due.id,
+            attempts,
+            " (dead)" if dead else "",
+            error[:200],
+        )
+    async with engine.begin() as conn:
+        await conn.execute(text(sql), params)
+
+
+async def _release(engine: AsyncEngine, ids: list[int]) -> None:
+    """Hand claimed but unsent rows back at once (stopping), rather than at lease end."""
+    if ids:
+        async with engine.begin() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE crm_webhook_deliveries SET next_attempt_at = now()"
+                    " WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'pending'"
+                ),
+                {"ids": ids},
+            )
+
+
+async def post(client: httpx.AsyncClient, settings: Settings, due: Due) -> str | None:
+    """POST one delivery; None when the receiver took it, else what went wrong."""
+    assert settings.crm_webhook_url is not None
+    body = due.body
+    now = int(time.time())
+    headers = {
+        "content-type": "application/json",
+        "user-agent": "cdp-stream-webhook",
+        KIND_HEADER: due.kind,
+        DELIVERY_HEADER: str(due.id),
+        TIMESTAMP_HEADER: str(now),
+    }
+    if settings.crm_webhook_secret:
+        headers[SIGNATURE_HEADER] = sign(settings.crm_webhook_secret, now, body)
+    try:
+        response = await client.post(settings.crm_webhook_url, content=body, headers=headers)
+    except (httpx.HTTPError, httpx.InvalidURL, OSError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    if response.is_success:
+        return None
+    return f"HTTP {response.status_code}: {response.text[:500]}"
+
+
+async def deliver_due(
+    engine: AsyncEngine,
+    settings: Settings,
+    client: httpx.AsyncClient,
+    *,
+    base_delay_s: float,
+    batch_size: int = 20,
+    timeout_s: float = 10.0,
+    stop: asyncio.Event | None = None,
+) -> int:
+    """One pass: send what is due, in id order (a contact before its interactions, unless
+    one of them is retrying); returns how many were tried."""
+    batch = await claim(engine, batch_size, lease_s=timeout_s * batch_size + 30.0)
+    for index, due in enumerate(batch):
+        if stop is not None and stop.is_set():
+            await _release(engine, [d.id for d in batch[index:]])
+            return index
+        error = await post(client, settings, due)
+        await _record(engine, due, error, settings.crm_webhook_max_attempts, base_delay_s)
+    return len(batch)
+
+
+async def run_deliveries(
+    engine: AsyncEngine,
+    settings: Settings,
+    stop: asyncio.Event,
+    *,
+    base_delay_s: float = 5.0,
+    poll_interval_s: float = 1.0,
+    batch_size: int = 20,
+    timeout_s: float = 10.0,
+) -> None:
+    """Deliver until ``stop``; without a webhook URL, only wait for ``stop``. A failure of
+    its own (the database away) is logged and retried: this task must not die quietly."""
+    if not settings.crm_webhook_url:
+        await stop.wait()
+        return
+    if not settings.crm_webhook_secret:
+        log.warning("CDP_CRM_WEBHOOK_SECRET is unset: CRM webhook requests go out unsigned")
+    async with httpx.AsyncClient(timeout=timeout_s) as client:
+        while not stop.is_set():
+            try:
+                sent = await deliver_due(
+                    engine,
+                    settings,
+                    client,
+                    base_delay_s=base_delay_s,
+                    batch_size=batch_size,
+                    timeout_s=timeout_s,
+                    stop=stop,
+                )
+            except Exception:
+                log.exception("CRM webhook deliveries failed; retrying")
+                sent = 0
+            if not sent:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), poll_interval_s)
+
+
+async def redrive(engine: AsyncEngine) -> int:
+    """Queue every dead delivery again (attempts from zero, due now); returns how many."""
+    async with engine.begin() as conn:
+        rows = await conn.execute(
+            text(
+                "UPDATE crm_webhook_deliveries SET status = 'pending', attempts = 0,"
+                " next_attempt_at = now() WHERE status = 'dead' RETURNING id"
+            )
+        )
+        return len(rows.all())

@@ -1,0 +1,57 @@
+"""``/v1/dmp/audience-counts``: the anonymized audience counts, as published to the DMP.
+
+It serves the ``dmp_audience_counts`` rows, which hold only what the feed publishes
+(see :mod:`cdp_stream.activation.dmp`): counts already suppressed and noised, never a
+profile. Newest window first, at most ``limit`` rows; ``since`` keeps windows starting at
+or after it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, HTTPException, Query
+from pydantic import BaseModel
+
+from cdp_stream.activation import dmp
+from cdp_stream.api.deps import Conn, require_scope
+
+router = APIRouter(prefix="/v1/dmp", tags=["dmp"])
+READ = [Depends(require_scope("profiles:read"))]
+
+
+class AudienceCountOut(BaseModel):
+    audience_id: uuid.UUID
+    window: str
+    window_start: datetime
+    dimension: str
+    bucket: str
+    count: int
+    epsilon: float | None
+
+
+class AudienceCountsOut(BaseModel):
+    items: list[AudienceCountOut]
+
+
+@router.get("/audience-counts", response_model=AudienceCountsOut, dependencies=READ)
+async def get_audience_counts(
+    conn: Conn,
+    audience: uuid.UUID | None = None,
+    window: Literal["hour", "day"] | None = None,
+    since: datetime | None = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> dict[str, Any]:
+    """Counts of one audience (404 if it does not exist) or of all."""
+    try:
+        since = since and (since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC))
+    except OverflowError as exc:  # before year 1 once in UTC: Postgres cannot compare it
+        raise HTTPException(422, "since: out of range") from exc
+    if audience is not None and not await dmp.audience_exists(conn, audience):
+        raise HTTPException(404, f"no audience {audience}")
+    items = await dmp.read_counts(
+        conn, audience_id=audience, window=window, since=since, limit=limit
+    )
+    return {"items": items}

@@ -1,0 +1,386 @@
+"""Audience membership on the real Postgres server: real-time updates, time passing,
+merges, deletion, redelivery and back-fill.
+
+Profiles and events are written by the resolver (``apply_with_retry``); the updates fed
+to ``apply_updates`` are the ones it wrote to its outbox, as the activation consumer would
+receive them. The database is shared by the session: every test uses its own
+identifiers and audiences, and looks only at those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream.activation import audiences as aud
+from cdp_stream.activation.rules import parse_rule
+from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles.models import audience_changes, audience_members, profile_update_outbox
+from cdp_stream.resolver.consumer import apply_with_retry
+from cdp_stream.resolver.identity import Identifier, IdentityRules
+from cdp_stream.settings import Settings
+
+RULES = IdentityRules.from_settings(Settings())
+T0 = datetime(2024, 5, 1, tzinfo=UTC)
+HOUR, DAY = timedelta(hours=1), timedelta(days=1)
+PRICING: dict[str, Any] = {
+    "and": [
+        {
+            "event": {
+                "type": "page",
+                "where": {"path": {"starts_with": "/pricing"}},
+                "within": "7d",
+            }
+        },
+        {"computed": "order_count", "eq": 0},
+    ]
+}
+Make = Callable[[dict[str, Any]], Awaitable[uuid.UUID]]
+
+
+def uid(prefix: str = "") -> str:
+    return f"{prefix}{uuid.uuid4().hex[:10]}"
+
+
+def ev(type_: str, at: datetime, **fields: Any) -> dict[str, Any]:
+    ts = at.isoformat().replace("+00:00", "Z")
+    return {
+        "type": type_,
+        "messageId": uid("m-"),
+        "sourceId": "src_audience_test",
+        "timestamp": ts,
+        "receivedAt": ts,
+        "channel": "website",
+        **fields,
+    }
+
+
+def visit(anon: str, at: datetime, path: str = "/pricing", **fields: Any) -> dict[str, Any]:
+    return ev("page", at, anonymousId=anon, properties={"path": path}, **fields)
+
+
+def order(anon: str, at: datetime) -> dict[str, Any]:
+    return ev("track", at, anonymousId=anon, event="Order Completed", properties={"revenue": 9})
+
+
+async def put(engine: AsyncEngine, *events: dict[str, Any]) -> list[dict[str, Any]]:
+    """One resolver batch; returns the profile updates it wrote (its outbox rows)."""
+    async with engine.connect() as conn:
+        before = (
+            await conn.execute(
+                select(profile_update_outbox.c.id).order_by(-profile_update_outbox.c.id)
+            )
+        ).scalar()
+    await apply_with_retry(engine, list(events), RULES)
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(profile_update_outbox.c.payload)
+            .where(profile_update_outbox.c.id > (before or 0))
+            .order_by(profile_update_outbox.c.id)
+        )
+        mine = {e["messageId"] for e in events}
+        return [r.payload for r in rows if r.payload["event"]["messageId"] in mine]
+
+
+async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:
+    async with engine.connect() as conn:
+        pid = await repo.profile_for_identifier(conn, Identifier(type_, value))
+    assert pid is not None
+    return pid
+
+
+async def apply(engine: AsyncEngine, updates: list[dict[str, Any]], now: datetime) -> None:
+    async with engine.begin() as conn:
+        await aud.apply_updates(conn, updates, now)
+
+
+async def expire(engine: AsyncEngine, now: datetime, since: datetime | None = None) -> int:
+    async with engine.begin() as conn:
+        return await aud.expire(conn, now, since=since)
+
+
+async def members(engine: AsyncEngine, audience_id: uuid.UUID) -> set[uuid.UUID]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(audience_members.c.profile_id).where(
+                audience_members.c.audience_id == audience_id
+            )
+        )
+        return set(rows.scalars())
+
+
+async def changes(
+    engine: AsyncEngine, audience_id: uuid.UUID
+) -> list[tuple[uuid.UUID, str, datetime]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(audience_changes.c.profile_id, audience_changes.c.change, audience_changes.c.at)
+            .where(audience_changes.c.audience_id == audience_id)
+            .order_by(audience_changes.c.id)
+        )
+        return [(r.profile_id, r.change, r.at) for r in rows]
+
+
+@pytest.fixture
+async def audience(engine: AsyncEngine) -> AsyncIterator[Make]:
+    """Create audiences for one test; deleted afterwards, so later tests' updates do not
+    keep evaluating them."""
+    made: list[uuid.UUID] = []
+
+    async def make(rule: dict[str, Any]) -> uuid.UUID:
+        async with engine.begin() as conn:
+            audience_id = await aud.create_audience(conn, uid("aud-"), parse_rule(rule))
+        assert audience_id is not None
+        made.append(audience_id)
+        return audience_id
+
+    yield make
+    async with engine.begin() as conn:
+        for audience_id in made:
+            await aud.delete_audience(conn, audience_id)
+
+
+# --- real time and time passing ----------------------------------------------------------
+
+
+async def test_enters_on_an_event_and_exits_when_it_leaves_the_window(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    anon = uid("a-")
+    aid = await audience(PRICING)
+    updates = await put(engine, visit(anon, T0, "/pricing/teams"))
+    pid = await owner(engine, "anonymous_id", anon)
+    await apply(engine, updates, T0 + HOUR)
+    assert await members(engine, aid) == {pid}
+    assert await changes(engine, aid) == [(pid, "enter", T0 + HOUR)]
+
+    await expire(engine, T0 + 7 * DAY - timedelta(seconds=1))
+    assert await members(engine, aid) == {pid}
+    assert await expire(engine, T0 + 7 * DAY) >= 1  # the visit is exactly 7 days old
+    assert await members(engine, aid) == set()
+    assert await changes(engine, aid) == [(pid, "enter", T0 + HOUR), (pid, "exit", T0 + 7 * DAY)]
+    await expire(engine, T0 + 30 * DAY)
+    assert len(await changes(engine, aid)) == 2
+
+
+async def test_expiry_with_since_looks_at_what_crossed_since_the_last_run(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    anon = uid("a-")
+    aid = await audience(PRICING)
+    await apply(engine, await put(engine, visit(anon, T0)), T0)
+    second = await put(engine, visit(anon, T0 + 2 * DAY))
+    await apply(engine, second, T0 + 2 * DAY)
+    await expire(engine, T0 + 8 * DAY, since=T0 + 6 * DAY)  # the first visit left; not the 2nd
+    assert len(await members(engine, aid)) == 1
+    await expire(engine, T0 + 9 * DAY, since=T0 + 8 * DAY)
+    assert await members(engine, aid) == set()
+    assert [c for _, c, _ in await changes(engine, aid)] == ["enter", "exit"]
+
+
+async def test_an_order_exits_the_never_ordered_audience(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    anon = uid("a-")
+    aid = await audience(PRICING)
+    visited = await put(engine, visit(anon, T0))
+    await apply(engine, visited, T0)
+    ordered = await put(engine, order(anon, T0 + HOUR))
+    assert ordered[0]["changed_computed"]["order_count"] == 1
+    await apply(engine, ordered, T0 + HOUR)
+    pid = await owner(engine, "anonymous_id", anon)
+    assert await members(engine, aid) == set()
+    assert await changes(engine, aid) == [(pid, "enter", T0), (pid, "exit", T0 + HOUR)]
+
+
+async def test_time_admits_a_did_not_rule_when_the_event_leaves(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    run = uid()
+    rule = {
+        "and": [
+            {"trait": "run", "eq": run},
+            {"not": {"event": {"type": "page", "within": "7d"}}},
+        ]
+    }
+    aid = await audience(rule)
+    anon = uid("a-")
+    updates = await put(engine, visit(anon, T0, context={"traits": {"run": run}}))
+    await apply(engine, updates, T0 + HOUR)
+    assert await members(engine, aid) == set()
+    await expire(engine, T0 + 7 * DAY)  # no new event: time alone admits them
+    pid = await owner(engine, "anonymous_id", anon)
+    assert await members(engine, aid) == {pid}
+    assert await changes(engine, aid) == [(pid, "enter", T0 + 7 * DAY)]
+
+
+async def test_run_expiry_drops_members_as_the_clock_passes(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    name = uid("Ping ")
+    aid = await audience({"event": {"type": "track", "name": name, "within": "1s"}})
+    anon = uid("a-")
+    now = datetime.now(UTC)
+    await apply(engine, await put(engine, ev("track", now, anonymousId=anon, event=name)), now)
+    assert len(await members(engine, aid)) == 1
+    stop = asyncio.Event()
+    task = asyncio.create_task(aud.run_expiry(engine, stop, 0.1))
+    try:
+        for _ in range(100):
+            if not await members(engine, aid):
+                break
+            await asyncio.sleep(0.1)
+        assert await members(engine, aid) == set()
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert [c for _, c, _ in await changes(engine, aid)] == ["enter", "exit"]
+
+
+# --- redelivery, merges, deletion --------------------------------------------------------
+
+
+async def test_redelivered_and_stale_updates_change_nothing(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    anon = uid("a-")
+    aid = await audience(PRICING)
+    visited = await put(engine, visit(anon, T0), visit(anon, T0 + HOUR))
+    assert len(visited) == 2
+    await apply(engine, visited + visited, T0 + HOUR)
+    await apply(engine, visited, T0 + 2 * HOUR)
+    await apply(engine, visited[:1], T0 + 3 * HOUR)
+    assert len(await changes(engine, aid)) == 1
+    await apply(engine, await put(engine, order(anon, T0 + 4 * HOUR)), T0 + 4 * HOUR)
+    await apply(engine, visited, T0 + 5 * HOUR)  # old news: the profile has ordered since
+    assert await members(engine, aid) == set()
+    assert [c for _, c, _ in await changes(engine, aid)] == ["enter", "exit"]
+
+
+async def test_merged_profiles_leave_and_the_canonical_one_stays(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    anon, email, run = uid("a-"), f"{uid('e-')}@example.com", uid()
+    aid = await audience(PRICING)
+    # the merged-away row keeps its last traits: only its being merged can take it out
+    by_trait = await audience({"trait": "run", "eq": run})
+    first = await put(engine, visit(anon, T0, context={"traits": {"run": run}}))
+    second = await put(
+        engine,
+        visit(uid("b-"), T0 + HOUR, context={"traits": {"email": email, "run": run}}),
+    )
+    await apply(engine, first + second, T0 + HOUR)
+    kept, merged = await owner(engine, "anonymous_id", anon), await owner(engine, "email", email)
+    assert kept != merged
+    assert await members(engine, aid) == await members(engine, by_trait) == {kept, merged}
+    linked = await put(
+        engine, ev("identify", T0 + 2 * HOUR, anonymousId=anon, traits={"email": email})
+    )
+    assert linked[0]["merged_ids"] == [str(merged)]
+    await apply(engine, linked, T0 + 2 * HOUR)
+    await apply(engine, linked + second, T0 + 3 * HOUR)  # redelivered, and a stale one
+    for audience_id in (aid, by_trait):
+        assert await members(engine, audience_id) == {kept}
+        assert sorted((p == kept, c) for p, c, _ in await changes(engine, audience_id)) == [
+            (False, "enter"),
+            (False, "exit"),
+            (True, "enter"),
+        ]
+
+
+async def test_a_deleted_person_leaves_without_their_id_being_written_back(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    anon = uid("a-")
+    aid = await audience(PRICING)
+    await apply(engine, await put(engine, visit(anon, T0)), T0)
+    pid = await owner(engine, "anonymous_id", anon)
+    async with engine.begin() as conn:
+        erased = await repo.delete_group(conn, pid)
+    tombstone = {"type": "deleted", "profile_id": str(pid), "merged_ids": []}
+    await apply(engine, [tombstone, tombstone], T0 + DAY)
+    assert erased == [pid]
+    assert await members(engine, aid) == set()
+    assert await changes(engine, aid) == []  # erased by delete_group, not recreated
+
+
+async def test_unknown_and_malformed_ids_are_skipped(engine: AsyncEngine, audience: Make) -> None:
+    await audience(PRICING)
+    await apply(
+        engine,
+        [{"profile_id": "not-a-uuid", "merged_ids": [None]}, {"profile_id": str(uuid.uuid4())}],
+        T0,
+    )
+
+
+# --- back-fill ---------------------------------------------------------------------------
+
+
+async def test_backfill_gives_the_membership_real_time_updates_give(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    now = datetime.now(UTC)
+    anons = [uid("a-") for _ in range(14)]
+    batches: list[dict[str, Any]] = []
+    for n, anon in enumerate(anons):
+        events = [visit(anon, now - (n % 4) * 3 * DAY - HOUR, "/pricing" if n % 3 else "/blog")]
+        if n % 5 == 0:
+            events.append(order(anon, now - 20 * DAY))
+        if n % 7 == 1:
+            events.append(ev("identify", now - DAY, anonymousId=anon, traits={"plan": "pro"}))
+        batches.append(events)
+    # two people become one: a merge, so the merged-away profile must not count
+    email = f"{uid('e-')}@example.com"
+    batches.append([ev("identify", now - DAY, anonymousId=anons[1], traits={"email": email})])
+    batches.append([ev("identify", now - DAY, anonymousId=anons[2], traits={"email": email})])
+
+    realtime = await audience(PRICING)
+    for events in batches:
+        await apply(engine, await put(engine, *events), datetime.now(UTC))
+    pids = {await owner(engine, "anonymous_id", a) for a in anons}
+    assert len(pids) == len(anons) - 1
+    expected = await members(engine, realtime) & pids
+    assert 0 < len(expected) < len(pids)
+
+    later = await audience(PRICING)
+    await aud.backfill(engine, later, batch=7)
+    assert await members(engine, later) & pids == expected
+    async with engine.connect() as conn:
+        info = await aud.read_audience(conn, later)
+    assert info is not None
+    progress = info["backfill"]
+    assert progress["status"] == "done"
+    assert progress["processed"] == progress["total"] >= len(pids)
+    assert info["size"] == len(await members(engine, later))
+    enters = [c for p, c, _ in await changes(engine, later) if p in pids]
+    assert enters == ["enter"] * len(expected)
+
+    await aud.backfill(engine, later, batch=50)  # again: nothing changes twice
+    assert [c for p, c, _ in await changes(engine, later) if p in pids] == enters
+
+
+async def test_backfill_of_a_missing_audience_does_nothing(engine: AsyncEngine) -> None:
+    await aud.backfill(engine, uuid.uuid4())
+
+
+async def test_interrupted_backfills_resume(engine: AsyncEngine, audience: Make) -> None:
+    aid = await audience({"trait": "plan", "eq": uid()})  # created pending, never started
+    assert await aud.resume_backfills(engine) >= 1
+    await aud.stop_backfills()  # cancelled part-way (or done already): either is fine
+    assert await aud.resume_backfills(engine) >= 0
+    for _ in range(200):
+        async with engine.connect() as conn:
+            info = await aud.read_audience(conn, aid)
+        assert info is not None
+        if info["backfill"]["status"] == "done":
+            break
+        await asyncio.sleep(0.05)
+    assert info["backfill"]["status"] == "done"
+    assert info["size"] == 0

@@ -1,0 +1,667 @@
+"""The CRM feed (:mod:`cdp_stream.activation.crm`) on the real Postgres server.
+
+Events go through the resolver (``apply_with_retry``); the updates handed to
+``crm.apply_updates`` are the ones it wrote to its outbox, as the activation consumer
+would read them from ``cdp.profile-updates``. The database is shared by the session, so
+every test uses its own identifiers and reads only its own rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream.activation import crm
+from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles.db import retrying
+from cdp_stream.profiles.models import (
+    crm_contacts,
+    crm_interactions,
+    crm_webhook_deliveries,
+    profile_update_outbox,
+)
+from cdp_stream.resolver.consumer import apply_with_retry
+from cdp_stream.resolver.identity import Identifier, IdentityRules
+from cdp_stream.settings import Settings
+from tests.support import stored_event, uid
+
+RULES = IdentityRules.from_settings(Settings())
+SOURCE = "src_crm_test"
+# A webhook URL makes apply_updates queue deliveries; nothing sends them in these tests.
+SETTINGS = Settings(crm_key_pages=["/pricing", "/demo/"], crm_webhook_url="http://127.0.0.1:9/")
+NO_WEBHOOK = SETTINGS.model_copy(update={"crm_webhook_url": None})
+
+
+def ev(type_: str, ts: str, **fields: Any) -> dict[str, Any]:
+    return stored_event(SOURCE, type_, ts, **fields)
+
+
+def track(name: str, ts: str, **fields: Any) -> dict[str, Any]:
+    return ev("track", ts, event=name, **fields)
+
+
+async def resolve(engine: AsyncEngine, *events: dict[str, Any]) -> list[dict[str, Any]]:
+    """One resolver batch; the profile updates it wrote, taken out of the outbox (only
+    these: other tests' rows stay)."""
+    await apply_with_retry(engine, list(events), RULES)
+    mine = [e["messageId"] for e in events]
+    async with engine.begin() as conn:
+        rows = await conn.execute(
+            delete(profile_update_outbox)
+            .where(profile_update_outbox.c.payload["event"]["messageId"].astext.in_(mine))
+            .returning(profile_update_outbox.c.id, profile_update_outbox.c.payload)
+        )
+        return [r.payload for r in sorted(rows, key=lambda r: r.id)]
+
+
+async def feed(
+    engine: AsyncEngine, updates: list[dict[str, Any]], settings: Settings = SETTINGS
+) -> None:
+    """One activation micro-batch, committed."""
+    async with engine.begin() as conn:
+        await crm.apply_updates(conn, updates, settings)
+
+
+async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:
+    async with engine.connect() as conn:
+        pid = await repo.profile_for_identifier(conn, Identifier(type_, value))
+    assert pid is not None, f"{type_}:{value} has no profile"
+    return pid
+
+
+async def contact(engine: AsyncEngine, pid: uuid.UUID) -> dict[str, Any] | None:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(select(crm_contacts).where(crm_contacts.c.profile_id == pid))
+        ).one_or_none()
+    return None if row is None else dict(row._mapping)
+
+
+async def interactions(engine: AsyncEngine, *pids: uuid.UUID) -> list[dict[str, Any]]:
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(crm_interactions)
+            .where(crm_interactions.c.profile_id.in_(pids))
+            .order_by(crm_interactions.c.occurred_at, crm_interactions.c.id)
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+async def deliveries(engine: AsyncEngine, *pids: uuid.UUID) -> list[dict[str, Any]]:
+    keys = [str(p) for p in pids]
+    async with engine.connect() as conn:
+        rows = await conn.execute(
+            select(crm_webhook_deliveries)
+            .where(crm_webhook_deliveries.c.payload["profile_id"].astext.in_(keys))
+            .order_by(crm_webhook_deliveries.c.id)
+        )
+        return [dict(r._mapping) for r in rows]
+
+
+async def snapshot(engine: AsyncEngine, *pids: uuid.UUID) -> Any:
+    contacts = [await contact(engine, p) for p in pids]
+    return contacts, await interactions(engine, *pids), await deliveries(engine, *pids)
+
+
+def kinds(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [(r["message_id"], r["kind"]) for r in rows]
+
+
+def at(ts: str) -> datetime:
+    return datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC)
+
+
+# --- pure ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "matches"),
+    [
+        ("/pricing", True),
+        ("/pricing/", True),
+        ("/Pricing/Teams", True),
+        ("/pricing?plan=pro", True),
+        ("/pricing-old", False),
+        ("/blog/pricing", False),
+        ("/demo/book", True),
+        ("/demo", False),  # "/demo/" matches what lies below it only
+        ("/", False),
+    ],
+)
+def test_key_pages_match_whole_segments(path: str, matches: bool) -> None:
+    assert crm.is_key_page(path, ["/pricing", "/demo/", ""]) is matches
+
+
+def test_interaction_of_each_kind() -> None:
+    ts = "2024-03-01T10:00:00Z"
+    email = crm.interaction_of(
+        track(
+            "EMAIL OPENED ",
+            ts,
+            properties={"campaign_name": "Spring", "email_subject": "Hi", "email_id": 7},
+        ),
+        [],
+    )
+    assert email == crm.Interaction(
+        "email_opened", at(ts), {"campaign": "Spring", "subject": "Hi", "email_id": 7}
+    )
+    for name, kind in [
+        ("Email Sent", "email_sent"),
+        ("Email Delivered", "email_delivered"),
+        ("Email Link Clicked", "email_link_clicked"),
+        ("Email Bounced", "email_bounced"),
+        ("Unsubscribed", "email_unsubscribed"),
+        ("Email Marked as Spam", "email_marked_as_spam"),
+        ("Form Submitted", "form_submitted"),
+        ("signed up", "signed_up"),
+        ("Order Completed", "order_completed"),
+        ("Order Refunded", "order_refunded"),
+    ]:
+        found = crm.interaction_of(track(name, ts), [])
+        assert found is not None and found.kind == kind, name
+    order = crm.interaction_of(
+        track(
+            "Order Completed",
+            ts,
+            properties={"order_id": "o1", "total": 20, "products": [{"sku": "s"}]},
+        ),
+        [],
+    )
+    assert order is not None
+    assert order.details == {
+        "order_id": "o1",
+        "amount": 20,
+        "currency": "USD",
+        "items": [{"sku": "s"}],
+    }
+    assert crm.interaction_of(track("Product Viewed", ts), ["/"]) is None
+    assert crm.interaction_of(ev("identify", ts), ["/"]) is None
+    assert crm.interaction_of(ev("page", ts), ["/"]) is None  # no path at all
+    page = crm.interaction_of(
+        ev("page", ts, name="Pricing", properties={"path": "/pricing", "title": "Plans"}),
+        ["/pricing"],
+    )
+    assert page == crm.Interaction(
+        "page_viewed", at(ts), {"path": "/pricing", "title": "Plans", "name": "Pricing"}
+    )
+
+
+def test_contact_of_fields_and_stages() -> None:
+    ids = {"email": ["old@example.com", "new@example.com"], "phone": ["+15550100"]}
+    c = crm.contact_of(
+        {
+            "email": " NEW@example.com",
+            "name": "Ada King Lovelace",
+            "company": {"name": "Engines Ltd"},
+            "jobTitle": "CTO",
+        },
+        {
+            "first_touch": {"referrer": "https://news.example"},
+            "last_seen": "2024-03-01T10:00:00.000000Z",
+        },
+        ids,
+        RULES,
+        lead=False,
+        stage_before=None,
+    )
+    assert c == {
+        "email": "new@example.com",  # the one the traits name
+        "phone": "+15550100",
+        "user_id": None,
+        "first_name": "Ada",
+        "last_name": "King Lovelace",
+        "company": "Engines Ltd",
+        "job_title": "CTO",
+        "lifecycle_stage": "subscriber",
+        "first_touch_source": "https://news.example",
+        "last_activity_at": at("2024-03-01T10:00:00Z"),
+    }
+    traits = {"firstName": "Grace", "name": "G Hopper", "company": "Navy", "title": " "}
+    c = crm.contact_of(
+        traits, {}, {"email": ["x@example.com"]}, RULES, lead=True, stage_before=None
+    )
+    assert c is not None
+    assert (c["first_name"], c["last_name"], c["company"], c["job_title"]) == (
+        "Grace",
+        "Hopper",
+        "Navy",
+        None,
+    )
+    assert c["lifecycle_stage"] == "lead"
+    ordered = {"order_count": 1}
+    assert (
+        crm.contact_of({}, ordered, {"user_id": ["u"]}, RULES, lead=False, stage_before=None)[
+            "lifecycle_stage"
+        ]
+        == "customer"
+    )
+    # never downgrades
+    again = crm.contact_of({}, {}, {"user_id": ["u"]}, RULES, lead=False, stage_before="customer")
+    assert again is not None and again["lifecycle_stage"] == "customer"
+    # an anonymous or phone-only profile is no contact
+    assert (
+        crm.contact_of(
+            {"email": "a@b.c"}, {}, {"phone": ["+1555"]}, RULES, lead=True, stage_before=None
+        )
+        is None
+    )
+
+
+# --- the feed on Postgres -----------------------------------------------------------------
+
+
+async def test_scenario_builds_exactly_the_contact_and_its_interactions(
+    engine: AsyncEngine,
+) -> None:
+    anon, email = uid("a"), f"{uid('ada')}@example.com"
+    campaign = {"source": "newsletter", "medium": "email", "name": "spring"}
+    browse = [
+        ev(
+            "page",
+            "2024-03-01T10:00:00Z",
+            anonymousId=anon,
+            context={
+                "page": {"path": "/pricing", "referrer": "https://x.test"},
+                "campaign": campaign,
+            },
+        ),
+        ev("page", "2024-03-01T10:01:00Z", anonymousId=anon, context={"page": {"path": "/blog/a"}}),
+        ev("page", "2024-03-01T10:02:00Z", anonymousId=anon, properties={"path": "/Pricing/teams"}),
+        ev("page", "2024-03-01T10:03:00Z", anonymousId=anon, properties={"path": "/pricing-old"}),
+    ]
+    updates = await resolve(engine, *browse)
+    await feed(engine, updates)
+    pid = await owner(engine, "anonymous_id", anon)
+    assert await contact(engine, pid) is None  # anonymous: no contact, history kept
+    assert kinds(await interactions(engine, pid)) == [
+        (browse[0]["messageId"], "page_viewed"),
+        (browse[2]["messageId"], "page_viewed"),
+    ]
+    assert await deliveries(engine, pid) == []  # nothing the CRM could attach yet
+
+    identify = ev(
+        "identify",
+        "2024-03-02T09:00:00Z",
+        anonymousId=anon,
+        traits={
+            "email": email.upper(),
+            "name": "Ada Lovelace",
+            "company": "Analytical Engines",
+            "title": "CTO",
+            "phone": "+44 20 7946 0958",
+        },
+    )
+    step = await resolve(engine, identify)
+    updates += step
+    await feed(engine, step)
+    c = await contact(engine, pid)
+    assert c is not None and c["lifecycle_stage"] == "subscriber"
+    # The new contact goes out first, then the history it already had.
+    sent = await deliveries(engine, pid)
+    assert [(d["kind"], d["payload"]["type"]) for d in sent] == [
+        ("contact", "contact.upserted"),
+        ("interaction", "interaction.created"),
+        ("interaction", "interaction.created"),
+    ]
+    assert sent[0]["payload"]["created"] is True
+    assert sent[0]["payload"]["contact"]["email"] == email
+
+    mail = {"context": {"traits": {"email": email}}}
+    props = {"campaign_name": "Spring", "email_subject": "Meet the engine", "email_id": "e-1"}
+    later = [
+        track("Email Delivered", "2024-03-03T08:00:00Z", properties=props, **mail),
+        track("Email Opened", "2024-03-03T08:05:00Z", properties=props, **mail),
+        track(
+            "email link clicked",
+            "2024-03-03T08:06:00Z",
+            properties={**props, "link_url": "https://x.test/pricing"},
+            **mail,
+        ),
+        track("Newsletter Read", "2024-03-03T08:07:00Z", **mail),
+        track(
+            "Form Submitted",
+            "2024-03-03T08:10:00Z",
+            anonymousId=anon,
+            properties={"form_id": "demo"},
+        ),
+    ]
+    step = await resolve(engine, *later)
+    updates += step
+    await feed(engine, step)
+    c = await contact(engine, pid)
+    assert c is not None and c["lifecycle_stage"] == "lead"
+
+    products = [{"sku": "AE-1", "price": 99.5, "quantity": 1}]
+    orders = [
+        track(
+            "Order Completed",
+            "2024-03-04T12:00:00Z",
+            anonymousId=anon,
+            properties={
+                "order_id": "o-1",
+                "revenue": 99.5,
+                "currency": "eur",
+                "products": products,
+            },
+        ),
+        track(
+            "Order Refunded",
+            "2024-03-05T12:00:00Z",
+            anonymousId=anon,
+            properties={"order_id": "o-1", "total": 99.5, "currency": "EUR"},
+        ),
+        ev(
+            "page",
+            "2024-03-05T13:00:00Z",
+            anonymousId=anon,
+            context={"page": {"path": "/demo/book"}},
+        ),
+    ]
+    step = await resolve(engine, *orders)
+    updates += step
+    await feed(engine, step)
+
+    c = await contact(engine, pid)
+    assert c is not None
+    assert {f: c[f] for f in crm.CONTACT_FIELDS} == {
+        "email": email,
+        "phone": "+442079460958",
+        "user_id": None,
+        "first_name": "Ada",
+        "last_name": "Lovelace",
+        "company": "Analytical Engines",
+        "job_title": "CTO",
+        "lifecycle_stage": "customer",
+        "first_touch_source": "newsletter",
+        "last_activity_at": at("2024-03-05T13:00:00Z"),
+    }
+    got = await interactions(engine, pid)
+    expected = [
+        (browse[0], "page_viewed", {"path": "/pricing", "referrer": "https://x.test"}),
+        (browse[2], "page_viewed", {"path": "/Pricing/teams"}),
+        (
+            later[0],
+            "email_delivered",
+            {"campaign": "Spring", "subject": "Meet the engine", "email_id": "e-1"},
+        ),
+        (
+            later[1],
+            "email_opened",
+            {"campaign": "Spring", "subject": "Meet the engine", "email_id": "e-1"},
+        ),
+        (
+            later[2],
+            "email_link_clicked",
+            {
+                "campaign": "Spring",
+                "subject": "Meet the engine",
+                "email_id": "e-1",
+                "link_url": "https://x.test/pricing",
+            },
+        ),
+        (later[4], "form_submitted", {"form_id": "demo"}),
+        (
+            orders[0],
+            "order_completed",
+            {"order_id": "o-1", "amount": 99.5, "currency": "EUR", "items": products},
+        ),
+        (orders[1], "order_refunded", {"order_id": "o-1", "amount": 99.5, "currency": "EUR"}),
+        (orders[2], "page_viewed", {"path": "/demo/book"}),
+    ]
+    assert [
+        (i["source_id"], i["message_id"], i["kind"], i["occurred_at"], i["details"]) for i in got
+    ] == [
+        (SOURCE, e["messageId"], kind, at(e["timestamp"]), details) for e, kind, details in expected
+    ]
+    sent = await deliveries(engine, pid)
+    upserts = [d["payload"]["contact"]["lifecycle_stage"] for d in sent if d["kind"] == "contact"]
+    assert upserts == ["subscriber", "lead", "customer"]  # once per batch, as it ends
+    announced = [
+        d["payload"]["interaction"]["message_id"] for d in sent if d["kind"] == "interaction"
+    ]
+    assert sorted(announced) == sorted(i["message_id"] for i in got)  # each exactly once
+    assert all(d["status"] == "pending" for d in sent)
+
+    # Redelivery: every update again, in one batch, then backwards one at a time.
+    before = await snapshot(engine, pid)
+    await feed(engine, updates)
+    for u in reversed(updates):
+        await feed(engine, [u])
+    assert await snapshot(engine, pid) == before
+
+
+async def test_without_a_webhook_url_nothing_is_queued(engine: AsyncEngine) -> None:
+    user = uid("u")
+    updates = await resolve(
+        engine,
+        ev("identify", "2024-03-01T10:00:00Z", userId=user, traits={"firstName": "Lin"}),
+        track("Signed Up", "2024-03-01T10:01:00Z", userId=user, properties={"type": "google"}),
+    )
+    await feed(engine, updates, NO_WEBHOOK)
+    pid = await owner(engine, "user_id", user)
+    c = await contact(engine, pid)
+    assert c is not None
+    assert (c["user_id"], c["email"], c["first_name"], c["lifecycle_stage"]) == (
+        user,
+        None,
+        "Lin",
+        "lead",
+    )
+    assert kinds(await interactions(engine, pid)) == [
+        (updates[1]["event"]["messageId"], "signed_up")
+    ]
+    assert await deliveries(engine, pid) == []
+
+
+async def test_stage_never_goes_down(engine: AsyncEngine) -> None:
+    user = uid("u")
+    updates = await resolve(engine, ev("identify", "2024-03-01T10:00:00Z", userId=user))
+    await feed(engine, updates)
+    pid = await owner(engine, "user_id", user)
+    async with engine.begin() as conn:  # as if an order had been unmerged away since
+        await conn.execute(
+            update(crm_contacts)
+            .where(crm_contacts.c.profile_id == pid)
+            .values(lifecycle_stage="customer")
+        )
+    step = await resolve(
+        engine, ev("identify", "2024-03-02T10:00:00Z", userId=user, traits={"plan": "x"})
+    )
+    await feed(engine, step)
+    c = await contact(engine, pid)
+    assert c is not None and c["lifecycle_stage"] == "customer"
+    assert c["last_activity_at"] == at("2024-03-02T10:00:00Z")
+
+
+async def test_merge_folds_the_merged_away_contact_into_the_canonical_one(
+    engine: AsyncEngine,
+) -> None:
+    a, b = uid("a"), uid("b")
+    email_a, email_b = f"{uid('a')}@example.com", f"{uid('b')}@example.com"
+    updates = await resolve(
+        engine,
+        ev(
+            "identify",
+            "2024-03-01T10:00:00Z",
+            anonymousId=a,
+            traits={"email": email_a, "name": "Ann"},
+        ),
+        ev("page", "2024-03-01T10:01:00Z", anonymousId=a, context={"page": {"path": "/pricing"}}),
+    )
+    updates += await resolve(
+        engine,
+        ev("identify", "2024-03-02T10:00:00Z", anonymousId=b, traits={"email": email_b}),
+        track(
+            "Email Opened",
+            "2024-03-02T10:05:00Z",
+            anonymousId=b,
+            properties={"email_subject": "Hi"},
+        ),
+    )
+    await feed(engine, updates)
+    first, second = await owner(engine, "anonymous_id", a), await owner(engine, "anonymous_id", b)
+    assert first != second
+    assert await contact(engine, first) is not None and await contact(engine, second) is not None
+    interactions_before = await interactions(engine, first, second)
+    sent_before = len(await deliveries(engine, first, second))
+
+    # One event links both: the older profile (first) stays, second is merged into it.
+    merge = await resolve(
+        engine, ev("identify", "2024-03-03T10:00:00Z", anonymousId=a, traits={"email": email_b})
+    )
+    assert merge[0]["profile_id"] == str(first) and merge[0]["merged_ids"] == [str(second)]
+    updates += merge
+    await feed(engine, merge)
+
+    assert await contact(engine, second) is None
+    c = await contact(engine, first)
+    assert c is not None
+    assert (c["email"], c["first_name"]) == (email_b, "Ann")  # the email the traits name now
+    moved = await interactions(engine, first, second)
+    assert {i["profile_id"] for i in moved} == {first}
+    assert [i["id"] for i in moved] == [i["id"] for i in interactions_before]
+    new = (await deliveries(engine, first, second))[sent_before:]
+    assert [d["payload"] for d in new] == [
+        {"type": "contact.merged", "profile_id": str(second), "merged_into": str(first)},
+        {
+            "type": "contact.upserted",
+            "profile_id": str(first),
+            "created": False,
+            "contact": new[1]["payload"]["contact"],
+        },
+    ]  # the CRM knew second's interactions: they are moved, not sent again
+
+    # A late update of the merged-away profile lands on the canonical one.
+    before = await snapshot(engine, first, second)
+    for u in updates:
+        await feed(engine, [u])
+    assert await snapshot(engine, first, second) == before
+
+
+async def test_merging_an_anonymous_history_announces_it(engine: AsyncEngine) -> None:
+    anon, user = uid("a"), uid("u")
+    visit = ev("page", "2024-03-01T10:00:00Z", anonymousId=anon, properties={"path": "/pricing"})
+    updates = await resolve(engine, visit)
+    signup = track("Signed Up", "2024-03-02T10:01:00Z", userId=user)
+    updates += await resolve(engine, ev("identify", "2024-03-02T10:00:00Z", userId=user), signup)
+    await feed(engine, updates)
+    visitor, person = (
+        await owner(engine, "anonymous_id", anon),
+        await owner(engine, "user_id", user),
+    )
+    merge = await resolve(
+        engine, ev("identify", "2024-03-03T10:00:00Z", userId=user, anonymousId=anon)
+    )
+    await feed(engine, merge)
+    # The anonymous profile is older, so it is the canonical one: the contact moves to it.
+    assert await owner(engine, "user_id", user) == visitor
+    assert await contact(engine, person) is None
+    c = await contact(engine, visitor)
+    assert c is not None and c["user_id"] == user
+    assert c["lifecycle_stage"] == "lead"
+    assert kinds(await interactions(engine, visitor)) == [
+        (visit["messageId"], "page_viewed"),
+        (signup["messageId"], "signed_up"),
+    ]
+    sent = await deliveries(engine, visitor, person)
+    assert [(d["payload"]["type"], d["payload"]["profile_id"]) for d in sent] == [
+        ("contact.upserted", str(person)),
+        ("interaction.created", str(person)),
+        ("contact.merged", str(person)),
+        ("contact.upserted", str(visitor)),
+        ("interaction.created", str(visitor)),
+    ]
+    # The visit is news to the CRM; the sign-up it has (contact.merged moves it).
+    assert sent[4]["payload"]["interaction"]["message_id"] == visit["messageId"]
+
+
+async def test_tombstone_forgets_the_person(engine: AsyncEngine) -> None:
+    anon, email = uid("a"), f"{uid('gone')}@example.com"
+    updates = await resolve(
+        engine,
+        ev("page", "2024-03-01T10:00:00Z", anonymousId=anon, properties={"path": "/pricing"}),
+    )
+    updates += await resolve(
+        engine, track("Email Opened", "2024-03-02T10:00:00Z", context={"traits": {"email": email}})
+    )
+    updates += await resolve(
+        engine, ev("identify", "2024-03-03T10:00:00Z", anonymousId=anon, traits={"email": email})
+    )
+    await feed(engine, updates)
+    pid = await owner(engine, "email", email)
+    group = [uuid.UUID(updates[0]["profile_id"]), uuid.UUID(updates[1]["profile_id"])]
+    assert await contact(engine, pid) is not None
+    assert len(await interactions(engine, *group)) == 2
+    assert await deliveries(engine, *group)
+
+    # The API's erasure: delete_group in its transaction, then the tombstone.
+    async with engine.begin() as conn:
+        ids = await repo.delete_group(conn, pid)
+    tombstone = {
+        "type": "deleted",
+        "profile_id": str(pid),
+        "merged_ids": [str(i) for i in ids if i != pid],
+    }
+    await feed(engine, [tombstone])
+    await feed(engine, [tombstone])  # redelivered
+    assert await contact(engine, pid) is None
+    assert await interactions(engine, *ids) == []
+    left = await deliveries(engine, *ids)  # no personal data queued; one "forget them"
+    assert [d["payload"] for d in left] == [
+        {
+            "type": "contact.deleted",
+            "profile_id": str(pid),
+            "merged_ids": tombstone["merged_ids"],
+            "reason": "erased",
+        }
+    ]
+    # Late updates of the deleted person resurrect nothing.
+    await feed(engine, updates)
+    assert await snapshot(engine, *ids) == ([None] * len(ids), [], left)
+
+
+async def test_tombstone_alone_removes_contact_and_interactions(engine: AsyncEngine) -> None:
+    user = uid("u")
+    updates = await resolve(
+        engine,
+        ev("identify", "2024-03-01T10:00:00Z", userId=user),
+        track("Form Submitted", "2024-03-01T10:01:00Z", userId=user),
+    )
+    await feed(engine, updates, NO_WEBHOOK)
+    pid = await owner(engine, "user_id", user)
+    assert await contact(engine, pid) is not None and await interactions(engine, pid)
+    await feed(engine, [{"type": "deleted", "profile_id": str(pid), "merged_ids": []}], NO_WEBHOOK)
+    assert await contact(engine, pid) is None and await interactions(engine, pid) == []
+
+
+async def test_concurrent_consumers_on_one_person(engine: AsyncEngine) -> None:
+    user = uid("u")
+    updates = await resolve(
+        engine,
+        ev(
+            "identify", "2024-03-01T10:00:00Z", userId=user, traits={"email": f"{user}@example.com"}
+        ),
+        track("Signed Up", "2024-03-01T10:01:00Z", userId=user),
+        track("Order Completed", "2024-03-01T10:02:00Z", userId=user, properties={"total": 5}),
+    )
+
+    async def consume(batch: list[dict[str, Any]]) -> None:
+        await retrying(engine, lambda conn: crm.apply_updates(conn, batch, SETTINGS))
+
+    await asyncio.gather(*(consume(updates) for _ in range(4)), consume(updates[::-1]))
+    pid = await owner(engine, "user_id", user)
+    c = await contact(engine, pid)
+    assert c is not None and c["lifecycle_stage"] == "customer"
+    assert len(await interactions(engine, pid)) == 2
+    sent = await deliveries(engine, pid)
+    assert [d["payload"]["type"] for d in sent] == [
+        "contact.upserted",
+        "interaction.created",
+        "interaction.created",
+    ]
