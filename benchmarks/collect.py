@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import multiprocessing as mp
 import os
 import random
@@ -45,6 +46,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -190,15 +192,17 @@ async def http_loop(
 # -- measuring -----------------------------------------------------------------------------
 
 
-def cpu_s(procs: list[psutil.Process] | None) -> float:
-    """CPU seconds used so far by ``procs`` (None: the whole machine, busy time)."""
+def cpu_s(procs: Sequence[psutil.Process] | None) -> float:
+    """CPU seconds used so far by ``procs`` (None: the whole machine, busy time); a
+    process that is gone counts what it had."""
     if procs is None:
         t = psutil.cpu_times()
         return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
-    try:
-        return sum(sum(p.cpu_times()[:2]) for p in procs)
-    except psutil.Error:
-        return 0.0
+    total = 0.0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += sum(p.cpu_times()[:2])
+    return total
 
 
 def run_load(

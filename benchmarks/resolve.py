@@ -46,7 +46,6 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -54,6 +53,7 @@ from typing import Any
 
 import orjson
 import psutil
+from collect import cleanup, cpu_s, database  # the sibling benchmark's helpers
 from sqlalchemy.engine import make_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -150,18 +150,6 @@ def make_case(events: int, people: int | None, seed: int) -> Case:
 # -- measuring -----------------------------------------------------------------------------
 
 
-def cpu_s(procs: Sequence[psutil.Process] | None) -> float:
-    """CPU seconds used so far by ``procs`` (None: the whole machine, busy time)."""
-    if procs is None:
-        t = psutil.cpu_times()
-        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
-    total = 0.0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += sum(p.cpu_times()[:2])
-    return total
-
-
 def server_cpu_s(root: psutil.Process | None) -> float:
     """CPU seconds of a server and all its children, those it has reaped included (the
     backends of every connection, come and gone: Postgres forks one per connection)."""
@@ -235,17 +223,6 @@ class Meter:
 
 
 # -- the services --------------------------------------------------------------------------
-
-
-async def database(admin_url: str, name: str, create: bool) -> None:
-    import asyncpg
-
-    conn = await asyncpg.connect(admin_url.replace("+asyncpg", ""), timeout=5)
-    try:
-        drop = f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'
-        await conn.execute(f'CREATE DATABASE "{name}"' if create else drop)
-    finally:
-        await conn.close()
 
 
 async def probe(admin_url: str) -> None:
@@ -397,13 +374,6 @@ async def copy_ceiling(db_url: str, rows: list[tuple[Any, ...]]) -> tuple[int, f
     finally:
         await conn.close()
     return batches, rates[0], rates[1]
-
-
-def cleanup(what: str, action: Any, *args: Any) -> None:
-    try:
-        action(*args)
-    except Exception as exc:  # one failed step must not skip the others
-        print(f"cleanup: {what} failed: {exc!r}", file=sys.stderr)
 
 
 def drop_namespace(bootstrap: str, namespace: str) -> None:

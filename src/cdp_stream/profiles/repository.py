@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import bindparam, delete, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql import Subquery
 
 from cdp_stream.profiles.models import (
     audience_changes,
@@ -150,6 +151,16 @@ async def insert_profiles(
         )
 
 
+def _id_mapping(pairs: dict[uuid.UUID, uuid.UUID]) -> tuple[Subquery, dict[str, Any]]:
+    """An (old, new) table of profile ids to join an UPDATE with, and its parameters."""
+    mapping = (
+        text("SELECT * FROM unnest(CAST(:old AS uuid[]), CAST(:new AS uuid[])) AS m(old, new)")
+        .columns(old=UUID(as_uuid=True), new=UUID(as_uuid=True))
+        .subquery("m")
+    )
+    return mapping, {"old": list(pairs), "new": list(pairs.values())}
+
+
 async def record_merges(
     conn: AsyncConnection,
     merges: Sequence[tuple[uuid.UUID, uuid.UUID, tuple[str, str]]],
@@ -167,13 +178,7 @@ async def record_merges(
             for c, m, (s, mid) in merges
         ],
     )
-    moved = {m: final(m) for _, m, _ in merges}
-    mapping = (
-        text("SELECT * FROM unnest(CAST(:old AS uuid[]), CAST(:new AS uuid[])) AS m(old, new)")
-        .columns(old=UUID(as_uuid=True), new=UUID(as_uuid=True))
-        .subquery("m")
-    )
-    params = {"old": list(moved), "new": list(moved.values())}
+    mapping, params = _id_mapping({m: final(m) for _, m, _ in merges})
     await conn.execute(
         update(profiles)
         .where(profiles.c.id == mapping.c.old)
@@ -348,28 +353,23 @@ async def merge_log(conn: AsyncConnection, atoms: Sequence[uuid.UUID]) -> list[M
 
 async def regroup(conn: AsyncConnection, head: dict[uuid.UUID, uuid.UUID]) -> None:
     """Point each atom, its claimed identities and its first-attached events at its head."""
-    mapping = (
-        text("SELECT * FROM unnest(CAST(:atom AS uuid[]), CAST(:head AS uuid[])) AS m(atom, head)")
-        .columns(atom=UUID(as_uuid=True), head=UUID(as_uuid=True))
-        .subquery("m")
-    )
-    params = {"atom": list(head), "head": list(head.values())}
+    mapping, params = _id_mapping(head)
     await conn.execute(
         update(profiles)
-        .where(profiles.c.id == mapping.c.atom)
-        .values(merged_into=func.nullif(mapping.c.head, mapping.c.atom), updated_at=func.now()),
+        .where(profiles.c.id == mapping.c.old)
+        .values(merged_into=func.nullif(mapping.c.new, mapping.c.old), updated_at=func.now()),
         params,
     )
     await conn.execute(
         update(identities)
-        .where(identities.c.claimed_by == mapping.c.atom)
-        .values(profile_id=mapping.c.head),
+        .where(identities.c.claimed_by == mapping.c.old)
+        .values(profile_id=mapping.c.new),
         params,
     )
     await conn.execute(
         update(events)
-        .where(events.c.origin_profile_id == mapping.c.atom)
-        .values(profile_id=mapping.c.head),
+        .where(events.c.origin_profile_id == mapping.c.old)
+        .values(profile_id=mapping.c.new),
         params,
     )
 
