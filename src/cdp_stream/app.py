@@ -27,6 +27,7 @@ from cdp_stream.bus import make_bus
 from cdp_stream.bus.base import Bus, BusUnavailable
 from cdp_stream.collector.auth import WriteKeys
 from cdp_stream.collector.routes import router as collector_router
+from cdp_stream.collector.webhooks import router as webhooks_router
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
 from cdp_stream.profiles.db import make_engine, resolve_database_url
 from cdp_stream.profiles.migrate import upgrade_to_head
@@ -91,6 +92,7 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
 
     if "collector" in parts:
         app.include_router(collector_router)
+        app.include_router(webhooks_router)
     if "api" in parts:
         app.include_router(profiles_router)
         app.include_router(crm_router)

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     http_port: int = 8080
     bootstrap_write_key: str | None = None
     bootstrap_api_token: str | None = None
+    sendgrid_verification_key: str | None = None  # base64 DER public key SendGrid shows
+    mailgun_signing_key: str | None = None  # Mailgun's HTTP webhook signing key
 
     topic_partitions: int = Field(default=6, ge=1)
     topic_namespace: str = Field(

@@ -129,7 +129,7 @@ def intake(
                     result.rejected.append(Rejected(index, _message_id(raw), reason, None))
                     continue
         except _Refused as exc:
-            record = _rejection(raw, endpoint, index, str(exc), source_id, received_at)
+            record = rejection_record(raw, endpoint, index, str(exc), source_id, received_at)
             result.rejected.append(Rejected(index, _message_id(raw), str(exc), record))
             continue
         result.accepted.append(Accepted(_routing_key(enriched), value))
@@ -328,7 +328,7 @@ def _message_id(raw: Any) -> str | None:
     return mid if isinstance(mid, str) else None
 
 
-def _rejection(
+def rejection_record(
     raw: Any, endpoint: str, index: int, reason: str, source_id: str, received_at: datetime
 ) -> bytes:
     """A ``cdp.events.rejected`` record (see :class:`cdp_stream.events.Rejection`)."""

@@ -30,11 +30,11 @@ router = APIRouter(tags=["collector"])
 ENDPOINTS = ("identify", "track", "page", "screen", "group", "alias", "batch")
 
 
-def _error(status: int, message: str, **extra: Any) -> JSONResponse:
+def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"success": False, "error": message, **extra}, status_code=status)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int) -> bytes:
     """The body, decompressed, refusing (413) anything over ``limit`` bytes either way."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -72,12 +72,12 @@ async def _collect(request: Request, endpoint: str) -> JSONResponse:
     received_at = datetime.now(UTC)
     try:
         body = loads_strict(
-            await _read_body(request, settings.max_request_bytes), settings.max_json_depth
+            await read_body(request, settings.max_request_bytes), settings.max_json_depth
         )
         key = basic_username(request.headers.get("authorization")) or body_write_key(body)
         source_id = await write_keys.source_id(key) if key else None
         if source_id is None:
-            return _error(401, "missing or unknown write key")
+            return error_response(401, "missing or unknown write key")
         result = intake(
             body,
             endpoint,
@@ -88,7 +88,7 @@ async def _collect(request: Request, endpoint: str) -> JSONResponse:
             user_agent=request.headers.get("user-agent"),
         )
     except BadRequest as exc:
-        return _error(exc.status, exc.message)
+        return error_response(exc.status, exc.message)
 
     records = [Record(settings.topics.events, a.key, a.value) for a in result.accepted]
     records += [
@@ -108,7 +108,7 @@ async def _collect(request: Request, endpoint: str) -> JSONResponse:
         {"index": r.index, "messageId": r.message_id, "reason": r.reason} for r in result.rejected
     ]
     if endpoint != "batch" and result.rejected:
-        return _error(400, result.rejected[0].reason, rejected=rejected)
+        return error_response(400, result.rejected[0].reason, rejected=rejected)
     return JSONResponse({"success": True, **({"rejected": rejected} if rejected else {})})
 
 
