@@ -1,0 +1,10 @@
+"""The Python SDK: send Segment-spec events to a cdp-stream collector.
+
+``Client`` batches on a background thread; ``AsyncClient`` does the same on an asyncio
+task. Neither raises into the caller: problems are logged and counted in ``stats``.
+"""
+
+from cdp_stream.sdk.aio import AsyncClient
+from cdp_stream.sdk.client import Client, Stats
+
+__all__ = ["AsyncClient", "Client", "Stats"]

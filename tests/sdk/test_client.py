@@ -1,0 +1,387 @@
+"""The SDK against the real collector, served by uvicorn on a real socket, on the real
+broker and database (a resolver task too, for the profile check).
+
+The collector sits behind :class:`Gate`, an ASGI wrapper that records every ``/v1/batch``
+request it sees (the answer's status and the messageIds in the body) and can answer the
+next requests itself (a 429 or 503 with Retry-After) to drive the retry paths.
+
+The thread-backed client blocks: the tests call its blocking methods (flush, shutdown)
+through ``asyncio.to_thread`` so the server, on this event loop, keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gzip
+import json
+import math
+import socket
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from cdp_stream.app import Runtime, create_app
+from cdp_stream.resolver.consumer import run_resolver
+from cdp_stream.sdk import AsyncClient, Client
+from cdp_stream.settings import Settings
+from tests.support import eventually, uid
+
+WRITE_KEY = "wk_sdk_" + uuid.uuid4().hex[:8]
+API_TOKEN = "tok_sdk_" + uuid.uuid4().hex[:8]
+
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+class Gate:
+    """Records ``/v1/batch`` requests; answers the statuses in ``answers`` itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.requests: list[tuple[int, list[str]]] = []
+        self.answers: list[int] = []
+
+    def delivered(self) -> Counter[str]:
+        """How many times each messageId reached the collector in a request it took."""
+        return Counter(m for status, ids in self.requests if status == 200 for m in ids)
+
+    def sizes(self) -> list[int]:
+        return [len(ids) for status, ids in self.requests if status == 200]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/batch":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        headers = dict(scope["headers"])
+        raw = gzip.decompress(body) if headers.get(b"content-encoding") == b"gzip" else body
+        ids = [e["messageId"] for e in json.loads(raw)["batch"]]
+        if self.answers:
+            status = self.answers.pop(0)
+            self.requests.append((status, ids))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b'{"success":false}'})
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        status_seen: list[int] = []
+
+        async def capture(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status_seen.append(message["status"])
+            await send(message)
+
+        await self.app(scope, replay, capture)
+        self.requests.append((status_seen[0] if status_seen else 0, ids))
+
+
+class Server:
+    """uvicorn serving ``app`` on a fixed port on this loop; stop and start again."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            ws="none",
+            http="h11",
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._server = self._task = None
+
+
+@pytest.fixture(scope="module")
+async def runtime(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=pg_url,
+        bootstrap_write_key=WRITE_KEY,
+        bootstrap_api_token=API_TOKEN,
+        resolver_poll_timeout_ms=50,
+        topic_namespace=f"test-sdk-{uuid.uuid4().hex[:8]}.",
+    )
+    rt = await Runtime.start(settings, "test-sdk")
+    stop = asyncio.Event()
+    resolver = asyncio.create_task(run_resolver(rt.bus, rt.engine, settings, stop))
+    yield rt
+    stop.set()
+    await resolver
+    await rt.stop()
+
+
+@pytest.fixture(scope="module")
+async def server(runtime: Runtime) -> AsyncIterator[Server]:
+    srv = Server(Gate(create_app(runtime, ["collector", "api"])))
+    await srv.start()
+    yield srv
+    await srv.stop()
+
+
+@pytest.fixture
+def gate(server: Server) -> Gate:
+    g = server.app
+    assert isinstance(g, Gate)
+    g.requests.clear()
+    g.answers.clear()
+    return g
+
+
+@contextlib.asynccontextmanager
+async def sdk(server: Server, **options: Any) -> AsyncIterator[Client]:
+    options = {"flush_interval": 0.2, "backoff_base": 0.05, "backoff_max": 0.5, **options}
+    write_key = options.pop("write_key", WRITE_KEY)
+    client = Client(write_key, server.url, **options)
+    try:
+        yield client
+    finally:
+        await asyncio.to_thread(client.shutdown, 5.0)
+
+
+async def test_every_call_arrives_and_builds_a_profile(server: Server, gate: Gate) -> None:
+    user, anon = uid("sdk-u"), uid("sdk-a")
+    async with sdk(server) as client:
+        ids = [
+            client.identify(user, {"plan": "pro", "name": "Ada"}, anonymous_id=anon),
+            client.track(user, "Signed Up", {"source": "sdk"}, context={"ip": "203.0.113.9"}),
+            client.page(user, "Docs", "Intro", {"path": "/docs"}),
+            client.screen(user, "App", "Home"),
+            client.group(user, "acme", {"name": "Acme"}),
+            client.alias(anon, user),
+        ]
+        assert all(ids) and len(set(ids)) == 6
+        assert await asyncio.to_thread(client.flush, 10.0)
+        assert client.stats.sent == 6
+        assert client.dropped == 0 and client.stats.rejected_by_collector == 0
+    assert gate.delivered() == Counter(ids)
+
+    async with httpx.AsyncClient(base_url=server.url) as http:
+
+        async def probe() -> dict[str, Any] | None:
+            r = await http.get(
+                f"/v1/profiles/user_id:{user}", headers={"authorization": f"Bearer {API_TOKEN}"}
+            )
+            return dict(r.json()) if r.status_code == 200 else None
+
+        profile = await eventually(probe)
+    assert profile is not None, "no profile for the SDK's events"
+    assert profile["traits"] == {"plan": "pro", "name": "Ada"}
+
+
+async def test_batches_by_count_and_flush_sends_the_rest(server: Server, gate: Gate) -> None:
+    async with sdk(server, flush_at=5, flush_interval=60) as client:
+        ids = [client.track(uid("u"), "Clicked", {"n": i}) for i in range(12)]
+
+        async def two_batches() -> bool:
+            return len(gate.sizes()) >= 2
+
+        assert await eventually(two_batches, within_s=10)
+        await asyncio.sleep(0.3)
+        assert gate.sizes() == [5, 5]  # the last 2 wait for flush_interval (60 s)
+        assert client.pending == 2
+        assert await asyncio.to_thread(client.flush, 10.0)
+        assert gate.sizes() == [5, 5, 2]
+    assert gate.delivered() == Counter(ids)
+
+
+async def test_byte_budget_splits_batches_and_oversize_events_are_dropped(
+    server: Server, gate: Gate
+) -> None:
+    async with sdk(server, max_batch_bytes=20_000, flush_interval=60) as client:
+        ids = [client.track(uid("u"), "Big", {"blob": "x" * 5000}) for _ in range(10)]
+        assert client.track(uid("u"), "Huge", {"blob": "x" * 40_000}) is None
+        assert client.stats.dropped_invalid == 1
+        assert await asyncio.to_thread(client.flush, 10.0)
+    assert gate.delivered() == Counter(ids)
+    assert len(gate.sizes()) >= 3 and max(gate.sizes()) <= 3  # 3 x ~5.3 KB per 20 KB
+
+
+async def test_shutdown_delivers_everything_queued(server: Server, gate: Gate) -> None:
+    client = Client(WRITE_KEY, server.url, flush_interval=60)
+    ids = [client.track(uid("u"), "Left", {"i": i}) for i in range(7)]
+    assert not gate.requests
+    assert await asyncio.to_thread(client.shutdown, 10.0)
+    assert gate.delivered() == Counter(ids)
+    assert client.track("u", "After") is None  # after shutdown: dropped, not raised
+    assert client.dropped == 1
+
+
+async def test_collector_down_queues_retries_and_delivers_once(server: Server, gate: Gate) -> None:
+    async with sdk(server, max_retries=1000, flush_interval=0.05) as client:
+        await server.stop()
+        try:
+            ids = [client.track(uid("u"), "Offline", {"i": i}) for i in range(5)]
+            await asyncio.sleep(1.0)
+            assert client.pending == 5
+            assert client.stats.retries >= 2
+            assert not gate.requests
+        finally:
+            await server.start()
+        assert await asyncio.to_thread(client.flush, 15.0)
+        assert client.stats.sent == 5 and client.dropped == 0
+    assert gate.delivered() == Counter(ids)  # each messageId exactly once
+
+
+async def test_429_and_503_are_retried_honouring_retry_after(server: Server, gate: Gate) -> None:
+    gate.answers = [429, 503]
+    async with sdk(server, backoff_base=0.01) as client:
+        ids = [client.track(uid("u"), "Throttled")]
+        started = time.monotonic()
+        assert await asyncio.to_thread(client.flush, 15.0)
+        assert time.monotonic() - started >= 1.0  # Retry-After: 1, backoff_max 0.5
+        assert client.stats.retries == 2 and client.stats.sent == 1
+    assert [status for status, _ in gate.requests] == [429, 503, 200]
+    assert gate.delivered() == Counter(ids)
+
+
+async def test_4xx_is_dropped_and_counted_never_retried(server: Server, gate: Gate) -> None:
+    async with sdk(server, write_key="wk_wrong") as client:
+        for i in range(3):
+            assert client.track(uid("u"), "Denied", {"i": i})
+        assert await asyncio.to_thread(client.flush, 10.0)
+        assert client.stats.dropped_rejected == 3 and client.dropped == 3
+        assert client.stats.retries == 0 and client.stats.sent == 0
+    assert [status for status, _ in gate.requests] == [401]
+
+
+async def test_queue_full_drops_and_counts(server: Server, gate: Gate) -> None:
+    async with sdk(server, max_queue_size=3, flush_interval=60) as client:
+        ids = [client.track(uid("u"), "Queued", {"i": i}) for i in range(5)]
+        assert ids[3] is None and ids[4] is None
+        assert client.stats.dropped_queue_full == 2 and client.dropped == 2
+        assert await asyncio.to_thread(client.flush, 10.0)
+    assert gate.delivered() == Counter(i for i in ids if i)
+
+
+async def test_never_raises(server: Server, gate: Gate) -> None:
+    class Weird:
+        def __str__(self) -> str:
+            return "weird"
+
+    circular: dict[str, Any] = {}
+    circular["self"] = circular
+    async with sdk(server) as client:
+        assert client.track(None, "No one") is None  # no userId nor anonymousId
+        assert client.track("u") is None  # no event name
+        assert client.group("u") is None  # no groupId
+        assert client.alias(None, "u") is None  # no previousId
+        assert client.track("u", "NaN", {"x": math.nan}) is None
+        assert client.track("u", "Loop", circular) is None
+        assert client.stats.dropped_invalid == 6
+        ok = client.track("u-" + uid(), "Odd", {"w": Weird(), "s": {1}})  # made strings/lists
+        assert ok
+        assert await asyncio.to_thread(client.flush, 10.0)
+        assert client.stats.sent == 1
+    # Nobody listening, one retry: the batch is dropped and counted, nothing raised.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    client = Client(WRITE_KEY, dead, max_retries=1, backoff_base=0.01, flush_interval=0.01)
+    assert client.identify("u", {"a": 1})
+    assert await asyncio.to_thread(client.flush, 10.0)
+    assert client.stats.dropped_retries_exhausted == 1
+    assert await asyncio.to_thread(client.shutdown, 5.0)
+
+
+async def test_async_client(server: Server, gate: Gate) -> None:
+    user = uid("sdk-async")
+    async with AsyncClient(
+        WRITE_KEY, server.url, flush_at=2, flush_interval=60, backoff_base=0.05
+    ) as client:
+        ids = [
+            await client.identify(user, {"plan": "free"}),
+            await client.track(user, "Async", {"ok": True}),
+            await client.page(user, name="Home"),
+            await client.screen(user, name="Main"),
+            await client.group(user, "g1"),
+            await client.alias("old-" + user, user),
+            await client.track(None, "Nobody"),
+        ]
+        assert ids[-1] is None and client.stats.dropped_invalid == 1
+        assert await client.flush(10.0)
+        assert client.stats.sent == 6
+        assert gate.sizes() == [2, 2, 2]
+        gate.answers = [503]
+        retried = await client.track(user, "Retried")
+        assert await client.flush(10.0)
+        assert client.stats.retries == 1
+    assert gate.delivered() == Counter([i for i in ids if i] + [retried])
+
+
+async def test_flush_interval_sends_without_flush(server: Server, gate: Gate) -> None:
+    async with sdk(server, flush_interval=0.2) as client:
+        ids = [client.track(uid("u"), "Timed")]
+
+        async def arrived() -> bool:
+            return bool(gate.delivered())
+
+        assert await eventually(arrived, within_s=5)
+        assert gate.delivered() == Counter(ids)
+    async with AsyncClient(WRITE_KEY, server.url, flush_interval=0.2) as aclient:
+        aid = await aclient.track(uid("u"), "Timed async")
+
+        async def arrived_async() -> bool:
+            return aid in gate.delivered()
+
+        assert await eventually(arrived_async, within_s=5)
+
+
+def test_retry_after_parsing() -> None:
+    from datetime import UTC, datetime, timedelta
+    from email.utils import format_datetime
+
+    from cdp_stream.sdk.client import backoff, is_retryable, retry_after
+
+    assert retry_after(httpx.Headers({"retry-after": "3"})) == 3.0
+    assert retry_after(httpx.Headers({})) is None
+    assert retry_after(httpx.Headers({"retry-after": "soon"})) is None
+    later = format_datetime(datetime.now(UTC) + timedelta(seconds=30), usegmt=True)
+    assert 25 < (retry_after(httpx.Headers({"retry-after": later})) or 0) <= 30
+    assert all(0 <= backoff(n, 0.25, 2.0) <= 2.0 for n in range(20))
+    assert is_retryable(429) and is_retryable(503) and not is_retryable(401)
+    assert not is_retryable(400) and not is_retryable(413)
