@@ -170,27 +170,77 @@ def expected_computed(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     ]
     for name, counter in EMAIL_COUNTERS.items():
         out[counter] = names.count(name)
-    orders: dict[str, dict[str, int]] = {}
+    keyed: dict[str, list[tuple[int, str]]] = {}  # order_id -> every report (micros, cur)
+    unkeyed: list[tuple[str, int]] = []
+    refunds: dict[str, list[int | None]] = {}
+    unkeyed_refunds: list[tuple[str, int]] = []
     order_times: list[str] = []
     touches: list[tuple[str, str, dict[str, Any]]] = []
     for e, name, ts in zip(events, names, stamps, strict=True):
-        if name == "order completed":
+        if name in ("order completed", "order refunded"):
             props = _dict(e.get("properties"))
             amount = props["revenue"] if "revenue" in props else props.get("total")
             currency = props.get("currency")
-            currency = currency.strip().upper() if isinstance(currency, str) and currency else "USD"
-            o = orders.setdefault(currency, {"count": 0, "micros": 0})
-            o["count"] += 1
-            o["micros"] += _micros(amount)
-            order_times.append(ts)
+            currency = (
+                currency.strip().upper()
+                if isinstance(currency, str) and currency.strip()
+                else "USD"
+            )
+            order_id = props.get("order_id")
+            if isinstance(order_id, str):
+                order_id = order_id.strip() or None
+            elif isinstance(order_id, int) and not isinstance(order_id, bool):
+                order_id = str(order_id)
+            else:
+                order_id = None
+            number = isinstance(amount, int | float) and not isinstance(amount, bool)
+            if name == "order completed":
+                order_times.append(ts)
+                if order_id is None:
+                    unkeyed.append((currency, _micros(amount)))
+                else:
+                    keyed.setdefault(order_id, []).append((_micros(amount), currency))
+            elif order_id is not None:
+                refunds.setdefault(order_id, []).append(abs(_micros(amount)) if number else None)
+            elif number:
+                unkeyed_refunds.append((currency, abs(_micros(amount))))
         if (touch := _touch(e, ts)) is not None:
             touches.append((ts, str(e.get("messageId")), touch))
+    # one value per order_id: the largest report; a refund without amount is the whole order
+    kept = {oid: max(reports) for oid, reports in keyed.items()}
+    refunded = {
+        oid: None if None in reports else max(r for r in reports if r is not None)
+        for oid, reports in refunds.items()
+    }
+    ledger: dict[str, Any] = {
+        "orders": {oid: [cur, micros] for oid, (micros, cur) in sorted(kept.items())},
+        "refunds": dict(sorted(refunded.items())),
+        "unkeyed_orders": {
+            c: [sum(1 for x, _ in unkeyed if x == c), sum(m for x, m in unkeyed if x == c)]
+            for c in sorted({c for c, _ in unkeyed})
+        },
+        "unkeyed_refunds": {
+            c: sum(m for x, m in unkeyed_refunds if x == c)
+            for c in sorted({c for c, _ in unkeyed_refunds})
+        },
+    }
+    out["ledger"] = {k: v for k, v in ledger.items() if v}
+    orders: dict[str, dict[str, int]] = {}
+    for currency in sorted({c for _, c in kept.values()} | {c for c, _ in unkeyed}):
+        mine = [(oid, m) for oid, (m, c) in kept.items() if c == currency]
+        gross = sum(m for _, m in mine) + sum(m for c, m in unkeyed if c == currency)
+        back = sum(
+            m if (r := refunded[oid]) is None else min(m, r) for oid, m in mine if oid in refunded
+        )
+        back += sum(m for c, m in unkeyed_refunds if c == currency)
+        count = len(mine) + sum(1 for c, _ in unkeyed if c == currency)
+        orders[currency] = {"count": count, "micros": max(0, gross - back)}
     if orders:
         top = max(o["count"] for o in orders.values())
         currency = sorted(c for c, o in orders.items() if o["count"] == top)[0]
         main = orders[currency]
         out |= {
-            "orders": dict(sorted(orders.items())),
+            "orders": orders,
             "order_count": sum(o["count"] for o in orders.values()),
             "last_order_at": max(order_times),
             "currency": currency,

@@ -23,6 +23,7 @@ import orjson
 from pydantic import ValidationError
 
 from cdp_stream.collector._json import BadRequest
+from cdp_stream.collector.ecommerce import ecommerce_violation
 from cdp_stream.events import EVENT_TYPES, MODELS, Batch, Channel
 from cdp_stream.settings import Settings
 
@@ -187,6 +188,8 @@ def _enrich(event: Any, endpoint: str, server: _Server) -> dict[str, Any]:
         model = MODELS[event["type"]].model_validate(event)
     except ValidationError as exc:
         raise _Refused(_reason(exc)) from exc
+    if (violation := ecommerce_violation(event)) is not None:
+        raise _Refused(violation)
 
     out = {k: v for k, v in event.items() if k != "writeKey"}
     for name in ("userId", "anonymousId", "groupId", "previousUserId"):
