@@ -20,10 +20,7 @@ import httpx
 
 from cdp_stream.sdk.client import (
     DEFAULT_BATCH_BYTES,
-    LIBRARY,
-    MAX_BATCH_EVENTS,
     MAX_EVENT_BYTES,
-    Stats,
     _Messages,
     backoff,
     encode_batch,
@@ -39,7 +36,7 @@ class AsyncClient(_Messages):
     def __init__(
         self,
         write_key: str,
-        host: str = "http://localhost:8000",
+        host: str = "http://127.0.0.1:8080",
         *,
         flush_at: int = 100,
         flush_interval: float = 0.5,
@@ -53,26 +50,22 @@ class AsyncClient(_Messages):
         compress: bool = True,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.write_key = write_key
-        self.host = host.rstrip("/")
-        self.flush_at = max(1, min(flush_at, MAX_BATCH_EVENTS))
-        self.flush_interval = flush_interval
-        self.max_queue_size = max_queue_size
-        self.max_batch_bytes = min(max_batch_bytes, DEFAULT_BATCH_BYTES)
-        self.max_event_bytes = min(max_event_bytes, MAX_EVENT_BYTES, self.max_batch_bytes)
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.compress = compress
-        self.stats = Stats()
-        self._http = httpx.AsyncClient(
+        options = self._configure(
+            write_key,
+            host,
+            flush_at=flush_at,
+            flush_interval=flush_interval,
+            max_queue_size=max_queue_size,
+            max_batch_bytes=max_batch_bytes,
+            max_event_bytes=max_event_bytes,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
             timeout=timeout,
-            auth=httpx.BasicAuth(write_key, ""),
-            headers={"user-agent": f"{LIBRARY['name']}/{LIBRARY['version']}"},
-            transport=transport,
+            compress=compress,
         )
+        self._http = httpx.AsyncClient(transport=transport, **options)
         self._queue: deque[bytes] = deque()
-        self._pending = 0
         self._oldest_at = 0.0
         self._flush_waiters = 0
         self._closing = False
@@ -80,14 +73,6 @@ class AsyncClient(_Messages):
         self._abort = asyncio.Event()
         self._idle = asyncio.Condition()
         self._task: asyncio.Task[None] | None = None
-
-    @property
-    def dropped(self) -> int:
-        return self.stats.dropped
-
-    @property
-    def pending(self) -> int:
-        return self._pending
 
     async def identify(
         self, user_id: str | None = None, traits: Mapping[str, Any] | None = None, **kw: Any

@@ -184,11 +184,55 @@ def is_retryable(status: int) -> bool:
 
 
 class _Messages:
-    """The message-building methods shared by :class:`Client` and the asyncio client.
-    ``_build`` returns the message, or None (logged and counted) when it is invalid."""
+    """What :class:`Client` and the asyncio client share: their options, counters and
+    message building. ``_build`` returns the message, or None (logged and counted) when
+    it is invalid."""
 
-    stats: Stats
-    max_event_bytes: int
+    def _configure(
+        self,
+        write_key: str,
+        host: str,
+        *,
+        flush_at: int,
+        flush_interval: float,
+        max_queue_size: int,
+        max_batch_bytes: int,
+        max_event_bytes: int,
+        max_retries: int,
+        backoff_base: float,
+        backoff_max: float,
+        timeout: float,
+        compress: bool,
+    ) -> dict[str, Any]:
+        """Set the options (bounded by the collector's limits); returns the keyword
+        arguments of the HTTP client the caller builds."""
+        self.write_key = write_key
+        self.host = host.rstrip("/")
+        self.flush_at = max(1, min(flush_at, MAX_BATCH_EVENTS))
+        self.flush_interval = flush_interval
+        self.max_queue_size = max_queue_size
+        self.max_batch_bytes = min(max_batch_bytes, DEFAULT_BATCH_BYTES)
+        self.max_event_bytes = min(max_event_bytes, MAX_EVENT_BYTES, self.max_batch_bytes)
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.compress = compress
+        self.stats = Stats()
+        self._pending = 0  # queued or in flight, not yet sent or dropped
+        return {
+            "timeout": timeout,
+            "auth": httpx.BasicAuth(write_key, ""),
+            "headers": {"user-agent": f"{LIBRARY['name']}/{LIBRARY['version']}"},
+        }
+
+    @property
+    def dropped(self) -> int:
+        return self.stats.dropped
+
+    @property
+    def pending(self) -> int:
+        """Messages queued or in flight."""
+        return self._pending
 
     def _build(self, type_: str, **kwargs: Any) -> tuple[str, bytes] | None:
         try:
@@ -208,7 +252,7 @@ class Client(_Messages):
     def __init__(
         self,
         write_key: str,
-        host: str = "http://localhost:8000",
+        host: str = "http://127.0.0.1:8080",
         *,
         flush_at: int = 100,
         flush_interval: float = 0.5,
@@ -222,28 +266,23 @@ class Client(_Messages):
         compress: bool = True,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.write_key = write_key
-        self.host = host.rstrip("/")
-        self.flush_at = max(1, min(flush_at, MAX_BATCH_EVENTS))
-        self.flush_interval = flush_interval
-        self.max_queue_size = max_queue_size
-        self.max_batch_bytes = min(max_batch_bytes, DEFAULT_BATCH_BYTES)
-        self.max_event_bytes = min(max_event_bytes, MAX_EVENT_BYTES, self.max_batch_bytes)
-        self.max_retries = max_retries
-        self.backoff_base = backoff_base
-        self.backoff_max = backoff_max
-        self.compress = compress
-        self.stats = Stats()
-
-        self._http = httpx.Client(
+        options = self._configure(
+            write_key,
+            host,
+            flush_at=flush_at,
+            flush_interval=flush_interval,
+            max_queue_size=max_queue_size,
+            max_batch_bytes=max_batch_bytes,
+            max_event_bytes=max_event_bytes,
+            max_retries=max_retries,
+            backoff_base=backoff_base,
+            backoff_max=backoff_max,
             timeout=timeout,
-            auth=httpx.BasicAuth(write_key, ""),
-            headers={"user-agent": f"{LIBRARY['name']}/{LIBRARY['version']}"},
-            transport=transport,
+            compress=compress,
         )
+        self._http = httpx.Client(transport=transport, **options)
         self._queue: deque[bytes] = deque()
         self._cond = threading.Condition()
-        self._pending = 0  # queued or in flight, not yet sent or dropped
         self._oldest_at = 0.0  # monotonic time the oldest queued message arrived
         self._flush_waiters = 0
         self._closing = False
@@ -253,15 +292,6 @@ class Client(_Messages):
         atexit.register(self.shutdown)
 
     # -- the public API ---------------------------------------------------------------
-
-    @property
-    def dropped(self) -> int:
-        return self.stats.dropped
-
-    @property
-    def pending(self) -> int:
-        """Messages queued or in flight."""
-        return self._pending
 
     def identify(
         self, user_id: str | None = None, traits: Mapping[str, Any] | None = None, **kw: Any
