@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -12,6 +12,7 @@ import httpx
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.app import Runtime
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
@@ -66,3 +67,35 @@ async def api_client(
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
         yield client
+
+
+@asynccontextmanager
+async def running_pipeline(
+    kafka_bootstrap: str,
+    pg_url: str,
+    *,
+    write_key: str,
+    api_token: str,
+    loops: Sequence[Callable[..., Awaitable[None]]],
+) -> AsyncIterator[Runtime]:
+    """A Runtime on the real broker and server, in topics of its own (nothing a shared
+    broker holds from earlier runs is replayed), with consumer ``loops`` running."""
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=pg_url,
+        bootstrap_write_key=write_key,
+        bootstrap_api_token=api_token,
+        resolver_poll_timeout_ms=50,
+        topic_namespace=f"test-{uid()}.",
+    )
+    runtime = await Runtime.start(settings, "test")
+    stop = asyncio.Event()
+    workers = [
+        asyncio.create_task(run(runtime.bus, runtime.engine, settings, stop)) for run in loops
+    ]
+    try:
+        yield runtime
+    finally:
+        stop.set()
+        await asyncio.gather(*workers)
+        await runtime.stop()

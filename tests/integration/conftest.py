@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -14,8 +13,7 @@ import pytest
 from cdp_stream.activation.consumer import run_activation
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.resolver.consumer import run_resolver
-from cdp_stream.settings import Settings
-from tests.support import eventually
+from tests.support import eventually, running_pipeline
 
 WRITE_KEY = "wk_test_" + uuid.uuid4().hex[:8]
 API_TOKEN = "tok_test_" + uuid.uuid4().hex[:8]
@@ -23,26 +21,11 @@ API_TOKEN = "tok_test_" + uuid.uuid4().hex[:8]
 
 @pytest.fixture(scope="session")
 async def pipeline(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
-    settings = Settings(
-        kafka_bootstrap=kafka_bootstrap,
-        database_url=pg_url,
-        bootstrap_write_key=WRITE_KEY,
-        bootstrap_api_token=API_TOKEN,
-        resolver_poll_timeout_ms=50,
-        # Topics and groups of this session only: nothing left on a shared broker by
-        # earlier runs (or benchmarks) is replayed into this session's database.
-        topic_namespace=f"test-{uuid.uuid4().hex[:8]}.",
-    )
-    runtime = await Runtime.start(settings, "test")
-    stop = asyncio.Event()
-    workers = [
-        asyncio.create_task(run(runtime.bus, runtime.engine, settings, stop))
-        for run in (run_resolver, run_activation)
-    ]
-    yield runtime
-    stop.set()
-    await asyncio.gather(*workers)
-    await runtime.stop()
+    loops = (run_resolver, run_activation)
+    async with running_pipeline(
+        kafka_bootstrap, pg_url, write_key=WRITE_KEY, api_token=API_TOKEN, loops=loops
+    ) as runtime:
+        yield runtime
 
 
 @pytest.fixture(scope="session")

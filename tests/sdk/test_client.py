@@ -30,8 +30,7 @@ import uvicorn
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.sdk import AsyncClient, Client
-from cdp_stream.settings import Settings
-from tests.support import eventually, uid
+from tests.support import eventually, running_pipeline, uid
 
 WRITE_KEY = "wk_sdk_" + uuid.uuid4().hex[:8]
 API_TOKEN = "tok_sdk_" + uuid.uuid4().hex[:8]
@@ -138,21 +137,10 @@ class Server:
 
 @pytest.fixture(scope="module")
 async def runtime(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
-    settings = Settings(
-        kafka_bootstrap=kafka_bootstrap,
-        database_url=pg_url,
-        bootstrap_write_key=WRITE_KEY,
-        bootstrap_api_token=API_TOKEN,
-        resolver_poll_timeout_ms=50,
-        topic_namespace=f"test-sdk-{uuid.uuid4().hex[:8]}.",
-    )
-    rt = await Runtime.start(settings, "test-sdk")
-    stop = asyncio.Event()
-    resolver = asyncio.create_task(run_resolver(rt.bus, rt.engine, settings, stop))
-    yield rt
-    stop.set()
-    await resolver
-    await rt.stop()
+    async with running_pipeline(
+        kafka_bootstrap, pg_url, write_key=WRITE_KEY, api_token=API_TOKEN, loops=[run_resolver]
+    ) as rt:
+        yield rt
 
 
 @pytest.fixture(scope="module")
