@@ -23,9 +23,11 @@ from cdp_stream.api.crm import router as crm_router
 from cdp_stream.api.dmp import router as dmp_router
 from cdp_stream.api.metrics import router as metrics_router
 from cdp_stream.api.profiles import router as profiles_router
+from cdp_stream.api.sources import router as sources_router
 from cdp_stream.bus import make_bus
 from cdp_stream.bus.base import Bus, BusUnavailable
-from cdp_stream.collector.auth import WriteKeys
+from cdp_stream.collector.auth import Sources
+from cdp_stream.collector.library import router as library_router
 from cdp_stream.collector.routes import router as collector_router
 from cdp_stream.collector.webhooks import router as webhooks_router
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
@@ -52,7 +54,10 @@ class Runtime:
             await upgrade_to_head(engine)
         async with engine.begin() as conn:
             creds = await bootstrap_credentials(
-                conn, settings.bootstrap_write_key, settings.bootstrap_api_token
+                conn,
+                settings.bootstrap_write_key,
+                settings.bootstrap_api_token,
+                settings.bootstrap_allowed_origins,
             )
         bus = make_bus(settings, client_id=f"cdp-stream-{role}")
         await bus.start()
@@ -69,7 +74,7 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     app.state.settings = runtime.settings
     app.state.engine = runtime.engine
     app.state.bus = runtime.bus
-    app.state.write_keys = WriteKeys(runtime.engine)
+    app.state.sources = Sources(runtime.engine)
     app.state.rules = IdentityRules.from_settings(runtime.settings)
 
     @app.exception_handler(DBAPIError)
@@ -93,12 +98,14 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     if "collector" in parts:
         app.include_router(collector_router)
         app.include_router(webhooks_router)
+        app.include_router(library_router)
     if "api" in parts:
         app.include_router(profiles_router)
         app.include_router(crm_router)
         app.include_router(audiences_router)
         app.include_router(dmp_router)
         app.include_router(metrics_router)
+        app.include_router(sources_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

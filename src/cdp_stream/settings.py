@@ -6,11 +6,12 @@ It is built once at the edge (the CLI) and passed down; nothing imports a global
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from cdp_stream.collector.cors import origin_pattern
 from cdp_stream.topics import Topics
 
 
@@ -39,6 +40,11 @@ class Settings(BaseSettings):
     http_port: int = 8080
     bootstrap_write_key: str | None = None
     bootstrap_api_token: str | None = None
+    bootstrap_allowed_origins: list[Annotated[str, AfterValidator(origin_pattern)]] | None = Field(
+        default=None,
+        description="web origins allowed to send with the bootstrap (else the default) source, "
+        'e.g. ["https://shop.example.com", "https://*.example.com"]; unset: left as stored',
+    )
     sendgrid_verification_key: str | None = None  # base64 DER public key SendGrid shows
     mailgun_signing_key: str | None = None  # Mailgun's HTTP webhook signing key
 

@@ -1,8 +1,9 @@
 """The Segment HTTP Tracking API: ``POST /v1/{identify,track,page,screen,group,alias,batch}``.
 
-A request goes: bounded read -> gunzip (bounded) -> strict JSON -> write key -> per-event
-validation and enrichment (``intake``) -> publish accepted events to ``cdp.events`` and
-rejected ones to ``cdp.events.rejected`` -> answer.
+A request goes: bounded read -> gunzip (bounded) -> strict JSON -> write key -> origin
+(``cors``) -> per-event validation and enrichment (``intake``) -> publish accepted events
+to ``cdp.events`` and rejected ones to ``cdp.events.rejected`` -> answer. The body is read
+as JSON whatever its Content-Type says: browsers send ``text/plain`` to avoid a preflight.
 
 When the client gets its 200: only after the broker acknowledged every record of the
 request, accepted and rejected alike. If the broker cannot acknowledge in time the answer
@@ -17,12 +18,13 @@ from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.collector._json import BadRequest, loads_strict
-from cdp_stream.collector.auth import WriteKeys, basic_username
-from cdp_stream.collector.intake import body_write_key, intake
+from cdp_stream.collector.auth import Sources, basic_username
+from cdp_stream.collector.cors import PREFLIGHT_HEADERS, cors_headers, origin_allowed
+from cdp_stream.collector.intake import IntakeResult, body_write_key, intake
 from cdp_stream.settings import Settings
 
 router = APIRouter(tags=["collector"])
@@ -67,29 +69,39 @@ async def read_body(request: Request, limit: int) -> bytes:
 async def _collect(request: Request, endpoint: str) -> JSONResponse:
     state = request.app.state
     settings: Settings = state.settings
-    bus: Bus = state.bus
-    write_keys: WriteKeys = state.write_keys
+    sources: Sources = state.sources
+    origin = request.headers.get("origin")
     received_at = datetime.now(UTC)
     try:
         body = loads_strict(
             await read_body(request, settings.max_request_bytes), settings.max_json_depth
         )
         key = basic_username(request.headers.get("authorization")) or body_write_key(body)
-        source_id = await write_keys.source_id(key) if key else None
-        if source_id is None:
+        source = await sources.by_write_key(key) if key else None
+        if source is None:
             return error_response(401, "missing or unknown write key")
+        if origin is not None and not origin_allowed(origin, source.allowed_origins):
+            return error_response(403, f"origin {origin!r} may not send to this source")
         result = intake(
             body,
             endpoint,
             settings=settings,
-            source_id=source_id,
+            source_id=source.id,
             received_at=received_at,
             ip=request.client.host if request.client else None,
             user_agent=request.headers.get("user-agent"),
         )
     except BadRequest as exc:
         return error_response(exc.status, exc.message)
+    response = await _publish(state.bus, settings, source.id, endpoint, result)
+    if origin is not None:  # judged above: this page may read the answer
+        response.headers.update(cors_headers(origin))
+    return response
 
+
+async def _publish(
+    bus: Bus, settings: Settings, source_id: str, endpoint: str, result: IntakeResult
+) -> JSONResponse:
     records = [Record(settings.topics.events, a.key, a.value) for a in result.accepted]
     records += [
         Record(settings.topics.rejected, source_id.encode(), r.record)
@@ -112,6 +124,15 @@ async def _collect(request: Request, endpoint: str) -> JSONResponse:
     return JSONResponse({"success": True, **({"rejected": rejected} if rejected else {})})
 
 
+async def preflight(request: Request) -> Response:
+    """A CORS preflight: allowed when some source lists the origin (see ``cors``)."""
+    origin = request.headers.get("origin")
+    sources: Sources = request.app.state.sources
+    if origin is None or not await sources.any_allows(origin):
+        return Response(status_code=403)
+    return Response(status_code=204, headers={**cors_headers(origin), **PREFLIGHT_HEADERS})
+
+
 def _route(endpoint: str) -> Any:
     async def handler(request: Request) -> JSONResponse:
         return await _collect(request, endpoint)
@@ -122,3 +143,6 @@ def _route(endpoint: str) -> Any:
 
 for _endpoint in ENDPOINTS:
     router.add_api_route(f"/v1/{_endpoint}", _route(_endpoint), methods=["POST"])
+    router.add_api_route(
+        f"/v1/{_endpoint}", preflight, methods=["OPTIONS"], include_in_schema=False
+    )

@@ -59,7 +59,7 @@ from fastapi.responses import JSONResponse
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.collector._json import BadRequest, loads_strict
-from cdp_stream.collector.auth import WriteKeys
+from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.intake import intake, rejection_record
 from cdp_stream.collector.routes import error_response, read_body
 from cdp_stream.settings import Settings
@@ -349,8 +349,9 @@ async def _publish(
 
 
 async def _source(request: Request, write_key: str) -> str | None:
-    write_keys: WriteKeys = request.app.state.write_keys
-    return await write_keys.source_id(write_key)
+    sources: Sources = request.app.state.sources
+    found = await sources.by_write_key(write_key)
+    return found.id if found else None
 
 
 @router.post("/v1/webhooks/sendgrid/{source}")

@@ -10,7 +10,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -38,16 +38,76 @@ def new_api_token() -> str:
     return "cdp_" + secrets.token_urlsafe(32)
 
 
-async def source_for_write_key(conn: AsyncConnection, write_key: str) -> str | None:
-    """The source id the write key belongs to, or None."""
-    row = await conn.execute(select(sources.c.id).where(sources.c.write_key == write_key))
-    return row.scalar_one_or_none()
+@dataclass(frozen=True)
+class Source:
+    id: str
+    allowed_origins: tuple[str, ...]
 
 
-async def ensure_source(conn: AsyncConnection, source_id: str, name: str, write_key: str) -> None:
-    """Create the source with this write key unless it exists (idempotent)."""
-    stmt = insert(sources).values(id=source_id, name=name, write_key=write_key)
-    await conn.execute(stmt.on_conflict_do_nothing())
+async def source_for_write_key(conn: AsyncConnection, write_key: str) -> Source | None:
+    """The source the write key belongs to, or None."""
+    row = (
+        await conn.execute(
+            select(sources.c.id, sources.c.allowed_origins).where(sources.c.write_key == write_key)
+        )
+    ).one_or_none()
+    return None if row is None else Source(row.id, tuple(row.allowed_origins))
+
+
+async def list_sources(conn: AsyncConnection) -> list[dict[str, object]]:
+    rows = await conn.execute(select(sources).order_by(sources.c.created_at, sources.c.id))
+    return [dict(row._mapping) for row in rows]
+
+
+async def create_source(conn: AsyncConnection, name: str, allowed_origins: list[str]) -> str:
+    """A new source with a new write key; its id."""
+    source_id = "src_" + secrets.token_hex(6)
+    await ensure_source(conn, source_id, name, new_write_key(), allowed_origins)
+    return source_id
+
+
+async def read_source(conn: AsyncConnection, source_id: str) -> dict[str, object] | None:
+    row = (await conn.execute(select(sources).where(sources.c.id == source_id))).one_or_none()
+    return None if row is None else dict(row._mapping)
+
+
+async def update_source(
+    conn: AsyncConnection, source_id: str, changes: dict[str, object]
+) -> dict[str, object] | None:
+    """The source after ``changes`` (name, allowed_origins), or None if there is none."""
+    if not changes:
+        return await read_source(conn, source_id)
+    stmt = update(sources).where(sources.c.id == source_id).values(**changes)
+    row = (await conn.execute(stmt.returning(*sources.c))).one_or_none()
+    return None if row is None else dict(row._mapping)
+
+
+async def all_allowed_origins(conn: AsyncConnection) -> set[str]:
+    """Every origin pattern any source allows (what a CORS preflight is judged by)."""
+    rows = await conn.execute(select(func.unnest(sources.c.allowed_origins)).distinct())
+    return set(rows.scalars())
+
+
+async def ensure_source(
+    conn: AsyncConnection,
+    source_id: str,
+    name: str,
+    write_key: str,
+    allowed_origins: list[str] | None = None,
+) -> None:
+    """Create the source with this write key unless it exists (idempotent); given
+    ``allowed_origins`` replace the existing source's list."""
+    stmt = insert(sources).values(
+        id=source_id, name=name, write_key=write_key, allowed_origins=allowed_origins or []
+    )
+    if allowed_origins is None:
+        await conn.execute(stmt.on_conflict_do_nothing())
+    else:
+        await conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[sources.c.id], set_={"allowed_origins": allowed_origins}
+            )
+        )
 
 
 async def ensure_token(
@@ -84,21 +144,31 @@ class NewCredentials:
 
 
 async def bootstrap_credentials(
-    conn: AsyncConnection, write_key: str | None, api_token: str | None
+    conn: AsyncConnection,
+    write_key: str | None,
+    api_token: str | None,
+    allowed_origins: list[str] | None = None,
 ) -> NewCredentials:
     """Make the configured credentials exist; with none configured, create a default pair
-    the first time only (a later start finds a source and creates nothing)."""
+    the first time only (a later start finds a source and creates nothing). Configured
+    ``allowed_origins`` are set on the configured source, else on the default one."""
     if write_key or api_token:
         if write_key:
             sid = "src_" + hash_token(write_key)[:12]
-            await ensure_source(conn, sid, "bootstrap", write_key)
+            await ensure_source(conn, sid, "bootstrap", write_key, allowed_origins)
         if api_token:
             tid = "tok_" + hash_token(api_token)[:12]
             await ensure_token(conn, tid, "bootstrap", api_token, ALL_SCOPES)
         return NewCredentials()
     if await has_any_source(conn):
+        if allowed_origins is not None:
+            await conn.execute(
+                update(sources)
+                .where(sources.c.id == "src_default")
+                .values(allowed_origins=allowed_origins)
+            )
         return NewCredentials()
     key, token = new_write_key(), new_api_token()
-    await ensure_source(conn, "src_default", "default", key)
+    await ensure_source(conn, "src_default", "default", key, allowed_origins)
     await ensure_token(conn, "tok_default", "default", token, ALL_SCOPES)
     return NewCredentials(write_key=key, api_token=token)

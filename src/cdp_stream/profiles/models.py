@@ -30,13 +30,15 @@ _now = func.now()
 _empty_object = text("'{}'::jsonb")
 
 # Sources are where events come from; the write key is public (it ships in web pages),
-# so it is stored as is and grants nothing but writing events.
+# so it is stored as is and grants nothing but writing events. allowed_origins lists the
+# web origins whose pages may use it (the collector refuses others and answers CORS for these).
 sources = Table(
     "sources",
     metadata,
     Column("id", Text, primary_key=True),
     Column("name", Text, nullable=False),
     Column("write_key", Text, nullable=False, unique=True),
+    Column("allowed_origins", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
 )
 

@@ -1,0 +1,67 @@
+"""Which web pages may send events with a source's write key (CORS, per source).
+
+A source lists origin patterns: an exact origin (``https://shop.example.com``), a subdomain
+wildcard (``https://*.example.com``) or ``*`` (any page). The browser library posts
+``text/plain`` bodies: a CORS "simple" request, which needs no preflight but which the
+browser also does not stop. So the collector judges the ``Origin`` itself: a request from
+an origin the source does not list is refused (403, nothing published), and only listed
+origins get the CORS headers that let the page read the answer. Server-side clients send
+no ``Origin`` and are not affected. A preflight (a client sending ``application/json`` or
+an ``Authorization`` header) carries no write key, so it passes when any source lists the
+origin; the request that follows is judged by its own source.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from urllib.parse import urlsplit
+
+_PATTERN = re.compile(r"^(\*|https?://(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?)$")
+
+PREFLIGHT_HEADERS = {
+    "Access-Control-Allow-Methods": "POST",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    "Access-Control-Max-Age": "600",
+}
+
+
+def origin_pattern(value: str) -> str:
+    """``value`` normalized (lower case, no trailing slash), or ValueError saying why."""
+    pattern = value.strip().lower().rstrip("/")
+    if not _PATTERN.match(pattern):
+        raise ValueError(
+            f"{value!r} is not an origin pattern: use scheme://host[:port], "
+            "scheme://*.domain[:port] or *"
+        )
+    return pattern
+
+
+def _split(origin: str) -> tuple[str, str, int | None] | None:
+    try:
+        parts = urlsplit(origin)
+        return parts.scheme, parts.hostname or "", parts.port
+    except ValueError:  # a malformed port
+        return None
+
+
+def origin_allowed(origin: str, patterns: Iterable[str]) -> bool:
+    """Whether a page of ``origin`` (the request's Origin header) matches a pattern."""
+    origin = origin.lower()
+    for pattern in patterns:
+        if pattern in ("*", origin):
+            return True
+        if "://*." in pattern:
+            want, got = _split(pattern.replace("*.", "", 1)), _split(origin)
+            if want and got and want[::2] == got[::2] and got[1].endswith("." + want[1]):
+                return True
+    return False
+
+
+def cors_headers(origin: str) -> dict[str, str]:
+    """What lets a page of ``origin`` read the answer (and its Retry-After)."""
+    return {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Expose-Headers": "Retry-After",
+        "Vary": "Origin",
+    }
