@@ -7,8 +7,11 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 KAFKA := deploy/kafka/kafka.sh
 POSTGRES := deploy/postgres/postgres.sh
+BROWSER_DIR := tests/collector/browser
+BROWSER_STAMP := $(BROWSER_DIR)/node_modules/.installed-$(shell sha1sum $(BROWSER_DIR)/package-lock.json | cut -c1-12)
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install run test services services-stop lint fmt bench schemas clean
+.PHONY: install browser run test services services-stop lint fmt bench schemas clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +20,15 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
+
+## browser: Debian's Chromium and playwright-core (npm), for the website library's tests
+browser: $(BROWSER_STAMP)
+
+$(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json
+	command -v chromium >/dev/null || $(SUDO) apt-get install -y -q chromium || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium; }
+	npm ci --prefix $(BROWSER_DIR) --no-audit --no-fund
+	touch $@
 
 ## run: the whole pipeline in one process on the embedded default (memory bus, embedded Postgres)
 run: install
@@ -32,7 +44,7 @@ services-stop:
 	-bash $(POSTGRES) stop
 
 ## test: lint, start Kafka and Postgres (stopping afterwards what this run started), run every test
-test: install lint
+test: install lint browser
 	@started=""; \
 	bash $(KAFKA) status >/dev/null 2>&1 || started="$$started kafka"; \
 	bash $(POSTGRES) status >/dev/null 2>&1 || started="$$started postgres"; \

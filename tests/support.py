@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
+import socket
 import uuid
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import uvicorn
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -77,9 +82,11 @@ async def running_pipeline(
     write_key: str,
     api_token: str,
     loops: Sequence[Callable[..., Awaitable[None]]],
+    **overrides: Any,
 ) -> AsyncIterator[Runtime]:
     """A Runtime on the real broker and server, in topics of its own (nothing a shared
-    broker holds from earlier runs is replayed), with consumer ``loops`` running."""
+    broker holds from earlier runs is replayed), with consumer ``loops`` running and
+    ``overrides`` of the settings."""
     settings = Settings(
         kafka_bootstrap=kafka_bootstrap,
         database_url=pg_url,
@@ -87,6 +94,7 @@ async def running_pipeline(
         bootstrap_api_token=api_token,
         resolver_poll_timeout_ms=50,
         topic_namespace=f"test-{uid()}.",
+        **overrides,
     )
     runtime = await Runtime.start(settings, "test")
     stop = asyncio.Event()
@@ -99,3 +107,115 @@ async def running_pipeline(
         stop.set()
         await asyncio.gather(*workers)
         await runtime.stop()
+
+
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+class Gate:
+    """In front of a collector app: records each ``POST /v1/batch`` (the answer's status and
+    the messageIds in the body) and counts the other methods there (CORS preflights);
+    answers the statuses in ``answers`` itself, with Retry-After: 1."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.requests: list[tuple[int, list[str]]] = []
+        self.answers: list[int] = []
+        self.other_methods: list[str] = []
+
+    def delivered(self) -> Counter[str]:
+        """How many times each messageId reached the collector in a request it took."""
+        return Counter(m for status, ids in self.requests if status == 200 for m in ids)
+
+    def sizes(self) -> list[int]:
+        return [len(ids) for status, ids in self.requests if status == 200]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"] != "/v1/batch":
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] != "POST":
+            self.other_methods.append(scope["method"])
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        headers = dict(scope["headers"])
+        raw = gzip.decompress(body) if headers.get(b"content-encoding") == b"gzip" else body
+        ids = [e["messageId"] for e in json.loads(raw)["batch"]]
+        if self.answers:
+            status = self.answers.pop(0)
+            self.requests.append((status, ids))
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
+                }
+            )
+            await send({"type": "http.response.body", "body": b'{"success":false}'})
+            return
+        replayed = False
+
+        async def replay() -> Any:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        status_seen: list[int] = []
+
+        async def capture(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status_seen.append(message["status"])
+            await send(message)
+
+        await self.app(scope, replay, capture)
+        self.requests.append((status_seen[0] if status_seen else 0, ids))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Server:
+    """uvicorn serving ``app`` on a fixed port on this loop; stop and start again."""
+
+    def __init__(self, app: ASGIApp, port: int | None = None) -> None:
+        self.app = app
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        config = uvicorn.Config(
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="warning",
+            lifespan="off",
+            ws="none",
+            http="h11",
+        )
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        while not self._server.started:
+            if self._task.done():
+                self._task.result()
+            await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        if self._server is not None and self._task is not None:
+            self._server.should_exit = True
+            await self._task
+            self._server = self._task = None

@@ -1,7 +1,7 @@
 """The SDK against the real collector, served by uvicorn on a real socket, on the real
 broker and database (a resolver task too, for the profile check).
 
-The collector sits behind :class:`Gate`, an ASGI wrapper that records every ``/v1/batch``
+The collector sits behind ``tests.support.Gate``, which records every ``/v1/batch``
 request it sees (the answer's status and the messageIds in the body) and can answer the
 next requests itself (a 429 or 503 with Retry-After) to drive the retry paths.
 
@@ -13,126 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gzip
-import json
 import math
 import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.sdk import AsyncClient, Client
-from tests.support import eventually, running_pipeline, uid
+from tests.support import Gate, Server, eventually, running_pipeline, uid
 
 WRITE_KEY = "wk_sdk_" + uuid.uuid4().hex[:8]
 API_TOKEN = "tok_sdk_" + uuid.uuid4().hex[:8]
-
-ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
-
-
-class Gate:
-    """Records ``/v1/batch`` requests; answers the statuses in ``answers`` itself."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        self.requests: list[tuple[int, list[str]]] = []
-        self.answers: list[int] = []
-
-    def delivered(self) -> Counter[str]:
-        """How many times each messageId reached the collector in a request it took."""
-        return Counter(m for status, ids in self.requests if status == 200 for m in ids)
-
-    def sizes(self) -> list[int]:
-        return [len(ids) for status, ids in self.requests if status == 200]
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/batch":
-            await self.app(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-        headers = dict(scope["headers"])
-        raw = gzip.decompress(body) if headers.get(b"content-encoding") == b"gzip" else body
-        ids = [e["messageId"] for e in json.loads(raw)["batch"]]
-        if self.answers:
-            status = self.answers.pop(0)
-            self.requests.append((status, ids))
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
-                }
-            )
-            await send({"type": "http.response.body", "body": b'{"success":false}'})
-            return
-        replayed = False
-
-        async def replay() -> Any:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        status_seen: list[int] = []
-
-        async def capture(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                status_seen.append(message["status"])
-            await send(message)
-
-        await self.app(scope, replay, capture)
-        self.requests.append((status_seen[0] if status_seen else 0, ids))
-
-
-class Server:
-    """uvicorn serving ``app`` on a fixed port on this loop; stop and start again."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._server: uvicorn.Server | None = None
-        self._task: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        config = uvicorn.Config(
-            self.app,
-            host="127.0.0.1",
-            port=self.port,
-            log_level="warning",
-            lifespan="off",
-            ws="none",
-            http="h11",
-        )
-        self._server = uvicorn.Server(config)
-        self._task = asyncio.create_task(self._server.serve())
-        while not self._server.started:
-            if self._task.done():
-                self._task.result()
-            await asyncio.sleep(0.01)
-
-    async def stop(self) -> None:
-        if self._server is not None and self._task is not None:
-            self._server.should_exit = True
-            await self._task
-            self._server = self._task = None
 
 
 @pytest.fixture(scope="module")

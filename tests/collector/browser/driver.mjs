@@ -1,0 +1,78 @@
+// Drives Debian's Chromium with playwright-core for the Python tests (tests/collector/chromium.py).
+// One JSON command per stdin line, one JSON answer per stdout line: {id, value} or {id, error}.
+import { createInterface } from "node:readline";
+import { chromium } from "playwright-core";
+
+const browser = await chromium.launch({
+  executablePath: process.env.CDP_CHROMIUM || "/usr/bin/chromium",
+  headless: true,
+  args: [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+  ],
+});
+const contexts = new Map();
+const pages = new Map();
+let next = 0;
+const log = [];
+
+const ops = {
+  // A new visitor: its own cookies and storage.
+  async context() {
+    const id = `c${next++}`;
+    contexts.set(id, await browser.newContext());
+    return id;
+  },
+  async page({ context }) {
+    const id = `p${next++}`;
+    const page = await contexts.get(context).newPage();
+    page.on("console", (m) => log.push(`[${id}] ${m.type()}: ${m.text()}`));
+    page.on("pageerror", (e) => log.push(`[${id}] pageerror: ${e.message}`));
+    pages.set(id, page);
+    return id;
+  },
+  async goto({ page, url, referer }) {
+    await pages.get(page).goto(url, { waitUntil: "load", referer });
+    return pages.get(page).url();
+  },
+  async reload({ page }) {
+    await pages.get(page).reload({ waitUntil: "load" });
+    return true;
+  },
+  // An expression evaluated in the page (a promise is awaited).
+  async eval({ page, expression }) {
+    return await pages.get(page).evaluate(expression);
+  },
+  // Closing the tab as a visitor would: unload handlers (pagehide) run.
+  async close({ page }) {
+    await pages.get(page).close({ runBeforeUnload: true });
+    pages.delete(page);
+    return true;
+  },
+  async cookies({ context }) {
+    return await contexts.get(context).cookies();
+  },
+  async log() {
+    return log.splice(0);
+  },
+  async version() {
+    return browser.version();
+  },
+};
+
+const send = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
+send({ id: 0, value: "ready" });
+for await (const line of createInterface({ input: process.stdin })) {
+  const { id, op, ...args } = JSON.parse(line);
+  try {
+    send({ id, value: (await ops[op](args)) ?? null });
+  } catch (e) {
+    send({ id, error: String((e && e.stack) || e) });
+  }
+}
+await browser.close();

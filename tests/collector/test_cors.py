@@ -1,0 +1,177 @@
+"""Origins per source: the patterns, and the collector's answers to browsers (real
+Postgres for the sources; a recording memory bus shows what was published)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+import httpx
+import orjson
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream.app import Runtime, create_app
+from cdp_stream.bus.base import BusUnavailable, Record
+from cdp_stream.bus.memory import MemoryBus
+from cdp_stream.collector.cors import origin_allowed, origin_pattern
+from cdp_stream.profiles.credentials import ensure_source
+from cdp_stream.settings import Settings
+from tests.support import uid
+
+SHOP = "https://shop.example.com"
+
+
+@pytest.mark.parametrize(
+    ("value", "normalized"),
+    [
+        ("https://Shop.Example.com/", "https://shop.example.com"),
+        ("http://localhost:3000", "http://localhost:3000"),
+        ("https://*.example.com", "https://*.example.com"),
+        (" * ", "*"),
+    ],
+)
+def test_origin_patterns_are_normalized(value: str, normalized: str) -> None:
+    assert origin_pattern(value) == normalized
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["example.com", "https://shop.example.com/path", "ftp://x.com", "https://*", "https://a b", ""],
+)
+def test_what_is_not_an_origin_is_refused_with_the_reason(value: str) -> None:
+    with pytest.raises(ValueError, match="is not an origin pattern"):
+        origin_pattern(value)
+
+
+@pytest.mark.parametrize(
+    ("origin", "allowed"),
+    [
+        ("https://shop.example.com", True),
+        ("https://SHOP.example.com", True),
+        ("http://shop.example.com", False),  # another scheme is another origin
+        ("http://eu.example.com", False),
+        ("https://eu.example.com:8443", False),  # ...and so is another port
+        ("https://eu.blog.example.com", True),  # the wildcard covers any depth
+        ("https://example.com", False),  # ...but not the domain itself
+        ("https://evilexample.com", False),
+        ("https://example.com.evil.net", False),
+        ("null", False),  # sandboxed frames and file:// pages
+        ("https://x.example.com:bad", False),
+    ],
+)
+def test_origin_matching(origin: str, allowed: bool) -> None:
+    assert origin_allowed(origin, [SHOP, "https://*.example.com"]) is allowed
+
+
+def test_star_allows_any_page() -> None:
+    assert origin_allowed("null", ["*"]) and origin_allowed("http://a.test:1", ["*"])
+    assert not origin_allowed("https://a.test", [])
+
+
+class RecordingBus(MemoryBus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[Record] = []
+
+    async def publish_many(self, records: Sequence[Record]) -> None:
+        self.published.extend(records)
+        await super().publish_many(records)
+
+
+@pytest.fixture
+async def web(engine: AsyncEngine) -> AsyncIterator[tuple[httpx.AsyncClient, RecordingBus, str]]:
+    """A collector whose source (its write key returned) allows SHOP only."""
+    write_key = uid("wk")
+    async with engine.begin() as conn:
+        await ensure_source(conn, uid("src"), "shop", write_key, [SHOP])
+        await ensure_source(conn, uid("src"), "server", uid("wk"), [])
+    bus = RecordingBus()
+    app = create_app(Runtime(Settings(retry_after_s=2), "test", engine, bus))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
+        yield client, bus, write_key
+
+
+def beacon(write_key: str, n: int = 1) -> bytes:
+    """What the browser library sends: text/plain, the write key in the body."""
+    events = [{"type": "track", "event": "Clicked", "anonymousId": uid("a")} for _ in range(n)]
+    return orjson.dumps({"batch": events, "writeKey": write_key})
+
+
+async def test_a_listed_origin_may_send_text_plain_and_read_the_answer(web: tuple) -> None:
+    client, bus, key = web
+    r = await client.post(
+        "/v1/batch",
+        content=beacon(key, 2),
+        headers={"origin": SHOP, "content-type": "text/plain;charset=UTF-8"},
+    )
+    assert r.status_code == 200 and r.json() == {"success": True}
+    assert r.headers["access-control-allow-origin"] == SHOP
+    assert r.headers["access-control-expose-headers"] == "Retry-After"
+    assert r.headers["vary"] == "Origin"
+    assert len(bus.published) == 2
+
+
+async def test_an_unlisted_origin_is_refused_and_nothing_is_published(web: tuple) -> None:
+    client, bus, key = web
+    r = await client.post(
+        "/v1/batch",
+        content=beacon(key),
+        headers={"origin": "https://evil.example.net", "content-type": "text/plain"},
+    )
+    assert r.status_code == 403
+    assert r.json()["error"] == "origin 'https://evil.example.net' may not send to this source"
+    assert "access-control-allow-origin" not in r.headers
+    assert bus.published == []
+
+
+async def test_servers_send_no_origin_and_are_not_judged(web: tuple) -> None:
+    client, bus, key = web
+    r = await client.post("/v1/track", json={"userId": "u1", "event": "E"}, auth=(key, ""))
+    assert r.status_code == 200
+    assert "access-control-allow-origin" not in r.headers
+    assert len(bus.published) == 1
+
+
+async def test_preflight_passes_for_an_origin_some_source_lists(web: tuple) -> None:
+    client, _, _ = web
+    ok = await client.options(
+        "/v1/track",
+        headers={
+            "origin": SHOP,
+            "access-control-request-method": "POST",
+            "access-control-request-headers": "content-type, authorization",
+        },
+    )
+    assert ok.status_code == 204
+    assert ok.headers["access-control-allow-origin"] == SHOP
+    assert ok.headers["access-control-allow-methods"] == "POST"
+    assert "Authorization" in ok.headers["access-control-allow-headers"]
+    refused = await client.options("/v1/track", headers={"origin": "https://other.test"})
+    assert refused.status_code == 403
+    assert "access-control-allow-origin" not in refused.headers
+
+
+async def test_a_listed_origin_reads_a_503_and_its_retry_after(
+    web: tuple, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client, bus, key = web
+
+    async def down(records: Sequence[Record]) -> None:
+        raise BusUnavailable("broker down")
+
+    monkeypatch.setattr(bus, "publish_many", down)
+    r = await client.post(
+        "/v1/batch", content=beacon(key), headers={"origin": SHOP, "content-type": "text/plain"}
+    )
+    assert r.status_code == 503 and r.headers["retry-after"] == "2"
+    assert r.headers["access-control-allow-origin"] == SHOP
+
+
+async def test_malformed_text_plain_is_a_400(web: tuple) -> None:
+    client, bus, _ = web
+    r = await client.post(
+        "/v1/batch", content=b"{not json", headers={"origin": SHOP, "content-type": "text/plain"}
+    )
+    assert r.status_code == 400 and "JSON" in r.json()["error"]
+    assert bus.published == []
