@@ -71,8 +71,8 @@ async def test_the_library_stays_within_its_size_budget(client: httpx.AsyncClien
 def test_the_loader_stubs_exactly_the_library_api() -> None:
     stubbed = re.search(r'"([a-z ]+)"\.split\(" "\)', LOADER)
     assert stubbed is not None
-    api_object = LIBRARY[LIBRARY.index("var api = {") :]
-    api = set(re.findall(r"^    (\w+): ", api_object, re.MULTILINE))
+    api_object = LIBRARY[LIBRARY.index("const api = {") :]
+    api = set(re.findall(r"^    (\w+)", api_object, re.MULTILINE))
     assert set(stubbed.group(1).split()) <= api
     assert {"page", "track", "identify", "alias", "reset", "consent"} <= api
 

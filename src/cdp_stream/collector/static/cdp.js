@@ -13,127 +13,115 @@
  * sends it once more if the beacon was lost. Every event's messageId is fixed when it is
  * made, so the resolver keeps one copy however often it is sent.
  */
-(function (w, d) {
+((w, d) => {
   "use strict";
-  var stub = w.cdp;
+  const stub = w.cdp;
   if (stub && stub.loaded) return;
 
-  var VERSION = "1.0.0";
-  var script = d.currentScript;
-  var cfg = Object.assign(
-    {
-      host: script && script.src ? new URL(script.src).origin : location.origin,
-      writeKey: null,
-      flushAt: 20, // send when this many events wait...
-      flushInterval: 1000, // ...or this many ms after the first one
-      maxBatchBytes: 60000, // under the 64 KB limit of keepalive fetches and beacons
-      maxQueue: 1000, // the oldest events beyond this are dropped (and counted)
-      retryBase: 1000,
-      retryMax: 60000,
-      sessionTimeout: 30 * 60 * 1000,
-      cookieDomain: null, // e.g. ".example.com" to share the id across subdomains
-      cookieDays: 365,
-      defaultCategory: "analytics", // the consent category of calls that name none
-      requireConsent: false, // true: hold events (and store nothing) until consent is given
-    },
-    stub && stub.config
-  );
+  const VERSION = "1.0.0";
+  const script = d.currentScript;
+  const cfg = {
+    host: script && script.src ? new URL(script.src).origin : location.origin,
+    writeKey: null,
+    flushAt: 20, // send when this many events wait...
+    flushInterval: 1000, // ...or this many ms after the first one
+    maxBatchBytes: 60000, // under the 64 KB limit of keepalive fetches and beacons
+    maxQueue: 1000, // the oldest events beyond this are dropped (and counted)
+    retryBase: 1000,
+    retryMax: 60000,
+    sessionTimeout: 30 * 60 * 1000,
+    cookieDomain: null, // e.g. ".example.com" to share the id across subdomains
+    cookieDays: 365,
+    defaultCategory: "analytics", // the consent category of calls that name none
+    requireConsent: false, // true: hold events (and store nothing) until consent is given
+    ...(stub && stub.config),
+  };
 
   // --- storage: every access guarded (storage may be disabled or full) ------------------
-  var store = {
-    get: function (k) {
+  const store = {
+    get(key) {
       try {
-        return JSON.parse(w.localStorage.getItem(k));
-      } catch (e) {
+        return JSON.parse(w.localStorage.getItem(key));
+      } catch {
         return null;
       }
     },
-    set: function (k, v) {
+    set(key, value) {
       try {
-        w.localStorage.setItem(k, JSON.stringify(v));
-      } catch (e) {}
+        w.localStorage.setItem(key, JSON.stringify(value));
+      } catch {}
     },
-    del: function (k) {
+    del(key) {
       try {
-        w.localStorage.removeItem(k);
-      } catch (e) {}
+        w.localStorage.removeItem(key);
+      } catch {}
     },
   };
 
-  function readCookie(name) {
-    var m = d.cookie.match(new RegExp("(?:^|; )" + name + "=([^;]*)"));
+  const readCookie = (name) => {
+    const m = d.cookie.match(new RegExp(`(?:^|; )${name}=([^;]*)`));
     return m ? decodeURIComponent(m[1]) : null;
-  }
+  };
 
-  function writeCookie(name, value) {
-    var c = name + "=" + encodeURIComponent(value) + "; path=/; SameSite=Lax";
-    c += "; max-age=" + Math.round(cfg.cookieDays * 86400);
-    if (cfg.cookieDomain) c += "; domain=" + cfg.cookieDomain;
+  const writeCookie = (name, value) => {
+    let c = `${name}=${encodeURIComponent(value)}; path=/; SameSite=Lax`;
+    c += `; max-age=${Math.round(cfg.cookieDays * 86400)}`;
+    if (cfg.cookieDomain) c += `; domain=${cfg.cookieDomain}`;
     if (location.protocol === "https:") c += "; Secure";
     d.cookie = c;
-  }
+  };
 
-  function uuid() {
-    var b = w.crypto.getRandomValues(new Uint8Array(16));
+  // crypto.randomUUID exists only on https pages; getRandomValues everywhere.
+  const uuid = () => {
+    const b = w.crypto.getRandomValues(new Uint8Array(16));
     b[6] = (b[6] & 15) | 64;
     b[8] = (b[8] & 63) | 128;
-    var h = "";
-    for (var i = 0; i < 16; i++) h += (b[i] + 256).toString(16).slice(1);
-    return [h.slice(0, 8), h.slice(8, 12), h.slice(12, 16), h.slice(16, 20), h.slice(20)].join("-");
-  }
+    const h = Array.from(b, (x) => (x + 256).toString(16).slice(1)).join("");
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  };
 
   // --- consent: category -> true (granted) / false (declined); unknown = undecided ---------
-  var consent = store.get("cdp_consent") || {};
-
-  function decided(category) {
-    var v = consent[category];
-    return v === undefined ? (cfg.requireConsent ? undefined : true) : v;
-  }
-
-  function mayStore() {
-    if (!cfg.requireConsent) return true;
-    for (var k in consent) if (consent[k]) return true;
-    return false;
-  }
+  const consent = store.get("cdp_consent") || {};
+  const decided = (category) =>
+    category in consent ? consent[category] : cfg.requireConsent ? undefined : true;
+  const mayStore = () => !cfg.requireConsent || Object.values(consent).some(Boolean);
 
   // --- who and when: anonymous id (cookie + localStorage), user id, session ----------------
-  var anonymousId = readCookie("cdp_aid") || store.get("cdp_aid") || uuid();
-  var userId = store.get("cdp_uid");
-  var session = store.get("cdp_session");
+  let anonymousId = readCookie("cdp_aid") || store.get("cdp_aid") || uuid();
+  let userId = store.get("cdp_uid");
+  let session = store.get("cdp_session");
 
-  function persistIds() {
+  const persistIds = () => {
     if (!mayStore()) return;
     writeCookie("cdp_aid", anonymousId);
     store.set("cdp_aid", anonymousId);
     if (userId) store.set("cdp_uid", userId);
     else store.del("cdp_uid");
-  }
+  };
 
-  function sessionId(now) {
-    var s = (mayStore() && store.get("cdp_session")) || session; // another tab may have moved it
+  const sessionId = (now) => {
+    let s = (mayStore() && store.get("cdp_session")) || session; // another tab may have moved it
     if (!s || now - s.last > cfg.sessionTimeout) s = { id: uuid(), start: now };
     s.last = now;
     session = s;
     if (mayStore()) store.set("cdp_session", s);
     return s.id;
-  }
+  };
 
-  function pageFacts() {
-    return {
-      url: location.href,
-      path: location.pathname,
-      referrer: d.referrer,
-      title: d.title,
-      search: location.search,
-    };
-  }
+  const pageFacts = () => ({
+    url: location.href,
+    path: location.pathname,
+    referrer: d.referrer,
+    title: d.title,
+    search: location.search,
+  });
 
-  function context(now, extra) {
-    var campaign = {};
-    new URLSearchParams(location.search).forEach(function (v, k) {
-      if (k.indexOf("utm_") === 0) campaign[k === "utm_campaign" ? "name" : k.slice(4)] = v;
-    });
-    var ctx = {
+  const context = (now, extra) => {
+    const campaign = {};
+    for (const [k, v] of new URLSearchParams(location.search)) {
+      if (k.startsWith("utm_")) campaign[k === "utm_campaign" ? "name" : k.slice(4)] = v;
+    }
+    const ctx = {
       library: { name: "cdp.js", version: VERSION },
       page: pageFacts(),
       userAgent: navigator.userAgent,
@@ -143,67 +131,57 @@
       sessionId: sessionId(now),
     };
     if (Object.keys(campaign).length) ctx.campaign = campaign;
-    if (Object.keys(consent).length) ctx.consent = { categoryPreferences: consent };
-    return Object.assign(ctx, extra);
-  }
+    if (Object.keys(consent).length) ctx.consent = { categoryPreferences: { ...consent } };
+    return { ...ctx, ...extra };
+  };
 
   // --- the queue: entries {c: consent category, e: event} ---------------------------------
-  var tab = null;
+  let tab;
   try {
     tab = w.sessionStorage.getItem("cdp_tab") || uuid(); // survives reloads of this tab
     w.sessionStorage.setItem("cdp_tab", tab);
-  } catch (e) {
+  } catch {
     tab = uuid();
   }
-  var queueKey = "cdp_q_" + tab;
-  var queue = [];
-  var held = []; // undecided categories under requireConsent: memory only, never sent
-  var sending = false;
-  var attempts = 0;
-  var timer = null;
-  var callTime = null; // the time of a replayed stub call
-  var dropped = 0;
+  const queueKey = `cdp_q_${tab}`;
+  let queue = [];
+  let held = []; // undecided categories under requireConsent: memory only, never sent
+  let sending = false;
+  let attempts = 0;
+  let timer = null;
+  let callTime = null; // the time of a replayed stub call
+  let dropped = 0;
 
-  function save(hidden) {
+  const save = (hidden) => {
     if (!mayStore()) return;
     if (queue.length) store.set(queueKey, { t: Date.now(), q: queue, h: hidden ? 1 : 0 });
     else store.del(queueKey);
-  }
+  };
 
   // This tab's own stored queue, and those of tabs that were closed (or silent for 10 min).
-  function adoptStored() {
+  const adoptStored = () => {
     try {
-      for (var i = w.localStorage.length - 1; i >= 0; i--) {
-        var k = w.localStorage.key(i);
-        if (!k || k.indexOf("cdp_q_") !== 0) continue;
-        var v = store.get(k);
-        if (k === queueKey || !v || v.h || Date.now() - v.t > 600000) {
+      for (const key of Object.keys(w.localStorage)) {
+        if (!key.startsWith("cdp_q_")) continue;
+        const v = store.get(key);
+        if (key === queueKey || !v || v.h || Date.now() - v.t > 600000) {
           queue = queue.concat((v && v.q) || []);
-          if (k !== queueKey) store.del(k);
+          if (key !== queueKey) store.del(key);
         }
       }
-    } catch (e) {}
-  }
+    } catch {}
+  };
 
-  function make(type, fields, options) {
-    options = options || {};
-    var now = callTime || Date.now();
-    var event = Object.assign(
-      {
-        type: type,
-        messageId: uuid(),
-        timestamp: new Date(now).toISOString(),
-        anonymousId: anonymousId,
-        context: context(now, options.context),
-      },
-      userId ? { userId: userId } : {},
-      fields
-    );
-    route({ c: options.category || cfg.defaultCategory, e: event });
-  }
+  const schedule = (ms) => {
+    if (timer) return;
+    timer = setTimeout(() => {
+      timer = null;
+      flush();
+    }, ms);
+  };
 
-  function route(entry) {
-    var ok = decided(entry.c);
+  const route = (entry) => {
+    const ok = decided(entry.c);
     if (ok === false) return; // declined: never sent, never stored
     if (ok === undefined) return void held.push(entry);
     queue.push(entry);
@@ -211,173 +189,150 @@
     save();
     if (queue.length >= cfg.flushAt && !attempts) flush();
     else schedule(cfg.flushInterval);
-  }
+  };
 
-  function schedule(ms) {
-    if (timer) return;
-    timer = setTimeout(function () {
-      timer = null;
-      flush();
-    }, ms);
-  }
+  const make = (type, fields, options = {}) => {
+    const now = callTime || Date.now();
+    const event = {
+      type,
+      messageId: uuid(),
+      timestamp: new Date(now).toISOString(),
+      anonymousId,
+      context: context(now, options.context),
+      ...(userId ? { userId } : {}),
+      ...fields,
+    };
+    route({ c: options.category || cfg.defaultCategory, e: event });
+  };
 
-  // The first entries of the queue whose batch stays under maxBatchBytes, and its body.
-  function nextBatch(from) {
-    var events = [];
-    var size = 200;
-    for (var i = from; i < queue.length; i++) {
-      var n = JSON.stringify(queue[i].e).length + 1;
+  // The queue's entries from ``from`` whose batch stays under maxBatchBytes, and its body.
+  const nextBatch = (from) => {
+    const events = [];
+    let size = 200;
+    for (const { e } of queue.slice(from)) {
+      const n = JSON.stringify(e).length + 1;
       if (events.length && size + n > cfg.maxBatchBytes) break;
-      events.push(queue[i].e);
+      events.push(e);
       size += n;
     }
-    var body = JSON.stringify({ batch: events, sentAt: new Date().toISOString(), writeKey: cfg.writeKey });
-    return { events: events, body: body };
-  }
+    const body = JSON.stringify({ batch: events, sentAt: new Date().toISOString(), writeKey: cfg.writeKey });
+    return { events, body };
+  };
 
-  function forget(events) {
-    var sent = {};
-    events.forEach(function (e) {
-      sent[e.messageId] = 1;
-    });
-    queue = queue.filter(function (x) {
-      return !sent[x.e.messageId];
-    });
-  }
+  const forget = (events) => {
+    const sent = new Set(events.map((e) => e.messageId));
+    queue = queue.filter((x) => !sent.has(x.e.messageId));
+  };
+
+  // Answers after which a batch is done: delivered, or refused for good (no retry can help).
+  const settled = (status) => status < 300 || (status >= 400 && status < 500 && status !== 408 && status !== 429);
 
   function flush() {
-    queue = queue.filter(function (x) {
-      return decided(x.c) !== false; // consent withdrawn since the call
-    });
+    queue = queue.filter((x) => decided(x.c) !== false); // consent withdrawn since the call
     if (sending || !queue.length) return;
-    var batch = nextBatch(0);
+    const batch = nextBatch(0);
     sending = true;
-    fetch(cfg.host + "/v1/batch", {
+    fetch(`${cfg.host}/v1/batch`, {
       method: "POST",
       body: batch.body,
       headers: { "Content-Type": "text/plain" },
       credentials: "omit",
       keepalive: new Blob([batch.body]).size < 65000,
     })
-      .then(function (r) {
-        if (r.ok || (r.status >= 400 && r.status < 500 && r.status !== 408 && r.status !== 429)) {
-          return r; // delivered, or refused for good (a retry cannot succeed)
-        }
-        throw r;
+      .then((r) => {
+        if (!settled(r.status)) throw r;
+        sending = false;
+        attempts = 0;
+        forget(batch.events);
+        save();
+        if (queue.length) flush();
       })
-      .then(
-        function () {
-          sending = false;
-          attempts = 0;
-          forget(batch.events);
-          save();
-          if (queue.length) flush();
-        },
-        function (r) {
-          sending = false;
-          attempts++;
-          var after = r && r.headers ? Number(r.headers.get("Retry-After")) : 0;
-          var backoff = Math.min(cfg.retryMax, cfg.retryBase * Math.pow(2, attempts - 1));
-          schedule(after > 0 ? after * 1000 : backoff * (0.5 + Math.random() / 2));
-        }
-      );
+      .catch((r) => {
+        sending = false;
+        attempts++;
+        const after = r instanceof Response ? Number(r.headers.get("Retry-After")) : 0;
+        const backoff = Math.min(cfg.retryMax, cfg.retryBase * 2 ** (attempts - 1));
+        schedule(after > 0 ? after * 1000 : backoff * (0.5 + Math.random() / 2));
+      });
   }
 
   // The tab is going away (or into the back/forward cache): beacon everything, keep it stored.
-  function onPageHide() {
-    for (var i = 0; i < queue.length; ) {
-      var batch = nextBatch(i);
-      var blob = new Blob([batch.body], { type: "text/plain" });
-      if (!navigator.sendBeacon || !navigator.sendBeacon(cfg.host + "/v1/batch", blob)) break;
+  w.addEventListener("pagehide", () => {
+    for (let i = 0; i < queue.length; ) {
+      const batch = nextBatch(i);
+      const blob = new Blob([batch.body], { type: "text/plain" });
+      if (!navigator.sendBeacon || !navigator.sendBeacon(`${cfg.host}/v1/batch`, blob)) break;
       i += batch.events.length;
     }
     save(true);
-  }
-
-  w.addEventListener("pagehide", onPageHide);
-  w.addEventListener("pageshow", function (e) {
+  });
+  w.addEventListener("pageshow", (e) => {
     if (e.persisted) save(); // back from the cache: this tab owns its queue again
   });
-  d.addEventListener("visibilitychange", function () {
+  d.addEventListener("visibilitychange", () => {
     if (d.visibilityState === "hidden") flush(); // keepalive: survives a tab killed later
   });
 
   // --- the API -----------------------------------------------------------------------------
-  var api = {
+  const isObject = (x) => typeof x === "object" && x !== null;
+  const api = {
     loaded: true,
-    VERSION: VERSION,
-    page: function (name, properties, options) {
-      if (typeof name === "object" && name !== null) {
-        options = properties;
-        properties = name;
-        name = undefined;
-      }
-      var fields = { properties: Object.assign(pageFacts(), properties) };
+    VERSION,
+    page(name, properties, options) {
+      if (isObject(name)) [name, properties, options] = [undefined, name, properties];
+      const fields = { properties: { ...pageFacts(), ...properties } };
       if (name) fields.name = String(name);
       make("page", fields, options);
     },
-    track: function (event, properties, options) {
+    track(event, properties, options) {
       make("track", { event: String(event), properties: properties || {} }, options);
     },
-    identify: function (id, traits, options) {
-      if (typeof id === "object" && id !== null) {
-        options = traits;
-        traits = id;
-        id = null;
-      }
+    identify(id, traits, options) {
+      if (isObject(id)) [id, traits, options] = [null, id, traits];
       if (id !== null && id !== undefined && id !== "") {
         userId = String(id);
         persistIds();
       }
       make("identify", { traits: traits || {} }, options);
     },
-    alias: function (to, from, options) {
-      var previousId = from ? String(from) : userId || anonymousId;
+    alias(to, from, options) {
+      const previousId = from ? String(from) : userId || anonymousId;
       userId = String(to);
       persistIds();
-      make("alias", { userId: userId, previousId: previousId }, options);
+      make("alias", { userId, previousId }, options);
     },
-    reset: function () {
+    reset() {
       userId = null;
       anonymousId = uuid();
       session = null;
       store.del("cdp_session");
       persistIds();
     },
-    consent: function (categories) {
-      if (Array.isArray(categories)) {
-        categories = categories.reduce(function (o, c) {
-          o[c] = true;
-          return o;
-        }, {});
-      }
+    consent(categories) {
+      if (Array.isArray(categories)) categories = Object.fromEntries(categories.map((c) => [c, true]));
       Object.assign(consent, categories);
       store.set("cdp_consent", consent);
       persistIds();
-      var waiting = held;
+      const waiting = held;
       held = [];
       waiting.forEach(route);
       flush();
     },
-    flush: flush,
-    user: function () {
-      return { anonymousId: anonymousId, userId: userId, sessionId: session && session.id };
-    },
-    stats: function () {
-      return { queued: queue.length, held: held.length, dropped: dropped, attempts: attempts };
-    },
+    flush,
+    user: () => ({ anonymousId, userId, sessionId: session && session.id }),
+    stats: () => ({ queued: queue.length, held: held.length, dropped, attempts }),
   };
 
   persistIds();
   adoptStored();
-  var calls = Array.isArray(stub) ? stub.slice() : [];
+  const calls = Array.isArray(stub) ? stub.slice() : [];
   w.cdp = api;
   if (stub) Object.assign(stub, api); // code holding the stub reaches the library too
-  calls.forEach(function (call) {
-    if (typeof api[call[0]] !== "function") return;
-    callTime = call[2] || null;
-    api[call[0]].apply(api, call[1]);
+  for (const [method, args, time] of calls) {
+    if (typeof api[method] !== "function") continue;
+    callTime = time || null;
+    api[method](...args);
     callTime = null;
-  });
+  }
   if (queue.length) schedule(0);
 })(window, document);
