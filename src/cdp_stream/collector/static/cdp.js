@@ -285,7 +285,8 @@
       make("page", fields, options);
     },
     track(event, properties, options) {
-      make("track", { event: String(event), properties: properties || {} }, options);
+      if (typeof event !== "string" || !event) return console.warn("cdp.track: an event name is needed");
+      make("track", { event, properties: properties || {} }, options);
     },
     identify(id, traits, options) {
       if (isObject(id)) [id, traits, options] = [null, id, traits];
