@@ -115,7 +115,8 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 class Gate:
     """In front of a collector app: records each ``POST /v1/batch`` (the answer's status and
     the messageIds in the body) and counts the other methods there (CORS preflights);
-    answers the statuses in ``answers`` itself, with Retry-After: 1."""
+    answers the statuses in ``answers`` itself, with Retry-After: 1 (and, to a page, the
+    CORS headers the collector would give)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -151,13 +152,13 @@ class Gate:
         if self.answers:
             status = self.answers.pop(0)
             self.requests.append((status, ids))
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": status,
-                    "headers": [(b"content-type", b"application/json"), (b"retry-after", b"1")],
-                }
-            )
+            answer = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+            if b"origin" in headers:  # readable by the page, as the collector's own 503 is
+                answer += [
+                    (b"access-control-allow-origin", headers[b"origin"]),
+                    (b"access-control-expose-headers", b"Retry-After"),
+                ]
+            await send({"type": "http.response.start", "status": status, "headers": answer})
             await send({"type": "http.response.body", "body": b'{"success":false}'})
             return
         replayed = False

@@ -10,6 +10,7 @@ shipped, with the write key, the collector's address and test options filled in.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 import uuid
@@ -66,10 +67,16 @@ class Site:
 
         self.server = Server(Starlette(routes=[Route("/{path:path}", page)]))
         self.origin = f"http://localhost:{self.server.port}"
+        # Subdomains of one site (the browser maps *.cdp.test to this machine).
+        self.subdomains = f"http://*.shop.cdp.test:{self.server.port}"
 
-    def url(self, path: str, **options: Any) -> str:
+    def url(self, path: str, origin: str | None = None, **options: Any) -> str:
         query = "&" if "?" in path else "?"
-        return self.origin + path + (f"{query}cdp={quote(json.dumps(options))}" if options else "")
+        encoded = f"{query}cdp={quote(json.dumps(options))}" if options else ""
+        return (origin or self.origin) + path + encoded
+
+    def subdomain(self, name: str) -> str:
+        return self.subdomains.replace("*", name)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +108,7 @@ async def runtime(kafka_bootstrap: str, pg_url: str, site: Site) -> AsyncIterato
         write_key=WRITE_KEY,
         api_token=API_TOKEN,
         loops=[run_resolver],
-        bootstrap_allowed_origins=[site.origin],
+        bootstrap_allowed_origins=[site.origin, site.subdomains],
     ) as rt:
         yield rt
 
@@ -359,6 +366,66 @@ async def test_session_times_out_after_inactivity_and_reset_starts_over(
     assert after["anonymousId"] != first["anonymousId"] and after["userId"] is None
     cookie = await browser.call("eval", page=page, expression="document.cookie")
     assert f"cdp_aid={after['anonymousId']}" in cookie
+    await sent_everything(browser, page)
+
+
+async def test_a_shared_cookie_domain_keeps_one_visitor_across_subdomains(
+    browser: Chromium, site: Site, collector: Server, gate: Gate
+) -> None:
+    context = await browser.call("context")
+    shared = {"cookieDomain": ".shop.cdp.test"}
+    www = await open_page(browser, site.url("/", site.subdomain("www"), **shared), context)
+    visitor = await browser.call("eval", page=www, expression="cdp.user().anonymousId")
+    await sent_everything(browser, www)
+    blog = await open_page(browser, site.url("/post", site.subdomain("blog"), **shared), context)
+    assert await browser.call("eval", page=blog, expression="cdp.user().anonymousId") == visitor
+    await sent_everything(browser, blog)
+    cookies = [c for c in await browser.call("cookies", context=context) if c["name"] == "cdp_aid"]
+    assert [(c["domain"], c["value"]) for c in cookies] == [(".shop.cdp.test", visitor)]
+
+    # Without the option each subdomain keeps its own cookie: another visitor.
+    alone = await open_page(browser, site.url("/", site.subdomain("help")), context)
+    assert await browser.call("eval", page=alone, expression="cdp.user().anonymousId") == visitor
+    other = await open_page(browser, site.url("/", site.subdomain("help")))
+    assert await browser.call("eval", page=other, expression="cdp.user().anonymousId") != visitor
+    events = await events_of(collector, f"anonymous_id:{visitor}", 3)  # www, blog, help
+    assert [e["context"]["page"]["url"].split("/")[2].split(".")[0] for e in events] == [
+        "www",
+        "blog",
+        "help",
+    ]
+
+
+async def test_retries_back_off_exponentially_and_honour_retry_after(
+    browser: Chromium, site: Site, collector: Server, gate: Gate
+) -> None:
+    page = await open_page(browser, site.url("/retry"))
+    await sent_everything(browser, page)
+    record_sends = (
+        "window.sends = []; const send = window.fetch;"
+        "window.fetch = (...a) => (sends.push(performance.now()), send(...a))"
+    )
+    await browser.call("eval", page=page, expression=record_sends)
+
+    gate.answers.extend([503, 503])  # with Retry-After: 1
+    await browser.call("eval", page=page, expression="cdp.track('Retried')")
+    await sent_everything(browser, page)
+    sends = await browser.call("eval", page=page, expression="sends")
+    assert len(sends) == 3, sends
+    assert all(later - earlier >= 950 for earlier, later in itertools.pairwise(sends)), sends
+
+    await collector.stop()
+    try:
+        await browser.call("eval", page=page, expression="sends.length = 0, cdp.track('Later')")
+        await until_true(browser, page, "sends.length >= 5")  # refused connections
+    finally:
+        await collector.start()
+    sends = await browser.call("eval", page=page, expression="sends")
+    gaps = [later - earlier for earlier, later in itertools.pairwise(sends)]
+    # retryBase 200 ms doubling up to retryMax 1000 ms, each with 50-100% jitter.
+    assert 100 <= gaps[0] <= 600, gaps  # (timers may fire late on a busy machine)
+    assert gaps[2] > gaps[0] and gaps[3] > gaps[0], gaps
+    assert max(gaps) <= 1800, gaps
     await sent_everything(browser, page)
 
 

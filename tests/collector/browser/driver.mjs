@@ -14,6 +14,8 @@ const browser = await chromium.launch({
     "--disable-background-networking",
     "--disable-component-update",
     "--disable-sync",
+    // Sites on subdomains (cookie domain tests) without a DNS server: all on this machine.
+    "--host-resolver-rules=MAP *.cdp.test 127.0.0.1",
   ],
 });
 const contexts = new Map();
