@@ -429,6 +429,27 @@ async def test_retries_back_off_exponentially_and_honour_retry_after(
     await sent_everything(browser, page)
 
 
+async def test_a_tab_closed_while_the_collector_is_down_is_sent_by_the_next_tab(
+    browser: Chromium, site: Site, collector: Server, gate: Gate
+) -> None:
+    context = await browser.call("context")
+    first = await open_page(browser, site.url("/news"), context)
+    await sent_everything(browser, first)
+    await collector.stop()
+    try:
+        await browser.call("eval", page=first, expression="cdp.track('Shared')")
+        await until_true(browser, first, "cdp.stats().attempts >= 1")
+        stored = await browser.call("eval", page=first, expression=STORED_QUEUE)
+        await browser.call("close", page=first)  # its beacon is refused too
+        later = await open_page(browser, site.url("/news/2"), context)  # a new tab
+        await until_true(browser, later, "cdp.stats().queued === 2")  # adopted + its own view
+    finally:
+        await collector.start()
+    await sent_everything(browser, later)
+    assert gate.delivered()[stored[0]] == 1
+    assert await browser.call("eval", page=later, expression=STORED_QUEUE) == []
+
+
 async def test_a_page_of_an_origin_the_source_does_not_list_is_refused(
     browser: Chromium, site: Site, collector: Server, gate: Gate
 ) -> None:
