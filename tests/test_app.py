@@ -1,16 +1,25 @@
-"""The HTTP app when Postgres is down: retryable 503s that say so, never a 500."""
+"""The HTTP app when Postgres is down: retryable 503s that say so, never a 500; and a
+process starting while Postgres or Kafka is not up yet: it waits, then says what is down."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy.engine import make_url
 
-from cdp_stream.app import Runtime, create_app
+from cdp_stream.app import Runtime, StartupFailed, create_app
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.settings import Settings
+from tests.support import free_port
 
 
 @pytest.fixture
@@ -49,3 +58,77 @@ async def test_readiness_names_the_database(client_without_database: httpx.Async
     assert body["status"] == "unavailable" and body["bus"] == "ok"
     assert body["database"].startswith("unavailable")
     assert (await client_without_database.get("/healthz")).status_code == 200
+
+
+async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    except OSError:
+        pass
+    finally:
+        writer.close()
+
+
+@contextlib.asynccontextmanager
+async def tcp_proxy(port: int, target: tuple[str, int]) -> AsyncIterator[None]:
+    """Listen on ``port`` and forward each connection to ``target`` (a service "coming up")."""
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*target)
+        await asyncio.gather(_forward(reader, up_writer), _forward(up_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", port)
+    try:
+        yield
+    finally:
+        server.close()
+
+
+async def test_start_waits_for_postgres_to_come_up(
+    pg_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    real = make_url(pg_url)
+    port = free_port()
+    late = real.set(port=port).render_as_string(hide_password=False)
+
+    async def postgres_comes_up_later() -> None:
+        await asyncio.sleep(1.5)
+        async with tcp_proxy(port, (real.host or "127.0.0.1", real.port or 5432)):
+            await asyncio.sleep(30)
+
+    proxy = asyncio.create_task(postgres_comes_up_later())
+    try:
+        started = asyncio.get_running_loop().time()
+        runtime = await Runtime.start(Settings(database_url=late, startup_timeout_s=20), "test")
+        assert asyncio.get_running_loop().time() - started >= 1.5
+        await runtime.stop()
+    finally:
+        proxy.cancel()
+    assert any("waiting for Postgres at" in r.getMessage() for r in caplog.records)
+
+
+async def test_start_gives_up_naming_what_did_not_answer(pg_url: str) -> None:
+    down = "postgresql+asyncpg://postgres@127.0.0.1:1/none"
+    with pytest.raises(StartupFailed, match=r"^Postgres at .*:1/none did not answer in time"):
+        await Runtime.start(Settings(database_url=down, startup_timeout_s=1), "test")
+    settings = Settings(database_url=pg_url, kafka_bootstrap="127.0.0.1:1", startup_timeout_s=1)
+    with pytest.raises(
+        StartupFailed, match=r"^Kafka did not answer in time \(Kafka at 127.0.0.1:1"
+    ):
+        await Runtime.start(settings, "test")
+
+
+def test_the_command_says_what_is_down_in_one_line_and_exits_1() -> None:
+    env = {
+        **os.environ,
+        "CDP_DATABASE_URL": "postgresql+asyncpg://postgres@127.0.0.1:1/none",
+        "CDP_STARTUP_TIMEOUT_S": "1",
+    }
+    cli = Path(sys.executable).parent / "cdp-stream"
+    done = subprocess.run([cli, "collector"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("cdp-stream collector: cannot start: Postgres at postgresql+asyncpg://")
+    assert "Traceback" not in done.stderr

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from sqlalchemy.exc import DataError, DBAPIError
+from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.audiences import router as audiences_router
@@ -37,6 +38,7 @@ from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -49,24 +51,56 @@ class Runtime:
 
     @classmethod
     async def start(cls, settings: Settings, role: str, *, migrate: bool = True) -> Runtime:
+        """Connect, waiting up to ``startup_timeout_s`` for Postgres and Kafka to answer
+        (services often start together); :class:`StartupFailed` says which did not."""
+        deadline = asyncio.get_running_loop().time() + settings.startup_timeout_s
         engine = make_engine(await resolve_database_url(settings), role)
-        if migrate:
-            await upgrade_to_head(engine)
-        async with engine.begin() as conn:
-            creds = await bootstrap_credentials(
-                conn,
-                settings.bootstrap_write_key,
-                settings.bootstrap_api_token,
-                settings.bootstrap_allowed_origins,
-            )
+
+        async def prepare_database() -> NewCredentials:
+            if migrate:
+                await upgrade_to_head(engine)
+            async with engine.begin() as conn:
+                return await bootstrap_credentials(
+                    conn,
+                    settings.bootstrap_write_key,
+                    settings.bootstrap_api_token,
+                    settings.bootstrap_allowed_origins,
+                )
+
         bus = make_bus(settings, client_id=f"cdp-stream-{role}")
-        await bus.start()
-        await bus.ensure_topics(settings.topics.all(settings.topic_partitions))
+        try:
+            where = engine.url.render_as_string(hide_password=True)
+            creds = await _when_reachable(f"Postgres at {where}", deadline, prepare_database)
+            await _when_reachable("Kafka", deadline, bus.start)  # its errors name the address
+            await bus.ensure_topics(settings.topics.all(settings.topic_partitions))
+        except BaseException:
+            await bus.stop()
+            await engine.dispose()
+            raise
         return cls(settings, role, engine, bus, creds)
 
     async def stop(self) -> None:
         await self.bus.stop()
         await self.engine.dispose()
+
+
+class StartupFailed(Exception):
+    """A service the process needs did not answer within ``startup_timeout_s``."""
+
+
+async def _when_reachable(what: str, deadline: float, attempt: Callable[[], Awaitable[T]]) -> T:
+    """``attempt()``, retried with backoff while ``what`` is unreachable, until ``deadline``."""
+    loop = asyncio.get_running_loop()
+    delay = 0.5
+    while True:
+        try:
+            return await attempt()
+        except (OSError, TimeoutError, OperationalError, InterfaceError, BusUnavailable) as exc:
+            if loop.time() + delay > deadline:
+                raise StartupFailed(f"{what} did not answer in time ({exc})") from exc
+            log.warning("waiting for %s (retrying in %.1fs): %s", what, delay, exc)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) -> FastAPI:

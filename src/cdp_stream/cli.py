@@ -25,7 +25,7 @@ import uvloop
 
 from cdp_stream.activation import webhook
 from cdp_stream.activation.consumer import run_activation
-from cdp_stream.app import Runtime, create_app
+from cdp_stream.app import Runtime, StartupFailed, create_app
 from cdp_stream.profiles.db import make_engine, resolve_database_url
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.resolver.consumer import run_resolver
@@ -73,7 +73,11 @@ def _describe(runtime: Runtime, parts: Collection[str], workers: Collection[str]
 async def _serve(
     settings: Settings, role: str, parts: Collection[str], loops: Collection[str] = ()
 ) -> None:
-    runtime = await Runtime.start(settings, role)
+    try:
+        runtime = await Runtime.start(settings, role)
+    except StartupFailed as exc:
+        typer.echo(f"cdp-stream {role}: cannot start: {exc}", err=True)
+        raise typer.Exit(1) from None
     _describe(runtime, parts, loops)
     stop = asyncio.Event()
     workers = [

@@ -98,6 +98,9 @@ class Settings(BaseSettings):
     dmp_dimensions: list[str] = ["country", "device_type", "first_touch_channel"]
     dmp_windows: list[str] = ["hour", "day"]
     dmp_interval_s: float = Field(default=60.0, gt=0, description="how often counts are computed")
+    startup_timeout_s: float = Field(
+        default=60.0, ge=0, description="how long a starting process waits for Kafka/Postgres"
+    )
     # How long the collector waits for the broker before answering 503.
     publish_timeout_s: float = Field(default=10.0, gt=0)
     retry_after_s: int = 5

@@ -240,3 +240,28 @@ async def test_untrusted_time_and_unknown_keys_are_stored(
     assert payload["originalTimestamp"] == "2999-01-01T00:00:00Z"
     assert payload["custom"] == {"k": 1}
     assert payload["context"]["ip"] == "203.0.113.7"
+
+
+async def test_text_plain_is_read_as_json_and_an_unlisted_origin_is_403(
+    client: httpx.AsyncClient, pipeline: Runtime
+) -> None:
+    refused, accepted = f"origin-{uid()}", f"plain-{uid()}"
+    beacon = {"type": "track", "userId": "u", "event": "E", "writeKey": WRITE_KEY}
+    plain = {"content-type": "text/plain;charset=UTF-8"}
+    r = await client.post(
+        "/v1/batch",
+        content=orjson.dumps({"batch": [{**beacon, "messageId": refused}]}),
+        headers={**plain, "origin": "https://not-listed.example"},  # this source lists none
+    )
+    assert r.status_code == 403 and "may not send to this source" in r.json()["error"]
+    assert "access-control-allow-origin" not in r.headers
+    r = await client.post(
+        "/v1/batch",
+        content=orjson.dumps({"batch": [{**beacon, "messageId": accepted}]}),
+        headers=plain,  # no Origin: a server
+    )
+    assert r.status_code == 200, r.text
+    assert set(await stored(pipeline, [accepted])) == {accepted}
+    async with pipeline.engine.connect() as conn:
+        query = text("SELECT count(*) FROM events WHERE message_id = :id")
+        assert (await conn.execute(query, {"id": refused})).scalar_one() == 0
