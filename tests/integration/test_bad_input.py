@@ -246,18 +246,18 @@ async def test_text_plain_is_read_as_json_and_an_unlisted_origin_is_403(
     client: httpx.AsyncClient, pipeline: Runtime
 ) -> None:
     refused, accepted = f"origin-{uid()}", f"plain-{uid()}"
-    beacon = {"type": "track", "userId": "u", "event": "E", "writeKey": WRITE_KEY}
+    beacon = {"type": "track", "userId": "u", "event": "E"}
     plain = {"content-type": "text/plain;charset=UTF-8"}
     r = await client.post(
         "/v1/batch",
-        content=orjson.dumps({"batch": [{**beacon, "messageId": refused}]}),
+        content=orjson.dumps({"batch": [{**beacon, "messageId": refused}], "writeKey": WRITE_KEY}),
         headers={**plain, "origin": "https://not-listed.example"},  # this source lists none
     )
     assert r.status_code == 403 and "may not send to this source" in r.json()["error"]
     assert "access-control-allow-origin" not in r.headers
     r = await client.post(
         "/v1/batch",
-        content=orjson.dumps({"batch": [{**beacon, "messageId": accepted}]}),
+        content=orjson.dumps({"batch": [{**beacon, "messageId": accepted}], "writeKey": WRITE_KEY}),
         headers=plain,  # no Origin: a server
     )
     assert r.status_code == 200, r.text
