@@ -275,6 +275,30 @@ def test_routing_key_prefers_the_user_id() -> None:
     assert [a.key for a in result.accepted] == [b"user_id:u", b"anonymous_id:a"]
 
 
+def test_routing_passes_over_ids_that_never_link() -> None:
+    result = run(
+        {
+            "batch": [
+                {"type": "track", "userId": "undefined", "anonymousId": "a", "event": "E"},
+                {
+                    "type": "identify",
+                    "userId": "null",
+                    "anonymousId": "0",
+                    "traits": {"email": " Ada@Example.com"},
+                },
+                {"type": "track", "anonymousId": "undefined", "event": "E", "messageId": "m1"},
+                {"type": "track", "anonymousId": "undefined", "event": "E", "messageId": "m2"},
+            ]
+        }
+    )
+    assert [a.key for a in result.accepted] == [
+        b"anonymous_id:a",
+        b"email:ada@example.com",
+        b"message_id:m1",  # nobody to keep together: spread, not piled on one partition
+        b"message_id:m2",
+    ]
+
+
 def test_body_write_key() -> None:
     assert body_write_key({"writeKey": "wk"}) == "wk"
     assert body_write_key({"writeKey": ""}) is None

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from cdp_stream.collector._json import BadRequest
 from cdp_stream.collector.ecommerce import ecommerce_violation
 from cdp_stream.events import EVENT_TYPES, MODELS, Batch, Channel
+from cdp_stream.resolver.identity import ANONYMOUS_ID, USER_ID, IdentityRules
 from cdp_stream.settings import Settings
 
 # A client clock this far ahead, or a time before this, is not believed.
@@ -114,6 +115,7 @@ def intake(
 
     result = IntakeResult()
     server = _Server(source_id, received_at, _iso(received_at), ip, user_agent)
+    rules = IdentityRules.from_settings(settings)
     for index, raw in enumerate(items):
         event = _with_defaults(raw, defaults)
         try:
@@ -133,7 +135,7 @@ def intake(
             record = rejection_record(raw, endpoint, index, str(exc), source_id, received_at)
             result.rejected.append(Rejected(index, _message_id(raw), str(exc), record))
             continue
-        result.accepted.append(Accepted(_routing_key(enriched), value))
+        result.accepted.append(Accepted(_routing_key(enriched, rules), value))
     return result
 
 
@@ -282,12 +284,17 @@ def channel_of(event: Mapping[str, Any]) -> Channel:
     return "other"
 
 
-def _routing_key(event: Mapping[str, Any]) -> bytes:
-    """The event's most stable identifier: one person's events keep one partition while
-    their identity stays the same."""
-    if event.get("userId") is not None:
-        return f"user_id:{event['userId']}".encode()
-    return f"anonymous_id:{event['anonymousId']}".encode()
+def _routing_key(event: Mapping[str, Any], rules: IdentityRules) -> bytes:
+    """The event's most stable usable identifier: one person's events keep one partition
+    while their identity stays the same. Values that never link anyone ("undefined", "0",
+    ...) are passed over, so such junk does not pile into one partition; an event left
+    with no usable id is spread by its messageId."""
+    for type_, name in ((USER_ID, "userId"), (ANONYMOUS_ID, "anonymousId")):
+        value = rules.normalize(type_, event.get(name))
+        if value is not None:
+            return f"{type_}:{value}".encode()
+    usable = rules.identifiers_of(event)
+    return (usable[0].ref() if usable else f"message_id:{event['messageId']}").encode()
 
 
 def _serialize(event: Mapping[str, Any]) -> bytes:
