@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field
+from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdp_stream.collector.cors import origin_pattern
@@ -94,6 +94,11 @@ class Settings(BaseSettings):
     dmp_k: int = Field(default=100, ge=1, description="buckets under k members are suppressed")
     dmp_epsilon: float | None = Field(
         default=None, gt=0, description="Laplace noise epsilon; unset: exact counts"
+    )
+    dmp_noise_key: SecretStr | None = Field(
+        default=None,
+        description="secret of the Laplace noise, shared by every activation process so a "
+        "restart does not re-sample it; unset: one drawn per process",
     )
     dmp_dimensions: list[str] = ["country", "device_type", "first_touch_channel"]
     dmp_windows: list[str] = ["hour", "day"]

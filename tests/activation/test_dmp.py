@@ -847,6 +847,23 @@ async def test_run_counts_runs_until_stopped(engine: AsyncEngine, data: DataSet)
         await dmp.run_counts(engine, bus, settings(dmp_windows=["week"]), stop)
 
 
+async def test_a_configured_noise_key_is_kept_across_restarts(
+    engine: AsyncEngine, data: DataSet
+) -> None:
+    audience_id = await new_audience(engine, data.members)
+    s = settings(dmp_interval_s=0.05, dmp_epsilon=1.0, dmp_noise_key="n" * 32)
+    sent = []
+    for _ in range(2):  # a process, then its restart
+        bus, stop = MemoryBus(), asyncio.Event()
+        task = asyncio.create_task(dmp.run_counts(engine, bus, s, stop))
+        assert await eventually(lambda: rows_of(engine, audience_id))
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.wait_for(task, 10)
+        sent.append(await ours(bus, s.topics.dmp_audience_counts, audience_id))
+    assert sent[0] and sent[1] == []  # the same noise again: nothing changed, nothing re-sent
+
+
 @pytest.mark.parametrize(
     ("error", "logged"),
     [(BusUnavailable("down"), "bus unavailable"), (RuntimeError("bug"), "run failed")],

@@ -37,8 +37,9 @@ Anonymization, in this order, on the exact counts of one audience at one moment:
    overlapping audiences, which suppression alone cannot. The noise of a count is a keyed
    hash of (audience, dimension, bucket, exact count): re-publishing an unchanged count,
    every minute or in every hourly window, repeats the same value instead of handing out
-   fresh samples to average away. The key lives for the process (``noise_key``), so
-   epsilon is spent once per distinct exact value per cell and process. Suppression is
+   fresh samples to average away. The key is ``CDP_DMP_NOISE_KEY`` (the same for every
+   activation process and across restarts: epsilon is spent once per distinct exact value
+   per cell); unset, each process draws its own, and a restart spends epsilon again. Suppression is
    decided on the exact counts, so a noised count may read a little under k.
 
 Not here: audience membership itself (``audiences.py``) and deletion (a deleted person's
@@ -634,7 +635,8 @@ async def run_counts(
     """Count every ``settings.dmp_interval_s`` until ``stop``; a failed run is logged and
     the next one tries again (a timer that died quietly would freeze the feed)."""
     check_settings(settings)
-    noise_key = secrets.token_bytes(32)  # one per process: see the module docstring
+    configured = settings.dmp_noise_key
+    noise_key = configured.get_secret_value().encode() if configured else secrets.token_bytes(32)
     while not stop.is_set():
         try:
             n = await count_once(engine, bus, settings, datetime.now(UTC), noise_key=noise_key)
