@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     crm_webhook_url: str | None = None
     crm_webhook_secret: str | None = Field(default=None, description="HMAC-SHA256 key")
     crm_webhook_max_attempts: int = Field(default=8, ge=1)
+    crm_webhook_keep_delivered_days: float = Field(
+        default=7.0, gt=0, description="how long delivered webhook rows are kept (audit)"
+    )
     dmp_k: int = Field(default=100, ge=1, description="buckets under k members are suppressed")
     dmp_epsilon: float | None = Field(
         default=None, gt=0, description="Laplace noise epsilon; unset: exact counts"

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import insert, select
+from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import crm, webhook
@@ -294,3 +294,29 @@ async def test_crm_feed_to_receiver(engine: AsyncEngine, receiver: Receiver) -> 
     for r in receiver.about(pid):
         h = r.headers
         assert webhook.verify(SECRET, h["x-cdp-timestamp"], r.body, h["x-cdp-signature"])
+
+
+async def test_delivered_rows_are_pruned_after_the_retention(
+    engine: AsyncEngine, receiver: Receiver
+) -> None:
+    old, recent, dead = [await enqueue(engine, uid("prune")) for _ in range(3)]
+    async with engine.begin() as conn:
+        table = crm_webhook_deliveries
+        for row_id, status, age in (
+            (old, "delivered", 8),
+            (recent, "delivered", 6),
+            (dead, "dead", 30),
+        ):
+            await conn.execute(
+                table.update()
+                .where(table.c.id == row_id)
+                .values(status=status, delivered_at=text(f"now() - interval '{age} days'"))
+            )
+    async with worker(engine, settings_for(receiver.url, crm_webhook_keep_delivered_days=7)):
+
+        async def gone() -> bool:
+            async with engine.connect() as conn:
+                ids = select(table.c.id).where(table.c.id.in_([old, recent, dead]))
+                return set((await conn.execute(ids)).scalars()) == {recent, dead}
+
+        assert await eventually(gone)

@@ -21,6 +21,9 @@ backoff (``base_delay_s * 2**(attempts - 1)``, at most an hour); after
 ``CDP_CRM_WEBHOOK_MAX_ATTEMPTS`` attempts the delivery is ``dead``: it stays in the table
 (the dead-letter) until :func:`redrive` queues it again.
 
+Delivered rows are kept ``CDP_CRM_WEBHOOK_KEEP_DELIVERED_DAYS`` (7) for audit, then pruned by
+the delivery task (dead ones stay until redriven).
+
 Rows are claimed with ``FOR UPDATE SKIP LOCKED`` and leased (``next_attempt_at`` pushed past
 the time the batch can take) in a short transaction, and no transaction stays open across
 HTTP: several activation processes deliver side by side, and rows of one that dies come
@@ -202,6 +205,19 @@ async def deliver_due(
     return len(batch)
 
 
+async def prune_delivered(engine: AsyncEngine, keep_s: float) -> int:
+    """Delete the deliveries delivered more than ``keep_s`` ago; returns how many."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            text(
+                "DELETE FROM crm_webhook_deliveries WHERE status = 'delivered'"
+                " AND delivered_at < now() - make_interval(secs => :keep)"
+            ),
+            {"keep": keep_s},
+        )
+    return int(result.rowcount)
+
+
 async def run_deliveries(
     engine: AsyncEngine,
     settings: Settings,
@@ -211,17 +227,25 @@ async def run_deliveries(
     poll_interval_s: float = 1.0,
     batch_size: int = 20,
     timeout_s: float = 10.0,
+    prune_every_s: float = 600.0,
 ) -> None:
-    """Deliver until ``stop``; without a webhook URL, only wait for ``stop``. A failure of
-    its own (the database away) is logged and retried: this task must not die quietly."""
+    """Deliver until ``stop`` (pruning old delivered rows every ``prune_every_s``); without
+    a webhook URL, only wait for ``stop``. A failure of its own (the database away) is
+    logged and retried: this task must not die quietly."""
     if not settings.crm_webhook_url:
         await stop.wait()
         return
     if not settings.crm_webhook_secret:
         log.warning("CDP_CRM_WEBHOOK_SECRET is unset: CRM webhook requests go out unsigned")
+    keep_s = settings.crm_webhook_keep_delivered_days * 86400
+    next_prune = 0.0
     async with httpx.AsyncClient(timeout=timeout_s) as client:
         while not stop.is_set():
             try:
+                if time.monotonic() >= next_prune:
+                    pruned = await prune_delivered(engine, keep_s)
+                    log.debug("pruned %d delivered CRM webhook rows", pruned)
+                    next_prune = time.monotonic() + prune_every_s
                 sent = await deliver_due(
                     engine,
                     settings,
