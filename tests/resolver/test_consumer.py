@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -201,3 +202,33 @@ async def test_a_failed_relay_keeps_the_update_for_the_next_one(engine: AsyncEng
     assert bus.failures == 0
     assert [u["event"]["messageId"] for u in updates] == [f"{run}-a"]
     assert await stored(engine, [f"{run}-a"]) == 1
+
+
+async def test_stopping_while_the_database_is_away_ends_the_wait_and_commits_nothing(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts = 0
+
+    async def database_away(*args: Any) -> None:
+        nonlocal attempts
+        attempts += 1
+        raise ConnectionRefusedError("database away (test)")
+
+    monkeypatch.setattr("cdp_stream.resolver.consumer.apply_batch", database_away)
+    run = uuid.uuid4().hex[:10]
+    bus = MemoryBus(default_partitions=1)
+    await bus.ensure_topics(Topics().all(1))
+    await bus.publish(Topics().events, b"k", event(f"{run}-a", f"u-{run}"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_resolver(bus, engine, SETTINGS, stop))
+
+    async def retried() -> bool:
+        return attempts >= 3
+
+    assert await eventually(retried)
+    stop.set()
+    await asyncio.wait_for(task, 2)  # not "whenever the database is back"
+    after = bus.consumer(Topics().resolver_group, [Topics().events])
+    await after.start()
+    assert len(await after.getmany(100, 50)) == 1  # offsets untouched: it comes again
+    await after.stop()

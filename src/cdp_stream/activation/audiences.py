@@ -47,7 +47,7 @@ from cdp_stream.activation.rules import (
     time_may_admit,
 )
 from cdp_stream.profiles import repository as repo
-from cdp_stream.profiles.db import retrying
+from cdp_stream.profiles.db import Stopping, retrying
 from cdp_stream.profiles.models import audience_changes, audience_members, audiences, events
 from cdp_stream.profiles.models import profiles as profiles_table
 
@@ -280,7 +280,9 @@ async def run_expiry(engine: AsyncEngine, stop: asyncio.Event, interval_s: float
     while not stop.is_set():
         now = datetime.now(UTC)
         try:
-            changed = await retrying(engine, functools.partial(expire, now=now, since=since))
+            changed = await retrying(engine, functools.partial(expire, now=now, since=since), stop)
+        except Stopping:
+            return
         except Exception:  # a timer that dies silently would freeze memberships
             log.exception("audience expiry failed; retrying next interval")
         else:

@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import audiences, crm, dmp, webhook
 from cdp_stream.bus.base import Bus, BusUnavailable, Message, next_offsets, rejoin
-from cdp_stream.profiles.db import retrying
+from cdp_stream.profiles.db import Stopping, retrying
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,13 @@ async def run_activation(
                     await crm.apply_updates(conn, updates, settings)
                     await audiences.apply_updates(conn, updates, datetime.now(UTC))
 
-                await retrying(engine, apply)
+                await retrying(engine, apply, stop)
                 await consumer.commit(next_offsets(messages))
             except BusUnavailable as exc:
                 log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
                 await rejoin(consumer, stop)
+            except Stopping:
+                log.info("stopping with the database away: the batch is redelivered later")
     finally:
         done.set()
         await audiences.stop_backfills()

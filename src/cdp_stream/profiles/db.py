@@ -73,9 +73,18 @@ def _sqlstate(exc: DBAPIError) -> str | None:
     )
 
 
-async def retrying(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+class Stopping(Exception):
+    """``retrying`` gave up waiting for the database because its process is stopping."""
+
+
+async def retrying(
+    engine: AsyncEngine,
+    work: Callable[[AsyncConnection], Awaitable[T]],
+    stop: asyncio.Event | None = None,
+) -> T:
     """``work`` in one transaction; conflicts and an unreachable database are retried with
-    backoff, for as long as it takes: a consumer's offsets wait, nothing is skipped."""
+    backoff, for as long as it takes: a consumer's offsets wait, nothing is skipped. Set,
+    ``stop`` ends the wait with :class:`Stopping` (nothing was committed)."""
     delay = 0.05
     while True:
         try:
@@ -89,5 +98,16 @@ async def retrying(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaita
             if _sqlstate(exc) not in _RETRYABLE_SQLSTATES:
                 raise
             log.info("transaction conflict (%s), retrying", _sqlstate(exc))
-        await asyncio.sleep(delay)
+        if stop is None:
+            await asyncio.sleep(delay)
+        elif await _stopped_within(stop, delay):
+            raise Stopping("stopped while waiting for the database")
         delay = min(delay * 2, 5.0)
+
+
+async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(stop.wait(), seconds)
+    except TimeoutError:
+        return False
+    return True

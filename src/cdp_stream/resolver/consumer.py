@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cdp_stream.bus.base import Bus, BusUnavailable, Message, Record, next_offsets, rejoin
 from cdp_stream.events import Event
 from cdp_stream.profiles import repository as repo
-from cdp_stream.profiles.db import retrying
+from cdp_stream.profiles.db import Stopping, retrying
 from cdp_stream.resolver.batch import BatchResult, apply_batch
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
@@ -40,10 +40,13 @@ def _origin(event: dict[str, Any]) -> dict[str, Any]:
 
 
 async def apply_with_retry(
-    engine: AsyncEngine, events: Sequence[dict[str, Any]], rules: IdentityRules
+    engine: AsyncEngine,
+    events: Sequence[dict[str, Any]],
+    rules: IdentityRules,
+    stop: asyncio.Event | None = None,
 ) -> BatchResult:
     """One transaction for the batch, retried on conflicts and outages (see ``retrying``)."""
-    return await retrying(engine, lambda conn: apply_batch(conn, events, rules))
+    return await retrying(engine, lambda conn: apply_batch(conn, events, rules), stop)
 
 
 async def relay_outbox(engine: AsyncEngine, bus: Bus, topic: str, limit: int = 5000) -> int:
@@ -93,7 +96,7 @@ async def run_resolver(
                 if not messages:
                     continue
                 events = await _decode(bus, names.rejected, messages)
-                result = await apply_with_retry(engine, events, rules)
+                result = await apply_with_retry(engine, events, rules, stop)
                 await bus.publish_many(
                     [
                         Record(
@@ -118,5 +121,7 @@ async def run_resolver(
             except BusUnavailable as exc:
                 log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
                 await rejoin(consumer, stop)
+            except Stopping:
+                log.info("stopping with the database away: the batch is redelivered later")
     finally:
         await consumer.stop()
