@@ -7,7 +7,6 @@ per-type limits, blocked values, the phone region) come from :class:`Settings`.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -24,9 +23,6 @@ PHONE = "phone"
 DEVICE_ID = "device_id"
 ADVERTISING_ID = "advertising_id"
 BUILT_IN = (USER_ID, EMAIL, PHONE, ANONYMOUS_ID, DEVICE_ID, ADVERTISING_ID)
-
-_ZEROS_AND_DASHES = re.compile(r"^[0-]*$")
-
 
 @dataclass(frozen=True, order=True, slots=True)
 class Identifier:
@@ -71,14 +67,12 @@ class IdentityRules:
 
     def normalize(self, type_: str, raw: object) -> str | None:
         """The canonical spelling of an identifier value, or None when it must not link."""
-        if isinstance(raw, bool) or raw is None:
-            return None
-        if isinstance(raw, int | float):
+        if not isinstance(raw, str):  # (strings first: they are nearly all, and on hot paths)
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                return None
             raw = str(raw)
-        if not isinstance(raw, str):
-            return None
         value = raw.strip()
-        if value.lower() in self.blocked or _ZEROS_AND_DASHES.match(value):
+        if not value.strip("0-") or value.lower() in self.blocked:  # only zeros and dashes
             return None
         if type_ == EMAIL:
             return value.lower()
