@@ -10,6 +10,7 @@ shipped, with the write key, the collector's address and test options filled in.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import time
@@ -315,7 +316,7 @@ async def test_consent_nothing_is_sent_or_stored_for_declined_categories(
     await browser.call(
         "eval",
         page=page,
-        expression="cdp.consent({analytics: false, marketing: true}),"
+        expression="cdp.consent({analytics: 'denied', marketing: 'granted'}),"
         "cdp.track('Scrolled'),"
         "cdp.track('Viewed Offer', {}, {category: 'marketing'})",
     )
@@ -448,6 +449,25 @@ async def test_a_tab_closed_while_the_collector_is_down_is_sent_by_the_next_tab(
     await sent_everything(browser, later)
     assert gate.delivered()[stored[0]] == 1
     assert await browser.call("eval", page=later, expression=STORED_QUEUE) == []
+
+
+async def test_a_send_without_an_answer_times_out_and_is_retried(
+    browser: Chromium, site: Site
+) -> None:
+    async def never_answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the browser gives up and closes
+
+    port = free_port()
+    silent = await asyncio.start_server(never_answer, "127.0.0.1", port)
+    try:
+        page = await open_page(
+            browser, site.url("/slow", host=f"http://127.0.0.1:{port}", timeout=300)
+        )
+        await until_true(browser, page, "cdp.stats().attempts >= 3")
+        assert await browser.call("eval", page=page, expression="cdp.stats().queued") == 1
+        await browser.call("close", page=page)
+    finally:
+        silent.close()
 
 
 async def test_a_page_of_an_origin_the_source_does_not_list_is_refused(

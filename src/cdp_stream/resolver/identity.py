@@ -24,6 +24,7 @@ DEVICE_ID = "device_id"
 ADVERTISING_ID = "advertising_id"
 BUILT_IN = (USER_ID, EMAIL, PHONE, ANONYMOUS_ID, DEVICE_ID, ADVERTISING_ID)
 
+
 @dataclass(frozen=True, order=True, slots=True)
 class Identifier:
     type: str

@@ -29,6 +29,7 @@
     maxQueue: 1000, // the oldest events beyond this are dropped (and counted)
     retryBase: 1000,
     retryMax: 60000,
+    timeout: 10000, // a send that has no answer by then is retried
     sessionTimeout: 30 * 60 * 1000,
     cookieDomain: null, // e.g. ".example.com" to share the id across subdomains
     cookieDays: 365,
@@ -82,6 +83,7 @@
 
   // --- consent: category -> true (granted) / false (declined); unknown = undecided ---------
   const consent = store.get("cdp_consent") || {};
+  const granted = (v) => v === true || v === 1 || /^(granted|yes|true|on|accepted|allow)$/i.test(v);
   const decided = (category) =>
     category in consent ? consent[category] : cfg.requireConsent ? undefined : true;
   const mayStore = () => !cfg.requireConsent || Object.values(consent).some(Boolean);
@@ -238,6 +240,7 @@
       headers: { "Content-Type": "text/plain" },
       credentials: "omit",
       keepalive: new Blob([batch.body]).size < 65000,
+      signal: AbortSignal.timeout(cfg.timeout),
     })
       .then((r) => {
         if (!settled(r.status)) throw r;
@@ -309,9 +312,12 @@
       store.del("cdp_session");
       persistIds();
     },
+    // {analytics: true, marketing: false} ("granted"/"denied" too), or the granted ones: ["analytics"]
     consent(categories) {
-      if (Array.isArray(categories)) categories = Object.fromEntries(categories.map((c) => [c, true]));
-      Object.assign(consent, categories);
+      const entries = Array.isArray(categories)
+        ? categories.map((c) => [c, true])
+        : Object.entries(categories || {}).map(([c, v]) => [c, granted(v)]);
+      Object.assign(consent, Object.fromEntries(entries));
       store.set("cdp_consent", consent);
       persistIds();
       const waiting = held;
