@@ -33,7 +33,11 @@ async def test_create_list_and_change_origins(api: httpx.AsyncClient, engine: As
         "/v1/sources",
         json={
             "name": "Web shop",
-            "allowed_origins": ["https://Shop.example.com/", "https://*.ex.io"],
+            "allowed_origins": [
+                "https://Shop.example.com/",
+                "https://*.ex.io",
+                "https://shop.example.com",
+            ],
         },
         headers=AUTH,
     )

@@ -19,7 +19,10 @@ router = APIRouter(prefix="/v1/sources", tags=["sources"])
 ADMIN = [Depends(require_scope("admin"))]
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
-Origins = list[Annotated[str, AfterValidator(origin_pattern)]]
+Origins = Annotated[
+    list[Annotated[str, AfterValidator(origin_pattern)]],
+    AfterValidator(lambda patterns: sorted(set(patterns))),  # stored normalized, once each
+]
 
 
 class SourceIn(BaseModel):
@@ -51,16 +54,13 @@ async def list_all(conn: Conn) -> list[dict[str, Any]]:
 
 @router.post("", status_code=201, response_model=SourceOut, dependencies=ADMIN)
 async def create(body: SourceIn, conn: Conn) -> dict[str, Any] | None:
-    source_id = await credentials.create_source(conn, body.name, sorted(set(body.allowed_origins)))
+    source_id = await credentials.create_source(conn, body.name, body.allowed_origins)
     return await credentials.read_source(conn, source_id)
 
 
 @router.patch("/{source_id}", response_model=SourceOut, dependencies=ADMIN)
 async def change(source_id: str, body: SourceChange, conn: Conn) -> dict[str, Any]:
-    changes = body.model_dump(exclude_none=True)
-    if "allowed_origins" in changes:
-        changes["allowed_origins"] = sorted(set(changes["allowed_origins"]))
-    source = await credentials.update_source(conn, source_id, changes)
+    source = await credentials.update_source(conn, source_id, body.model_dump(exclude_none=True))
     if source is None:
         raise HTTPException(404, f"no source {source_id!r}")
     return source
