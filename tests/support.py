@@ -17,7 +17,7 @@ import uvicorn
 from fastapi import APIRouter, FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.app import Runtime
+from cdp_stream.app import Runtime, create_app
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
@@ -124,6 +124,13 @@ class Gate:
         self.answers: list[int] = []
         self.other_methods: list[str] = []
 
+    def reset(self) -> Gate:
+        """Forget what was recorded and queued (a test's fresh start)."""
+        self.requests.clear()
+        self.answers.clear()
+        self.other_methods.clear()
+        return self
+
     def delivered(self) -> Counter[str]:
         """How many times each messageId reached the collector in a request it took."""
         return Counter(m for status, ids in self.requests if status == 200 for m in ids)
@@ -220,3 +227,20 @@ class Server:
             self._server.should_exit = True
             await self._task
             self._server = self._task = None
+
+
+@asynccontextmanager
+async def gated_collector(runtime: Runtime, port: int | None = None) -> AsyncIterator[Server]:
+    """The collector and API of ``runtime`` on a real socket, behind a :class:`Gate`."""
+    server = Server(Gate(create_app(runtime, ["collector", "api"])), port)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop()
+
+
+def gate_of(server: Server) -> Gate:
+    """The server's Gate, reset for the next test."""
+    assert isinstance(server.app, Gate)
+    return server.app.reset()

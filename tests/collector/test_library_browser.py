@@ -28,10 +28,19 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
-from cdp_stream.app import Runtime, create_app
+from cdp_stream.app import Runtime
 from cdp_stream.resolver.consumer import run_resolver
 from tests.collector.chromium import Chromium
-from tests.support import Gate, Server, eventually, free_port, running_pipeline, uid
+from tests.support import (
+    Gate,
+    Server,
+    eventually,
+    free_port,
+    gate_of,
+    gated_collector,
+    running_pipeline,
+    uid,
+)
 
 WRITE_KEY = "wk_web_" + uuid.uuid4().hex[:8]
 API_TOKEN = "tok_web_" + uuid.uuid4().hex[:8]
@@ -116,19 +125,13 @@ async def runtime(kafka_bootstrap: str, pg_url: str, site: Site) -> AsyncIterato
 
 @pytest.fixture(scope="module")
 async def collector(collector_port: int, runtime: Runtime) -> AsyncIterator[Server]:
-    server = Server(Gate(create_app(runtime, ["collector", "api"])), collector_port)
-    await server.start()
-    yield server
-    await server.stop()
+    async with gated_collector(runtime, collector_port) as server:
+        yield server
 
 
 @pytest.fixture
 def gate(collector: Server) -> Gate:
-    g = collector.app
-    assert isinstance(g, Gate)
-    g.requests.clear()
-    g.other_methods.clear()
-    return g
+    return gate_of(collector)
 
 
 async def open_page(browser: Chromium, url: str, context: str | None = None) -> str:

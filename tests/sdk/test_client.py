@@ -24,10 +24,10 @@ from typing import Any
 import httpx
 import pytest
 
-from cdp_stream.app import Runtime, create_app
+from cdp_stream.app import Runtime
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.sdk import AsyncClient, Client
-from tests.support import Gate, Server, eventually, running_pipeline, uid
+from tests.support import Gate, Server, eventually, gate_of, gated_collector, running_pipeline, uid
 
 WRITE_KEY = "wk_sdk_" + uuid.uuid4().hex[:8]
 API_TOKEN = "tok_sdk_" + uuid.uuid4().hex[:8]
@@ -43,19 +43,13 @@ async def runtime(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
 
 @pytest.fixture(scope="module")
 async def server(runtime: Runtime) -> AsyncIterator[Server]:
-    srv = Server(Gate(create_app(runtime, ["collector", "api"])))
-    await srv.start()
-    yield srv
-    await srv.stop()
+    async with gated_collector(runtime) as srv:
+        yield srv
 
 
 @pytest.fixture
 def gate(server: Server) -> Gate:
-    g = server.app
-    assert isinstance(g, Gate)
-    g.requests.clear()
-    g.answers.clear()
-    return g
+    return gate_of(server)
 
 
 @contextlib.asynccontextmanager
