@@ -36,6 +36,15 @@ def error_response(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"success": False, "error": message, **extra}, status_code=status)
 
 
+def bus_unavailable(exc: BusUnavailable, settings: Settings) -> JSONResponse:
+    """503 + Retry-After: nothing of the request was accepted, send it again."""
+    return JSONResponse(
+        {"success": False, "error": f"event bus unavailable, nothing accepted: {exc}"},
+        status_code=503,
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, decompressed, refusing (413) anything over ``limit`` bytes either way."""
     declared = request.headers.get("content-length")
@@ -111,11 +120,7 @@ async def _publish(
     try:
         await bus.publish_many(records)
     except BusUnavailable as exc:
-        return JSONResponse(
-            {"success": False, "error": f"event bus unavailable, nothing accepted: {exc}"},
-            status_code=503,
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
+        return bus_unavailable(exc, settings)
     rejected = [
         {"index": r.index, "messageId": r.message_id, "reason": r.reason} for r in result.rejected
     ]

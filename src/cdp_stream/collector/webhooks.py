@@ -61,7 +61,7 @@ from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.intake import intake, rejection_record
-from cdp_stream.collector.routes import error_response, read_body
+from cdp_stream.collector.routes import bus_unavailable, error_response, read_body
 from cdp_stream.settings import Settings
 
 router = APIRouter(tags=["webhooks"])
@@ -338,11 +338,7 @@ async def _publish(
     try:
         await bus.publish_many(records)
     except BusUnavailable as exc:
-        return JSONResponse(
-            {"success": False, "error": f"event bus unavailable, nothing accepted: {exc}"},
-            status_code=503,
-            headers={"Retry-After": str(settings.retry_after_s)},
-        )
+        return bus_unavailable(exc, settings)
     return JSONResponse(
         {"success": True, "accepted": accepted, **({"rejected": rejected} if rejected else {})}
     )
