@@ -47,7 +47,7 @@ from cdp_stream.activation.rules import (
     time_may_admit,
 )
 from cdp_stream.profiles import repository as repo
-from cdp_stream.profiles.db import Stopping, retrying
+from cdp_stream.profiles.db import Stopping, retrying, stopped_within
 from cdp_stream.profiles.models import audience_changes, audience_members, audiences, events
 from cdp_stream.profiles.models import profiles as profiles_table
 
@@ -289,8 +289,7 @@ async def run_expiry(engine: AsyncEngine, stop: asyncio.Event, interval_s: float
             since = now
             if changed:
                 log.info("audience expiry: %d membership changes", changed)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=interval_s)
+        await stopped_within(stop, interval_s)
 
 
 # --- audiences themselves: create, read, delete, back-fill ------------------------------

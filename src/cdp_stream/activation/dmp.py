@@ -69,7 +69,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
-from cdp_stream.profiles.db import retrying
+from cdp_stream.profiles.db import retrying, stopped_within
 from cdp_stream.profiles.models import (
     audience_members,
     audiences,
@@ -645,11 +645,7 @@ async def run_counts(
             log.warning("DMP counts not published (bus unavailable), next run retries: %s", exc)
         except Exception:
             log.exception("DMP count run failed; the next run tries again")
-        try:
-            async with asyncio.timeout(settings.dmp_interval_s):
-                await stop.wait()
-        except TimeoutError:
-            pass
+        await stopped_within(stop, settings.dmp_interval_s)
 
 
 # --- reads, for the API ------------------------------------------------------------------

@@ -33,7 +33,6 @@ back when their lease runs out.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import logging
@@ -45,6 +44,7 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.profiles.db import stopped_within
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -259,8 +259,7 @@ async def run_deliveries(
                 log.exception("CRM webhook deliveries failed; retrying")
                 sent = 0
             if not sent:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(stop.wait(), poll_interval_s)
+                await stopped_within(stop, poll_interval_s)
 
 
 async def redrive(engine: AsyncEngine) -> int:

@@ -100,12 +100,13 @@ async def retrying(
             log.info("transaction conflict (%s), retrying", _sqlstate(exc))
         if stop is None:
             await asyncio.sleep(delay)
-        elif await _stopped_within(stop, delay):
+        elif await stopped_within(stop, delay):
             raise Stopping("stopped while waiting for the database")
         delay = min(delay * 2, 5.0)
 
 
-async def _stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait up to ``seconds`` for ``stop``; whether it was set (the pause of a timer loop)."""
     try:
         await asyncio.wait_for(stop.wait(), seconds)
     except TimeoutError:
