@@ -129,6 +129,7 @@ def test_the_intake_rejects_an_order_that_breaks_the_spec() -> None:
     from datetime import UTC, datetime
 
     from cdp_stream.collector.intake import intake
+    from cdp_stream.resolver.identity import IdentityRules
     from cdp_stream.settings import Settings
 
     good = {
@@ -145,6 +146,7 @@ def test_the_intake_rejects_an_order_that_breaks_the_spec() -> None:
         {"batch": [good, bad]},
         "batch",
         settings=Settings(),
+        rules=IdentityRules.from_settings(Settings()),
         source_id="src",
         received_at=datetime.now(UTC),
         ip=None,

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from cdp_stream.collector._json import BadRequest
 from cdp_stream.collector.intake import IntakeResult, body_write_key, channel_of, intake
 from cdp_stream.events import Event, Rejection
+from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)
@@ -23,6 +24,7 @@ SETTINGS = Settings()
 def run(body: Any, endpoint: str = "batch", **kw: Any) -> IntakeResult:
     args: dict[str, Any] = {
         "settings": SETTINGS,
+        "rules": IdentityRules.from_settings(SETTINGS),
         "source_id": "src-1",
         "received_at": NOW,
         "ip": "203.0.113.9",

@@ -31,6 +31,7 @@ import orjson
 import phonenumbers
 
 from cdp_stream.collector.intake import intake
+from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 Ref = str  # "type:value", normalized
@@ -654,6 +655,7 @@ def enrich(sent: Sequence[tuple[str, dict[str, Any]]]) -> list[tuple[bytes, byte
             {"batch": [sent[i][1] for i in indexes]},
             "batch",
             settings=Settings(max_batch_events=max(len(indexes), 1)),
+            rules=IdentityRules.from_settings(Settings()),
             source_id=source,
             received_at=RECEIVED_AT,
             ip="203.0.113.9",

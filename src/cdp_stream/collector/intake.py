@@ -100,6 +100,7 @@ def intake(
     endpoint: str,
     *,
     settings: Settings,
+    rules: IdentityRules,
     source_id: str,
     received_at: datetime,
     ip: str | None,
@@ -115,7 +116,6 @@ def intake(
 
     result = IntakeResult()
     server = _Server(source_id, received_at, _iso(received_at), ip, user_agent)
-    rules = IdentityRules.from_settings(settings)
     for index, raw in enumerate(items):
         event = _with_defaults(raw, defaults)
         try:

@@ -95,6 +95,7 @@ async def _collect(request: Request, endpoint: str) -> JSONResponse:
             body,
             endpoint,
             settings=settings,
+            rules=request.app.state.rules,
             source_id=source.id,
             received_at=received_at,
             ip=request.client.host if request.client else None,

@@ -322,6 +322,7 @@ async def _publish(
             {"batch": [event]},
             "batch",
             settings=settings,
+            rules=request.app.state.rules,
             source_id=source_id,
             received_at=received_at,
             ip=None,  # the provider's server, not the recipient
