@@ -66,6 +66,11 @@ profiles = Table(
     Column("computed", JSONB, nullable=False, server_default=_empty_object),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    # Lookups gather a canonical profile's merged-away ids (WHERE merged_into = $1): without
+    # it each lookup scans the table. Partial, since most profiles were never merged.
+    Index(
+        "profiles_merged_into_idx", "merged_into", postgresql_where=text("merged_into IS NOT NULL")
+    ),
 )
 
 # One identifier belongs to exactly one profile: the primary key is the serialization
