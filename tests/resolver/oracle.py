@@ -213,19 +213,6 @@ def expected_computed(events: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         oid: None if None in reports else max(r for r in reports if r is not None)
         for oid, reports in refunds.items()
     }
-    ledger: dict[str, Any] = {
-        "orders": {oid: [cur, micros] for oid, (micros, cur) in sorted(kept.items())},
-        "refunds": dict(sorted(refunded.items())),
-        "unkeyed_orders": {
-            c: [sum(1 for x, _ in unkeyed if x == c), sum(m for x, m in unkeyed if x == c)]
-            for c in sorted({c for c, _ in unkeyed})
-        },
-        "unkeyed_refunds": {
-            c: sum(m for x, m in unkeyed_refunds if x == c)
-            for c in sorted({c for c, _ in unkeyed_refunds})
-        },
-    }
-    out["ledger"] = {k: v for k, v in ledger.items() if v}
     orders: dict[str, dict[str, int]] = {}
     for currency in sorted({c for _, c in kept.values()} | {c for c, _ in unkeyed}):
         mine = [(oid, m) for oid, (m, c) in kept.items() if c == currency]

@@ -139,7 +139,7 @@ async def updates_for(bus: MemoryBus, message_ids: set[str]) -> list[dict[str, A
     await reader.start()
     found = [orjson.loads(m.value) for m in await reader.getmany(100_000, 50)]
     await reader.stop()
-    return [u for u in found if u["event"]["messageId"] in message_ids]
+    return [u for u in found if {e["messageId"] for e in u["events"]} & message_ids]
 
 
 async def test_updates_committed_before_a_crash_are_relayed_at_start_up(
@@ -200,7 +200,7 @@ async def test_a_failed_relay_keeps_the_update_for_the_next_one(engine: AsyncEng
     stop.set()
     await task
     assert bus.failures == 0
-    assert [u["event"]["messageId"] for u in updates] == [f"{run}-a"]
+    assert [e["messageId"] for u in updates for e in u["events"]] == [f"{run}-a"]
     assert await stored(engine, [f"{run}-a"]) == 1
 
 

@@ -327,6 +327,13 @@ def _ids_of(update: Mapping[str, Any]) -> list[uuid.UUID]:
     return [u for u in map(_uuid, raw) if u is not None]
 
 
+def _events_of(update: Mapping[str, Any]) -> list[Any]:
+    """The events an update carries: ``events`` (one update per profile per resolver
+    batch), or the single ``event`` of updates written before that."""
+    events = update.get("events")
+    return events if isinstance(events, list) else [update.get("event")]
+
+
 async def _canonical(conn: AsyncConnection, ids: set[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
     """Each id's canonical profile (itself when canonical); a deleted profile is absent."""
     out: dict[uuid.UUID, uuid.UUID] = {}
@@ -427,9 +434,9 @@ async def apply_updates(
 
     # Interactions, each once per source event.
     new_rows = []
-    for u in changes:
+    for u, raw in ((u, raw) for u in changes for raw in _events_of(u)):
         ids = _ids_of(u)
-        event = as_mapping(u.get("event"))
+        event = as_mapping(raw)
         home = canonical.get(ids[0]) if ids else None
         if home is None or not event.get("sourceId") or not event.get("messageId"):
             continue

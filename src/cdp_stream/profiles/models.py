@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    CheckConstraint,
     Column,
     DateTime,
     Float,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Table,
@@ -120,13 +122,15 @@ identity_refusals = Table(
 )
 
 # Profile updates written in the resolver's transaction and relayed to
-# cdp.profile-updates after it commits (a crash in between loses nothing).
+# cdp.profile-updates after it commits (a crash in between loses nothing). The payload is
+# the record's JSON bytes, as published: Postgres never parses it. Rows live for
+# milliseconds: the table's autovacuum settings (migration 0006) reclaim them promptly.
 profile_update_outbox = Table(
     "profile_update_outbox",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("key", Text, nullable=False),
-    Column("payload", JSONB, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
 )
 
@@ -148,6 +152,25 @@ events = Table(
     Column("origin_profile_id", UUID(as_uuid=True), nullable=False),
     UniqueConstraint("source_id", "message_id", name="events_source_message_key"),
     Index("events_profile_timeline_idx", "profile_id", "timestamp", "id"),
+)
+
+# Every order report (Order Completed / Order Refunded event) once, attached to a profile
+# as its event is: the profile holds only the totals (cdp_stream.resolver.orders).
+orders = Table(
+    "orders",
+    metadata,
+    Column("source_id", Text, primary_key=True),
+    Column("message_id", Text, primary_key=True),
+    Column("profile_id", UUID(as_uuid=True), ForeignKey("profiles.id"), nullable=False),
+    # The profile its event first attached to: what an unmerge regroups by.
+    Column("origin_profile_id", UUID(as_uuid=True), nullable=False),
+    Column("kind", Text, nullable=False),  # order | refund
+    Column("order_id", Text, nullable=True),
+    Column("currency", Text, nullable=False),
+    Column("micros", BigInteger, nullable=True),  # null: a refund of the whole order
+    CheckConstraint("kind IN ('order', 'refund')", name="orders_kind_check"),
+    Index("orders_profile_idx", "profile_id", "order_id"),
+    Index("orders_origin_idx", "origin_profile_id"),
 )
 
 # --- activation (cdp_stream.activation) --------------------------------------------------

@@ -26,12 +26,14 @@ from cdp_stream.profiles.models import (
     events,
     identities,
     identity_refusals,
+    orders,
     profile_merges,
     profile_update_outbox,
     profiles,
     suppressed_identifiers,
 )
 from cdp_stream.resolver.identity import Identifier
+from cdp_stream.resolver.orders import Fact, fields
 from cdp_stream.resolver.traits import view as trait_view
 
 
@@ -167,8 +169,8 @@ async def record_merges(
     final: Callable[[uuid.UUID], uuid.UUID],
 ) -> None:
     """Log each merge (canonical, merged, the event's key) as it happened, then point the
-    merged-away profiles, the profiles merged into them before, their identities and
-    their events at the final canonical profile."""
+    merged-away profiles, the profiles merged into them before, their identities, events
+    and orders at the final canonical profile."""
     if not merges:
         return
     await conn.execute(
@@ -191,7 +193,7 @@ async def record_merges(
         .values(merged_into=mapping.c.new),
         params,
     )
-    for table in (identities, events):
+    for table in (identities, events, orders):
         await conn.execute(
             update(table)
             .where(table.c.profile_id == mapping.c.old)
@@ -288,22 +290,157 @@ class EventRow:
     timestamp: datetime
     received_at: datetime
     payload: dict[str, Any]
+    text: bytes  # the payload's JSON
+    ts: str  # the timestamp as a fixed-width UTC string (see resolver.batch.event_time)
+
+
+_EVENT_COLUMNS = (
+    "source_id",
+    "message_id",
+    "profile_id",
+    "origin_profile_id",
+    "type",
+    "event",
+    "channel",
+    "timestamp",
+    "received_at",
+    "payload",
+)
+
+
+async def _copy(
+    conn: AsyncConnection, table: str, columns: Sequence[str], records: list[tuple[Any, ...]]
+) -> None:
+    """COPY ``records`` into ``table`` in the caller's transaction: one round trip and no
+    per-row statement, several times faster than a multi-row INSERT."""
+    if records:
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+            table, records=records, columns=columns
+        )
 
 
 async def insert_events(conn: AsyncConnection, rows: Sequence[EventRow]) -> None:
-    if rows:
-        await conn.execute(
-            insert(events), [{f: getattr(r, f) for f in EventRow.__slots__} for r in rows]
-        )
+    await _copy(
+        conn,
+        "events",
+        _EVENT_COLUMNS,
+        [
+            (
+                r.source_id,
+                r.message_id,
+                r.profile_id,
+                r.origin_profile_id,
+                r.type,
+                r.event,
+                r.channel,
+                r.timestamp,
+                r.received_at,
+                r.text.decode(),
+            )
+            for r in rows
+        ],
+    )
 
 
-async def insert_outbox(conn: AsyncConnection, updates: Sequence[dict[str, Any]]) -> None:
-    """Profile updates to relay to ``cdp.profile-updates`` once this transaction commits."""
-    if updates:
-        await conn.execute(
-            insert(profile_update_outbox),
-            [{"key": u["profile_id"], "payload": u} for u in updates],
-        )
+@dataclass(slots=True)
+class OrderRow:
+    """An order report (``resolver.orders.Fact``) of a stored event, for ``orders``."""
+
+    source_id: str
+    message_id: str
+    profile_id: uuid.UUID
+    origin_profile_id: uuid.UUID
+    fact: Fact
+
+
+async def insert_orders(conn: AsyncConnection, rows: Sequence[OrderRow]) -> None:
+    await _copy(
+        conn,
+        "orders",
+        (
+            "source_id",
+            "message_id",
+            "profile_id",
+            "origin_profile_id",
+            "kind",
+            "order_id",
+            "currency",
+            "micros",
+        ),
+        [
+            (
+                r.source_id,
+                r.message_id,
+                r.profile_id,
+                r.origin_profile_id,
+                r.fact.kind,
+                r.fact.order_id,
+                r.fact.currency,
+                r.fact.micros,
+            )
+            for r in rows
+        ],
+    )
+
+
+# Per profile and currency: (orders, revenue net of refunds), by the rules of
+# ``resolver.orders``: one value per order_id (the largest (micros, currency) report), its
+# refund the largest report (NULL, a full one, above all) capped at the order, orders
+# without an order_id each counted, refunds without one subtracted from their currency's
+# total, never below 0. ``COLLATE "C"``: currencies compare as Python compares them.
+ORDER_TOTALS = text(
+    """
+WITH f AS (
+  SELECT profile_id, kind, order_id, currency, micros FROM orders
+  WHERE profile_id = ANY(CAST(:pids AS uuid[]))
+), kept AS (
+  SELECT DISTINCT ON (profile_id, order_id) profile_id, order_id, currency, micros FROM f
+  WHERE kind = 'order' AND order_id IS NOT NULL
+  ORDER BY profile_id, order_id, micros DESC, currency COLLATE "C" DESC
+), refunded AS (
+  SELECT profile_id, order_id,
+    CASE WHEN bool_or(micros IS NULL) THEN NULL ELSE max(micros) END AS refund
+  FROM f WHERE kind = 'refund' AND order_id IS NOT NULL GROUP BY profile_id, order_id
+), net AS (
+  SELECT k.profile_id, k.currency, k.micros - CASE
+    WHEN r.order_id IS NULL THEN 0
+    WHEN r.refund IS NULL THEN k.micros
+    ELSE greatest(0, least(r.refund, k.micros)) END AS micros
+  FROM kept k LEFT JOIN refunded r USING (profile_id, order_id)
+  UNION ALL
+  SELECT profile_id, currency, micros FROM f WHERE kind = 'order' AND order_id IS NULL
+), gross AS (
+  SELECT profile_id, currency, count(*) AS n, sum(micros) AS micros FROM net GROUP BY 1, 2
+), back AS (
+  SELECT profile_id, currency, sum(micros) AS micros FROM f
+  WHERE kind = 'refund' AND order_id IS NULL GROUP BY 1, 2
+)
+SELECT g.profile_id, g.currency, g.n::int AS n, (CASE WHEN b.micros IS NULL THEN g.micros
+  ELSE greatest(0, g.micros - b.micros) END)::bigint AS micros
+FROM gross g LEFT JOIN back b USING (profile_id, currency)
+"""
+)
+
+
+async def order_totals(
+    conn: AsyncConnection, pids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """The money fields (``resolver.orders.fields``) of each profile from its order rows;
+    a profile without orders is absent."""
+    wanted = sorted(set(pids))
+    if not wanted:
+        return {}
+    totals: dict[uuid.UUID, list[tuple[str, int, int]]] = {}
+    for r in await conn.execute(ORDER_TOTALS, {"pids": wanted}):
+        totals.setdefault(r.profile_id, []).append((r.currency, r.n, r.micros))
+    return {pid: fields(rows) for pid, rows in totals.items()}
+
+
+async def insert_outbox(conn: AsyncConnection, updates: Sequence[tuple[str, bytes]]) -> None:
+    """Profile updates (key, JSON) to relay to ``cdp.profile-updates`` once this
+    transaction commits."""
+    await _copy(conn, "profile_update_outbox", ("key", "payload"), list(updates))
 
 
 async def take_outbox(conn: AsyncConnection, limit: int) -> list[tuple[str, bytes]]:
@@ -312,11 +449,11 @@ async def take_outbox(conn: AsyncConnection, limit: int) -> list[tuple[str, byte
     rows = await conn.execute(
         text(
             "DELETE FROM profile_update_outbox WHERE id IN (SELECT id FROM profile_update_outbox"
-            " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED) RETURNING id, key, payload::text"
+            " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED) RETURNING id, key, payload"
         ),
         {"n": limit},
     )
-    return [(r.key, r.payload.encode()) for r in sorted(rows, key=lambda r: r.id)]
+    return [(r.key, r.payload) for r in sorted(rows, key=lambda r: r.id)]
 
 
 # --- unmerge ---------------------------------------------------------------------------
@@ -352,7 +489,8 @@ async def merge_log(conn: AsyncConnection, atoms: Sequence[uuid.UUID]) -> list[M
 
 
 async def regroup(conn: AsyncConnection, head: dict[uuid.UUID, uuid.UUID]) -> None:
-    """Point each atom, its claimed identities and its first-attached events at its head."""
+    """Point each atom, its claimed identities and its first-attached events and orders
+    at its head."""
     mapping, params = _id_mapping(head)
     await conn.execute(
         update(profiles)
@@ -366,12 +504,13 @@ async def regroup(conn: AsyncConnection, head: dict[uuid.UUID, uuid.UUID]) -> No
         .values(profile_id=mapping.c.new),
         params,
     )
-    await conn.execute(
-        update(events)
-        .where(events.c.origin_profile_id == mapping.c.old)
-        .values(profile_id=mapping.c.new),
-        params,
-    )
+    for table in (events, orders):
+        await conn.execute(
+            update(table)
+            .where(table.c.origin_profile_id == mapping.c.old)
+            .values(profile_id=mapping.c.new),
+            params,
+        )
 
 
 async def event_payloads(conn: AsyncConnection, profile_id: uuid.UUID) -> list[dict[str, Any]]:
@@ -437,6 +576,7 @@ async def delete_group(conn: AsyncConnection, canonical: uuid.UUID) -> list[uuid
     for table, column in (
         (identities, identities.c.profile_id),
         (events, events.c.profile_id),
+        (orders, orders.c.profile_id),
         (identity_refusals, identity_refusals.c.profile_id),
         (crm_contacts, crm_contacts.c.profile_id),
         (crm_interactions, crm_interactions.c.profile_id),

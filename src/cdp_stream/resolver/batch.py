@@ -2,11 +2,12 @@
 
 The steps, in the order they must run:
 
-1. lock   - advisory locks on every identifier and message id in the batch, in ascending
-            key order: concurrent resolvers serialize on shared identifiers, and cannot
-            both store one redelivered message.
-2. dedupe - drop events already stored (a redelivery) and repeats inside the batch;
-            only after the lock is the "already stored?" answer final.
+1. lock   - advisory locks on every identifier in the batch, in ascending key order:
+            concurrent resolvers serialize on shared identifiers.
+2. dedupe - drop events already stored (a redelivery) and repeats inside the batch. Two
+            resolvers storing one message at once (only around a rebalance: a message
+            keeps its partition) meet on the events' unique key: the later one's
+            transaction fails with a unique violation and is retried, and dedupes.
 3. load   - the profiles owning the batch's identifiers, row-locked in id order, with all
             their identities. If an identity moved between reading and locking (another
             resolver merged, an operator unmerged) :class:`StaleRead` makes the caller
@@ -14,9 +15,14 @@ The steps, in the order they must run:
    An event carrying an identifier of a deleted person is set aside (suppressed).
 4. place  - each event, in order, by the rules in :mod:`cdp_stream.resolver`: claims,
             merges and refused links, in memory (:class:`_Graph`).
-5. fold   - traits and computed traits of the event into its profile's state.
-6. write  - new profiles, merges (identities and events move to the canonical profile),
-            claims, refusals, events, states and one outbox row per stored event.
+5. fold   - once per profile, after placing every event: the traits and computed traits
+            of its events into its state (the merges are order-independent, so folding
+            a profile's events together equals folding them one by one, at a fraction
+            of the copying).
+6. write  - new profiles, merges (identities, events and orders move to the canonical
+            profile), claims, refusals, events and order reports (COPY), then the money
+            totals of the profiles that got orders or merges, the states, and one
+            profile update per profile (:func:`updates`).
 """
 
 from __future__ import annotations
@@ -27,12 +33,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import RetryTransaction
-from cdp_stream.profiles.repository import EventRow, ProfileState, Refusal
-from cdp_stream.resolver import computed, traits
+from cdp_stream.profiles.repository import EventRow, OrderRow, ProfileState, Refusal
+from cdp_stream.resolver import computed, orders, traits
 from cdp_stream.resolver.identity import Identifier, IdentityRules
 
 
@@ -50,9 +57,17 @@ class BatchResult:
     refusals: int = 0
 
 
+# A profile update carries its events up to this many bytes of them (the rest go in more
+# updates): far under Kafka's default 1 MiB message limit whatever a batch holds.
+UPDATE_EVENTS_BYTES = 256 * 1024
+
+
 def event_time(value: str) -> tuple[datetime, str]:
-    """The event time as a datetime and as a fixed-width UTC string that sorts correctly."""
+    """The event time as a datetime and as a fixed-width UTC string that sorts correctly
+    (the collector writes that form already: then it is kept, not formatted again)."""
     dt = datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
+    if len(value) == 27 and value[26] == "Z" and value[19] == ".":
+        return dt, value
     return dt, dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -156,18 +171,15 @@ async def apply_batch(
     result = BatchResult()
     ids_by_event = [rules.identifiers_of(e) for e in events]
     keys = [(e["sourceId"], e["messageId"]) for e in events]
+    every_id = sorted({i for ids in ids_by_event for i in ids})
 
-    await repo.lock_keys(
-        conn,
-        [repo.lock_key(i.type, i.value) for ids in ids_by_event for i in ids]
-        + [repo.lock_key("message", f"{s}\x1f{m}") for s, m in keys],
-    )
+    await repo.lock_keys(conn, [repo.lock_key(i.type, i.value) for i in every_id])
     seen = await repo.stored_message_ids(conn, keys)
-    owner = await repo.profiles_of(conn, sorted({i for ids in ids_by_event for i in ids}))
+    owner = await repo.profiles_of(conn, every_id)
     loaded = await repo.lock_profiles(conn, set(owner.values()))
     if owner != await repo.profiles_of(conn, sorted(owner)):  # now that the rows are ours
         raise StaleRead("identities moved (a merge or unmerge) while the batch was locking")
-    gone = await repo.suppressed(conn, sorted({i for ids in ids_by_event for i in ids}))
+    gone = await repo.suppressed(conn, every_id)
     graph = _Graph(
         rules,
         owner,
@@ -177,8 +189,7 @@ async def apply_batch(
     )
 
     now = datetime.now(UTC)
-    rows: list[EventRow] = []
-    updates: list[tuple[int, uuid.UUID, list[uuid.UUID], dict[str, Any], dict[str, Any]]] = []
+    placed: list[tuple[dict[str, Any], tuple[str, str], uuid.UUID]] = []
     for event, ids, key in zip(events, ids_by_event, keys, strict=True):
         if key in seen:
             result.duplicates += 1
@@ -186,65 +197,117 @@ async def apply_batch(
         seen.add(key)
         if not ids:
             result.unidentified.append(event)
-            continue
-        if gone.intersection(ids):
+        elif gone.intersection(ids):
             result.suppressed.append(event)
-            continue
-        merges_before = len(graph.merges)
-        before_states = {pid: graph.states[pid] for pid in {graph.owner_of(i) for i in ids} if pid}
-        home = graph.place(ids, key, now)
-        dt, ts = event_time(event["timestamp"])
-        state = graph.states[home]
-        shown_before = traits.view(before_states.get(home, state).trait_state)
-        computed_before = before_states.get(home, state).computed
-        state = ProfileState(
-            traits.merge(state.trait_state, traits.of_event(event, ts)),
-            computed.merge(state.computed, computed.of_event(event, ts)),
-        )
-        graph.states[home] = state
-        merged_now = [m for _, m, _ in graph.merges[merges_before:]]
-        changed_traits = traits.changes(shown_before, traits.view(state.trait_state))
-        changed_computed = {k: v for k, v in state.computed.items() if computed_before.get(k) != v}
-        updates.append((len(rows), home, merged_now, changed_traits, changed_computed))
-        rows.append(
-            EventRow(
-                source_id=key[0],
-                message_id=key[1],
-                profile_id=home,
-                origin_profile_id=home,
-                type=event["type"],
-                event=event.get("event") or event.get("name"),
-                channel=event.get("channel", "other"),
-                timestamp=dt,
-                received_at=event_time(event["receivedAt"])[0],
-                payload=event,
-            )
-        )
+        else:
+            placed.append((event, key, graph.place(ids, key, now)))
 
     final = graph.find
+    rows: list[EventRow] = []
+    order_rows: list[OrderRow] = []
+    by_profile: dict[uuid.UUID, list[EventRow]] = {}
+    for event, key, home in placed:
+        dt, ts = event_time(event["timestamp"])
+        row = EventRow(
+            source_id=key[0],
+            message_id=key[1],
+            profile_id=final(home),
+            origin_profile_id=home,
+            type=event["type"],
+            event=event.get("event") or event.get("name"),
+            channel=event.get("channel", "other"),
+            timestamp=dt,
+            received_at=event_time(event["receivedAt"])[0],
+            payload=event,
+            text=orjson.dumps(event),
+            ts=ts,
+        )
+        rows.append(row)
+        by_profile.setdefault(row.profile_id, []).append(row)
+        if (fact := orders.fact_of(event)) is not None:
+            order_rows.append(OrderRow(*key, row.profile_id, home, fact))
+
+    states: dict[uuid.UUID, ProfileState] = {}
+    for pid, mine in by_profile.items():
+        state = graph.states[pid]
+        trait_state: traits.TraitState = traits.merge(state.trait_state, {})
+        values = dict(state.computed)
+        for row in mine:
+            traits.fold(trait_state, traits.of_event(row.payload, row.ts))
+            computed.fold(values, computed.of_event(row.payload, row.ts))
+        states[pid] = ProfileState(trait_state, values)
+    for canonical, _, _ in graph.merges:  # merged without events of their own here
+        pid = final(canonical)
+        states.setdefault(pid, graph.states[pid])
+
     await repo.insert_profiles(conn, [(pid, graph.created[pid]) for pid in graph.new_profiles])
     await repo.record_merges(conn, graph.merges, final)
     await repo.insert_identities(conn, [(i, final(p), p) for i, p in graph.claims])
     await repo.insert_refusals(conn, graph.refusals, final)
-    for row in rows:
-        row.profile_id = final(row.profile_id)
     await repo.insert_events(conn, rows)
-    touched = {final(r.profile_id) for r in rows} | {final(c) for c, _, _ in graph.merges}
-    await repo.save_states(conn, {pid: graph.states[pid] for pid in sorted(touched)})
+    await repo.insert_orders(conn, order_rows)
+    recount = {r.profile_id for r in order_rows} | {final(c) for c, _, _ in graph.merges}
+    totals = await repo.order_totals(conn, recount)
+    for pid in recount:
+        values = {k: v for k, v in states[pid].computed.items() if k not in computed.ORDER_FIELDS}
+        states[pid] = ProfileState(states[pid].trait_state, values | totals.get(pid, {}))
+    await repo.save_states(conn, dict(sorted(states.items())))
+    merged_into: dict[uuid.UUID, list[uuid.UUID]] = {}
+    for _, merged, _ in graph.merges:
+        merged_into.setdefault(final(merged), []).append(merged)
     await repo.insert_outbox(
         conn,
         [
-            {
-                "profile_id": str(final(home)),
-                "merged_ids": [str(m) for m in merged],
-                "changed_traits": changed_traits,
-                "changed_computed": changed_computed,
-                "event": rows[index].payload,
-            }
-            for index, home, merged, changed_traits, changed_computed in updates
+            update
+            for pid, state in states.items()
+            for update in updates(
+                pid,
+                merged_into.get(pid, []),
+                loaded[pid].state if pid in loaded else ProfileState({}, {}),
+                state,
+                [r.text for r in by_profile.get(pid, [])],
+            )
         ],
     )
     result.stored = len(rows)
     result.merges = len(graph.merges)
     result.refusals = len(graph.refusals)
     return result
+
+
+def updates(
+    pid: uuid.UUID,
+    merged: Sequence[uuid.UUID],
+    before: ProfileState,
+    after: ProfileState,
+    events: Sequence[bytes],
+) -> list[tuple[str, bytes]]:
+    """The profile updates of one profile for one batch, as (key, JSON) for the outbox:
+    what changed over the batch, the profiles merged into it, and its events, at most
+    :data:`UPDATE_EVENTS_BYTES` of them per update (so an update stays small however busy
+    the profile); a profile merged without events of its own gets one update without any.
+
+    ``{"profile_id", "merged_ids", "changed_traits", "changed_computed", "events": [...]}``
+    """
+    head = orjson.dumps(
+        {
+            "profile_id": str(pid),
+            "merged_ids": [str(m) for m in merged],
+            "changed_traits": traits.changes(
+                traits.view(before.trait_state), traits.view(after.trait_state)
+            ),
+            "changed_computed": {
+                k: v for k, v in after.computed.items() if before.computed.get(k) != v
+            },
+        }
+    )[:-1]
+    chunks: list[list[bytes]] = [[]]
+    size = 0
+    for text in events:
+        if chunks[-1] and size + len(text) > UPDATE_EVENTS_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(text)
+        size += len(text) + 1
+    key = str(pid)
+    return [(key, head + b',"events":[' + b",".join(c) + b"]}") for c in chunks]

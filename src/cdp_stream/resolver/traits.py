@@ -7,7 +7,8 @@ JSON (``set`` keeps the larger, ``once`` the smaller), so the outcome never depe
 arrival order. The traits a profile shows are ``once`` overlaid by ``set``.
 
 Like computed traits, folding an event and merging two profiles are one operation:
-:func:`merge` of two states, commutative and associative.
+:func:`merge` of two states, commutative and associative; :func:`fold` is the same in
+place (the resolver folds a batch's events once per profile, not a copy per event).
 """
 
 from __future__ import annotations
@@ -37,10 +38,17 @@ def of_event(event: Mapping[str, Any], ts: str) -> TraitState:
 
 
 def merge(a: Mapping[str, Any], b: Mapping[str, Any]) -> TraitState:
-    return {
-        "set": _pick(a.get("set", {}), b.get("set", {}), newest=True),
-        "once": _pick(a.get("once", {}), b.get("once", {}), newest=False),
-    }
+    out: TraitState = {"set": dict(a.get("set", {})), "once": dict(a.get("once", {}))}
+    fold(out, b)
+    return out
+
+
+def fold(into: TraitState, part: Mapping[str, Any]) -> None:
+    """Merge ``part`` into ``into`` in place (``into``'s maps are changed, not copied)."""
+    for key, newest in (("set", True), ("once", False)):
+        entries = part.get(key)
+        if entries:
+            _pick(into.setdefault(key, {}), entries, newest=newest)
 
 
 def view(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -55,20 +63,23 @@ def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, An
     return {k: v for k, v in after.items() if k not in before or before[k] != v}
 
 
-def _pick(
-    a: Mapping[str, list[Any]], b: Mapping[str, list[Any]], *, newest: bool
-) -> dict[str, list[Any]]:
-    out = dict(a)
+def _pick(into: dict[str, list[Any]], b: Mapping[str, list[Any]], *, newest: bool) -> None:
     for name, entry in b.items():
-        have = out.get(name)
-        if have is None:
-            out[name] = entry
-            continue
-        if (_order(entry) > _order(have)) == newest and _order(entry) != _order(have):
-            out[name] = entry
-    return out
+        have = into.get(name)
+        if have is None or _wins(entry, have, newest=newest):
+            into[name] = entry
 
 
-def _order(entry: list[Any]) -> tuple[str, bytes]:
-    ts, value = entry
-    return ts, orjson.dumps(value, option=orjson.OPT_SORT_KEYS)
+def _wins(entry: list[Any], have: list[Any], *, newest: bool) -> bool:
+    """Whether ``entry`` replaces ``have``: the newer (``once``: older) timestamp, on a
+    tie the larger (smaller) JSON; equal ones keep ``have``. The JSON only on a tie."""
+    ts: str = entry[0]
+    other: str = have[0]
+    if ts != other:
+        return (ts > other) == newest
+    ours, theirs = _json(entry[1]), _json(have[1])
+    return ours != theirs and (ours > theirs) == newest
+
+
+def _json(value: Any) -> bytes:
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS)

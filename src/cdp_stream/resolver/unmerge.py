@@ -5,7 +5,8 @@ first attached to (the *atoms*). A canonical profile is the union of its atoms a
 merge log; dropping the last merge from that log and taking the connected components
 again gives the profiles as they would be had the merge never happened. Each component's
 canonical profile is its oldest atom, as for a merge, and its traits and computed traits
-are folded again from its events (both folds are order-independent).
+are folded again from its events (both folds are order-independent), its money fields
+summed again from its order rows, which regroup with the events.
 
 The canonical profile's row is locked first, so resolvers touching it wait, and see the
 moved identities when they get the lock (``batch.StaleRead``). A later event linking the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -58,16 +60,17 @@ async def unmerge_last(conn: AsyncConnection, canonical: uuid.UUID) -> Unmerged 
         head.update(dict.fromkeys(members, oldest))
 
     await repo.regroup(conn, head)
+    heads = set(head.values())
+    money = await repo.order_totals(conn, heads)
     states = {}
-    for profile_id in set(head.values()):
-        state = ProfileState({}, {})
+    for profile_id in heads:
+        trait_state: traits.TraitState = {"set": {}, "once": {}}
+        values: dict[str, Any] = {}
         for payload in await repo.event_payloads(conn, profile_id):
             ts = event_time(payload["timestamp"])[1]
-            state = ProfileState(
-                traits.merge(state.trait_state, traits.of_event(payload, ts)),
-                computed.merge(state.computed, computed.of_event(payload, ts)),
-            )
-        states[profile_id] = state
+            traits.fold(trait_state, traits.of_event(payload, ts))
+            computed.fold(values, computed.of_event(payload, ts))
+        states[profile_id] = ProfileState(trait_state, values | money.get(profile_id, {}))
     await repo.save_states(conn, states)
     await repo.mark_undone(conn, last.id)
     return Unmerged(last.id, head[last.canonical_id], head[last.merged_id])
