@@ -81,7 +81,9 @@ class Settings(BaseSettings):
         default=None, description="ISO country for phone numbers without +country (e.g. DE)"
     )
     # Resolver micro-batching.
-    resolver_batch_size: int = Field(default=500, ge=1)
+    resolver_batch_size: int = Field(
+        default=2000, ge=1, description="events per resolver transaction, at most"
+    )
     resolver_poll_timeout_ms: int = Field(default=200, ge=1)
     # Activation (cdp_stream.activation): the CRM feed, audiences, the DMP feed.
     activation_batch_size: int = Field(default=500, ge=1)

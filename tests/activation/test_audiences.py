@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -86,7 +87,8 @@ async def put(engine: AsyncEngine, *events: dict[str, Any]) -> list[dict[str, An
             .order_by(profile_update_outbox.c.id)
         )
         mine = {e["messageId"] for e in events}
-        return [r.payload for r in rows if r.payload["event"]["messageId"] in mine]
+        updates = [orjson.loads(r.payload) for r in rows]
+        return [u for u in updates if mine & {e["messageId"] for e in u["events"]}]
 
 
 async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:
@@ -252,7 +254,7 @@ async def test_redelivered_and_stale_updates_change_nothing(
 ) -> None:
     anon = uid("a-")
     aid = await audience(PRICING)
-    visited = await put(engine, visit(anon, T0), visit(anon, T0 + HOUR))
+    visited = await put(engine, visit(anon, T0)) + await put(engine, visit(anon, T0 + HOUR))
     assert len(visited) == 2
     await apply(engine, visited + visited, T0 + HOUR)
     await apply(engine, visited, T0 + 2 * HOUR)

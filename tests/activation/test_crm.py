@@ -13,6 +13,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -50,14 +51,21 @@ async def resolve(engine: AsyncEngine, *events: dict[str, Any]) -> list[dict[str
     """One resolver batch; the profile updates it wrote, taken out of the outbox (only
     these: other tests' rows stay)."""
     await apply_with_retry(engine, list(events), RULES)
-    mine = [e["messageId"] for e in events]
+    mine = {e["messageId"] for e in events}
     async with engine.begin() as conn:
         rows = await conn.execute(
-            delete(profile_update_outbox)
-            .where(profile_update_outbox.c.payload["event"]["messageId"].astext.in_(mine))
-            .returning(profile_update_outbox.c.id, profile_update_outbox.c.payload)
+            select(profile_update_outbox.c.id, profile_update_outbox.c.payload).order_by(
+                profile_update_outbox.c.id
+            )
         )
-        return [r.payload for r in sorted(rows, key=lambda r: r.id)]
+        taken = {r.id: orjson.loads(r.payload) for r in rows}
+        taken = {
+            i: u for i, u in taken.items() if mine & {e["messageId"] for e in u.get("events", [])}
+        }
+        await conn.execute(
+            delete(profile_update_outbox).where(profile_update_outbox.c.id.in_(list(taken)))
+        )
+        return list(taken.values())
 
 
 async def feed(
@@ -454,7 +462,7 @@ async def test_without_a_webhook_url_nothing_is_queued(engine: AsyncEngine) -> N
         "lead",
     )
     assert kinds(await interactions(engine, pid)) == [
-        (updates[1]["event"]["messageId"], "signed_up")
+        (updates[0]["events"][1]["messageId"], "signed_up")
     ]
     assert await deliveries(engine, pid) == []
 

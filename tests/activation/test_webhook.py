@@ -290,7 +290,7 @@ async def test_crm_feed_to_receiver(engine: AsyncEngine, receiver: Receiver) -> 
     assert contact["contact"]["lifecycle_stage"] == "lead"
     assert interaction["type"] == "interaction.created"
     assert interaction["interaction"]["kind"] == "form_submitted"
-    assert interaction["interaction"]["message_id"] == updates[1]["event"]["messageId"]
+    assert interaction["interaction"]["message_id"] == updates[0]["events"][1]["messageId"]
     for r in receiver.about(pid):
         h = r.headers
         assert webhook.verify(SECRET, h["x-cdp-timestamp"], r.body, h["x-cdp-signature"])

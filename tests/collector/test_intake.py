@@ -265,16 +265,19 @@ def test_channel(event: dict[str, Any], channel: str) -> None:
     assert channel_of(event) == channel
 
 
-def test_routing_key_prefers_the_user_id() -> None:
+def test_routing_key_keeps_a_browser_together() -> None:
+    """Before and after sign-in, and the sign-in itself: the browser's partition."""
     result = run(
         {
             "batch": [
+                {"type": "page", "anonymousId": "a"},
+                {"type": "identify", "userId": "u", "anonymousId": "a"},
                 {"type": "track", "userId": "u", "anonymousId": "a", "event": "E"},
-                {"type": "track", "anonymousId": "a", "event": "E"},
+                {"type": "track", "userId": "u", "event": "Order Completed"},
             ]
         }
     )
-    assert [a.key for a in result.accepted] == [b"user_id:u", b"anonymous_id:a"]
+    assert [a.key for a in result.accepted] == [b"anonymous_id:a"] * 3 + [b"user_id:u"]
 
 
 def test_routing_passes_over_ids_that_never_link() -> None:
@@ -282,6 +285,7 @@ def test_routing_passes_over_ids_that_never_link() -> None:
         {
             "batch": [
                 {"type": "track", "userId": "undefined", "anonymousId": "a", "event": "E"},
+                {"type": "track", "userId": "u", "anonymousId": "undefined", "event": "E"},
                 {
                     "type": "identify",
                     "userId": "null",
@@ -295,6 +299,7 @@ def test_routing_passes_over_ids_that_never_link() -> None:
     )
     assert [a.key for a in result.accepted] == [
         b"anonymous_id:a",
+        b"user_id:u",
         b"email:ada@example.com",
         b"message_id:m1",  # nobody to keep together: spread, not piled on one partition
         b"message_id:m2",

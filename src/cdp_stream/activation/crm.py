@@ -434,7 +434,7 @@ async def apply_updates(
 
     # Interactions, each once per source event.
     new_rows = []
-    for u, raw in ((u, raw) for u in changes for raw in _events_of(u)):
+    for u, raw in [(change, raw) for change in changes for raw in _events_of(change)]:
         ids = _ids_of(u)
         event = as_mapping(raw)
         home = canonical.get(ids[0]) if ids else None

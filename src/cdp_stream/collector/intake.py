@@ -285,11 +285,26 @@ def channel_of(event: Mapping[str, Any]) -> Channel:
 
 
 def _routing_key(event: Mapping[str, Any], rules: IdentityRules) -> bytes:
-    """The event's most stable usable identifier: one person's events keep one partition
-    while their identity stays the same. Values that never link anyone ("undefined", "0",
-    ...) are passed over, so such junk does not pile into one partition; an event left
-    with no usable id is spread by its messageId."""
-    for type_, name in ((USER_ID, "userId"), (ANONYMOUS_ID, "anonymousId")):
+    """The partition key: the browser's anonymousId when the event has a usable one, then
+    the userId, then its highest-priority usable identifier.
+
+    Why the browser first: a website sends most events, and every one of them carries the
+    browser's anonymousId, before sign-in and after, and so does the ``identify`` that
+    links it to the userId. Keyed by it, a visitor's whole browser history and the sign-in
+    that merges it meet in one partition, so one resolver does that merge and no other
+    resolver holds the identifiers meanwhile. Keyed by userId first (as before), the
+    signed-in half of a browser's events left the anonymous half's partition and two
+    resolvers queued on the anonymous id at every sign-in. Backend events (orders, with a
+    userId only) and email events (an email only) cannot be routed to the browser's
+    partition without a lookup; they go by their own id. On the resolver benchmark's
+    generated history (browsers, sign-ins, orders, emails, shared devices) the share of
+    events touching an identifier that another partition also touches went from 74% to
+    57% with this order.
+
+    Values that never link anyone ("undefined", "0", ...) are passed over, so such junk
+    does not pile into one partition; an event left with no usable id is spread by its
+    messageId."""
+    for type_, name in ((ANONYMOUS_ID, "anonymousId"), (USER_ID, "userId")):
         value = rules.normalize(type_, event.get(name))
         if value is not None:
             return f"{type_}:{value}".encode()

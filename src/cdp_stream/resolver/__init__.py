@@ -39,5 +39,6 @@ from typing import Any
 
 
 def as_mapping(value: object) -> Mapping[str, Any]:
-    """``value`` if it is a JSON object, else an empty one: events are client data."""
-    return value if isinstance(value, Mapping) else {}
+    """``value`` if it is a JSON object, else an empty one: events are client data. (A
+    plain dict, what JSON decodes to, is tested first: the ABC check costs ~1 us.)"""
+    return value if type(value) is dict or isinstance(value, Mapping) else {}
