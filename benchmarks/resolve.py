@@ -23,8 +23,12 @@ the whole server (postmaster and every backend, those that exited included: the 
 shared with whatever else runs on the box); ``broker``; ``bench``, this process;
 ``others``, the machine less all of these; ``machine``. After start-up it is also given per
 stored event (ms), which the noise of other processes does not inflate as it does rates.
-At exit the resolvers are stopped (SIGTERM) and every database, topic and consumer group
-this run made is dropped.
+Lock waits: the mean number of resolver backends waiting on a lock (``wait_event_type``
+``Lock``: advisory locks on identifiers, profile rows) over the polls. Once the resolvers
+have stopped, the size of ``profile_update_outbox`` (heap, TOAST, indexes), its live and
+dead rows: what the insert-then-delete churn of the updates left. The summary ends with
+the targets of issue 10, met or not. At exit the resolvers are stopped (SIGTERM) and every
+database, topic and consumer group this run made is dropped.
 
     .venv/bin/python benchmarks/resolve.py [--events 20000] [--people N] [--repeats 3]
         [--resolvers 1 3]
@@ -81,6 +85,18 @@ class Case:
     groups: int
 
 
+@dataclass(frozen=True)
+class Outbox:
+    """``profile_update_outbox`` after a run: what its insert-then-delete churn left."""
+
+    bytes: int  # pg_total_relation_size: heap, TOAST and indexes
+    live: int
+    dead: int  # pg_stat_user_tables.n_dead_tup (the statistics lag by up to a second)
+
+    def __str__(self) -> str:
+        return f"{self.bytes / 1024:,.0f} KiB, {self.live} live rows, {self.dead:,} dead"
+
+
 @dataclass
 class Run:
     resolvers: int
@@ -94,10 +110,16 @@ class Run:
     waits: dict[str, float] = field(default_factory=dict)  # mean resolver backends per state
     copy_indexed: float = 0.0  # rows/s
     copy_bare: float = 0.0
+    outbox: Outbox | None = None  # profile_update_outbox once the resolvers stopped
     retries: int = 0  # batch retries in the resolver logs (conflicts, races)
     batches: int = 0  # transactions that stored events
     codes: list[int | None] = field(default_factory=list)
     failure: str | None = None
+
+    @property
+    def lock_waits(self) -> float:
+        """Mean number of resolver backends waiting on a lock (advisory or row) at a poll."""
+        return sum(v for k, v in self.waits.items() if k.startswith("Lock:"))
 
     @property
     def rate(self) -> float:
@@ -355,15 +377,25 @@ async def timed(
     return procs
 
 
-async def copy_ceiling(db_url: str, rows: list[tuple[Any, ...]]) -> tuple[int, float, float]:
-    """The transactions that stored the events (the resolvers' batches), then rows/s of one
-    COPY of ``rows`` into a table like events with its indexes, and into a bare one."""
+OUTBOX = """SELECT pg_total_relation_size('profile_update_outbox'),
+(SELECT count(*) FROM profile_update_outbox),
+(SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'profile_update_outbox')"""
+
+
+async def copy_ceiling(
+    db_url: str, rows: list[tuple[Any, ...]]
+) -> tuple[int, Outbox, float, float]:
+    """The transactions that stored the events (the resolvers' batches) and what the
+    outbox holds, then rows/s of one COPY of ``rows`` into a table like events with its
+    indexes, and into a bare one."""
     import asyncpg
 
     conn = await asyncpg.connect(db_url.replace("+asyncpg", ""), timeout=5)
     rates = []
     try:
         batches = int(await conn.fetchval("SELECT count(DISTINCT xmin::text) FROM events"))
+        await asyncio.sleep(1.0)  # the backends' statistics reach pg_stat within a second
+        outbox = Outbox(*await conn.fetchrow(OUTBOX))
         for table, like in (("copy_indexed", "INCLUDING ALL"), ("copy_bare", "INCLUDING DEFAULTS")):
             await conn.execute(f"CREATE TABLE {table} (LIKE events {like})")
             t0 = time.perf_counter()
@@ -373,7 +405,7 @@ async def copy_ceiling(db_url: str, rows: list[tuple[Any, ...]]) -> tuple[int, f
             assert count == len(rows), f"COPY stored {count} of {len(rows)} rows"
     finally:
         await conn.close()
-    return batches, rates[0], rates[1]
+    return batches, outbox, rates[0], rates[1]
 
 
 def drop_namespace(bootstrap: str, namespace: str) -> None:
@@ -421,7 +453,7 @@ def one_run(opts: argparse.Namespace, case: Case, n: int, index: int) -> Run:
             tail = "\n    ".join(line[:300] for line in text.splitlines()[-25:])
             print(f"  !! resolver x{n}: {run.failure}; its log ({log}), last lines:\n    {tail}")
         copied = asyncio.run(copy_ceiling(db_url, case.rows))
-        run.batches, run.copy_indexed, run.copy_bare = copied
+        run.batches, run.outbox, run.copy_indexed, run.copy_bare = copied
     finally:
         cleanup("stopping the resolvers", stop_resolvers, opts.procs)
         cleanup("dropping the database", asyncio.run, database(opts.database_url, db, False))
@@ -449,7 +481,9 @@ def show(run: Run, repeat: int) -> None:
         f" {run.retries} retried\n"
         f"  {'':<20} CPU {shown} (each resolver {each}%);"
         f" after start-up, CPU ms/event: {ms}\n"
-        f"  {'':<20} resolvers' backends (mean number): {describe_waits(run.waits)}\n"
+        f"  {'':<20} resolvers' backends (mean number): {describe_waits(run.waits)};"
+        f" waiting on locks {run.lock_waits:.2f}\n"
+        f"  {'':<20} outbox after the run: {run.outbox}\n"
         f"  {'':<20} COPY of the same rows: {run.copy_indexed:,.0f} rows/s with the indexes"
         f" of events, {run.copy_bare:,.0f} bare",
         flush=True,
@@ -544,6 +578,10 @@ def report(opts: argparse.Namespace, case: Case, runs: list[Run]) -> None:
             f"{'':<14}CPU ms/event after start-up: "
             + " ".join(f"{k} {v:.2f}" for k, v in ms.items())
             + f"\n{'':<14}resolvers' backends (mean number): {describe_waits(waits)}"
+            + f"\n{'':<14}waiting on locks (mean backends, polled from pg_stat_activity"
+            f" every 0.2 s): {spread([r.lock_waits for r in mine], '.2f')}"
+            + f"\n{'':<14}outbox after the run: "
+            + "; ".join(str(r.outbox) for r in mine if r.outbox)
             + f"\n{'':<14}-> {bound(cpu, busiest, ms, waits, medians[n][1], n)}"
         )
     copy = statistics.median(r.copy_indexed for r in runs if r.copy_indexed)
@@ -564,6 +602,25 @@ def report(opts: argparse.Namespace, case: Case, runs: list[Run]) -> None:
                     f"ratio resolver x{n} / x1: {m / medians[1][0]:.2f}"
                     f" (after start-up {steady / medians[1][1]:.2f})"
                 )
+    targets(medians, copy, ok)
+
+
+def targets(medians: dict[int, tuple[float, float]], copy: float, ok: list[Run]) -> None:
+    """Issue 10's resolver targets, each met or not, on the medians (after start-up)."""
+    checks = []
+    if 1 in medians:
+        one = medians[1][1]
+        checks += [
+            (f"x1 >= 10,000 events/s ({one:,.0f})", one >= 10_000),
+            (f"x1 >= 0.2 of COPY ({one / copy:.3f})", one >= 0.2 * copy),
+        ]
+        for n, (_, steady) in medians.items():
+            if n != 1:
+                checks.append((f"x{n} >= 1.5 x1 ({steady / one:.2f})", steady >= 1.5 * one))
+    for n in medians:
+        waits = statistics.median(r.lock_waits for r in ok if r.resolvers == n)
+        checks.append((f"x{n} lock waits near zero, < 0.05 ({waits:.2f})", waits < 0.05))
+    print("targets: " + "; ".join(f"{what} {'met' if met else 'NOT met'}" for what, met in checks))
 
 
 def bound(

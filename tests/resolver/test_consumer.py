@@ -11,18 +11,20 @@ from typing import Any
 
 import orjson
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.bus.base import BusUnavailable, Record, next_offsets
 from cdp_stream.bus.memory import MemoryBus
+from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import profile_update_outbox
+from cdp_stream.resolver.batch import UPDATE_EVENTS_BYTES
 from cdp_stream.resolver.consumer import apply_with_retry, run_resolver
-from cdp_stream.resolver.identity import IdentityRules
+from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
 from cdp_stream.topics import Topics
-from tests.support import eventually
+from tests.support import eventually, running_pipeline
 
 SETTINGS = Settings(resolver_poll_timeout_ms=20)
 RULES = IdentityRules.from_settings(SETTINGS)
@@ -232,3 +234,68 @@ async def test_stopping_while_the_database_is_away_ends_the_wait_and_commits_not
     await after.start()
     assert len(await after.getmany(100, 50)) == 1  # offsets untouched: it comes again
     await after.stop()
+
+
+async def test_a_profile_of_20000_orders_keeps_small_updates(
+    kafka_bootstrap: str, pg_url: str
+) -> None:
+    """A shop's shared account places 20,000 orders, on the real broker: every profile
+    update relayed stays far under Kafka's 1 MiB default message limit (before orders had
+    their own table, each carried every order id: ~700 KB by the end), the profile row
+    holds totals only, and every order is counted."""
+    user = f"pos-{uuid.uuid4().hex[:8]}"
+    orders = [
+        orjson.dumps(
+            {
+                "type": "track",
+                "event": "Order Completed",
+                "messageId": f"{user}-{i}",
+                "sourceId": "src_consumer_test",
+                "userId": user,
+                "timestamp": "2026-01-01T00:00:00.000000Z",
+                "receivedAt": "2026-01-01T00:00:00.000000Z",
+                "channel": "purchase",
+                "context": {},
+                "properties": {"order_id": f"order-{user}-{i:05d}", "revenue": 1.5},
+            }
+        )
+        for i in range(20_000)
+    ]
+    async with running_pipeline(
+        kafka_bootstrap, pg_url, write_key="wk", api_token="tok", loops=[run_resolver]
+    ) as runtime:
+        topics = runtime.settings.topics
+        key = f"user_id:{user}".encode()
+        for i in range(0, len(orders), 2000):
+            await runtime.bus.publish_many(
+                [Record(topics.events, key, value) for value in orders[i : i + 2000]]
+            )
+        reader = runtime.bus.consumer(f"{topics.resolver_group}-reader", [topics.profile_updates])
+        await reader.start()
+        sizes: list[int] = []
+        counted: list[int] = []
+
+        async def all_counted() -> bool:
+            for m in await reader.getmany(10_000, 200):
+                update = orjson.loads(m.value)
+                sizes.append(len(m.value))
+                counted.append(len(update["events"]))
+                if (order_count := update["changed_computed"].get("order_count")) is not None:
+                    assert order_count <= 20_000
+            return sum(counted) == 20_000
+
+        try:
+            assert await eventually(all_counted, within_s=120), f"{sum(counted)} relayed"
+        finally:
+            await reader.stop()
+        async with runtime.engine.connect() as conn:
+            pid = await repo.profile_for_identifier(conn, Identifier("user_id", user))
+            assert pid is not None
+            profile = await repo.read_profile(conn, pid)
+            row_bytes = await conn.scalar(
+                text("SELECT pg_column_size(computed) FROM profiles WHERE id = :id"), {"id": pid}
+            )
+    assert profile is not None and profile["computed"]["order_count"] == 20_000
+    assert profile["computed"]["total_revenue"] == 30_000.0
+    assert max(sizes) <= UPDATE_EVENTS_BYTES + 4096  # the events, and the change itself
+    assert row_bytes is not None and row_bytes < 1024
