@@ -13,12 +13,15 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
+import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI
+from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.profiles.credentials import ensure_token
+from cdp_stream.profiles.models import events, profile_update_outbox
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
@@ -55,6 +58,39 @@ def stored_event(
         "channel": channel,
         **fields,
     }
+
+
+async def outbox_updates(
+    engine: AsyncEngine, message_ids: Sequence[str], *, take: bool = False
+) -> list[dict[str, Any]]:
+    """The profile updates in the outbox that carry one of ``message_ids``, oldest first,
+    with their events as the relay adds them; ``take`` deletes them (other tests' stay)."""
+    box = profile_update_outbox
+    async with engine.begin() as conn:
+        rows = (
+            await conn.execute(
+                select(box.c.id, box.c.payload, box.c.event_sources, box.c.event_messages)
+                .where(box.c.event_messages.overlap(list(message_ids)))
+                .order_by(box.c.id)
+            )
+        ).all()
+        named = [m for r in rows for m in r.event_messages]
+        stored = await conn.execute(
+            select(events.c.source_id, events.c.message_id, events.c.payload).where(
+                events.c.message_id.in_(named)
+            )
+        )
+        payloads = {(e.source_id, e.message_id): e.payload for e in stored}
+        if take:
+            await conn.execute(delete(box).where(box.c.id.in_([r.id for r in rows])))
+    updates = []
+    for r in rows:
+        update = orjson.loads(r.payload)
+        update["events"] = [
+            payloads[k] for k in zip(r.event_sources, r.event_messages, strict=True)
+        ]
+        updates.append(update)
+    return updates
 
 
 @asynccontextmanager

@@ -85,6 +85,9 @@ class Settings(BaseSettings):
         default=2000, ge=1, description="events per resolver transaction, at most"
     )
     resolver_poll_timeout_ms: int = Field(default=200, ge=1)
+    resolver_outbox_vacuum_s: float = Field(
+        default=5.0, gt=0, description="how often a resolver vacuums the profile-update outbox"
+    )
     # Activation (cdp_stream.activation): the CRM feed, audiences, the DMP feed.
     activation_batch_size: int = Field(default=500, ge=1)
     crm_key_pages: list[str] = Field(

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -23,10 +22,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cdp_stream.activation import audiences as aud
 from cdp_stream.activation.rules import parse_rule
 from cdp_stream.profiles import repository as repo
-from cdp_stream.profiles.models import audience_changes, audience_members, profile_update_outbox
+from cdp_stream.profiles.models import audience_changes, audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
+from tests.support import outbox_updates
 
 RULES = IdentityRules.from_settings(Settings())
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -73,22 +73,8 @@ def order(anon: str, at: datetime) -> dict[str, Any]:
 
 async def put(engine: AsyncEngine, *events: dict[str, Any]) -> list[dict[str, Any]]:
     """One resolver batch; returns the profile updates it wrote (its outbox rows)."""
-    async with engine.connect() as conn:
-        before = (
-            await conn.execute(
-                select(profile_update_outbox.c.id).order_by(-profile_update_outbox.c.id)
-            )
-        ).scalar()
     await apply_with_retry(engine, list(events), RULES)
-    async with engine.connect() as conn:
-        rows = await conn.execute(
-            select(profile_update_outbox.c.payload)
-            .where(profile_update_outbox.c.id > (before or 0))
-            .order_by(profile_update_outbox.c.id)
-        )
-        mine = {e["messageId"] for e in events}
-        updates = [orjson.loads(r.payload) for r in rows]
-        return [u for u in updates if mine & {e["messageId"] for e in u["events"]}]
+    return await outbox_updates(engine, [e["messageId"] for e in events])
 
 
 async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:

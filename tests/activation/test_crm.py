@@ -13,9 +13,8 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
 import pytest
-from sqlalchemy import delete, select, update
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import crm
@@ -25,12 +24,11 @@ from cdp_stream.profiles.models import (
     crm_contacts,
     crm_interactions,
     crm_webhook_deliveries,
-    profile_update_outbox,
 )
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
-from tests.support import stored_event, uid
+from tests.support import outbox_updates, stored_event, uid
 
 RULES = IdentityRules.from_settings(Settings())
 SOURCE = "src_crm_test"
@@ -51,21 +49,7 @@ async def resolve(engine: AsyncEngine, *events: dict[str, Any]) -> list[dict[str
     """One resolver batch; the profile updates it wrote, taken out of the outbox (only
     these: other tests' rows stay)."""
     await apply_with_retry(engine, list(events), RULES)
-    mine = {e["messageId"] for e in events}
-    async with engine.begin() as conn:
-        rows = await conn.execute(
-            select(profile_update_outbox.c.id, profile_update_outbox.c.payload).order_by(
-                profile_update_outbox.c.id
-            )
-        )
-        taken = {r.id: orjson.loads(r.payload) for r in rows}
-        taken = {
-            i: u for i, u in taken.items() if mine & {e["messageId"] for e in u.get("events", [])}
-        }
-        await conn.execute(
-            delete(profile_update_outbox).where(profile_update_outbox.c.id.in_(list(taken)))
-        )
-        return list(taken.values())
+    return await outbox_updates(engine, [e["messageId"] for e in events], take=True)
 
 
 async def feed(

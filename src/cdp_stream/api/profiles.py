@@ -191,7 +191,7 @@ async def delete_profile(request: Request, profile_id: Profile) -> None:
         ids = await repo.delete_group(conn, profile_id)
         merged = [str(i) for i in ids if i != profile_id]
         tombstone = {"type": "deleted", "profile_id": str(profile_id), "merged_ids": merged}
-        await repo.insert_outbox(conn, [(str(profile_id), orjson.dumps(tombstone))])
+        await repo.insert_outbox(conn, [repo.Update(str(profile_id), orjson.dumps(tombstone))])
     try:
         await relay_outbox(state.engine, state.bus, state.settings.topics.profile_updates)
     except BusUnavailable:  # the row stays in the outbox: the resolver relays it later

@@ -123,14 +123,20 @@ identity_refusals = Table(
 
 # Profile updates written in the resolver's transaction and relayed to
 # cdp.profile-updates after it commits (a crash in between loses nothing). The payload is
-# the record's JSON bytes, as published: Postgres never parses it. Rows live for
-# milliseconds: the table's autovacuum settings (migration 0006) reclaim them promptly.
+# the record's JSON object as published (Postgres never parses it), without its events:
+# those are named by (source, message) and read from ``events`` as the row is relayed, so
+# a row stays a few hundred bytes (no TOAST) and an event is not written twice. NULL
+# arrays: the payload is the whole record (a tombstone). Rows live for milliseconds: the
+# resolvers vacuum the table as they relay, and its autovacuum settings (migration 0006)
+# are those of a queue.
 profile_update_outbox = Table(
     "profile_update_outbox",
     metadata,
     Column("id", BigInteger, primary_key=True, autoincrement=True),
     Column("key", Text, nullable=False),
     Column("payload", LargeBinary, nullable=False),
+    Column("event_sources", ARRAY(Text), nullable=True),
+    Column("event_messages", ARRAY(Text), nullable=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
 )
 

@@ -432,23 +432,77 @@ async def order_totals(
     return {pid: fields(rows) for pid, rows in totals.items()}
 
 
-async def insert_outbox(conn: AsyncConnection, updates: Sequence[tuple[str, bytes]]) -> None:
-    """Profile updates (key, JSON) to relay to ``cdp.profile-updates`` once this
-    transaction commits."""
-    await _copy(conn, "profile_update_outbox", ("key", "payload"), list(updates))
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A profile update for the outbox: its key and JSON object, and the events (source,
+    message) the relay adds to it as ``"events": [...]``; None: the payload is whole."""
+
+    key: str
+    payload: bytes
+    events: Sequence[tuple[str, str]] | None = None
+
+
+async def insert_outbox(conn: AsyncConnection, updates: Sequence[Update]) -> None:
+    """Profile updates to relay to ``cdp.profile-updates`` once this transaction commits."""
+    await _copy(
+        conn,
+        "profile_update_outbox",
+        ("key", "payload", "event_sources", "event_messages"),
+        [
+            (
+                u.key,
+                u.payload,
+                None if u.events is None else [s for s, _ in u.events],
+                None if u.events is None else [m for _, m in u.events],
+            )
+            for u in updates
+        ],
+    )
+
+
+_TAKE = text(
+    """
+WITH taken AS (
+  DELETE FROM profile_update_outbox WHERE id IN (
+    SELECT id FROM profile_update_outbox ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED)
+  RETURNING id, key, payload, event_sources, event_messages
+)
+SELECT t.id, t.key, t.payload, t.event_sources IS NOT NULL AS spliced, (
+  SELECT string_agg(e.payload::text, ',' ORDER BY k.n)
+  FROM unnest(t.event_sources, t.event_messages) WITH ORDINALITY AS k(s, m, n)
+  JOIN events e ON e.source_id = k.s AND e.message_id = k.m
+) AS events
+FROM taken t ORDER BY t.id
+"""
+)
 
 
 async def take_outbox(conn: AsyncConnection, limit: int) -> list[tuple[str, bytes]]:
-    """Delete and return up to ``limit`` pending updates (key, JSON), oldest first; rows
-    another transaction is relaying are skipped. They come back if the caller rolls back."""
-    rows = await conn.execute(
-        text(
-            "DELETE FROM profile_update_outbox WHERE id IN (SELECT id FROM profile_update_outbox"
-            " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED) RETURNING id, key, payload"
-        ),
-        {"n": limit},
-    )
-    return [(r.key, r.payload) for r in sorted(rows, key=lambda r: r.id)]
+    """Delete and return up to ``limit`` pending updates (key, JSON), oldest first, their
+    events read from ``events`` (an event erased since is left out); rows another
+    transaction is relaying are skipped. They come back if the caller rolls back."""
+    out = []
+    for r in await conn.execute(_TAKE, {"n": limit}):
+        payload: bytes = r.payload
+        if r.spliced:
+            events = (r.events or "").encode()
+            payload = payload[:-1] + b',"events":[' + events + b"]}"
+        out.append((r.key, payload))
+    return out
+
+
+async def vacuum_outbox(conn: AsyncConnection) -> bool:
+    """VACUUM the outbox (``conn`` in autocommit) unless another process is doing it;
+    whether it ran. Its rows live for milliseconds, so dead ones pile up much faster than
+    autovacuum (a pass a minute at best) reclaims them."""
+    key = lock_key("vacuum", "profile_update_outbox")
+    if not await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}):
+        return False
+    try:
+        await conn.execute(text("VACUUM profile_update_outbox"))
+    finally:
+        await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    return True
 
 
 # --- unmerge ---------------------------------------------------------------------------

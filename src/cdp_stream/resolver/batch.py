@@ -38,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import RetryTransaction
-from cdp_stream.profiles.repository import EventRow, OrderRow, ProfileState, Refusal
+from cdp_stream.profiles.repository import EventRow, OrderRow, ProfileState, Refusal, Update
 from cdp_stream.resolver import computed, orders, traits
 from cdp_stream.resolver.identity import Identifier, IdentityRules
 
@@ -58,7 +58,8 @@ class BatchResult:
 
 
 # A profile update carries its events up to this many bytes of them (the rest go in more
-# updates): far under Kafka's default 1 MiB message limit whatever a batch holds.
+# updates; Postgres's text of an event is a little longer than its JSON here): far under
+# Kafka's default 1 MiB message limit whatever a batch holds.
 UPDATE_EVENTS_BYTES = 256 * 1024
 
 
@@ -265,7 +266,7 @@ async def apply_batch(
                 merged_into.get(pid, []),
                 loaded[pid].state if pid in loaded else ProfileState({}, {}),
                 state,
-                [r.text for r in by_profile.get(pid, [])],
+                by_profile.get(pid, []),
             )
         ],
     )
@@ -280,16 +281,16 @@ def updates(
     merged: Sequence[uuid.UUID],
     before: ProfileState,
     after: ProfileState,
-    events: Sequence[bytes],
-) -> list[tuple[str, bytes]]:
-    """The profile updates of one profile for one batch, as (key, JSON) for the outbox:
-    what changed over the batch, the profiles merged into it, and its events, at most
+    events: Sequence[EventRow],
+) -> list[Update]:
+    """The profile updates of one profile for one batch: what changed over the batch, the
+    profiles merged into it, and its events (named here, added by the relay), at most
     :data:`UPDATE_EVENTS_BYTES` of them per update (so an update stays small however busy
-    the profile); a profile merged without events of its own gets one update without any.
+    the profile is); a profile merged without events of its own gets one without any.
 
     ``{"profile_id", "merged_ids", "changed_traits", "changed_computed", "events": [...]}``
     """
-    head = orjson.dumps(
+    payload = orjson.dumps(
         {
             "profile_id": str(pid),
             "merged_ids": [str(m) for m in merged],
@@ -300,14 +301,13 @@ def updates(
                 k: v for k, v in after.computed.items() if before.computed.get(k) != v
             },
         }
-    )[:-1]
-    chunks: list[list[bytes]] = [[]]
+    )
+    chunks: list[list[tuple[str, str]]] = [[]]
     size = 0
-    for text in events:
-        if chunks[-1] and size + len(text) > UPDATE_EVENTS_BYTES:
+    for row in events:
+        if chunks[-1] and size + len(row.text) > UPDATE_EVENTS_BYTES:
             chunks.append([])
             size = 0
-        chunks[-1].append(text)
-        size += len(text) + 1
-    key = str(pid)
-    return [(key, head + b',"events":[' + b",".join(c) + b"]}") for c in chunks]
+        chunks[-1].append((row.source_id, row.message_id))
+        size += len(row.text) + 1
+    return [Update(str(pid), payload, chunk) for chunk in chunks]

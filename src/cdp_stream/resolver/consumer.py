@@ -4,7 +4,9 @@ Offsets are committed only after the database commit, so a crash anywhere before
 redelivers the batch, and ``batch.apply_batch`` turns the redelivery into a no-op.
 Profile updates are written to an outbox table in the batch's transaction and relayed to
 ``cdp.profile-updates`` after it commits (and at start-up): a crash between the commit and
-the publish leaves them in the outbox for the next relay, never lost. An event with no
+the publish leaves them in the outbox for the next relay, never lost. Every
+``resolver_outbox_vacuum_s`` the loop vacuums the outbox (one resolver at a time), so the
+rows relayed do not pile up as dead tuples between autovacuum passes. An event with no
 usable identifier is not stored; it goes to the rejected topic with that reason, and so
 does an event for a deleted person (reason ``suppressed``): it must not re-create them.
 A record that is not an event as :class:`cdp_stream.events.Event` describes it (not JSON,
@@ -21,6 +23,7 @@ from typing import Any
 
 import orjson
 from pydantic import ConfigDict
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Message, Record, next_offsets, rejoin
@@ -74,6 +77,16 @@ class _Checked(Event):
     model_config = ConfigDict(extra="ignore")
 
 
+async def vacuum_outbox(engine: AsyncEngine) -> None:
+    """Reclaim the relayed outbox rows now (see ``repo.vacuum_outbox``). Best effort: a
+    failure is logged and the next interval tries again."""
+    try:
+        async with engine.connect() as conn:
+            await repo.vacuum_outbox(await conn.execution_options(isolation_level="AUTOCOMMIT"))
+    except (DBAPIError, OSError) as exc:
+        log.warning("could not vacuum the outbox, trying again later: %s", exc)
+
+
 async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
     for m in messages:
@@ -94,9 +107,14 @@ async def run_resolver(
     names, rules = settings.topics, IdentityRules.from_settings(settings)
     consumer = bus.consumer(names.resolver_group, [names.events])
     await consumer.start()
+    clock = asyncio.get_running_loop().time
+    vacuumed_at = clock()
     try:
         await relay_outbox(engine, bus, names.profile_updates)  # what a crash left behind
         while not stop.is_set():
+            if clock() - vacuumed_at >= settings.resolver_outbox_vacuum_s:
+                await vacuum_outbox(engine)
+                vacuumed_at = clock()
             try:
                 messages = await consumer.getmany(
                     settings.resolver_batch_size, settings.resolver_poll_timeout_ms
