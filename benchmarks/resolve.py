@@ -24,9 +24,10 @@ shared with whatever else runs on the box); ``broker``; ``bench``, this process;
 ``others``, the machine less all of these; ``machine``. After start-up it is also given per
 stored event (ms), which the noise of other processes does not inflate as it does rates.
 Lock waits: the mean number of resolver backends waiting on a lock (``wait_event_type``
-``Lock``: advisory locks on identifiers, profile rows) over the polls. Once the resolvers
-have stopped, the size of ``profile_update_outbox`` (heap, TOAST, indexes), its live and
-dead rows: what the insert-then-delete churn of the updates left. The summary ends with
+``Lock``: advisory locks on identifiers, profile rows) over the polls. The size of
+``profile_update_outbox`` (heap, TOAST, indexes): the largest at a poll, and once the
+resolvers have stopped, with its live and dead rows: what the insert-then-delete churn
+of the updates left. The summary ends with
 the targets of issue 10, met or not. At exit the resolvers are stopped (SIGTERM) and every
 database, topic and consumer group this run made is dropped.
 
@@ -111,6 +112,7 @@ class Run:
     copy_indexed: float = 0.0  # rows/s
     copy_bare: float = 0.0
     outbox: Outbox | None = None  # profile_update_outbox once the resolvers stopped
+    outbox_peak: int = 0  # its largest size (bytes) at a poll during the run
     retries: int = 0  # batch retries in the resolver logs (conflicts, races)
     batches: int = 0  # transactions that stored events
     codes: list[int | None] = field(default_factory=list)
@@ -345,9 +347,10 @@ async def timed(
         meter = Meter(mine, opts.postgres, opts.broker, db)
         meter.sample()
         waits: Counter[str] = Counter()
-        polls = 0
+        polls = peak = 0
         while True:
             n = int(await conn.fetchval("SELECT count(*) FROM events"))
+            peak = max(peak, await conn.fetchval(OUTBOX_BYTES))
             elapsed = time.monotonic() - t0
             polls += 1
             waits.update(state_of(*row) for row in await conn.fetch(ACTIVITY))
@@ -366,7 +369,7 @@ async def timed(
         meter.sample()
     finally:
         await conn.close()
-    run.stored, run.seconds = n, elapsed
+    run.stored, run.seconds, run.outbox_peak = n, elapsed, peak
     waits.pop("idle", None)
     run.waits = {k: v / polls for k, v in waits.most_common()}
     run.per_resolver = [100 * cpu_s([p]) / elapsed for p in mine]
@@ -377,6 +380,7 @@ async def timed(
     return procs
 
 
+OUTBOX_BYTES = "SELECT pg_total_relation_size('profile_update_outbox')"
 OUTBOX = """SELECT pg_total_relation_size('profile_update_outbox'),
 (SELECT count(*) FROM profile_update_outbox),
 (SELECT n_dead_tup FROM pg_stat_user_tables WHERE relname = 'profile_update_outbox')"""
@@ -483,7 +487,8 @@ def show(run: Run, repeat: int) -> None:
         f" after start-up, CPU ms/event: {ms}\n"
         f"  {'':<20} resolvers' backends (mean number): {describe_waits(run.waits)};"
         f" waiting on locks {run.lock_waits:.2f}\n"
-        f"  {'':<20} outbox after the run: {run.outbox}\n"
+        f"  {'':<20} outbox after the run: {run.outbox};"
+        f" at most {run.outbox_peak / 1024:,.0f} KiB during it\n"
         f"  {'':<20} COPY of the same rows: {run.copy_indexed:,.0f} rows/s with the indexes"
         f" of events, {run.copy_bare:,.0f} bare",
         flush=True,
@@ -580,7 +585,8 @@ def report(opts: argparse.Namespace, case: Case, runs: list[Run]) -> None:
             + f"\n{'':<14}resolvers' backends (mean number): {describe_waits(waits)}"
             + f"\n{'':<14}waiting on locks (mean backends, polled from pg_stat_activity"
             f" every 0.2 s): {spread([r.lock_waits for r in mine], '.2f')}"
-            + f"\n{'':<14}outbox after the run: "
+            + f"\n{'':<14}outbox at most {spread([r.outbox_peak / 1024 for r in mine])} KiB"
+            " during a run; after it: "
             + "; ".join(str(r.outbox) for r in mine if r.outbox)
             + f"\n{'':<14}-> {bound(cpu, busiest, ms, waits, medians[n][1], n)}"
         )

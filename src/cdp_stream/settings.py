@@ -86,7 +86,7 @@ class Settings(BaseSettings):
     )
     resolver_poll_timeout_ms: int = Field(default=200, ge=1)
     resolver_outbox_vacuum_s: float = Field(
-        default=5.0, gt=0, description="how often a resolver vacuums the profile-update outbox"
+        default=1.0, gt=0, description="how often a resolver vacuums the profile-update outbox"
     )
     # Activation (cdp_stream.activation): the CRM feed, audiences, the DMP feed.
     activation_batch_size: int = Field(default=500, ge=1)

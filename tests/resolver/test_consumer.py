@@ -216,7 +216,7 @@ async def test_stopping_while_the_database_is_away_ends_the_wait_and_commits_not
         attempts += 1
         raise ConnectionRefusedError("database away (test)")
 
-    monkeypatch.setattr("cdp_stream.resolver.consumer.apply_batch", database_away)
+    monkeypatch.setattr("cdp_stream.resolver.consumer.apply_prepared", database_away)
     run = uuid.uuid4().hex[:10]
     bus = MemoryBus(default_partitions=1)
     await bus.ensure_topics(Topics().all(1))

@@ -286,7 +286,6 @@ class EventRow:
     received_at: datetime
     payload: dict[str, Any]
     text: bytes  # the payload's JSON
-    ts: str  # the timestamp as a fixed-width UTC string (see resolver.batch.event_time)
 
 
 _EVENT_COLUMNS = (

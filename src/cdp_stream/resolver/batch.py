@@ -2,6 +2,8 @@
 
 The steps, in the order they must run:
 
+0. prepare - before the transaction, what each event alone gives: identifiers, times,
+            its traits, computed traits and order report, its JSON (:func:`prepare`).
 1. lock   - advisory locks on every identifier in the batch, in ascending key order:
             concurrent resolvers serialize on shared identifiers.
 2. dedupe - drop events already stored (a redelivery) and repeats inside the batch. Two
@@ -15,10 +17,10 @@ The steps, in the order they must run:
    An event carrying an identifier of a deleted person is set aside (suppressed).
 4. place  - each event, in order, by the rules in :mod:`cdp_stream.resolver`: claims,
             merges and refused links, in memory (:class:`_Graph`).
-5. fold   - once per profile, after placing every event: the traits and computed traits
-            of its events into its state (the merges are order-independent, so folding
-            a profile's events together equals folding them one by one, at a fraction
-            of the copying).
+5. fold   - once per profile, after placing every event: the prepared traits and
+            computed traits of its events into its state (the merges are
+            order-independent, so folding a profile's events together equals folding
+            them one by one, at a fraction of the copying).
 6. write  - new profiles, merges (identities, events and orders move to the canonical
             profile), claims, refusals, events and order reports (COPY), then the money
             totals of the profiles that got orders or merges, the states, and one
@@ -166,16 +168,59 @@ class _Graph:
         return group
 
 
+@dataclass(slots=True)
+class Prepared:
+    """An event with all that the batch needs of it that depends on it alone, worked out
+    before the transaction: the locks are held for the rest only (and a retried batch
+    does not do it again)."""
+
+    event: dict[str, Any]
+    key: tuple[str, str]  # (sourceId, messageId)
+    ids: list[Identifier]
+    timestamp: datetime
+    ts: str  # the timestamp as a fixed-width UTC string
+    received_at: datetime
+    text: bytes  # the event's JSON
+    trait_part: traits.TraitState
+    computed_part: dict[str, Any]
+    fact: orders.Fact | None
+
+
+def prepare(events: Sequence[dict[str, Any]], rules: IdentityRules) -> list[Prepared]:
+    out = []
+    for event in events:
+        timestamp, ts = event_time(event["timestamp"])
+        out.append(
+            Prepared(
+                event,
+                (event["sourceId"], event["messageId"]),
+                rules.identifiers_of(event),
+                timestamp,
+                ts,
+                event_time(event["receivedAt"])[0],
+                orjson.dumps(event),
+                traits.of_event(event, ts),
+                computed.of_event(event, ts),
+                orders.fact_of(event),
+            )
+        )
+    return out
+
+
 async def apply_batch(
     conn: AsyncConnection, events: Sequence[dict[str, Any]], rules: IdentityRules
 ) -> BatchResult:
+    return await apply_prepared(conn, prepare(events, rules), rules)
+
+
+async def apply_prepared(
+    conn: AsyncConnection, batch: Sequence[Prepared], rules: IdentityRules
+) -> BatchResult:
     result = BatchResult()
-    ids_by_event = [rules.identifiers_of(e) for e in events]
-    keys = [(e["sourceId"], e["messageId"]) for e in events]
-    every_id = sorted({i for ids in ids_by_event for i in ids})
+    every_id = sorted({i for p in batch for i in p.ids})
 
     await repo.lock_keys(conn, [repo.lock_key(i.type, i.value) for i in every_id])
-    seen = await repo.stored_message_ids(conn, keys)
+    seen = await repo.stored_message_ids(conn, [p.key for p in batch])
     owner = await repo.profiles_of(conn, every_id)
     loaded = await repo.lock_profiles(conn, set(owner.values()))
     if owner != await repo.profiles_of(conn, sorted(owner)):  # now that the rows are ours
@@ -190,52 +235,51 @@ async def apply_batch(
     )
 
     now = datetime.now(UTC)
-    placed: list[tuple[dict[str, Any], tuple[str, str], uuid.UUID]] = []
-    for event, ids, key in zip(events, ids_by_event, keys, strict=True):
-        if key in seen:
+    placed: list[tuple[Prepared, uuid.UUID]] = []
+    for p in batch:
+        if p.key in seen:
             result.duplicates += 1
             continue
-        seen.add(key)
-        if not ids:
-            result.unidentified.append(event)
-        elif gone.intersection(ids):
-            result.suppressed.append(event)
+        seen.add(p.key)
+        if not p.ids:
+            result.unidentified.append(p.event)
+        elif gone.intersection(p.ids):
+            result.suppressed.append(p.event)
         else:
-            placed.append((event, key, graph.place(ids, key, now)))
+            placed.append((p, graph.place(p.ids, p.key, now)))
 
     final = graph.find
     rows: list[EventRow] = []
     order_rows: list[OrderRow] = []
-    by_profile: dict[uuid.UUID, list[EventRow]] = {}
-    for event, key, home in placed:
-        dt, ts = event_time(event["timestamp"])
+    by_profile: dict[uuid.UUID, list[tuple[EventRow, Prepared]]] = {}
+    for p, home in placed:
+        event = p.event
         row = EventRow(
-            source_id=key[0],
-            message_id=key[1],
+            source_id=p.key[0],
+            message_id=p.key[1],
             profile_id=final(home),
             origin_profile_id=home,
             type=event["type"],
             event=event.get("event") or event.get("name"),
             channel=event.get("channel", "other"),
-            timestamp=dt,
-            received_at=event_time(event["receivedAt"])[0],
+            timestamp=p.timestamp,
+            received_at=p.received_at,
             payload=event,
-            text=orjson.dumps(event),
-            ts=ts,
+            text=p.text,
         )
         rows.append(row)
-        by_profile.setdefault(row.profile_id, []).append(row)
-        if (fact := orders.fact_of(event)) is not None:
-            order_rows.append(OrderRow(*key, row.profile_id, home, fact))
+        by_profile.setdefault(row.profile_id, []).append((row, p))
+        if p.fact is not None:
+            order_rows.append(OrderRow(*p.key, row.profile_id, home, p.fact))
 
     states: dict[uuid.UUID, ProfileState] = {}
     for pid, mine in by_profile.items():
         state = graph.states[pid]
         trait_state: traits.TraitState = traits.merge(state.trait_state, {})
         values = dict(state.computed)
-        for row in mine:
-            traits.fold(trait_state, traits.of_event(row.payload, row.ts))
-            computed.fold(values, computed.of_event(row.payload, row.ts))
+        for _, p in mine:
+            traits.fold(trait_state, p.trait_part)
+            computed.fold(values, p.computed_part)
         states[pid] = ProfileState(trait_state, values)
     for canonical, _, _ in graph.merges:  # merged without events of their own here
         pid = final(canonical)
@@ -266,7 +310,7 @@ async def apply_batch(
                 merged_into.get(pid, []),
                 loaded[pid].state if pid in loaded else ProfileState({}, {}),
                 state,
-                by_profile.get(pid, []),
+                [row for row, _ in by_profile.get(pid, [])],
             )
         ],
     )
