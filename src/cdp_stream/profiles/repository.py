@@ -14,10 +14,11 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import delete, func, select, text, tuple_, update
-from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy import Text, any_, bindparam, delete, func, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql import Subquery
+from sqlalchemy.sql import ColumnElement, Subquery
+from sqlalchemy.types import TypeEngine
 
 from cdp_stream.profiles.models import (
     audience_changes,
@@ -90,6 +91,12 @@ async def profiles_of(
     return {Identifier(r.type, r.value): r.profile_id for r in rows}
 
 
+def _any(values: Iterable[Any], type_: TypeEngine[Any]) -> ColumnElement[Any]:
+    """``= ANY($1)`` with one array parameter: one statement text (prepared once per
+    connection) whatever the number of values, where ``IN`` spells out each."""
+    return any_(bindparam(None, list(values), type_=ARRAY(type_)))
+
+
 @dataclass(frozen=True, slots=True)
 class ProfileState:
     trait_state: dict[str, Any]
@@ -119,7 +126,7 @@ async def lock_profiles(
             profiles.c.trait_state,
             profiles.c.computed,
         )
-        .where(profiles.c.id.in_(wanted))
+        .where(profiles.c.id == _any(wanted, UUID(as_uuid=True)))
         .order_by(profiles.c.id)
         .with_for_update()
     )
@@ -137,7 +144,7 @@ async def identities_of(
     if ids:
         rows = await conn.execute(
             select(identities.c.type, identities.c.value, identities.c.profile_id).where(
-                identities.c.profile_id.in_(list(ids))
+                identities.c.profile_id == _any(ids, UUID(as_uuid=True))
             )
         )
         for r in rows:
@@ -589,7 +596,7 @@ async def suppressed(conn: AsyncConnection, ids: Sequence[Identifier]) -> set[Id
     by_digest = {identifier_digest(i): i for i in ids}
     rows = await conn.execute(
         select(suppressed_identifiers.c.digest).where(
-            suppressed_identifiers.c.digest.in_(list(by_digest))
+            suppressed_identifiers.c.digest == _any(by_digest, Text())
         )
     )
     return {by_digest[r.digest] for r in rows}

@@ -12,7 +12,8 @@ The steps, in the order they must run:
             transaction fails with a unique violation and is retried, and dedupes.
 3. load   - the profiles owning the batch's identifiers, row-locked in id order, with all
             their identities. If an identity moved between reading and locking (another
-            resolver merged, an operator unmerged) :class:`StaleRead` makes the caller
+            resolver merged, an operator unmerged, a person was erased: the identities
+            read after the lock no longer hold it) :class:`StaleRead` makes the caller
             retry the batch; once the rows are locked nothing can move them.
    An event carrying an identifier of a deleted person is set aside (suppressed).
 4. place  - each event, in order, by the rules in :mod:`cdp_stream.resolver`: claims,
@@ -223,13 +224,14 @@ async def apply_prepared(
     seen = await repo.stored_message_ids(conn, [p.key for p in batch])
     owner = await repo.profiles_of(conn, every_id)
     loaded = await repo.lock_profiles(conn, set(owner.values()))
-    if owner != await repo.profiles_of(conn, sorted(owner)):  # now that the rows are ours
+    members = await repo.identities_of(conn, list(loaded))  # now that the rows are ours
+    if any(pid not in members or ident not in members[pid] for ident, pid in owner.items()):
         raise StaleRead("identities moved (a merge or unmerge) while the batch was locking")
     gone = await repo.suppressed(conn, every_id)
     graph = _Graph(
         rules,
         owner,
-        await repo.identities_of(conn, list(loaded)),
+        members,
         {pid: p.state for pid, p in loaded.items()},
         {pid: p.created_at for pid, p in loaded.items()},
     )
