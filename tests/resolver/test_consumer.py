@@ -20,7 +20,12 @@ from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import profile_update_outbox
 from cdp_stream.resolver.batch import UPDATE_EVENTS_BYTES
-from cdp_stream.resolver.consumer import apply_with_retry, run_resolver
+from cdp_stream.resolver.consumer import (
+    apply_with_retry,
+    relay_outbox,
+    run_resolver,
+    vacuum_outbox,
+)
 from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
 from cdp_stream.topics import Topics
@@ -300,3 +305,25 @@ async def test_a_profile_of_20000_orders_keeps_small_updates(
     # the events as Postgres writes them (", " and ": ": ~10% more), and the change itself
     assert max(sizes) <= 1.25 * UPDATE_EVENTS_BYTES < 1024 * 1024
     assert row_bytes is not None and row_bytes < 1024
+
+
+async def test_relayed_updates_leave_no_bloat(engine: AsyncEngine) -> None:
+    """Rounds of write, relay and vacuum reuse the outbox's pages: the table does not grow
+    with the number of updates that went through it (it did, between autovacuum passes)."""
+    bus = MemoryBus(default_partitions=1)
+    await bus.ensure_topics(Topics().all(1))
+
+    async def one_round() -> int:
+        run = uuid.uuid4().hex[:10]
+        events = [orjson.loads(event(f"{run}-{i}", f"u-{run}-{i}")) for i in range(1500)]
+        await apply_with_retry(engine, events, RULES)
+        await relay_outbox(engine, bus, Topics().profile_updates)
+        await vacuum_outbox(engine)
+        async with engine.connect() as conn:
+            size = await conn.scalar(text("SELECT pg_relation_size('profile_update_outbox')"))
+        assert isinstance(size, int)
+        return size
+
+    first = await one_round()
+    later = [await one_round() for _ in range(3)]
+    assert max(later) <= first

@@ -505,7 +505,9 @@ async def vacuum_outbox(conn: AsyncConnection) -> bool:
     if not await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}):
         return False
     try:
-        await conn.execute(text("VACUUM profile_update_outbox"))
+        # not TRUNCATE: waiting for the exclusive lock that giving pages back needs would
+        # hold up this resolver while the others insert; the pages freed are reused
+        await conn.execute(text("VACUUM (TRUNCATE false) profile_update_outbox"))
     finally:
         await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
     return True
