@@ -61,19 +61,9 @@ import psutil
 from collect import cleanup, cpu_s, database  # the sibling benchmark's helpers
 from sqlalchemy.engine import make_url
 
+from cdp_stream.profiles.repository import EVENT_COLUMNS
+
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = (
-    "source_id",
-    "message_id",
-    "profile_id",
-    "type",
-    "event",
-    "channel",
-    "timestamp",
-    "received_at",
-    "payload",
-    "origin_profile_id",
-)
 
 
 @dataclass
@@ -81,7 +71,7 @@ class Case:
     """The published records, the rows they must end as, and how many."""
 
     records: list[tuple[bytes, bytes]]
-    rows: list[tuple[Any, ...]]  # for COPY, in COLUMNS order, one per stored event
+    rows: list[tuple[Any, ...]]  # for COPY, in EVENT_COLUMNS order, one per stored event
     people: int
     groups: int
 
@@ -403,7 +393,7 @@ async def copy_ceiling(
         for table, like in (("copy_indexed", "INCLUDING ALL"), ("copy_bare", "INCLUDING DEFAULTS")):
             await conn.execute(f"CREATE TABLE {table} (LIKE events {like})")
             t0 = time.perf_counter()
-            await conn.copy_records_to_table(table, records=rows, columns=COLUMNS)
+            await conn.copy_records_to_table(table, records=rows, columns=EVENT_COLUMNS)
             rates.append(len(rows) / (time.perf_counter() - t0))
             count = await conn.fetchval(f"SELECT count(*) FROM {table}")
             assert count == len(rows), f"COPY stored {count} of {len(rows)} rows"

@@ -295,18 +295,8 @@ class EventRow:
     text: bytes  # the payload's JSON
 
 
-_EVENT_COLUMNS = (
-    "source_id",
-    "message_id",
-    "profile_id",
-    "origin_profile_id",
-    "type",
-    "event",
-    "channel",
-    "timestamp",
-    "received_at",
-    "payload",
-)
+# The columns a stored event fills, in the table's order (``id`` is the sequence's).
+EVENT_COLUMNS = tuple(c.name for c in events.columns if c.name != "id")
 
 
 async def _copy(
@@ -325,19 +315,19 @@ async def insert_events(conn: AsyncConnection, rows: Sequence[EventRow]) -> None
     await _copy(
         conn,
         "events",
-        _EVENT_COLUMNS,
+        EVENT_COLUMNS,
         [
             (
                 r.source_id,
                 r.message_id,
                 r.profile_id,
-                r.origin_profile_id,
                 r.type,
                 r.event,
                 r.channel,
                 r.timestamp,
                 r.received_at,
                 r.text.decode(),
+                r.origin_profile_id,
             )
             for r in rows
         ],
