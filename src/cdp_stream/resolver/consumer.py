@@ -1,4 +1,5 @@
-"""The resolver loop: poll a batch -> one transaction -> relay the outbox -> commit offsets.
+"""The resolver loop: poll a batch -> one transaction -> commit offsets, the outbox relayed
+beside it (after each commit, and at start-up).
 
 Offsets are committed only after the database commit, so a crash anywhere before it
 redelivers the batch, and ``batch.apply_prepared`` turns the redelivery into a no-op.
@@ -104,6 +105,45 @@ async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[
     return events
 
 
+class _Relay:
+    """The outbox relayed beside the loop, not in it: a batch's updates are published
+    (waiting for the broker's acknowledgements) while the next batch is polled and
+    applied, and its offsets are committed without waiting for them: the outbox holds
+    them. One relay at a time; one asked for while another runs makes that one go round
+    again, so every commit is followed by a relay that started after it. A relay that
+    fails (broker or database away) is logged and leaves its rows in the outbox;
+    ``failed`` says to ask again."""
+
+    def __init__(self, engine: AsyncEngine, bus: Bus, topic: str) -> None:
+        self._engine, self._bus, self._topic = engine, bus, topic
+        self._task: asyncio.Task[None] | None = None
+        self._again = False
+        self.failed = False
+
+    def kick(self) -> None:
+        if self._task is None or self._task.done():
+            self.failed = False
+            self._task = asyncio.create_task(self._run())
+        else:
+            self._again = True
+
+    async def _run(self) -> None:
+        self._again = True
+        while self._again:
+            self._again = False
+            try:
+                await relay_outbox(self._engine, self._bus, self._topic)
+            except (BusUnavailable, DBAPIError, OSError) as exc:
+                log.warning("profile updates left in the outbox, relaying again later: %s", exc)
+                self.failed = True
+                return
+
+    async def settle(self) -> None:
+        """Wait for the relay in flight (what it cannot send waits for the next start)."""
+        if self._task is not None:
+            await self._task
+
+
 def _collect_garbage_less() -> None:
     """Fewer, cheaper garbage collections: a batch decodes thousands of events into
     hundreds of thousands of containers, and with CPython's default thresholds a full
@@ -124,12 +164,15 @@ async def run_resolver(
     _collect_garbage_less()
     clock = asyncio.get_running_loop().time
     vacuumed_at = clock()
+    relay = _Relay(engine, bus, names.profile_updates)
     try:
         await relay_outbox(engine, bus, names.profile_updates)  # what a crash left behind
         while not stop.is_set():
             if clock() - vacuumed_at >= settings.resolver_outbox_vacuum_s:
                 await vacuum_outbox(engine)
                 vacuumed_at = clock()
+            if relay.failed:
+                relay.kick()
             try:
                 messages = await consumer.getmany(
                     settings.resolver_batch_size, settings.resolver_poll_timeout_ms
@@ -156,7 +199,7 @@ async def run_resolver(
                         for e in result.suppressed
                     ]
                 )
-                await relay_outbox(engine, bus, names.profile_updates)
+                relay.kick()
                 log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
                 await consumer.commit(next_offsets(messages))
             except BusUnavailable as exc:
@@ -165,4 +208,5 @@ async def run_resolver(
             except Stopping:
                 log.info("stopping with the database away: the batch is redelivered later")
     finally:
+        await relay.settle()
         await consumer.stop()
