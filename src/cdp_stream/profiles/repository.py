@@ -291,8 +291,7 @@ class EventRow:
     channel: str
     timestamp: datetime
     received_at: datetime
-    payload: dict[str, Any]
-    text: bytes  # the payload's JSON
+    text: bytes  # the event's JSON, stored as its payload
 
 
 # The columns a stored event fills, in the table's order (``id`` is the sequence's).

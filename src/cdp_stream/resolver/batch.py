@@ -266,7 +266,6 @@ async def apply_prepared(
             channel=event.get("channel", "other"),
             timestamp=p.timestamp,
             received_at=p.received_at,
-            payload=event,
             text=p.text,
         )
         rows.append(row)
