@@ -30,7 +30,7 @@ $(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json
 	npm ci --prefix $(BROWSER_DIR) --no-audit --no-fund
 	touch $@
 
-## run: the whole pipeline in one process on the embedded default (memory bus, embedded Postgres)
+## run: the whole pipeline in one process on the embedded default (embedded Postgres, the bus on it)
 run: install
 	$(BIN)/cdp-stream up
 
