@@ -18,6 +18,7 @@ from cdp_stream.app import Runtime, create_app
 from cdp_stream.bus.base import BusUnavailable, Message, Record, next_offsets
 from cdp_stream.bus.postgres import PostgresBus, PostgresConsumer, postgres_dsn
 from cdp_stream.settings import Settings
+from tests.support import eventually
 
 
 def uid() -> str:
@@ -51,7 +52,7 @@ async def kept(dsn: str, topic: str) -> list[bytes]:
     conn = await asyncpg.connect(dsn)
     try:
         rows = await conn.fetch(
-            'SELECT value FROM bus_records r JOIN bus_topics t ON t.id = r.topic_id '
+            "SELECT value FROM bus_records r JOIN bus_topics t ON t.id = r.topic_id "
             'WHERE t.name = $1 ORDER BY r.partition, r."offset"',
             topic,
         )
@@ -106,10 +107,11 @@ async def test_a_killed_members_partitions_and_uncommitted_records_go_to_the_sur
     a, b = bus.consumer(group, [topic]), bus.consumer(group, [topic])
     await a.start()
     await b.start()
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + 30
-    while not (a.assignment() and b.assignment()) and loop.time() < deadline:
-        await asyncio.sleep(0.1)
+
+    async def split() -> bool:
+        return bool(a.assignment() and b.assignment())
+
+    await eventually(split, within_s=30)
     assert a.assignment() and b.assignment() and not a.assignment() & b.assignment()
     await bus.publish_many([Record(topic, f"k{i}".encode(), f"v{i}".encode()) for i in range(40)])
     read_by_b = await read_all(b, 1)
