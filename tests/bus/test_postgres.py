@@ -62,13 +62,17 @@ async def kept(dsn: str, topic: str) -> list[bytes]:
 
 
 async def test_concurrent_publishers_never_make_a_reader_skip_a_record(
-    bus: PostgresBus,
+    bus: PostgresBus, dsn: str
 ) -> None:
-    """Offsets follow commit order: with many transactions publishing to the same
-    partitions at once while a member reads, it still receives every record once (a
-    reader that passed an offset filled by a later commit would miss that record)."""
+    """Offsets follow commit order: with transactions of several processes (buses)
+    publishing to the same partitions at once while a member reads, it still receives
+    every record once (a reader that passed an offset filled by a later commit would miss
+    that record)."""
     topic = f"t-{uid()}"
     await bus.ensure_topics({topic: 2})
+    publishers = [PostgresBus(dsn, f"test-{uid()}") for _ in range(3)]
+    for b in publishers:
+        await b.start()
     consumer = bus.consumer(f"g-{uid()}", [topic])
     await consumer.start()
     got: list[Message] = []
@@ -80,7 +84,8 @@ async def test_concurrent_publishers_never_make_a_reader_skip_a_record(
 
     async def publish(n: int) -> None:
         for i in range(25):
-            await bus.publish_many([Record(topic, f"k{i % 3}".encode(), f"{n}-{i}".encode())])
+            record = Record(topic, f"k{i % 3}".encode(), f"{n}-{i}".encode())
+            await publishers[n % 3].publish_many([record])
 
     reader = asyncio.create_task(read())
     await asyncio.gather(*(publish(n) for n in range(40)))
@@ -88,6 +93,8 @@ async def test_concurrent_publishers_never_make_a_reader_skip_a_record(
     async with asyncio.timeout(30):
         await reader
     await consumer.stop()
+    for b in publishers:
+        await b.stop()
 
     assert sorted(m.value for m in got) == sorted(
         f"{n}-{i}".encode() for n in range(40) for i in range(25)

@@ -4,8 +4,9 @@
 already runs (the embedded one by default). It keeps the contract of
 :mod:`cdp_stream.bus.base`, checked with the other buses by ``tests/bus/test_contract.py``:
 
-* **Acknowledged = committed.** ``publish_many`` is one transaction: it locks the row of
-  every partition it writes in ``bus_partitions`` (in a fixed order), takes the next
+* **Acknowledged = committed.** A write is one transaction (for the publishes of one
+  moment): it locks the row of every partition it writes in ``bus_partitions`` (in a
+  fixed order), takes the next
   offsets from there, inserts the records and moves the counters. The row lock is held
   until the commit, so offsets are handed out in commit order without gaps: a reader never
   passes an offset that a transaction still in flight will fill later. It returns only
@@ -170,6 +171,9 @@ class PostgresBus:
         self._housekeeping: asyncio.Task[None] | None = None
         self._topics: dict[str, _Topic] = {}
         self._keyless = itertools.count()
+        # Publishes waiting for the next transaction, and the task writing them.
+        self._pending: list[tuple[list[tuple[int, int, Record]], asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
         self._backlog: dict[int, int] = {}  # topic id -> records some group has not committed
         # (when, next offset per partition) now and then: what is older than retention_s.
         self._marks: deque[tuple[float, dict[tuple[int, int], int]]] = deque()
@@ -192,6 +196,8 @@ class PostgresBus:
             self._housekeeping = asyncio.create_task(self._keep_house())
 
     async def stop(self) -> None:
+        if self._writer is not None:  # what callers wait for is written (or fails) first
+            await asyncio.gather(self._writer, return_exceptions=True)
         if self._housekeeping is not None:
             self._housekeeping.cancel()
             await asyncio.gather(self._housekeeping, return_exceptions=True)
@@ -258,7 +264,10 @@ class PostgresBus:
         await self.publish_many([Record(topic, key, value)])
 
     async def publish_many(self, records: Sequence[Record]) -> None:
-        """One transaction for all ``records``; returns once it is committed."""
+        """Returns once ``records`` are committed. Publishes that arrive while a write is
+        in flight go together in the next transaction (one commit, one fsync, for all the
+        requests of that moment): no wait is added at low load, and under load a busy
+        collector commits in batches instead of queueing on the partitions' row locks."""
         if not records:
             return
         placed: list[tuple[int, int, Record]] = []
@@ -274,6 +283,30 @@ class PostgresBus:
             else:
                 partition = partition_for_key(r.key, topic.partitions)
             placed.append((topic.id, partition, r))
+        done = asyncio.get_running_loop().create_future()
+        self._pending.append((placed, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending())
+        await done
+
+    async def _write_pending(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await self._append([record for placed, _ in batch for record in placed])
+            except Exception as exc:
+                if not isinstance(exc, BusUnavailable):
+                    log.exception("writing %d publishes failed", len(batch))
+                for _, done in batch:
+                    if not done.done():  # a caller that gave up cancelled its own
+                        done.set_exception(BusUnavailable(str(exc)))
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+    async def _append(self, placed: Sequence[tuple[int, int, Record]]) -> None:
+        """One transaction: lock the partitions' counters, insert, move the counters."""
         written = sorted(Counter((t, p) for t, p, _ in placed).items())
         async with self._transaction() as conn:
             rows = await conn.fetch(
@@ -482,7 +515,7 @@ class PostgresConsumer:
             )
             for tp in gone:
                 del self._positions[tp]
-            log.info("group %s: released %s", self.group, gone)
+            log.info("group %s: released %s", self.group, [(self._topics[t], p) for t, p in gone])
         wanted = [t * _MAX_PARTITIONS + p for t, p in mine if (t, p) not in self._positions]
         if not wanted:
             return
@@ -507,7 +540,9 @@ class PostgresConsumer:
         start = {(r["topic_id"], r["partition"]): r["next_offset"] for r in committed}
         for tp in taken:
             self._positions[tp] = start.get(tp, 0)
-        log.info("group %s: assigned %s", self.group, sorted(taken))
+        log.info(
+            "group %s: assigned %s", self.group, sorted((self._topics[t], p) for t, p in taken)
+        )
         self._wake.set()
 
     # -- reading and committing -----------------------------------------------------------

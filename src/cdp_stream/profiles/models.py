@@ -312,7 +312,6 @@ bus_records = Table(
     Column("offset", BigInteger, nullable=False),
     Column("key", LargeBinary, nullable=True),
     Column("value", LargeBinary, nullable=False),
-    Column("appended_at", DateTime(timezone=True), nullable=False, server_default=_now),
     PrimaryKeyConstraint("topic_id", "partition", "offset", name="bus_records_pkey"),
 )
 

@@ -40,9 +40,6 @@ def upgrade() -> None:
         sa.Column("offset", sa.BigInteger, nullable=False),
         sa.Column("key", sa.LargeBinary, nullable=True),
         sa.Column("value", sa.LargeBinary, nullable=False),
-        sa.Column(
-            "appended_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
-        ),
         sa.PrimaryKeyConstraint("topic_id", "partition", "offset", name="bus_records_pkey"),
     )
     op.create_table(
