@@ -4,14 +4,13 @@
 already runs (the embedded one by default). It keeps the contract of
 :mod:`cdp_stream.bus.base`, checked with the other buses by ``tests/bus/test_contract.py``:
 
-* **Acknowledged = committed.** A write is one transaction (for the publishes of one
-  moment): it locks the row of every partition it writes in ``bus_partitions`` (in a
-  fixed order), takes the next
-  offsets from there, inserts the records and moves the counters. The row lock is held
-  until the commit, so offsets are handed out in commit order without gaps: a reader never
-  passes an offset that a transaction still in flight will fill later. It returns only
-  after the commit (``synchronous_commit``: on disk), so a kill -9 loses nothing it
-  acknowledged.
+* **Acknowledged = committed.** A write is one statement (for the publishes of one
+  moment): it moves the offset counter of every partition it writes in
+  ``bus_partitions`` and inserts the records at the offsets it took. The counter's row
+  lock is held until the commit, so offsets are handed out in commit order without gaps:
+  a reader never passes an offset that a transaction still in flight will fill later.
+  ``publish`` returns only after the commit (``synchronous_commit``: on disk), so a kill
+  -9 loses nothing it acknowledged.
 * **Partitions by key** with Kafka's murmur2 (:func:`~cdp_stream.bus.memory.partition_for_key`).
 * **Consumer groups.** Membership is Postgres session advisory locks, held on each
   member's own connection: a member takes the lowest free *slot* of its group, deals the
@@ -69,23 +68,28 @@ _CHANNEL = "cdp_bus"  # NOTIFY payload: the topic id
 # partition) for partition ownership.
 _MAX_PARTITIONS = 1024
 
-_LOCK_PARTITIONS = """
-SELECT topic_id, partition, next_offset FROM bus_partitions
-WHERE (topic_id, partition) IN (SELECT * FROM unnest($1::int[], $2::int[]))
-ORDER BY topic_id, partition
-FOR UPDATE
-"""
-# Append the records, move the partitions' counters, wake the consumers (at commit).
+# One statement, so one round trip (its implicit transaction commits at its end): take
+# offsets from the partitions' counters (the UPDATE's row locks are held until the commit,
+# so offsets follow commit order), append the records in publish order within each
+# partition, and wake the consumers (at the commit).
 _APPEND = """
-WITH appended AS (
-    INSERT INTO bus_records (topic_id, partition, "offset", key, value)
-    SELECT * FROM unnest($1::int[], $2::int[], $3::bigint[], $4::bytea[], $5::bytea[])
+WITH counts AS (
+    SELECT t, p, count(*) AS n FROM unnest($1::int[], $2::int[]) AS r (t, p) GROUP BY t, p
 ), advanced AS (
-    UPDATE bus_partitions p SET next_offset = n.next_offset
-    FROM unnest($6::int[], $7::int[], $8::bigint[]) AS n (topic_id, partition, next_offset)
-    WHERE p.topic_id = n.topic_id AND p.partition = n.partition
+    UPDATE bus_partitions b SET next_offset = b.next_offset + c.n
+    FROM counts c WHERE b.topic_id = c.t AND b.partition = c.p
+    RETURNING b.topic_id, b.partition, b.next_offset - c.n AS first
+), appended AS (
+    INSERT INTO bus_records (topic_id, partition, "offset", key, value)
+    SELECT r.t, r.p, a.first + row_number() OVER (PARTITION BY r.t, r.p ORDER BY r.i) - 1,
+           r.key, r.value
+    FROM unnest($1::int[], $2::int[], $3::bytea[], $4::bytea[])
+         WITH ORDINALITY AS r (t, p, key, value, i)
+    JOIN advanced a ON a.topic_id = r.t AND a.partition = r.p
+    RETURNING 1
 )
-SELECT pg_notify($9, t::text) FROM (SELECT DISTINCT unnest($6::int[]) AS t) topics
+SELECT (SELECT count(*) FROM appended),
+       (SELECT count(pg_notify($5, t::text)) FROM (SELECT DISTINCT t FROM counts) topics)
 """
 # Per partition: its end and the lowest offset a reading group has committed.
 _POSITIONS = """
@@ -211,20 +215,21 @@ class PostgresBus:
                 pool.terminate()
 
     @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[Any]:
-        """A pooled connection in a transaction, within the publish timeout; Postgres
-        failures become :class:`BusUnavailable`."""
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection, within the publish timeout; Postgres failures become
+        :class:`BusUnavailable`."""
         if self._pool is None:
             raise BusUnavailable("the bus is not started")
         try:
-            async with (
-                asyncio.timeout(self._timeout),
-                self._pool.acquire() as conn,
-                conn.transaction(),
-            ):
+            async with asyncio.timeout(self._timeout), self._pool.acquire() as conn:
                 yield conn
         except _FAILURES as exc:
-            raise BusUnavailable(f"Postgres did not commit: {exc!r}") from exc
+            raise BusUnavailable(f"Postgres did not answer: {exc!r}") from exc
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[Any]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
 
     async def ping(self) -> None:
         async with self._transaction() as conn:
@@ -306,29 +311,25 @@ class PostgresBus:
                         done.set_result(None)
 
     async def _append(self, placed: Sequence[tuple[int, int, Record]]) -> None:
-        """One transaction: lock the partitions' counters, insert, move the counters."""
-        written = sorted(Counter((t, p) for t, p, _ in placed).items())
-        async with self._transaction() as conn:
-            rows = await conn.fetch(
-                _LOCK_PARTITIONS, [t for (t, _), _ in written], [p for (_, p), _ in written]
-            )
-            next_offset = {(row["topic_id"], row["partition"]): row["next_offset"] for row in rows}
-            offsets = []
-            for t, p, _ in placed:
-                offsets.append(next_offset[t, p])
-                next_offset[t, p] += 1
-            await conn.execute(
-                _APPEND,
-                [t for t, _, _ in placed],
-                [p for _, p, _ in placed],
-                offsets,
-                [r.key for _, _, r in placed],
-                [r.value for _, _, r in placed],
-                [t for (t, _), _ in written],
-                [p for (_, p), _ in written],
-                [next_offset[tp] for tp, _ in written],
-                _CHANNEL,
-            )
+        """Write ``placed`` in one statement; a deadlock with another process's write
+        (their UPDATEs met the same partitions in another order) is retried."""
+        for attempt in itertools.count(1):
+            try:
+                async with self._connection() as conn:
+                    appended = await conn.fetchval(
+                        _APPEND,
+                        [t for t, _, _ in placed],
+                        [p for _, p, _ in placed],
+                        [r.key for _, _, r in placed],
+                        [r.value for _, _, r in placed],
+                        _CHANNEL,
+                    )
+                if appended != len(placed):  # a partition without its counter row
+                    raise RuntimeError(f"appended {appended} of {len(placed)} records")
+                return
+            except asyncpg.exceptions.DeadlockDetectedError:
+                if attempt == 3:
+                    raise
 
     # -- housekeeping ---------------------------------------------------------------------
 
