@@ -44,6 +44,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -101,15 +102,21 @@ def stop_up(setup: Setup) -> None:
     setup.proc = None
 
 
-def stored(dsn: str) -> int:
-    async def count() -> int:
+def query(dsn: str, sql: str) -> Any:
+    """One value from the database of ``dsn``."""
+
+    async def run() -> Any:
         conn = await asyncpg.connect(dsn)
         try:
-            return int(await conn.fetchval("SELECT count(*) FROM events"))
+            return await conn.fetchval(sql)
         finally:
             await conn.close()
 
-    return asyncio.run(count())
+    return asyncio.run(run())
+
+
+def stored(dsn: str) -> int:
+    return int(query(dsn, "SELECT count(*) FROM events"))
 
 
 def end_to_end(setup: Setup, opts: argparse.Namespace) -> list[float]:
@@ -183,10 +190,10 @@ def memory(opts: argparse.Namespace, log: Path) -> dict[str, float]:
                 time.sleep(0.2)
                 if not load.is_alive():
                     sys.exit("the load process died (its error is above)")
-            out[f"rss_{label}"] = up.memory_info().rss / 2**20
             out[f"events_{label}"] = counters[0]
+            out[f"rss_{label}"] = up.memory_info().rss / 2**20
             out[f"table_{label}"] = bus_table_mb(setup.dsn)
-            print(f"  after {counters[0]:,} events: RSS {out[f'rss_{label}']:.0f} MB", flush=True)
+            print(f"  after {out[f'events_{label}']:,.0f} events: RSS {out[f'rss_{label}']:.0f} MB")
         stop.set()
         load.join(30)
         accepted, t0 = counters[0], time.monotonic()
@@ -204,14 +211,7 @@ def memory(opts: argparse.Namespace, log: Path) -> dict[str, float]:
 
 
 def bus_table_mb(dsn: str) -> float:
-    async def size() -> float:
-        conn = await asyncpg.connect(dsn)
-        try:
-            return float(await conn.fetchval("SELECT pg_total_relation_size('bus_records')"))
-        finally:
-            await conn.close()
-
-    return asyncio.run(size()) / 2**20
+    return float(query(dsn, "SELECT pg_total_relation_size('bus_records')")) / 2**20
 
 
 def stop_embedded(data: Path) -> None:
@@ -231,7 +231,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds before the first window")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight")
-    ap.add_argument("--setups", nargs="+", default=["embedded", "kafka"])
+    ap.add_argument("--setups", nargs="*", default=["embedded", "kafka"], help="none: memory only")
     ap.add_argument("--rss-events", type=int, default=100_000, help="0: no memory figure")
     ap.add_argument("--drain-s", type=float, default=300, help="wait for the pipeline to store")
     ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))

@@ -62,7 +62,8 @@ _FAILURES = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
 )
-_CHANNEL = "cdp_bus"  # NOTIFY payload: the topic id
+_CHANNEL = "cdp_bus"
+_VACUUM_AFTER = 20_000  # deleted records  # NOTIFY payload: the topic id
 # Advisory-lock keys (the two-int4 form, apart from the bigint keys other code uses):
 # (2 * group id, slot) for membership, (2 * group id + 1, topic id * _MAX_PARTITIONS +
 # partition) for partition ownership.
@@ -179,6 +180,7 @@ class PostgresBus:
         self._pending: list[tuple[list[tuple[int, int, Record]], asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
         self._backlog: dict[int, int] = {}  # topic id -> records some group has not committed
+        self._deleted = 0  # records deleted since the last VACUUM
         # (when, next offset per partition) now and then: what is older than retention_s.
         self._marks: deque[tuple[float, dict[tuple[int, int], int]]] = deque()
 
@@ -361,7 +363,15 @@ class PostgresBus:
                 _DROP_BELOW, [t for t, _ in upto], [p for _, p in upto], list(upto.values())
             )
         self._backlog = dict(backlog)
-        return int(status.split()[-1])
+        deleted = int(status.split()[-1])
+        self._deleted += deleted
+        if self._deleted >= _VACUUM_AFTER:
+            # Make the space of the deleted rows reusable now: autovacuum looks only every
+            # minute, and meanwhile the table would grow by a minute of traffic.
+            self._deleted = 0
+            async with self._connection() as conn:
+                await conn.execute("VACUUM bus_records")
+        return deleted
 
     def _retained_from(
         self, now: float, ends: dict[tuple[int, int], int]
