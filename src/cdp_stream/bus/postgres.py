@@ -30,9 +30,9 @@ already runs (the embedded one by default). It keeps the contract of
   round, so it may be passed by what arrives within one round.
 
 Consumers are woken by ``NOTIFY`` at every publish, with a short poll as a safety net.
-Not promised: Kafka's rates (see ``benchmarks/embedded.py``) or consumers on another
-machine than Postgres can keep connections to. A record is kept at least ``retention_s``
-after it was appended, counted from this process's start for older ones.
+A record is kept at least ``retention_s`` after it was appended (for records older than
+this process, counted from its start). Not promised: Kafka's rates (see
+``benchmarks/embedded.py`` for when to move to Kafka).
 """
 
 from __future__ import annotations
