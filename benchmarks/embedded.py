@@ -18,6 +18,8 @@ Figures, each the median of ``--repeats`` windows of ``--seconds`` (the machine 
    the intake, while the backlog the intake left is worked off;
 3. raw ceilings in the same run: ``COPY`` of the very records into a table shaped as
    ``bus_records`` on the embedded server, and the raw aiokafka producer (``collect.py``);
+   CPU (100% = one core) of ``cdp-stream up``, its Postgres (the embedded server, or this
+   run's backends on the shared one), the broker and the machine says what bounds them;
 4. memory (embedded only, a fresh data directory, ``CDP_BUS_RETENTION_S=0``): RSS of the
    ``cdp-stream up`` process after ``--rss-events`` / 10 and after ``--rss-events`` events
    acknowledged by ``/v1/batch``, and once the pipeline has stored them (or ``--drain-s``
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,8 +52,17 @@ from typing import Any
 import asyncpg
 import httpx
 import psutil
-from collect import cleanup, database, enriched_records, free_port, run_load, worker
-from resolve import drop_namespace
+from collect import (
+    broker_processes,
+    cleanup,
+    database,
+    enriched_records,
+    free_port,
+    run_load,
+    worker,
+)
+from resolve import drop_namespace, listener
+from sqlalchemy.engine import make_url
 
 KEY = "wk_embedded_bench"
 
@@ -156,13 +168,47 @@ def raw_copy(dsn: str, opts: argparse.Namespace) -> list[float]:
     return rates
 
 
+class Backends:
+    """The Postgres processes under ``root`` (only those of database ``db``, if given),
+    listed anew at every CPU sample: pools open connections as the load grows."""
+
+    def __init__(self, root: psutil.Process | None, db: str | None = None) -> None:
+        self.root, self.db = root, db
+
+    def __iter__(self) -> Iterator[psutil.Process]:
+        try:
+            children = self.root.children() if self.root else []
+        except psutil.Error:
+            children = []
+        if self.db is None:
+            return iter([self.root, *children] if self.root else [])
+        return iter([p for p in children if self._serves_db(p)])
+
+    def _serves_db(self, backend: psutil.Process) -> bool:
+        try:  # a backend's title: "postgres: user database host(port) state"
+            return f" {self.db} " in " ".join(backend.cmdline())
+        except psutil.Error:
+            return False
+
+
+def services(setup: Setup, opts: argparse.Namespace) -> dict[str, Any]:
+    """What else works for the setup, to sample its CPU: the embedded server, or the broker
+    and this run's backends on the shared Postgres server."""
+    if "CDP_DATA_DIR" in setup.env:
+        root = psutil.Process(postmaster(Path(setup.env["CDP_DATA_DIR"]) / "pgdata")[0])
+        return {"postgres": Backends(root)}
+    server = listener(make_url(opts.database_url).port or 5432)
+    db = make_url(setup.env["CDP_DATABASE_URL"]).database
+    return {"broker": broker_processes(opts.bootstrap), "postgres": Backends(server, db)}
+
+
 def intake_and_end_to_end(setup: Setup, opts: argparse.Namespace, log: Path) -> None:
     start_up(setup, log)
     assert setup.proc is not None
     print(f"{setup.name}: cdp-stream up on port {setup.port}, log {log}", flush=True)
     if setup.name == "embedded":  # before the load: the pipeline is idle
         setup.figures["raw"] = raw_copy(setup.dsn, opts)
-    opts.watch = {"up": [psutil.Process(setup.proc.pid)]}
+    opts.watch = {"up": [psutil.Process(setup.proc.pid)], **services(setup, opts)}
     for endpoint in ("batch", "track"):
         args = ([setup.port], endpoint, opts.concurrency, KEY)
         result = run_load(f"{setup.name} /v1/{endpoint}", "http", args, opts)
