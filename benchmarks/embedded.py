@@ -6,7 +6,9 @@ For each setup, ``cdp-stream up`` runs as a subprocess, as a user runs it:
 * ``embedded``: no settings at all: the embedded Postgres wheel in a fresh data directory
   and the Postgres bus on it;
 * ``kafka``: ``CDP_KAFKA_BOOTSTRAP`` and ``CDP_DATABASE_URL`` (a database of its own on the
-  Postgres server, topics in a namespace of their own).
+  Postgres server, topics in a namespace of their own);
+* ``collector`` (on request): ``cdp-stream collector`` on the embedded default, the intake
+  without the resolver and activation that share ``up``'s process.
 
 Figures, each the median of ``--repeats`` windows of ``--seconds`` (the machine is noisy):
 
@@ -26,7 +28,7 @@ Figures, each the median of ``--repeats`` windows of ``--seconds`` (the machine 
    passed); the bus table's size beside it.
 
     .venv/bin/python benchmarks/embedded.py [--seconds 8] [--repeats 3]
-        [--setups embedded kafka] [--rss-events 100000]
+        [--setups embedded kafka collector] [--rss-events 100000]
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ class Setup:
 
     name: str
     env: dict[str, str]
+    role: str = "up"  # or "collector": the intake alone, without the consumers beside it
     dsn: str = ""  # asyncpg DSN of its database, known once it runs
     proc: subprocess.Popen[bytes] | None = None
     port: int = 0
@@ -89,7 +92,7 @@ def start_up(setup: Setup, log: Path) -> None:
     setup.port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")} | setup.env
     env |= {"CDP_BOOTSTRAP_WRITE_KEY": KEY, "CDP_HTTP_PORT": str(setup.port)}
-    command = [Path(sys.executable).with_name("cdp-stream"), "up"]
+    command = [Path(sys.executable).with_name("cdp-stream"), setup.role]
     with log.open("ab") as out:
         setup.proc = subprocess.Popen(
             command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
@@ -205,7 +208,7 @@ def services(setup: Setup, opts: argparse.Namespace) -> dict[str, Any]:
 def intake_and_end_to_end(setup: Setup, opts: argparse.Namespace, log: Path) -> None:
     start_up(setup, log)
     assert setup.proc is not None
-    print(f"{setup.name}: cdp-stream up on port {setup.port}, log {log}", flush=True)
+    print(f"{setup.name}: cdp-stream {setup.role} on port {setup.port}, log {log}", flush=True)
     if setup.name == "embedded":  # before the load: the pipeline is idle
         setup.figures["raw"] = raw_copy(setup.dsn, opts)
     opts.watch = {"up": [psutil.Process(setup.proc.pid)], **services(setup, opts)}
@@ -213,7 +216,7 @@ def intake_and_end_to_end(setup: Setup, opts: argparse.Namespace, log: Path) -> 
         args = ([setup.port], endpoint, opts.concurrency, KEY)
         result = run_load(f"{setup.name} /v1/{endpoint}", "http", args, opts)
         setup.figures[f"/v1/{endpoint}"] = result["rates"]
-    setup.figures["end-to-end"] = end_to_end(setup, opts)
+    setup.figures["end-to-end"] = end_to_end(setup, opts) if setup.role == "up" else []
     stop_up(setup)
 
 
@@ -277,7 +280,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds before the first window")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=32, help="HTTP requests in flight")
-    ap.add_argument("--setups", nargs="*", default=["embedded", "kafka"], help="none: memory only")
+    ap.add_argument(
+        "--setups",
+        nargs="*",
+        default=["embedded", "kafka"],
+        help="and collector; none: memory only",
+    )
     ap.add_argument("--rss-events", type=int, default=100_000, help="0: no memory figure")
     ap.add_argument("--drain-s", type=float, default=300, help="wait for the pipeline to store")
     ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
@@ -293,6 +301,7 @@ def main() -> None:
     kafka_url = opts.database_url.rsplit("/", 1)[0] + f"/{db}"
     setups = {
         "embedded": Setup("embedded", {"CDP_DATA_DIR": str(data)}),
+        "collector": Setup("collector", {"CDP_DATA_DIR": str(data)}, role="collector"),
         "kafka": Setup(
             "kafka",
             {"CDP_KAFKA_BOOTSTRAP": opts.bootstrap, "CDP_DATABASE_URL": kafka_url}
