@@ -30,7 +30,7 @@ $(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json
 	npm ci --prefix $(BROWSER_DIR) --no-audit --no-fund
 	touch $@
 
-## run: the whole pipeline in one process on the embedded default (memory bus, embedded Postgres)
+## run: the whole pipeline in one process on the embedded default (embedded Postgres, the bus on it)
 run: install
 	$(BIN)/cdp-stream up
 
@@ -72,6 +72,8 @@ bench: install services
 	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} $(BIN)/python benchmarks/collect.py
 	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
 		$(BIN)/python benchmarks/resolve.py
+	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
+		$(BIN)/python benchmarks/embedded.py
 
 clean:
 	rm -rf $(VENV) .cdp .pytest_cache .mypy_cache .ruff_cache

@@ -54,7 +54,8 @@ class Runtime:
         """Connect, waiting up to ``startup_timeout_s`` for Postgres and Kafka to answer
         (services often start together); :class:`StartupFailed` says which did not."""
         deadline = asyncio.get_running_loop().time() + settings.startup_timeout_s
-        engine = make_engine(await resolve_database_url(settings), role)
+        database_url = await resolve_database_url(settings)
+        engine = make_engine(database_url, role)
 
         async def prepare_database() -> NewCredentials:
             if migrate:
@@ -67,11 +68,13 @@ class Runtime:
                     settings.bootstrap_allowed_origins,
                 )
 
-        bus = make_bus(settings, client_id=f"cdp-stream-{role}")
+        bus = make_bus(settings, f"cdp-stream-{role}", database_url)
         try:
             where = engine.url.render_as_string(hide_password=True)
             creds = await _when_reachable(f"Postgres at {where}", deadline, prepare_database)
-            await _when_reachable("Kafka", deadline, bus.start)  # its errors name the address
+            # Kafka's errors name its address; the Postgres bus is on the database above.
+            what = "Kafka" if settings.kafka_bootstrap else "the Postgres bus"
+            await _when_reachable(what, deadline, bus.start)
             await bus.ensure_topics(settings.topics.all(settings.topic_partitions))
         except BaseException:
             await bus.stop()

@@ -50,11 +50,15 @@ def _describe(runtime: Runtime, parts: Collection[str], workers: Collection[str]
     say = typer.echo
     stages = [*parts, *workers]
     say(f"cdp-stream {runtime.role}: {', '.join(stages)}")
-    if s.memory_bus:
+    if s.postgres_bus:
         say(
-            "  bus: in-process memory bus (embedded default). Events are acknowledged once "
-            "they are in this process's memory: a crash loses events not yet stored in "
-            "Postgres. Set CDP_KAFKA_BOOTSTRAP for a durable, scaled-out bus."
+            "  bus: a log on the Postgres database below (the default without Kafka). An "
+            "event is acknowledged once it is committed to disk: a crash, even kill -9, "
+            "loses none that was acknowledged, and a redelivered one is stored once. "
+            f"Records are kept {s.bus_retention_s:g} s after every consumer has them; past "
+            f"{s.bus_max_backlog:,} records waiting for a consumer the collector answers "
+            "503 with Retry-After (clients retry). For more events/s than one box and "
+            "Postgres take, set CDP_KAFKA_BOOTSTRAP (README: when to move to Kafka)."
         )
     else:
         say(f"  bus: Kafka at {s.kafka_bootstrap}")

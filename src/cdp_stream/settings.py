@@ -25,7 +25,8 @@ class Settings(BaseSettings):
         description="postgresql+asyncpg://... ; unset: embedded Postgres in data_dir",
     )
     kafka_bootstrap: str | None = Field(
-        default=None, description="host:port[,host:port]; unset: the in-process memory bus"
+        default=None,
+        description="host:port[,host:port]; unset: the Postgres bus, on the database",
     )
     kafka_producer: Literal["aiokafka", "confluent"] = Field(
         default="aiokafka",
@@ -34,6 +35,19 @@ class Settings(BaseSettings):
     )
     kafka_session_timeout_ms: int = Field(
         default=30_000, ge=1000, description="how soon the group notices a dead consumer"
+    )
+    # The Postgres bus (cdp_stream.bus.postgres), used when kafka_bootstrap is unset.
+    bus_max_backlog: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="records of a topic some consumer group has not committed yet, past "
+        "which publishing fails (the collector answers 503 with Retry-After)",
+    )
+    bus_retention_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="how long records stay in the log after every group committed past "
+        "them (to rebuild from); a topic no group reads keeps them this long",
     )
     data_dir: Path = Path(".cdp")
     http_host: str = "127.0.0.1"
@@ -127,5 +141,5 @@ class Settings(BaseSettings):
         return self.database_url is None
 
     @property
-    def memory_bus(self) -> bool:
+    def postgres_bus(self) -> bool:
         return self.kafka_bootstrap is None
