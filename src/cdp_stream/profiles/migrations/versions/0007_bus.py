@@ -5,7 +5,7 @@ and their committed offsets. ``cdp-stream up`` without Kafka publishes here, so 
 is acknowledged only once its row is committed.
 
 Revision ID: 0007
-Revises: 0005
+Revises: 0006
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0007"
-down_revision = "0005"
+down_revision = "0006"
 branch_labels = None
 depends_on = None
 
