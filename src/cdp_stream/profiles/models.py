@@ -280,3 +280,15 @@ suppressed_identifiers = Table(
     Column("digest", Text, primary_key=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
 )
+
+# Records a consumer could never apply, parked on the dead-letter topic (where the record
+# itself is kept): one row each, so /metrics counts them across every process.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("consumer", Text, nullable=False),
+    Column("origin", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)

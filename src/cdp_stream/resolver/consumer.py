@@ -20,10 +20,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Message, Record, next_offsets, rejoin
 from cdp_stream.events import Event
+from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import Stopping, retrying
 from cdp_stream.resolver.batch import BatchResult, apply_batch
@@ -49,30 +50,51 @@ async def apply_with_retry(
     return await retrying(engine, lambda conn: apply_batch(conn, events, rules), stop)
 
 
-async def relay_outbox(engine: AsyncEngine, bus: Bus, topic: str, limit: int = 5000) -> int:
+async def relay_outbox(
+    engine: AsyncEngine,
+    bus: Bus,
+    topic: str,
+    dead: DeadLetters | None = None,
+    limit: int = 5000,
+) -> int:
     """Publish pending profile updates, oldest first, and delete them once acknowledged.
 
     Rows are taken with ``SKIP LOCKED``, so resolvers relay side by side; a failure before
     the delete commits leaves the rows for the next relay (at-least-once: a consumer of
-    ``cdp.profile-updates`` dedupes by profile and messageId).
+    ``cdp.profile-updates`` dedupes by profile and messageId). With ``dead``, an update
+    Kafka refuses for its size is parked there instead of blocking the outbox.
     """
     relayed = 0
-    while True:
-        async with engine.begin() as conn:
-            rows = await repo.take_outbox(conn, limit)
-            if not rows:
-                return relayed
-            await bus.publish_many([Record(topic, key.encode(), value) for key, value in rows])
-        relayed += len(rows)
+
+    async def publish(rows: Sequence[tuple[str, bytes]]) -> None:
+        await bus.publish_many([Record(topic, key.encode(), value) for key, value in rows])
+
+    async def park(row: tuple[str, bytes], exc: Exception) -> None:
+        if dead is None:
+            raise exc
+        await dead.park("profile_update_outbox", row[0].encode(), row[1], exc)
+
+    async def step(conn: AsyncConnection) -> int:
+        rows = await repo.take_outbox(conn, limit)
+        await apply_isolating(rows, publish, park)
+        return len(rows)
+
+    while n := await retrying(engine, step, dead.stop if dead else None):
+        relayed += n
+    return relayed
 
 
-async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
+async def _decode(
+    bus: Bus, rejected: str, messages: Sequence[Message]
+) -> list[tuple[Message, dict[str, Any]]]:
+    """The events of the batch, each with its record; what is not an event is parked on
+    the rejected topic."""
+    events: list[tuple[Message, dict[str, Any]]] = []
     for m in messages:
         try:
             value = orjson.loads(m.value)
             Event.model_validate(value)
-            events.append(value)
+            events.append((m, value))
         except ValueError as exc:  # orjson's and pydantic's errors are ValueErrors
             reason = f"not an event at {m.topic}[{m.partition}]@{m.offset}: {exc}"
             record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
@@ -80,43 +102,52 @@ async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[
     return events
 
 
+def _set_aside(rejected: str, result: BatchResult) -> list[Record]:
+    """The rejected-topic records for the events a batch stored nowhere."""
+    return [
+        Record(rejected, None, orjson.dumps({"reason": _UNIDENTIFIED, "event": e}))
+        for e in result.unidentified
+    ] + [  # only where it came from: it names a person who asked to be erased
+        Record(rejected, None, orjson.dumps({"reason": "suppressed", **_origin(e)}))
+        for e in result.suppressed
+    ]
+
+
 async def run_resolver(
     bus: Bus, engine: AsyncEngine, settings: Settings, stop: asyncio.Event
 ) -> None:
+    """poll a batch -> one transaction (a poison event bisected out and dead-lettered) ->
+    the events set aside to the rejected topic -> relay the outbox -> commit offsets."""
     names, rules = settings.topics, IdentityRules.from_settings(settings)
+    dead = DeadLetters(bus, engine, names.dead_letters, "resolver", stop)
     consumer = bus.consumer(names.resolver_group, [names.events])
     await consumer.start()
+
+    async def apply(batch: Sequence[tuple[Message, dict[str, Any]]]) -> None:
+        result = await apply_with_retry(engine, [e for _, e in batch], rules, stop)
+        await bus.publish_many(_set_aside(names.rejected, result))
+        log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
+
+    async def park(item: tuple[Message, dict[str, Any]], exc: Exception) -> None:
+        await dead.park_message(item[0], exc)
+
+    relay_due = True  # what a crash, or a relay that failed, left in the outbox
     try:
-        await relay_outbox(engine, bus, names.profile_updates)  # what a crash left behind
         while not stop.is_set():
             try:
+                if relay_due:
+                    await relay_outbox(engine, bus, names.profile_updates, dead)
+                    relay_due = False
                 messages = await consumer.getmany(
                     settings.resolver_batch_size, settings.resolver_poll_timeout_ms
                 )
                 if not messages:
                     continue
                 events = await _decode(bus, names.rejected, messages)
-                result = await apply_with_retry(engine, events, rules, stop)
-                await bus.publish_many(
-                    [
-                        Record(
-                            names.rejected,
-                            None,
-                            orjson.dumps({"reason": _UNIDENTIFIED, "event": e}),
-                        )
-                        for e in result.unidentified
-                    ]
-                    + [  # only where it came from: it names a person who asked to be erased
-                        Record(
-                            names.rejected,
-                            None,
-                            orjson.dumps({"reason": "suppressed", **_origin(e)}),
-                        )
-                        for e in result.suppressed
-                    ]
-                )
-                await relay_outbox(engine, bus, names.profile_updates)
-                log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
+                await apply_isolating(events, apply, park)
+                relay_due = True
+                await relay_outbox(engine, bus, names.profile_updates, dead)
+                relay_due = False
                 await consumer.commit(next_offsets(messages))
             except BusUnavailable as exc:
                 log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
