@@ -7,6 +7,7 @@ activation  one activation consumer: CRM feed, audiences, DMP counts
 api         the profile API only
 migrate     bring the Postgres schema to the newest migration
 crm-redrive send dead CRM webhook deliveries again
+suppression-rekey  seal the suppression list with the current key (after a rotation)
 schemas     write (or --check) the JSON Schemas in schemas/ from the event models
 """
 
@@ -27,8 +28,9 @@ import uvloop
 from cdp_stream.activation import webhook
 from cdp_stream.activation.consumer import run_activation
 from cdp_stream.app import Runtime, StartupFailed, create_app
-from cdp_stream.profiles.db import make_engine, resolve_database_url
+from cdp_stream.profiles.db import make_engine, resolve_database_url, retrying
 from cdp_stream.profiles.migrate import upgrade_to_head
+from cdp_stream.profiles.suppression import SuppressionKeys, rekey, with_suppression_key
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.settings import Settings
 
@@ -101,7 +103,7 @@ async def _serve(
     for sig in signals:  # from the start: a stop during start-up still stops cleanly
         loop.add_signal_handler(sig, stop.set)
     try:
-        await _run_stages(settings, role, parts, loops, stop)
+        await _run_stages(with_suppression_key(settings), role, parts, loops, stop)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -198,6 +200,27 @@ def crm_redrive() -> None:
             await engine.dispose()
 
     typer.echo(f"{asyncio.run(run())} dead deliveries are pending again")
+
+
+@cli.command("suppression-rekey")
+def suppression_rekey() -> None:
+    """Seal the suppression list again with CDP_SUPPRESSION_KEY: rows of the keys in
+    CDP_SUPPRESSION_OLD_KEYS, and plain SHA-256 rows from before keys existed."""
+
+    async def run() -> int:
+        settings = with_suppression_key(_settings())
+        keys = SuppressionKeys.from_settings(settings)
+        if keys.current is None:
+            typer.echo("CDP_SUPPRESSION_KEY is unset: nothing to seal with", err=True)
+            raise typer.Exit(1)
+        engine = make_engine(await resolve_database_url(settings), "suppression-rekey")
+        try:
+            return await retrying(engine, lambda conn: rekey(conn, keys))
+        finally:
+            await engine.dispose()
+
+    n = asyncio.run(run())
+    typer.echo(f"{n} suppression rows sealed with the current key")
 
 
 @cli.command()

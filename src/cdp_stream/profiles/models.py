@@ -273,12 +273,14 @@ dmp_audience_counts = Table(
     ),
 )
 
-# Deleted people's identifiers, hashed: late events for them are refused, not resurrected.
+# Deleted people's identifiers, sealed (cdp_stream.profiles.suppression): late events for
+# them are refused, not resurrected. key_id: the key that sealed it (NULL: plain SHA-256).
 suppressed_identifiers = Table(
     "suppressed_identifiers",
     metadata,
     Column("digest", Text, primary_key=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("key_id", Text),
 )
 
 # Records a consumer could never apply, parked on the dead-letter topic (where the record

@@ -167,7 +167,9 @@ async def apply_batch(
     loaded = await repo.lock_profiles(conn, set(owner.values()))
     if owner != await repo.profiles_of(conn, sorted(owner)):  # now that the rows are ours
         raise StaleRead("identities moved (a merge or unmerge) while the batch was locking")
-    gone = await repo.suppressed(conn, sorted({i for ids in ids_by_event for i in ids}))
+    gone = await repo.suppressed(
+        conn, sorted({i for ids in ids_by_event for i in ids}), rules.suppression
+    )
     graph = _Graph(
         rules,
         owner,

@@ -27,6 +27,7 @@ from cdp_stream.events import Event
 from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import Stopping, retrying
+from cdp_stream.profiles.suppression import rekey
 from cdp_stream.resolver.batch import BatchResult, apply_batch
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
@@ -120,6 +121,12 @@ async def run_resolver(
     the events set aside to the rejected topic -> relay the outbox -> commit offsets."""
     names, rules = settings.topics, IdentityRules.from_settings(settings)
     dead = DeadLetters(bus, engine, names.dead_letters, "resolver", stop)
+    try:  # rows sealed by an old key, or by none (before keys existed): the current one
+        resealed = await retrying(engine, lambda conn: rekey(conn, rules.suppression), stop)
+    except Stopping:
+        return
+    if resealed:
+        log.info("sealed %d suppression rows with the current key", resealed)
     consumer = bus.consumer(names.resolver_group, [names.events])
     await consumer.start()
 

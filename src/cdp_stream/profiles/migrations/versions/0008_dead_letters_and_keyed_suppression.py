@@ -34,7 +34,9 @@ def upgrade() -> None:
             "created_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()
         ),
     )
+    op.add_column("suppressed_identifiers", sa.Column("key_id", sa.Text))
 
 
 def downgrade() -> None:
+    op.drop_column("suppressed_identifiers", "key_id")
     op.drop_table("dead_letters")
