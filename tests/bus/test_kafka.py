@@ -1,7 +1,8 @@
 """The Kafka bus when its broker dies under publish load (a broker of the test's own,
 killed with SIGKILL): every failed publish is a :class:`BusUnavailable`, publishing works
 again once the broker is back, and nothing is left behind in the event loop — no "Task
-exception was never retrieved", no error raised in an aiokafka callback."""
+exception was never retrieved", no error raised in an aiokafka callback. And a record
+too large for Kafka is :class:`RecordTooLarge`, not an outage."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from typing import Any
 
 import pytest
 
-from cdp_stream.bus.base import BusUnavailable, Record
+from cdp_stream.bus.base import BusUnavailable, Record, RecordTooLarge
+from cdp_stream.bus.confluent import ConfluentKafkaBus
 from cdp_stream.bus.kafka import KafkaBus
 from tests.support import eventually, kafka_pid, kafka_sh, uid
 
@@ -68,3 +70,20 @@ async def test_a_broker_killed_under_load_leaves_nothing_unretrieved(
     assert [str(c.get("exception") or c["message"]) for c in reported] == []
     raised = [r for r in caplog.records if r.name.startswith("aiokafka") and r.exc_info]
     assert raised == []
+
+
+@pytest.mark.parametrize("library", ["aiokafka", "confluent"])
+async def test_a_record_too_large_is_refused_as_such_and_the_bus_goes_on(
+    kafka_bootstrap: str, library: str
+) -> None:
+    """Not an outage: the caller can set that one record aside (cdp_stream.poison)."""
+    bus = KafkaBus(kafka_bootstrap) if library == "aiokafka" else ConfluentKafkaBus(kafka_bootstrap)
+    topic = f"test-large-{uid()}"
+    await bus.start()
+    try:
+        await bus.ensure_topics({topic: 1})
+        with pytest.raises(RecordTooLarge):
+            await bus.publish_many([Record(topic, b"k", b"x" * 2_000_000)])
+        await bus.publish_many([Record(topic, b"k", b"fits")])
+    finally:
+        await bus.stop()
