@@ -25,9 +25,10 @@ from cdp_stream.profiles.models import events as events_table
 from cdp_stream.resolver.consumer import apply_with_retry, relay_outbox, run_resolver
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
-from tests.support import eventually, uid
+from tests.support import eventually, stored_event, uid
 
 RULES = IdentityRules.from_settings(Settings())
+TS = "2026-01-01T00:00:00.000000Z"
 
 
 @pytest.fixture
@@ -46,17 +47,9 @@ async def runtime(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
 
 
 def event(message_id: str, user: str, **fields: Any) -> dict[str, Any]:
-    return {
-        "type": "identify",
-        "messageId": message_id,
-        "sourceId": "src_poison_test",
-        "userId": user,
-        "timestamp": "2026-01-01T00:00:00.000000Z",
-        "receivedAt": "2026-01-01T00:00:00.000000Z",
-        "channel": "other",
-        "context": {},
-        **fields,
-    }
+    """An event as the collector publishes it to cdp.events."""
+    fields = {"context": {}, "messageId": message_id, "userId": user, **fields}
+    return stored_event("src_poison_test", "identify", TS, channel="other", **fields)
 
 
 async def parked_count(runtime: Runtime, consumer: str) -> int:
