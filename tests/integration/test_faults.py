@@ -244,3 +244,7 @@ async def test_kill_9_each_stage_and_restart_kafka_and_postgres_under_load(
         stage.current.send_signal(signal.SIGTERM)
     for stage in stages.values():
         assert stage.current.wait(timeout=60) == 0, stage.output()[-3000:]
+    print(
+        f"faults: {len(ids)} events accepted from {USERS} people, "
+        f"{load.refused} requests retried by the clients, 0 lost, 0 stored twice"
+    )
