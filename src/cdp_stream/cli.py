@@ -7,15 +7,17 @@ activation  one activation consumer: CRM feed, audiences, DMP counts
 api         the profile API only
 migrate     bring the Postgres schema to the newest migration
 crm-redrive send dead CRM webhook deliveries again
+suppression-rekey  seal the suppression list with the current key (after a rotation)
 schemas     write (or --check) the JSON Schemas in schemas/ from the event models
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -26,13 +28,15 @@ import uvloop
 from cdp_stream.activation import webhook
 from cdp_stream.activation.consumer import run_activation
 from cdp_stream.app import Runtime, StartupFailed, create_app
-from cdp_stream.profiles.db import make_engine, resolve_database_url
+from cdp_stream.profiles.db import make_engine, resolve_database_url, retrying
 from cdp_stream.profiles.migrate import upgrade_to_head
+from cdp_stream.profiles.suppression import SuppressionKeys, rekey, with_suppression_key
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.settings import Settings
 
 Port = Annotated[int | None, typer.Option(help="HTTP port (default: CDP_HTTP_PORT)")]
 
+log = logging.getLogger(__name__)
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
@@ -74,8 +78,47 @@ def _describe(runtime: Runtime, parts: Collection[str], workers: Collection[str]
         say(f"  created API token (all scopes, shown once): {runtime.credentials.api_token}")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: ``_serve`` owns SIGINT/SIGTERM for every
+    part of the process. (uvicorn's re-raises a captured SIGTERM after shutting down, and
+    the default SIGTERM action kills the process before ``atexit`` stops embedded Postgres.)"""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def _serve(
     settings: Settings, role: str, parts: Collection[str], loops: Collection[str] = ()
+) -> None:
+    """Run the parts and consumer loops until SIGINT/SIGTERM, then stop them all.
+
+    No stage may end on its own: a consumer loop or the HTTP server that ends before the
+    stop signal (an exception, a ``CancelledError`` escaping a client library, or a plain
+    return) is logged and the process exits 1, so its supervisor (systemd, Kubernetes,
+    Docker's restart policy) starts a fresh one. A fresh process is chosen over restarting
+    the task in place because the failure may have left shared state (the producer, the
+    pool, a half-left consumer group) in an unknown shape; a new process rebuilds all of
+    it, and the work is at-least-once and idempotent, so nothing is lost or doubled.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:  # from the start: a stop during start-up still stops cleanly
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await _run_stages(with_suppression_key(settings), role, parts, loops, stop)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def _run_stages(
+    settings: Settings,
+    role: str,
+    parts: Collection[str],
+    loops: Collection[str],
+    stop: asyncio.Event,
 ) -> None:
     try:
         runtime = await Runtime.start(settings, role)
@@ -83,39 +126,40 @@ async def _serve(
         typer.echo(f"cdp-stream {role}: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
     _describe(runtime, parts, loops)
-    stop = asyncio.Event()
-    workers = [
-        asyncio.create_task(_WORKERS[name](runtime.bus, runtime.engine, settings, stop))
+    stages = {
+        asyncio.create_task(_WORKERS[name](runtime.bus, runtime.engine, settings, stop)): name
         for name in loops
-    ]
+    }
+    server = None
+    if parts:
+        config = uvicorn.Config(
+            create_app(runtime, parts),
+            host=settings.http_host,
+            port=settings.http_port,
+            lifespan="off",
+            log_level="info",
+            access_log=False,
+        )
+        server = _Server(config)
+        stages[asyncio.create_task(server.serve())] = "http"
+    stopping = asyncio.create_task(stop.wait())
     try:
-        if parts:
-            config = uvicorn.Config(
-                create_app(runtime, parts),
-                host=settings.http_host,
-                port=settings.http_port,
-                lifespan="off",
-                log_level="info",
-                access_log=False,
-            )
-            server = uvicorn.Server(config)
-            for w in workers:  # a consumer that dies takes the process down, never silently
-                w.add_done_callback(lambda _: setattr(server, "should_exit", True))
-            await server.serve()  # returns on SIGINT/SIGTERM
-        else:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await asyncio.wait(
-                [asyncio.create_task(stop.wait()), *workers], return_when=asyncio.FIRST_COMPLETED
-            )
+        await asyncio.wait([stopping, *stages], return_when=asyncio.FIRST_COMPLETED)
+        ended = {t for t in stages if t.done()}  # before any stop signal: on their own
     finally:
         stop.set()
-        await asyncio.gather(*workers, return_exceptions=True)
-        for w in workers:
-            if w.done() and not w.cancelled() and w.exception():
-                raise w.exception()  # type: ignore[misc]
+        if server is not None:
+            server.should_exit = True
+        await asyncio.gather(*stages, return_exceptions=True)
+        stopping.cancel()
         await runtime.stop()
+    failed = [t for t in stages if t in ended or t.cancelled() or t.exception() is not None]
+    for task in failed:
+        how = "was cancelled" if task.cancelled() else "failed" if task.exception() else "returned"
+        error = None if task.cancelled() else task.exception()
+        log.error("cdp-stream %s: %s %s on its own", role, stages[task], how, exc_info=error)
+    if failed:
+        raise typer.Exit(1)
 
 
 @cli.command()
@@ -160,6 +204,27 @@ def crm_redrive() -> None:
             await engine.dispose()
 
     typer.echo(f"{asyncio.run(run())} dead deliveries are pending again")
+
+
+@cli.command("suppression-rekey")
+def suppression_rekey() -> None:
+    """Seal the suppression list again with CDP_SUPPRESSION_KEY: rows of the keys in
+    CDP_SUPPRESSION_OLD_KEYS, and plain SHA-256 rows from before keys existed."""
+
+    async def run() -> int:
+        settings = with_suppression_key(_settings())
+        keys = SuppressionKeys.from_settings(settings)
+        if keys.current is None:
+            typer.echo("CDP_SUPPRESSION_KEY is unset: nothing to seal with", err=True)
+            raise typer.Exit(1)
+        engine = make_engine(await resolve_database_url(settings), "suppression-rekey")
+        try:
+            return await retrying(engine, lambda conn: rekey(conn, keys))
+        finally:
+            await engine.dispose()
+
+    n = asyncio.run(run())
+    typer.echo(f"{n} suppression rows sealed with the current key")
 
 
 @cli.command()

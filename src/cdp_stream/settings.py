@@ -125,6 +125,17 @@ class Settings(BaseSettings):
     dmp_dimensions: list[str] = ["country", "device_type", "first_touch_channel"]
     dmp_windows: list[str] = ["hour", "day"]
     dmp_interval_s: float = Field(default=60.0, gt=0, description="how often counts are computed")
+    suppression_key: SecretStr | None = Field(
+        default=None,
+        description="seals deleted people's identifiers in the suppression list (see "
+        "cdp_stream.profiles.suppression); the same on every process; unset: generated "
+        "in data_dir for the embedded default, plain SHA-256 (warned) otherwise",
+    )
+    suppression_old_keys: list[SecretStr] = Field(
+        default=[],
+        description="keys being rotated out: still matched, re-sealed by "
+        "`cdp-stream suppression-rekey`, then removed",
+    )
     startup_timeout_s: float = Field(
         default=60.0, ge=0, description="how long a starting process waits for Kafka/Postgres"
     )

@@ -450,16 +450,19 @@ async def stop_backfills() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def resume_backfills(engine: AsyncEngine) -> int:
+async def resume_backfills(engine: AsyncEngine, stop: asyncio.Event | None = None) -> int:
     """Start again the back-fills a stop interrupted (status pending / running): they are
     idempotent, so starting over is safe. Returns how many were started."""
-    async with engine.connect() as conn:
+
+    async def interrupted(conn: AsyncConnection) -> list[uuid.UUID]:
         rows = await conn.execute(
             select(audiences.c.id).where(
                 audiences.c.backfill["status"].astext.in_(["pending", "running"])
             )
         )
-        ids = list(rows.scalars())
+        return list(rows.scalars())
+
+    ids = await retrying(engine, interrupted, stop)
     for audience_id in ids:
         start_backfill(engine, audience_id)
     return len(ids)

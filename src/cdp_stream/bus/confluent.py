@@ -26,10 +26,15 @@ from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 
-from cdp_stream.bus.base import BusUnavailable, Record
+from cdp_stream.bus.base import BusUnavailable, Record, RecordTooLarge
 from cdp_stream.bus.kafka import KafkaBus
 
 log = logging.getLogger(__name__)
+
+
+def _too_large(error: Any) -> bool:
+    """A record over the producer's or the broker's size limit: not an outage."""
+    return bool(error.code() == KafkaError.MSG_SIZE_TOO_LARGE)
 
 
 class _Acks:
@@ -159,9 +164,13 @@ class ConfluentKafkaBus(KafkaBus):
             async with asyncio.timeout_at(deadline):
                 await acks.future
         except (TimeoutError, KafkaException) as exc:
+            if isinstance(exc, KafkaException) and _too_large(exc.args[0]):
+                raise RecordTooLarge(f"Kafka refused a record for its size: {exc!r}") from exc
             self._fail(rd)
             raise BusUnavailable(f"Kafka did not acknowledge: {exc!r}") from exc
         if acks.error is not None:
+            if _too_large(acks.error):
+                raise RecordTooLarge(f"Kafka refused a record for its size: {acks.error.str()}")
             self._fail(rd)
             raise BusUnavailable(f"Kafka did not acknowledge: {acks.error.str()}")
 

@@ -244,7 +244,13 @@ def _event_time(
         return received_at, False
     when = _utc(client)
     if sent_at is not None:
-        when = received_at - (_utc(sent_at) - when)
+        try:
+            when = received_at - (_utc(sent_at) - when)
+        except OverflowError:  # e.g. sentAt in year 1, originalTimestamp in 9999
+            raise _Refused(
+                "sentAt and originalTimestamp are too far apart: the clock-skew correction "
+                "receivedAt - (sentAt - originalTimestamp) is not a date"
+            ) from None
     if when > received_at + FUTURE_TOLERANCE or when < EARLIEST:
         return received_at, True
     return when, False

@@ -302,11 +302,25 @@ dmp_audience_counts = Table(
     ),
 )
 
-# Deleted people's identifiers, hashed: late events for them are refused, not resurrected.
+# Deleted people's identifiers, sealed (cdp_stream.profiles.suppression): late events for
+# them are refused, not resurrected. key_id: the key that sealed it (NULL: plain SHA-256).
 suppressed_identifiers = Table(
     "suppressed_identifiers",
     metadata,
     Column("digest", Text, primary_key=True),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("key_id", Text),
+)
+
+# Records a consumer could never apply, parked on the dead-letter topic (where the record
+# itself is kept): one row each, so /metrics counts them across every process.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("consumer", Text, nullable=False),
+    Column("origin", Text, nullable=False),
+    Column("reason", Text, nullable=False),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
 )
 

@@ -34,6 +34,7 @@ from cdp_stream.profiles.models import (
     profiles,
     suppressed_identifiers,
 )
+from cdp_stream.profiles.suppression import SuppressionKeys, sealed_rows
 from cdp_stream.resolver.identity import Identifier
 from cdp_stream.resolver.orders import Fact, fields
 from cdp_stream.resolver.traits import view as trait_view
@@ -575,16 +576,13 @@ async def mark_undone(conn: AsyncConnection, merge_id: int) -> None:
 # --- deletion ----------------------------------------------------------------------------
 
 
-def identifier_digest(ident: Identifier) -> str:
-    """How a deleted person's identifier is remembered: a SHA-256, never the value."""
-    return hashlib.sha256(f"{ident.type}\x1f{ident.value}".encode()).hexdigest()
-
-
-async def suppressed(conn: AsyncConnection, ids: Sequence[Identifier]) -> set[Identifier]:
+async def suppressed(
+    conn: AsyncConnection, ids: Sequence[Identifier], keys: SuppressionKeys
+) -> set[Identifier]:
     """Which of ``ids`` belong to deleted people."""
     if not ids:
         return set()
-    by_digest = {identifier_digest(i): i for i in ids}
+    by_digest = {d: i for i in ids for d in keys.candidates(i.type, i.value)}
     rows = await conn.execute(
         select(suppressed_identifiers.c.digest).where(
             suppressed_identifiers.c.digest == _any(by_digest, Text())
@@ -593,9 +591,11 @@ async def suppressed(conn: AsyncConnection, ids: Sequence[Identifier]) -> set[Id
     return {by_digest[r.digest] for r in rows}
 
 
-async def delete_group(conn: AsyncConnection, canonical: uuid.UUID) -> list[uuid.UUID]:
+async def delete_group(
+    conn: AsyncConnection, canonical: uuid.UUID, suppression: SuppressionKeys
+) -> list[uuid.UUID]:
     """Erase a person: the canonical profile and every profile merged into it, with their
-    identities (remembered as digests in the suppression list), events, merges, refusals,
+    identities (remembered sealed in the suppression list), events, merges, refusals,
     pending updates, CRM contact and interactions, audience membership. Returns the ids."""
     await conn.execute(select(profiles.c.id).where(profiles.c.id == canonical).with_for_update())
     ids = list(
@@ -610,7 +610,7 @@ async def delete_group(conn: AsyncConnection, canonical: uuid.UUID) -> list[uuid
     held = await conn.execute(
         select(identities.c.type, identities.c.value).where(identities.c.profile_id.in_(ids))
     )
-    digests = [{"digest": identifier_digest(Identifier(r.type, r.value))} for r in held]
+    digests = sealed_rows(suppression, [(r.type, r.value) for r in held])
     if digests:
         await conn.execute(insert(suppressed_identifiers).on_conflict_do_nothing(), digests)
     keys = [str(i) for i in ids]

@@ -227,7 +227,7 @@ async def apply_prepared(
     members = await repo.identities_of(conn, list(loaded))  # now that the rows are ours
     if any(pid not in members or ident not in members[pid] for ident, pid in owner.items()):
         raise StaleRead("identities moved (a merge or unmerge) while the batch was locking")
-    gone = await repo.suppressed(conn, every_id)
+    gone = await repo.suppressed(conn, every_id, rules.suppression)
     graph = _Graph(
         rules,
         owner,
