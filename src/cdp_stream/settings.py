@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".cdp")
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    collector_workers: int = Field(
+        default=1,
+        ge=1,
+        description="collector processes serving one port (`cdp-stream collector`); about "
+        "one per core: each is one Python event loop",
+    )
     bootstrap_write_key: str | None = None
     bootstrap_api_token: str | None = None
     bootstrap_allowed_origins: list[Annotated[str, AfterValidator(origin_pattern)]] | None = Field(

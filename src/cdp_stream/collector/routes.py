@@ -134,9 +134,11 @@ async def _collect(request: Request, endpoint: str) -> Response:
 async def _publish(
     bus: Bus, settings: Settings, source_id: str, endpoint: str, result: IntakeResult
 ) -> JSONResponse:
-    records = [Record(settings.topics.events, a.key, a.value) for a in result.accepted]
+    topics = settings.topics  # a property: built once here, not once per record
+    events = topics.events
+    records = [Record(events, a.key, a.value) for a in result.accepted]
     records += [
-        Record(settings.topics.rejected, source_id.encode(), r.record)
+        Record(topics.rejected, source_id.encode(), r.record)
         for r in result.rejected
         if r.record is not None  # an oversize event is refused, never published
     ]
