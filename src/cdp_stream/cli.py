@@ -185,10 +185,11 @@ def _serve_workers(settings: Settings) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
+    stopped = (0, -signal.SIGTERM, -signal.SIGINT)  # uvicorn re-raises the signal it got
     failed = False
     for _ in workers:
         _, status = os.wait()
-        failed |= os.waitstatus_to_exitcode(status) != 0
+        failed |= os.waitstatus_to_exitcode(status) not in stopped
         stop()
     raise typer.Exit(1 if failed else 0)
 
