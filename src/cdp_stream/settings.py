@@ -28,9 +28,9 @@ class Settings(BaseSettings):
         default=None, description="host:port[,host:port]; unset: the in-process memory bus"
     )
     kafka_producer: Literal["aiokafka", "confluent"] = Field(
-        default="aiokafka",
-        description="the Kafka producer library; confluent (librdkafka, the `confluent` "
-        "extra) spends a fraction of aiokafka's CPU per event: see benchmarks/collect.py",
+        default="confluent",
+        description="the Kafka producer library: confluent (librdkafka) spends a fraction of "
+        "aiokafka's CPU per event (benchmarks/collect.py); aiokafka is the pure-Python one",
     )
     kafka_session_timeout_ms: int = Field(
         default=30_000, ge=1000, description="how soon the group notices a dead consumer"

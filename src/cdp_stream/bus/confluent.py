@@ -1,4 +1,5 @@
-"""The Kafka bus with librdkafka (confluent-kafka) as producer: ``CDP_KAFKA_PRODUCER=confluent``.
+"""The Kafka bus with librdkafka (confluent-kafka) as producer: the default
+(``CDP_KAFKA_PRODUCER=confluent``).
 
 Why it exists: publishing is most of the collector's CPU with aiokafka, whose producer
 builds record batches in Python (``benchmarks/collect.py`` measures both). librdkafka
