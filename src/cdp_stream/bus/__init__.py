@@ -2,9 +2,9 @@
 
 ``make_bus`` returns the Kafka bus when ``CDP_KAFKA_BOOTSTRAP`` is set (producing with
 librdkafka, or with aiokafka when ``CDP_KAFKA_PRODUCER=aiokafka``) and the in-process memory
-bus otherwise; both keep the contract written in :mod:`cdp_stream.bus.base`. Code above this package only
-sees :class:`Bus`, :class:`Consumer` and friends; it never imports ``kafka`` or ``memory``
-directly (tests and benchmarks aside).
+bus otherwise; both keep the contract written in :mod:`cdp_stream.bus.base`. Code above
+this package only sees :class:`Bus`, :class:`Consumer` and friends; it never imports
+``kafka`` or ``memory`` directly (tests and benchmarks aside).
 """
 
 from __future__ import annotations
