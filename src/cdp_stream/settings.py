@@ -32,6 +32,13 @@ class Settings(BaseSettings):
         description="the Kafka producer library: confluent (librdkafka) spends a fraction of "
         "aiokafka's CPU per event (benchmarks/collect.py); aiokafka is the pure-Python one",
     )
+    kafka_linger_ms: int = Field(
+        default=0,
+        ge=0,
+        description="how long the producer waits to fill a batch; 0 sends at once, and "
+        "batches still form while earlier requests are in flight: a client waits for the "
+        "acknowledgement, so a linger is latency that caps requests/s per connection",
+    )
     kafka_session_timeout_ms: int = Field(
         default=30_000, ge=1000, description="how soon the group notices a dead consumer"
     )

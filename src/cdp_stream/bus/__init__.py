@@ -46,5 +46,6 @@ def make_bus(settings: Settings, client_id: str) -> Bus:
         settings.kafka_bootstrap,
         client_id,
         publish_timeout_s=settings.publish_timeout_s,
+        linger_ms=settings.kafka_linger_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
     )
