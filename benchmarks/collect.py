@@ -327,6 +327,7 @@ def run_wrk(label: str, server: Server, endpoint: str, opts: argparse.Namespace)
 
     def wrk(seconds: float) -> tuple[float, int, int, int, float]:
         command = ["wrk", f"-t{opts.wrk_threads}", f"-c{opts.concurrency}", f"-d{seconds:g}s"]
+        command += ["--timeout", "30s"]  # a slow answer is measured, not counted as an error
         command += ["--latency", "-s", script, f"http://127.0.0.1:{server.port}", "--"]
         command += [f"/v1/{endpoint}", credentials, str(per)]
         out = subprocess.run(list(map(str, command)), capture_output=True, text=True, check=True)

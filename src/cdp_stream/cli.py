@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -108,6 +109,9 @@ async def _serve(
                 access_log=False,
             )
             server = uvicorn.Server(config)
+            # What startup made (modules, the app, its models) lives as long as the process:
+            # out of the collector's way, so a garbage collection walks only the requests'.
+            gc.freeze()
             for w in workers:  # a consumer that dies takes the process down, never silently
                 w.add_done_callback(lambda _: setattr(server, "should_exit", True))
             await server.serve(None if sock is None else [sock])  # returns on SIGINT/SIGTERM
