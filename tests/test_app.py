@@ -63,6 +63,22 @@ async def test_readiness_names_the_database(client_without_database: httpx.Async
     assert (await client_without_database.get("/healthz")).status_code == 200
 
 
+async def test_the_tracking_endpoints_are_documented_and_refuse_other_methods(
+    client_without_database: httpx.AsyncClient,
+) -> None:
+    """They are plain ASGI endpoints served before FastAPI's routing: the OpenAPI document
+    still lists them, with their request bodies."""
+    doc = (await client_without_database.get("/openapi.json")).json()
+    body = doc["paths"]["/v1/track"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/Track"}
+    assert {"Track", "Batch", "Context"} <= doc["components"]["schemas"].keys()
+    assert "/v1/profiles/{ref}" in doc["paths"]
+    r = await client_without_database.get("/v1/track")
+    assert r.status_code == 405 and r.headers["allow"] == "OPTIONS, POST"
+    r = await client_without_database.post("/v1/track/", json={}, auth=("wk_any", ""))
+    assert r.status_code == 503  # served (it had to ask the database), not a 404
+
+
 @pytest.fixture
 async def client_with_busy_pool(
     pg_url: str, engine: AsyncEngine

@@ -29,7 +29,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.collector._json import BadRequest, loads_strict
@@ -170,7 +170,7 @@ async def preflight(request: Request) -> Response:
 _ALLOW = "OPTIONS, POST"
 
 
-def _endpoint(name: str) -> Any:
+def _endpoint(name: str) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         if request.method == "POST":
@@ -186,8 +186,14 @@ def _endpoint(name: str) -> Any:
     return app
 
 
-# path -> plain ASGI endpoint; the app serves these before its own routing.
-TRACKING_PATHS: dict[str, Any] = {f"/v1/{name}": _endpoint(name) for name in ENDPOINTS}
+# path -> plain ASGI endpoint; the app serves these before its own routing (with a trailing
+# slash too, which FastAPI's routing used to redirect).
+TRACKING_PATHS: dict[str, ASGIApp] = {
+    path: endpoint
+    for name in ENDPOINTS
+    for endpoint in [_endpoint(name)]
+    for path in (f"/v1/{name}", f"/v1/{name}/")
+}
 
 
 def openapi_paths() -> tuple[dict[str, Any], dict[str, Any]]:
