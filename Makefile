@@ -67,8 +67,10 @@ fmt: install
 schemas: install
 	$(BIN)/cdp-stream schemas
 
-## bench: the printed benchmarks against the real broker and server
+## bench: the printed benchmarks against the real broker and server (wrk: Debian's, the HTTP load)
 bench: install services
+	command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }
 	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} $(BIN)/python benchmarks/collect.py
 	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
 		$(BIN)/python benchmarks/resolve.py

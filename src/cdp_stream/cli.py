@@ -1,7 +1,7 @@
 """``cdp-stream``: one command per process role, plus ``up`` that runs them all in one.
 
 up          collector + resolver + activation + API in one process (embedded default)
-collector   the HTTP collector only (stateless; run many behind a load balancer)
+collector   the HTTP collector only (stateless; CDP_COLLECTOR_WORKERS processes on one port)
 resolver    one resolver consumer (run up to the partition count of cdp.events)
 activation  one activation consumer: CRM feed, audiences, DMP counts
 api         the profile API only
@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
+import os
 import signal
-from collections.abc import Collection, Iterator
+import socket
+import sys
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -89,7 +93,12 @@ class _Server(uvicorn.Server):
 
 
 async def _serve(
-    settings: Settings, role: str, parts: Collection[str], loops: Collection[str] = ()
+    settings: Settings,
+    role: str,
+    parts: Collection[str],
+    loops: Collection[str] = (),
+    *,
+    sock: socket.socket | None = None,
 ) -> None:
     """Run the parts and consumer loops until SIGINT/SIGTERM, then stop them all.
 
@@ -107,7 +116,7 @@ async def _serve(
     for sig in signals:  # from the start: a stop during start-up still stops cleanly
         loop.add_signal_handler(sig, stop.set)
     try:
-        await _run_stages(with_suppression_key(settings), role, parts, loops, stop)
+        await _run_stages(with_suppression_key(settings), role, parts, loops, stop, sock)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -119,13 +128,15 @@ async def _run_stages(
     parts: Collection[str],
     loops: Collection[str],
     stop: asyncio.Event,
+    sock: socket.socket | None,
 ) -> None:
     try:
-        runtime = await Runtime.start(settings, role)
+        runtime = await Runtime.start(settings, role, migrate=sock is None)
     except StartupFailed as exc:
         typer.echo(f"cdp-stream {role}: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
-    _describe(runtime, parts, loops)
+    if sock is None:
+        _describe(runtime, parts, loops)
     stages = {
         asyncio.create_task(_WORKERS[name](runtime.bus, runtime.engine, settings, stop)): name
         for name in loops
@@ -141,7 +152,10 @@ async def _run_stages(
             access_log=False,
         )
         server = _Server(config)
-        stages[asyncio.create_task(server.serve())] = "http"
+        # What startup made (modules, the app, its models) lives as long as the process:
+        # out of the collector's way, so a garbage collection walks only the requests'.
+        gc.freeze()
+        stages[asyncio.create_task(server.serve(None if sock is None else [sock]))] = "http"
     stopping = asyncio.create_task(stop.wait())
     try:
         await asyncio.wait([stopping, *stages], return_when=asyncio.FIRST_COMPLETED)
@@ -170,8 +184,86 @@ def up(port: Port = None) -> None:
 
 @cli.command()
 def collector(port: Port = None) -> None:
-    """Run the HTTP collector."""
-    uvloop.run(_serve(_settings(port), "collector", ("collector",)))
+    """Run the HTTP collector (CDP_COLLECTOR_WORKERS processes)."""
+    settings = _settings(port)
+    if settings.collector_workers == 1:
+        uvloop.run(_serve(settings, "collector", ("collector",)))
+    else:
+        _serve_workers(settings)
+
+
+def _serve_workers(settings: Settings) -> None:
+    """``collector_workers`` collector processes accepting on one listening socket.
+
+    Why: one process is one Python event loop, so one core; the collector is stateless, so
+    more processes on the same port scale it with the cores. The database is migrated and
+    the process described once, in a short-lived child; then the socket is bound and the
+    workers forked, each with its own engine and bus, in a process group of their own so
+    that a terminal's Ctrl-C reaches only this parent, which stops them all with SIGTERM.
+    When one worker ends, the others are stopped too (a supervisor restarts the whole).
+    This parent never starts a thread or an event loop, so forking it is safe.
+    """
+    role, parts = "collector", ("collector",)
+
+    async def prepare() -> None:
+        try:
+            runtime = await Runtime.start(settings, role)
+        except StartupFailed as exc:
+            typer.echo(f"cdp-stream {role}: cannot start: {exc}", err=True)
+            raise typer.Exit(1) from None
+        _describe(runtime, parts, ())
+        typer.echo(f"  workers: {settings.collector_workers} processes")
+        await runtime.stop()
+
+    if _forked(lambda: uvloop.run(prepare()), own_group=False) != 0:
+        raise typer.Exit(1)
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.http_host, settings.http_port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    workers = [
+        _forked(lambda: uvloop.run(_serve(settings, role, parts, sock=sock)), wait=False)
+        for _ in range(settings.collector_workers)
+    ]
+
+    def stop(*_: object) -> None:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    stopped = (0, -signal.SIGTERM, -signal.SIGINT)  # stopped by a signal, as asked
+    failed = False
+    for _ in workers:
+        _, status = os.wait()
+        failed |= os.waitstatus_to_exitcode(status) not in stopped
+        stop()
+    raise typer.Exit(1 if failed else 0)
+
+
+def _forked(work: Callable[[], None], *, wait: bool = True, own_group: bool = True) -> int:
+    """Run ``work`` in a forked child: its exit code (``wait``) or its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if own_group:
+                os.setpgid(0, 0)
+            work()
+            code = 0
+        except typer.Exit as exc:
+            code = exc.exit_code
+        except BaseException:
+            logging.getLogger(__name__).exception("a collector process failed")
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    if not wait:
+        return pid
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 @cli.command()

@@ -29,9 +29,16 @@ class Settings(BaseSettings):
         description="host:port[,host:port]; unset: the Postgres bus, on the database",
     )
     kafka_producer: Literal["aiokafka", "confluent"] = Field(
-        default="aiokafka",
-        description="the Kafka producer library; confluent (librdkafka, the `confluent` "
-        "extra) spends a fraction of aiokafka's CPU per event: see benchmarks/collect.py",
+        default="confluent",
+        description="the Kafka producer library: confluent (librdkafka) spends a fraction of "
+        "aiokafka's CPU per event (benchmarks/collect.py); aiokafka is the pure-Python one",
+    )
+    kafka_linger_ms: int = Field(
+        default=0,
+        ge=0,
+        description="how long the producer waits to fill a batch; 0 sends at once, and "
+        "batches still form while earlier requests are in flight: a client waits for the "
+        "acknowledgement, so a linger is latency that caps requests/s per connection",
     )
     kafka_session_timeout_ms: int = Field(
         default=30_000, ge=1000, description="how soon the group notices a dead consumer"
@@ -52,6 +59,12 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".cdp")
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    collector_workers: int = Field(
+        default=1,
+        ge=1,
+        description="collector processes serving one port (`cdp-stream collector`); about "
+        "one per core: each is one Python event loop",
+    )
     bootstrap_write_key: str | None = None
     bootstrap_api_token: str | None = None
     bootstrap_allowed_origins: list[Annotated[str, AfterValidator(origin_pattern)]] | None = Field(

@@ -1,11 +1,11 @@
 """The bus: the seam between stages, and the one place that picks an implementation.
 
-``make_bus`` returns the Kafka bus when ``CDP_KAFKA_BOOTSTRAP`` is set (with the librdkafka
-producer when ``CDP_KAFKA_PRODUCER=confluent``) and the Postgres bus on the process's
-database otherwise (the embedded default); every bus keeps the contract written in
-:mod:`cdp_stream.bus.base` (the in-process memory bus too, which serves tests). Code above
-this package only sees :class:`Bus`, :class:`Consumer` and friends; it never imports
-``kafka``, ``postgres`` or ``memory`` directly (tests and benchmarks aside).
+``make_bus`` returns the Kafka bus when ``CDP_KAFKA_BOOTSTRAP`` is set (producing with
+librdkafka, or with aiokafka when ``CDP_KAFKA_PRODUCER=aiokafka``) and the Postgres bus on
+the process's database otherwise (the embedded default); every bus keeps the contract
+written in :mod:`cdp_stream.bus.base` (the in-process memory bus too, which serves tests).
+Code above this package only sees :class:`Bus`, :class:`Consumer` and friends; it never
+imports ``kafka``, ``postgres`` or ``memory`` directly (tests and benchmarks aside).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from cdp_stream.bus.base import (
     TopicPartition,
     next_offsets,
 )
+from cdp_stream.bus.confluent import ConfluentKafkaBus
 from cdp_stream.bus.kafka import KafkaBus
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.bus.postgres import PostgresBus, postgres_dsn
@@ -51,14 +52,11 @@ def make_bus(settings: Settings, client_id: str, database_url: str) -> Bus:
             max_backlog=settings.bus_max_backlog,
             retention_s=settings.bus_retention_s,
         )
-    kind: type[KafkaBus] = KafkaBus
-    if settings.kafka_producer == "confluent":
-        from cdp_stream.bus.confluent import ConfluentKafkaBus  # an optional dependency
-
-        kind = ConfluentKafkaBus
+    kind = ConfluentKafkaBus if settings.kafka_producer == "confluent" else KafkaBus
     return kind(
         settings.kafka_bootstrap,
         client_id,
         publish_timeout_s=settings.publish_timeout_s,
+        linger_ms=settings.kafka_linger_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
     )

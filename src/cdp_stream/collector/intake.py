@@ -257,8 +257,19 @@ def _event_time(
 
 
 def _iso(value: datetime) -> str:
-    """Fixed-width UTC, sortable as text: ``2026-01-02T03:04:05.000006Z``."""
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    """Fixed-width UTC, sortable as text: ``2026-01-02T03:04:05.000006Z``. (Formatted by
+    hand: twice as fast as ``isoformat``, and it runs for every event.)"""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031 (faster than format)
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
 
 
 def _generated_message_id(source_id: str, event: Mapping[str, Any]) -> str:

@@ -19,6 +19,7 @@ import orjson
 from asyncpg.exceptions import InterfaceError as PgClientInterfaceError
 from asyncpg.exceptions import InternalClientError
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from cdp_stream.settings import Settings
@@ -41,6 +42,12 @@ async def resolve_database_url(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url
     return await asyncio.to_thread(_embedded_url, settings.data_dir)
+
+
+# What a database that is down, unreachable or too slow raises: the driver's errors, a
+# socket's, a connect timeout, and the pool's "QueuePool limit ... reached" (PoolTimeout,
+# which is not a DBAPIError). A request that meets one is answered 503 + Retry-After.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, OSError, TimeoutError)
 
 
 def make_engine(url: str, role: str, pool_size: int = 5) -> AsyncEngine:
