@@ -386,16 +386,16 @@ def drop_namespace(bootstrap: str, namespace: str) -> None:
     names = Topics(namespace)
     for topic in names.all(1):
         cleanup(f"deleting {topic}", lambda t=topic: admin.delete_topics([t])[t].result(30))
-    group = names.resolver_group
 
-    def delete_group() -> None:
+    def delete_group(group: str) -> None:
         try:
             admin.delete_consumer_groups([group])[group].result(30)
-        except KafkaException as exc:  # no resolver ever joined it: nothing to delete
+        except KafkaException as exc:  # no consumer ever joined it: nothing to delete
             if exc.args[0].code() != KafkaError.GROUP_ID_NOT_FOUND:
                 raise
 
-    cleanup(f"deleting group {group}", delete_group)
+    for group in (names.resolver_group, names.activation_group):
+        cleanup(f"deleting group {group}", delete_group, group)
 
 
 # -- one run -------------------------------------------------------------------------------
