@@ -15,7 +15,7 @@ on keep-alive connections, requests pre-built. 70% of the events as single ``/v1
 ``/v1/batch`` calls of 10-50 events; ~780 bytes per event (measured and printed);
 ``--people`` known people, seeded through the collector before the clock starts, plus 20%
 of events from new visitors (new anonymous ids, who later identify). Three audiences are
-created first (customers, a trait, "saw /pricing in 7 days and never ordered"), so that
+created first (customers, a trait, "added to cart twice in 7 days, never ordered"), so that
 activation does what it does on a real site. Beside the load, from this process:
 ``--lookups``/s profile lookups (``GET /v1/profiles/{ref}`` by ``user_id:``, ``email:``
 and ``anonymous_id:`` of known people, open-loop too).
@@ -68,7 +68,6 @@ import multiprocessing as mp
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -85,7 +84,7 @@ import psutil
 import uvloop
 from collect import cleanup, cpu_s, database, free_port  # the sibling benchmarks' helpers
 from loadgen import Pool, Tally, basic, generator, get, iso, open_loop, poisson, post
-from resolve import backends_cpu_s, drop_namespace, listener, probe, server_cpu_s
+from resolve import backends_cpu_s, drop_namespace, listener, preflight, server_cpu_s
 from sqlalchemy.engine import make_url
 
 TARGET_VISIBLE_MS, TARGET_LOOKUP_MS, TARGET_CAPACITY = 250.0, 10.0, 3000.0
@@ -429,16 +428,17 @@ async def phase_run(run: Run, rate: float, seconds: float, grace: float, wait: f
 AUDIENCES = {  # what a marketer sets up first: activation re-evaluates them per update
     "customers": {"computed": "order_count", "gte": 1},
     "pro plan": {"trait": "plan", "eq": "pro"},
-    "pricing, no order": {
+    "added to cart twice this week, never ordered": {
         "and": [
+            {"computed": "order_count", "eq": 0},
             {
                 "event": {
-                    "type": "page",
-                    "where": {"path": {"starts_with": "/pricing"}},
+                    "type": "track",
+                    "name": "Product Added",
                     "within": "7d",
+                    "count": {"gte": 2},
                 }
             },
-            {"computed": "order_count", "eq": 0},
         ]
     },
 }
@@ -752,15 +752,7 @@ def main() -> None:
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 
-    host, _, port = opts.bootstrap.split(",")[0].rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as exc:
-        sys.exit(f"Kafka is not reachable at {opts.bootstrap} ({exc}); start it: make services")
-    try:
-        asyncio.run(probe(opts.database_url))
-    except Exception as exc:  # refused, timeout, auth, unknown database
-        sys.exit(f"Postgres is not usable at {opts.database_url} ({exc!r}); make services")
+    preflight(opts.bootstrap, opts.database_url)
     run_id = uuid.uuid4().hex[:8]
     db, namespace = f"cdp_bench_pipeline_{run_id}", f"bench-pipeline-{run_id}."
     opts.write_key, opts.api_token = f"wk_p_{run_id}", f"tok_p_{run_id}"

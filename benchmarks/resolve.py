@@ -232,6 +232,19 @@ async def probe(admin_url: str) -> None:
     await conn.close()
 
 
+def preflight(bootstrap: str, database_url: str) -> None:
+    """Exit with what to do when Kafka or Postgres does not answer."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        sys.exit(f"Kafka is not reachable at {bootstrap} ({exc}); start it: make services")
+    try:
+        asyncio.run(probe(database_url))
+    except Exception as exc:  # refused, timeout, auth, unknown database
+        sys.exit(f"Postgres is not usable at {database_url} ({exc!r}); make services")
+
+
 async def prepare(db_url: str, bootstrap: str, namespace: str, case: Case) -> None:
     """Migrate the database, create the topics, publish every record (acknowledged)."""
     from cdp_stream.bus import KafkaBus
@@ -472,15 +485,8 @@ def main() -> None:
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 
-    host, _, port = opts.bootstrap.split(",")[0].rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as exc:
-        sys.exit(f"Kafka is not reachable at {opts.bootstrap} ({exc}); start it: make services")
-    try:
-        asyncio.run(probe(opts.database_url))
-    except Exception as exc:  # refused, timeout, auth, unknown database
-        sys.exit(f"Postgres is not usable at {opts.database_url} ({exc!r}); make services")
+    preflight(opts.bootstrap, opts.database_url)
+    port = opts.bootstrap.split(",")[0].rpartition(":")[2]
     opts.run_id = uuid.uuid4().hex[:8]
     opts.broker = listener(int(port))
     opts.postgres = listener(make_url(opts.database_url).port or 5432)
