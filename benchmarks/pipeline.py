@@ -628,6 +628,19 @@ def show_main(opts: argparse.Namespace, p: Phase) -> None:
         " (profile updates per event processed)"
     )
     print("  CPU, % of a core: " + "  ".join(f"{k} {v:.0f}" for k, v in p.cpu.items()))
+    mine = [k for k in p.cpu if k not in ("bench", "loadgen", "postgres", "others", "machine")]
+    per = {k: p.cpu[k] * 10 / max(p.processed("resolver"), 1) for k in mine}
+    print(  # what each part costs, which the others' noise inflates less than rates
+        "  CPU ms per event processed: "
+        + "  ".join(f"{k} {v:.2f}" for k, v in per.items())
+        + f"  (all of these {sum(per.values()):.2f})"
+    )
+    if pct(p.schedule.lateness, 0.99) > 50:
+        print(
+            "  !! the load generator fell behind its own schedule (p99 over 50 ms): it did not"
+            " get the CPU it needed, so the load came in bursts; latencies still count from"
+            " the schedule"
+        )
     if http.first_bad:
         print(f"  first bad answer: {http.first_bad}")
 
