@@ -207,6 +207,21 @@ class Lag:
             await asyncio.sleep(0.5)
 
 
+Sample = tuple[dict[str, float], dict[int, float], dict[str, float]]
+
+
+def runnable_s(proc: psutil.Process) -> float:
+    """Seconds the threads of ``proc`` spent runnable but not running (waiting for a CPU:
+    the second field of Linux's ``/proc/PID/task/TID/schedstat``); 0 where unknown."""
+    total = 0
+    for stat in Path(f"/proc/{proc.pid}/task").glob("*/schedstat"):
+        try:
+            total += int(stat.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return total / 1e9
+
+
 @dataclass
 class Meter:
     """CPU seconds of every process of the run, and of the machine."""
@@ -216,18 +231,21 @@ class Meter:
     postgres: psutil.Process | None
     db: str
 
-    def sample(self) -> tuple[dict[str, float], dict[int, float]]:
+    def sample(self) -> Sample:
         cpu = {name: cpu_s(ps) for name, ps in self.procs.items()}
         cpu |= {"broker": server_cpu_s(self.broker), "postgres": server_cpu_s(self.postgres)}
         cpu["machine"] = cpu_s(None)
-        return cpu, backends_cpu_s(self.postgres, self.db)
+        waits = {name: sum(map(runnable_s, ps)) for name, ps in self.procs.items()}
+        return cpu, backends_cpu_s(self.postgres, self.db), waits
 
     @staticmethod
-    def percent(
-        a: tuple[dict[str, float], dict[int, float]],
-        b: tuple[dict[str, float], dict[int, float]],
-        seconds: float,
-    ) -> dict[str, float]:
+    def waiting(a: Sample, b: Sample, seconds: float) -> dict[str, float]:
+        """% of the time each process's threads (summed) were ready to run but waited for
+        a CPU, between samples ``a`` and ``b``: how much the box's other load held it back."""
+        return {k: 100 * (b[2][k] - a[2][k]) / seconds for k in a[2]}
+
+    @staticmethod
+    def percent(a: Sample, b: Sample, seconds: float) -> dict[str, float]:
         """% of one core between samples ``a`` and ``b``; ``pg db``: this database's
         backends; ``others``: the machine less every process watched."""
         d = {k: b[0][k] - a[0][k] for k in a[0]}
@@ -269,6 +287,7 @@ class Phase:
     polls: int = 0
     lag: list[tuple[float, dict[str, tuple[int, int]]]] = field(default_factory=list)
     cpu: dict[str, float] = field(default_factory=dict)
+    waiting: dict[str, float] = field(default_factory=dict)  # % of time waiting for a CPU
 
     @property
     def accepted(self) -> float:
@@ -412,7 +431,9 @@ async def phase_run(run: Run, rate: float, seconds: float, grace: float, wait: f
     while (now := loop.time() - t0) < seconds:
         await asyncio.sleep(min(1.0, seconds - now))
         phase.lag.append((loop.time() - t0, await run.lag.sample()))
-    phase.cpu = Meter.percent(cpu0, run.meter.sample(), loop.time() - t0)
+    cpu1 = run.meter.sample()
+    phase.cpu = Meter.percent(cpu0, cpu1, loop.time() - t0)
+    phase.waiting = Meter.waiting(cpu0, cpu1, loop.time() - t0)
     for _, pipe in run.generators:
         tallies = await loop.run_in_executor(None, pipe.recv)
         phase.http.merge(tallies["single"])
@@ -635,6 +656,10 @@ def show_main(opts: argparse.Namespace, p: Phase) -> None:
         + "  ".join(f"{k} {v:.2f}" for k, v in per.items())
         + f"  (all of these {sum(per.values()):.2f})"
     )
+    print(
+        "  waiting for a CPU (ready to run, not running), % of the time: "
+        + "  ".join(f"{k} {v:.0f}" for k, v in p.waiting.items())
+    )
     if pct(p.schedule.lateness, 0.99) > 50:
         print(
             "  !! the load generator fell behind its own schedule (p99 over 50 ms): it did not"
@@ -698,8 +723,8 @@ def report(
     visible99 = pct(main.visible, 0.99, main.invisible)
     look99 = pct(main.lookups.latencies, 0.99)
     fives = main.count(500, 600) + main.count(500, 600, main.lookups)
-    keeps = [s for s in steps if s.held("resolver")[0]]
-    act_ok = all(s.held("activation")[0] for s in keeps) and main.held("activation")[0]
+    keeps = [p for p in [main, *steps] if p.held("resolver")[0]]
+    act_ok = all(p.held("activation")[0] for p in keeps)
     act_figure = "lag bounded wherever the resolvers' is"
     if alone:
         act_ok = act_ok and alone[1].done and alone[1].rate >= alone[0].rate
