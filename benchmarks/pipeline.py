@@ -809,8 +809,11 @@ def main() -> None:
         f" {namespace}*), Postgres database {db}; collector, api, resolver x2, activation"
     )
     asyncio.run(database(opts.database_url, db, create=True))
+    interrupted = False
     try:
         uvloop.run(bench(opts, stages, db))
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         for proc, pipe in opts.loads:  # ask them to end; then make them
             cleanup("stopping a load generator", pipe.send, None)
@@ -821,6 +824,8 @@ def main() -> None:
         cleanup("stopping the stages", stages.stop)
         cleanup("dropping the database", asyncio.run, database(opts.database_url, db, False))
         cleanup("dropping the topics and groups", drop_namespace, opts.bootstrap, namespace)
+    if interrupted:
+        sys.exit("interrupted: every process stopped; the database, topics and groups dropped")
 
 
 if __name__ == "__main__":
