@@ -76,6 +76,8 @@ bench: install services
 		$(BIN)/python benchmarks/resolve.py
 	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
 		$(BIN)/python benchmarks/embedded.py
+	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
+		$(BIN)/python benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) .cdp .pytest_cache .mypy_cache .ruff_cache
