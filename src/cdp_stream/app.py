@@ -34,6 +34,7 @@ from cdp_stream.bus import make_bus
 from cdp_stream.bus.base import Bus, BusUnavailable
 from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.library import router as library_router
+from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.collector.routes import TRACKING_PATHS, database_unavailable, openapi_paths
 from cdp_stream.collector.webhooks import router as webhooks_router
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
@@ -142,6 +143,7 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     app.state.engine = runtime.engine
     app.state.bus = runtime.bus
     app.state.sources = Sources(runtime.engine)
+    app.state.rate_limits = RateLimits.from_settings(runtime.settings)
     app.state.rules = IdentityRules.from_settings(runtime.settings)
 
     async def database_down(request: Request, exc: Exception) -> JSONResponse:
