@@ -10,15 +10,15 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, HTTPException
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from cdp_stream.api.deps import Conn, require_scope
+from cdp_stream.api.deps import Conn
 from cdp_stream.collector.cors import origin_pattern
+from cdp_stream.openapi import bearer
 from cdp_stream.profiles import credentials
 
 router = APIRouter(prefix="/v1/sources", tags=["sources"])
-ADMIN = [Depends(require_scope("admin"))]
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Origins = Annotated[
@@ -66,19 +66,19 @@ class SourceOut(BaseModel):
     created_at: datetime
 
 
-@router.get("", response_model=list[SourceOut], dependencies=ADMIN)
+@router.get("", response_model=list[SourceOut], **bearer("admin"))
 async def list_all(conn: Conn) -> list[dict[str, Any]]:
     return await credentials.list_sources(conn)
 
 
-@router.post("", status_code=201, response_model=SourceOut, dependencies=ADMIN)
+@router.post("", status_code=201, response_model=SourceOut, **bearer("admin", 400, 422))
 async def create(body: SourceIn, conn: Conn) -> dict[str, Any] | None:
     limits = body.model_dump(include={"rate_limit_per_s", "rate_limit_burst"}, exclude_none=True)
     source_id = await credentials.create_source(conn, body.name, body.allowed_origins, **limits)
     return await credentials.read_source(conn, source_id)
 
 
-@router.patch("/{source_id}", response_model=SourceOut, dependencies=ADMIN)
+@router.patch("/{source_id}", response_model=SourceOut, **bearer("admin", 400, 404, 422))
 async def change(source_id: str, body: SourceChange, conn: Conn) -> dict[str, Any]:
     changes = {
         field: value

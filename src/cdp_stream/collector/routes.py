@@ -39,6 +39,7 @@ from cdp_stream.collector.cors import PREFLIGHT_HEADERS, cors_headers, origin_al
 from cdp_stream.collector.intake import IntakeResult, body_write_key, intake
 from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.events import MODELS, Batch
+from cdp_stream.openapi import Accepted, Error, responses
 from cdp_stream.profiles.db import DATABASE_UNAVAILABLE
 from cdp_stream.settings import Settings
 
@@ -215,21 +216,32 @@ TRACKING_PATHS: dict[str, ASGIApp] = {
 
 def openapi_paths() -> tuple[dict[str, Any], dict[str, Any]]:
     """The tracking endpoints in OpenAPI (they are not FastAPI routes): their paths, and
-    the component schemas of their request bodies (the event models)."""
+    the component schemas of their bodies (the event models, the answers)."""
     bodies: list[tuple[str, type[BaseModel]]] = [*MODELS.items(), ("batch", Batch)]
     refs, top = models_json_schema(
-        [(model, "validation") for _, model in bodies],
+        [
+            *((model, "validation") for _, model in bodies),
+            (Accepted, "serialization"),
+            (Error, "serialization"),
+        ],
         ref_template="#/components/schemas/{model}",
     )
+    ok = {
+        "description": "every event was accepted (a batch lists the ones it refused under "
+        "`rejected`)",
+        "content": {"application/json": {"schema": refs[(Accepted, "serialization")]}},
+    }
+    error = {"application/json": {"schema": refs[(Error, "serialization")]}}
     answers = {
-        "200": "every event was accepted (a batch lists the ones it refused under `rejected`)",
-        "400": "not valid JSON, or the event (a single call) was refused",
-        "401": "missing or unknown write key",
-        "403": "the Origin may not send to this source",
-        "413": "request or event over the size limit",
-        "415": "Content-Encoding other than gzip",
-        "503": "the event bus or the database is unavailable: nothing accepted, retry "
-        "after Retry-After seconds",
+        "200": ok,
+        **{
+            str(code): {
+                "description": answer["description"],
+                "content": error,
+                **({"headers": answer["headers"]} if "headers" in answer else {}),
+            }
+            for code, answer in responses(400, 401, 403, 413, 415, 429, 503).items()
+        },
     }
     paths = {
         f"/v1/{name}": {
@@ -237,11 +249,12 @@ def openapi_paths() -> tuple[dict[str, Any], dict[str, Any]]:
                 "tags": ["collector"],
                 "summary": f"Collect {name}",
                 "operationId": f"collect_{name}_v1_{name}_post",
+                "security": [{"writeKey": []}],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": refs[(model, "validation")]}},
                 },
-                "responses": {code: {"description": text} for code, text in answers.items()},
+                "responses": answers,
             }
         }
         for name, model in bodies

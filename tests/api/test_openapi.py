@@ -1,0 +1,177 @@
+"""The OpenAPI document is truthful: schemathesis generates requests for every operation
+from ``/openapi.json`` alone and sends them, authenticated (a real write key, an API
+token with every scope), to a server on the real Kafka and Postgres; every answer must be
+a documented status with a documented content type, body schema and headers, and none a
+server error. And a client generated from the document (openapi-python-client) sends
+events and reads the profile they made."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib
+import os
+import sys
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hypothesis
+import hypothesis.errors
+import pytest
+import schemathesis
+from schemathesis.checks import (
+    content_type_conformance,
+    not_a_server_error,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from cdp_stream.app import create_app
+from cdp_stream.profiles.credentials import source_for_write_key
+from cdp_stream.profiles.models import sources
+from cdp_stream.resolver.consumer import run_resolver
+from tests.support import Server, eventually, running_pipeline
+
+WRITE_KEY = "wk_openapi_" + uuid.uuid4().hex[:8]
+API_TOKEN = "tok_openapi_" + uuid.uuid4().hex[:8]
+CHECKS = [
+    not_a_server_error,
+    status_code_conformance,
+    content_type_conformance,
+    response_schema_conformance,
+    response_headers_conformance,
+]
+EXAMPLES = 25  # per operation and generation mode: the run stays around a minute
+
+
+@pytest.fixture(scope="module")
+async def server(kafka_bootstrap: str, pg_url: str, engine: AsyncEngine) -> AsyncIterator[Server]:
+    """The collector and the API on a real socket, with a resolver behind them. The sources
+    and audiences the fuzzer creates are deleted after (a source allowing "*" would let
+    any origin's preflight pass in the other tests on this database)."""
+    async with engine.connect() as conn:
+        before = set((await conn.execute(select(sources.c.id))).scalars())
+    async with running_pipeline(
+        kafka_bootstrap, pg_url, write_key=WRITE_KEY, api_token=API_TOKEN, loops=[run_resolver]
+    ) as runtime:
+        served = Server(create_app(runtime))
+        await served.start()
+        try:
+            yield served
+        finally:
+            await served.stop()
+            async with engine.begin() as conn:
+                bootstrap = await source_for_write_key(conn, WRITE_KEY)
+                kept = before | {bootstrap.id if bootstrap else ""}
+                await conn.execute(delete(sources).where(sources.c.id.not_in(kept)))
+
+
+def credentials(operation: dict[str, Any]) -> dict[str, str]:
+    """The Authorization its security requirement asks for (none: no header)."""
+    schemes = {name for requirement in operation.get("security", []) for name in requirement}
+    if "writeKey" in schemes:
+        return {"Authorization": "Basic " + base64.b64encode(f"{WRITE_KEY}:".encode()).decode()}
+    if "bearerAuth" in schemes:
+        return {"Authorization": f"Bearer {API_TOKEN}"}
+    return {}
+
+
+def fuzz(url: str) -> tuple[dict[str, Counter[int]], list[str]]:
+    """Every operation of the document at ``url``, in both generation modes: the statuses
+    each answered, and the failures."""
+    schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
+    statuses: dict[str, Counter[int]] = {}
+    failures: list[str] = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        statuses[operation.label] = Counter()
+        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+
+            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
+            @hypothesis.settings(
+                max_examples=EXAMPLES,
+                deadline=None,
+                database=None,
+                derandomize=True,
+                suppress_health_check=list(hypothesis.HealthCheck),
+                phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+            )
+            def check(case: schemathesis.Case) -> None:
+                headers = credentials(case.operation.definition.raw)
+                response = case.call_and_validate(base_url=url, headers=headers, checks=CHECKS)
+                statuses[case.operation.label][response.status_code] += 1
+
+            try:
+                check()
+            except hypothesis.errors.Unsatisfiable:
+                assert mode is schemathesis.GenerationMode.NEGATIVE  # nothing to get wrong
+            except Exception as exc:  # each failure is reported, the others still run
+                inner = getattr(exc, "exceptions", [])
+                failures.append(f"{operation.label} ({mode.value}): {exc} {inner}")
+    return statuses, failures
+
+
+# schemathesis's strategies draw from `random`, which hypothesis deprecates.
+@pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
+async def test_every_operation_answers_as_documented(server: Server) -> None:
+    statuses, failures = await asyncio.to_thread(fuzz, server.url)
+    for label, seen in statuses.items():
+        print(f"{label:45} {dict(sorted(seen.items()))}")
+    assert not failures, "\n\n".join(failures)
+
+
+async def test_a_generated_client_sends_events_and_reads_the_profile(
+    server: Server, tmp_path: Path
+) -> None:
+    async with httpx.AsyncClient() as http:
+        document = tmp_path / "openapi.json"
+        document.write_bytes((await http.get(f"{server.url}/openapi.json")).content)
+    tools = Path(sys.executable).parent
+    generate = await asyncio.create_subprocess_exec(
+        *(str(tools / "openapi-python-client"), "generate", "--meta", "none"),
+        *("--path", str(document), "--output-path", str(tmp_path / "cdp_client")),
+        env={**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"},  # it formats with ruff
+    )
+    assert await generate.wait() == 0
+    sys.path.insert(0, str(tmp_path))
+    try:
+        gen = importlib.import_module("cdp_client")
+        models = importlib.import_module("cdp_client.models")
+        identify, batch, get_profile = (
+            importlib.import_module(f"cdp_client.api.{name}")
+            for name in (
+                "collector.collect_identify_v1_identify_post",
+                "collector.collect_batch_v1_batch_post",
+                "profiles.get_profile_v1_profiles_ref_get",
+            )
+        )
+    finally:
+        sys.path.remove(str(tmp_path))
+
+    user = "u-" + uuid.uuid4().hex[:8]
+    email = f"{user}@example.com"
+    writer = gen.Client(base_url=server.url, httpx_args={"auth": (WRITE_KEY, "")})
+    traits = models.IdentifyTraitsType0.from_dict({"email": email})
+    sent = await identify.asyncio(client=writer, body=models.Identify(user_id=user, traits=traits))
+    assert isinstance(sent, models.Accepted) and sent.success
+    events = [{"type": "track", "userId": user, "event": "Signed Up"}]
+    sent = await batch.asyncio(client=writer, body=models.Batch(batch=events))
+    assert isinstance(sent, models.Accepted) and sent.success
+
+    reader = gen.AuthenticatedClient(base_url=server.url, token=API_TOKEN)
+
+    async def profile() -> Any:
+        found = await get_profile.asyncio(ref=f"email:{email}", client=reader)
+        return found if isinstance(found, models.ProfileOut) else None
+
+    found = await eventually(profile)
+    assert {(i.type_, i.value) for i in found.identities} >= {("user_id", user), ("email", email)}
+    unknown = await get_profile.asyncio_detailed(ref="email:nobody@example.com", client=reader)
+    assert unknown.status_code == 404 and isinstance(unknown.parsed, models.Detail)
