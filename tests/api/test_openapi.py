@@ -30,6 +30,7 @@ from schemathesis.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
+from schemathesis.core.failures import FailureGroup
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -112,7 +113,7 @@ def fuzz(url: str) -> tuple[dict[str, Counter[int]], list[str]]:
                 check()
             except hypothesis.errors.Unsatisfiable:
                 assert mode is schemathesis.GenerationMode.NEGATIVE  # nothing to get wrong
-            except Exception as exc:  # each failure is reported, the others still run
+            except (Exception, FailureGroup) as exc:  # each is reported, the others still run
                 inner = getattr(exc, "exceptions", [])
                 failures.append(f"{operation.label} ({mode.value}): {exc} {inner}")
     return statuses, failures
