@@ -34,10 +34,13 @@ from schemathesis.core.failures import FailureGroup
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.app import create_app
+from cdp_stream.app import Runtime, create_app
+from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.profiles.credentials import source_for_write_key
+from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.models import sources
 from cdp_stream.resolver.consumer import run_resolver
+from cdp_stream.settings import Settings
 from tests.support import Server, eventually, running_pipeline
 
 WRITE_KEY = "wk_openapi_" + uuid.uuid4().hex[:8]
@@ -176,3 +179,30 @@ async def test_a_generated_client_sends_events_and_reads_the_profile(
     assert {(i.type_, i.value) for i in found.identities} >= {("user_id", user), ("email", email)}
     unknown = await get_profile.asyncio_detailed(ref="email:nobody@example.com", client=reader)
     assert unknown.status_code == 404 and isinstance(unknown.parsed, models.Detail)
+
+
+def test_the_document_declares_security_errors_and_retry_after() -> None:
+    engine = make_engine("postgresql+asyncpg://postgres@127.0.0.1:1/none", "test")
+    document = create_app(Runtime(Settings(), "test", engine, MemoryBus())).openapi()
+    schemes = document["components"]["securitySchemes"]
+    assert schemes["writeKey"] == {**schemes["writeKey"], "type": "http", "scheme": "basic"}
+    assert schemes["bearerAuth"]["scheme"] == "bearer"
+    read = document["paths"]["/v1/profiles/{ref}"]["get"]
+    assert read["security"] == [{"bearerAuth": ["profiles:read"]}]
+    assert [p["name"] for p in read["parameters"]] == ["ref"]  # no `authorization` parameter
+    detail = {"$ref": "#/components/schemas/Detail"}
+    assert read["responses"]["404"]["content"]["application/json"]["schema"] == detail
+    batch = document["paths"]["/v1/batch"]["post"]
+    assert batch["security"] == [{"writeKey": []}]
+    for code in ("429", "503"):
+        assert batch["responses"][code]["headers"]["Retry-After"]["required"] is True
+        error = batch["responses"][code]["content"]["application/json"]["schema"]
+        assert error == {"$ref": "#/components/schemas/Error"}
+    assert {"Error", "Detail", "Accepted", "WebhookAccepted"} <= document["components"][
+        "schemas"
+    ].keys()
+    mailgun = document["paths"]["/v1/webhooks/mailgun/{source}"]["post"]
+    assert mailgun["requestBody"]["content"]["application/json"]["schema"]["required"] == [
+        "signature",
+        "event-data",
+    ]
