@@ -40,7 +40,12 @@ from cdp_stream.collector.routes import TRACKING_PATHS, database_unavailable, op
 from cdp_stream.collector.webhooks import router as webhooks_router
 from cdp_stream.openapi import secure
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
-from cdp_stream.profiles.db import DATABASE_UNAVAILABLE, make_engine, resolve_database_url
+from cdp_stream.profiles.db import (
+    DATABASE_UNAVAILABLE,
+    is_invalid_value,
+    make_engine,
+    resolve_database_url,
+)
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
@@ -163,18 +168,16 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
 
     async def database_down(request: Request, exc: Exception) -> JSONResponse:
         """Postgres down, too slow or its pool exhausted: a retryable 503, never a 500
-        with a stack trace."""
+        with a stack trace; but a value from the request that Postgres refuses is the
+        client's error (400), not an outage."""
+        if isinstance(exc, DataError) or is_invalid_value(exc):
+            orig = getattr(exc, "orig", exc)
+            return JSONResponse({"detail": f"invalid value: {orig}"}, status_code=400)
         log.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
         return database_unavailable(runtime.settings)
 
     for unavailable in DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, database_down)
-
-    @app.exception_handler(DataError)
-    async def invalid_value(request: Request, exc: DataError) -> JSONResponse:
-        """A value from the request that Postgres refuses is the client's error, not an
-        outage (the handler above would say 503)."""
-        return JSONResponse({"detail": f"invalid value: {exc.orig}"}, status_code=400)
 
     if "collector" in parts:
         app.include_router(webhooks_router)
