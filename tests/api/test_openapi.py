@@ -34,6 +34,7 @@ from schemathesis.core.failures import FailureGroup
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.activation.consumer import run_activation
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.profiles.credentials import source_for_write_key
@@ -57,13 +58,18 @@ EXAMPLES = 25  # per operation and generation mode: the run stays around a minut
 
 @pytest.fixture(scope="module")
 async def server(kafka_bootstrap: str, pg_url: str, engine: AsyncEngine) -> AsyncIterator[Server]:
-    """The collector and the API on a real socket, with a resolver behind them. The sources
+    """The collector and the API on a real socket, with a resolver and the activation
+    consumer (CRM contacts) behind them. The sources
     and audiences the fuzzer creates are deleted after (a source allowing "*" would let
     any origin's preflight pass in the other tests on this database)."""
     async with engine.connect() as conn:
         before = set((await conn.execute(select(sources.c.id))).scalars())
     async with running_pipeline(
-        kafka_bootstrap, pg_url, write_key=WRITE_KEY, api_token=API_TOKEN, loops=[run_resolver]
+        kafka_bootstrap,
+        pg_url,
+        write_key=WRITE_KEY,
+        api_token=API_TOKEN,
+        loops=[run_resolver, run_activation],
     ) as runtime:
         served = Server(create_app(runtime))
         await served.start()
@@ -87,48 +93,72 @@ def credentials(operation: dict[str, Any]) -> dict[str, str]:
     return {}
 
 
-def fuzz(url: str) -> tuple[dict[str, Counter[int]], list[str]]:
-    """Every operation of the document at ``url``, in both generation modes: the statuses
-    each answered, and the failures."""
+def fuzz(url: str, known: str) -> tuple[dict[str, Counter[int]], list[str]]:
+    """Every operation of the document at ``url`` in both generation modes, and those with
+    a profile ``ref`` once more on the ``known`` profile (so their 200s are checked too;
+    the deletion last): the statuses each answered, and the failures."""
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json")
     statuses: dict[str, Counter[int]] = {}
     failures: list[str] = []
-    for result in schema.get_all_operations():
-        operation = result.ok()
-        statuses[operation.label] = Counter()
-        for mode in (schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE):
+    operations = [result.ok() for result in schema.get_all_operations()]
+    on_known = sorted(
+        (o for o in operations if "{ref}" in o.path), key=lambda o: o.method == "delete"
+    )
+    runs = [
+        *((o, mode, {}) for o in operations for mode in schemathesis.GenerationMode),
+        *((o, schemathesis.GenerationMode.POSITIVE, {"ref": known}) for o in on_known),
+    ]
+    for operation, mode, path in runs:
+        seen = statuses.setdefault(operation.label, Counter())
 
-            @hypothesis.given(case=operation.as_strategy(generation_mode=mode))
-            @hypothesis.settings(
-                max_examples=EXAMPLES,
-                deadline=None,
-                database=None,
-                derandomize=True,
-                suppress_health_check=list(hypothesis.HealthCheck),
-                phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
-            )
-            def check(case: schemathesis.Case) -> None:
-                headers = credentials(case.operation.definition.raw)
-                response = case.call_and_validate(base_url=url, headers=headers, checks=CHECKS)
-                statuses[case.operation.label][response.status_code] += 1
+        @hypothesis.given(case=operation.as_strategy(generation_mode=mode, path_parameters=path))
+        @hypothesis.settings(
+            max_examples=EXAMPLES,
+            deadline=None,
+            database=None,
+            derandomize=True,
+            suppress_health_check=list(hypothesis.HealthCheck),
+            phases=[hypothesis.Phase.explicit, hypothesis.Phase.generate],
+        )
+        def check(case: schemathesis.Case) -> None:
+            headers = credentials(case.operation.definition.raw)
+            response = case.call_and_validate(base_url=url, headers=headers, checks=CHECKS)
+            statuses[case.operation.label][response.status_code] += 1
 
-            try:
-                check()
-            except hypothesis.errors.Unsatisfiable:
-                assert mode is schemathesis.GenerationMode.NEGATIVE  # nothing to get wrong
-            except (Exception, FailureGroup) as exc:  # each is reported, the others still run
-                inner = getattr(exc, "exceptions", [])
-                failures.append(f"{operation.label} ({mode.value}): {exc} {inner}")
+        try:
+            check()
+        except hypothesis.errors.Unsatisfiable:
+            assert mode is schemathesis.GenerationMode.NEGATIVE  # nothing to get wrong
+        except (Exception, FailureGroup) as exc:  # each is reported, the others still run
+            inner = getattr(exc, "exceptions", [])
+            failures.append(f"{operation.label} ({mode.value}, {path}): {exc} {inner}")
+        assert seen or mode is schemathesis.GenerationMode.NEGATIVE, operation.label
     return statuses, failures
 
 
 # schemathesis's strategies draw from `random`, which hypothesis deprecates.
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisDeprecationWarning")
 async def test_every_operation_answers_as_documented(server: Server) -> None:
-    statuses, failures = await asyncio.to_thread(fuzz, server.url)
+    user = "u-" + uuid.uuid4().hex[:8]
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        traits = {"email": f"{user}@example.com", "firstName": "Ada"}
+        event = {"userId": user, "traits": traits}
+        sent = await http.post("/v1/identify", json=event, auth=(WRITE_KEY, ""))
+        assert sent.status_code == 200, sent.text
+        profile = f"/v1/profiles/user_id:{user}"
+        bearer = {"authorization": f"Bearer {API_TOKEN}"}
+
+        async def contact() -> bool:
+            return (await http.get(f"/v1/crm/contacts/user_id:{user}", headers=bearer)).is_success
+
+        assert await eventually(contact)
+        assert (await http.get(profile, headers=bearer)).status_code == 200
+    statuses, failures = await asyncio.to_thread(fuzz, server.url, f"user_id:{user}")
     for label, seen in statuses.items():
         print(f"{label:45} {dict(sorted(seen.items()))}")
     assert not failures, "\n\n".join(failures)
+    for label in ("GET /v1/profiles/{ref}/events", "GET /v1/crm/contacts/{ref}/interactions"):
+        assert statuses[label][200], (label, statuses[label])  # the known profile's pages
 
 
 async def test_a_generated_client_sends_events_and_reads_the_profile(
