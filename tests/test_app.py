@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from cdp_stream.app import Runtime, StartupFailed, create_app
 from cdp_stream.bus.memory import MemoryBus
-from cdp_stream.profiles.credentials import ensure_source
+from cdp_stream.profiles.credentials import ensure_source, ensure_token
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.settings import Settings
 from tests.support import free_port, uid
@@ -195,3 +195,22 @@ def test_the_command_says_what_is_down_in_one_line_and_exits_1() -> None:
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("cdp-stream collector: cannot start: Postgres at postgresql+asyncpg://")
     assert "Traceback" not in done.stderr
+
+
+async def test_a_value_postgres_refuses_is_the_clients_400_not_an_outage(
+    engine: AsyncEngine,
+) -> None:
+    """A NUL character in text (found by schemathesis): asyncpg reports it as a plain
+    DBAPIError (SQLSTATE 22021), which was answered 503 as if the database were down."""
+    token = uid("tok")
+    async with engine.begin() as conn:
+        await ensure_token(conn, uid("tok"), "test", token, ("admin",))
+    transport = httpx.ASGITransport(
+        app=create_app(Runtime(Settings(), "test", engine, MemoryBus()))
+    )
+    async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
+        r = await client.post(
+            "/v1/sources", json={"name": "shop\x00"}, headers={"authorization": f"Bearer {token}"}
+        )
+    assert r.status_code == 400, r.text
+    assert r.json()["detail"].startswith("invalid value: ")

@@ -15,10 +15,11 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -34,10 +35,17 @@ from cdp_stream.bus import make_bus
 from cdp_stream.bus.base import Bus, BusUnavailable
 from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.library import router as library_router
+from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.collector.routes import TRACKING_PATHS, database_unavailable, openapi_paths
 from cdp_stream.collector.webhooks import router as webhooks_router
+from cdp_stream.openapi import secure
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
-from cdp_stream.profiles.db import DATABASE_UNAVAILABLE, make_engine, resolve_database_url
+from cdp_stream.profiles.db import (
+    DATABASE_UNAVAILABLE,
+    is_invalid_value,
+    make_engine,
+    resolve_database_url,
+)
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
@@ -127,13 +135,26 @@ class App(FastAPI):
             await super().__call__(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
-        """FastAPI's document, plus the plain endpoints when they are served."""
-        if self.openapi_schema is None and self.plain:
-            schema = super().openapi()
-            paths, components = openapi_paths()
-            schema["paths"] = {**paths, **schema.get("paths", {})}
-            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        """FastAPI's document, plus the plain endpoints when they are served, and the
+        security schemes (see ``cdp_stream.openapi``)."""
+        if self.openapi_schema is None:
+            schema = secure(super().openapi())
+            if self.plain:
+                paths, components = openapi_paths()
+                schema["paths"] = {**paths, **schema.get("paths", {})}
+                schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
         return super().openapi()
+
+
+class Readiness(BaseModel):
+    status: Literal["ok", "unavailable"]
+    bus: str = Field(description='"ok" or why not')
+    database: str = Field(description='"ok" or why not')
+
+
+_NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": Readiness, "description": "the bus or the database does not answer"}
+}
 
 
 def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) -> App:
@@ -142,22 +163,21 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     app.state.engine = runtime.engine
     app.state.bus = runtime.bus
     app.state.sources = Sources(runtime.engine)
+    app.state.rate_limits = RateLimits.from_settings(runtime.settings)
     app.state.rules = IdentityRules.from_settings(runtime.settings)
 
     async def database_down(request: Request, exc: Exception) -> JSONResponse:
         """Postgres down, too slow or its pool exhausted: a retryable 503, never a 500
-        with a stack trace."""
+        with a stack trace; but a value from the request that Postgres refuses is the
+        client's error (400), not an outage."""
+        if isinstance(exc, DataError) or is_invalid_value(exc):
+            orig = getattr(exc, "orig", exc)
+            return JSONResponse({"detail": f"invalid value: {orig}"}, status_code=400)
         log.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
         return database_unavailable(runtime.settings)
 
     for unavailable in DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, database_down)
-
-    @app.exception_handler(DataError)
-    async def invalid_value(request: Request, exc: DataError) -> JSONResponse:
-        """A value from the request that Postgres refuses is the client's error, not an
-        outage (the handler above would say 503)."""
-        return JSONResponse({"detail": f"invalid value: {exc.orig}"}, status_code=400)
 
     if "collector" in parts:
         app.include_router(webhooks_router)
@@ -175,7 +195,7 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         """The process is up (liveness)."""
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["health"])
+    @app.get("/readyz", tags=["health"], response_model=Readiness, responses=_NOT_READY)
     async def readyz() -> JSONResponse:
         """The bus and the database answer (readiness)."""
         checks: dict[str, str] = {}

@@ -84,6 +84,15 @@ class Settings(BaseSettings):
     max_request_bytes: int = 500 * 1024
     max_batch_events: int = 2500
     max_json_depth: int = 32
+    rate_limit_per_s: float = Field(
+        default=2000.0,
+        ge=0,
+        description="events per second a source may send to one collector process, unless "
+        "the source sets its own (see cdp_stream.collector.ratelimit); 0: no limit",
+    )
+    rate_limit_burst: int = Field(
+        default=20_000, ge=1, description="events a source may send at once above its rate"
+    )
     # Identity resolution (see cdp_stream.resolver): priority of identifier types (the
     # others follow), how many values of a type one profile may hold, values that never link.
     identity_priority: list[str] = ["user_id", "email", "phone"]

@@ -67,6 +67,30 @@ async def test_create_list_and_change_origins(api: httpx.AsyncClient, engine: As
     assert narrowed.json()["allowed_origins"] == []
 
 
+async def test_a_source_has_its_own_rate_limit_until_reset(
+    api: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    r = await api.post(
+        "/v1/sources",
+        json={"name": "Flood-prone", "rate_limit_per_s": 50, "rate_limit_burst": 200},
+        headers=AUTH,
+    )
+    assert r.status_code == 201, r.text
+    created = r.json()
+    assert (created["rate_limit_per_s"], created["rate_limit_burst"]) == (50.0, 200)
+    async with engine.connect() as conn:
+        found = await source_for_write_key(conn, created["write_key"])
+    assert found is not None
+    assert (found.rate_limit_per_s, found.rate_limit_burst) == (50.0, 200)
+    url = f"/v1/sources/{created['id']}"
+    renamed = await api.patch(url, json={"name": "Flood"}, headers=AUTH)
+    assert renamed.json()["rate_limit_burst"] == 200  # an absent field is left as it is
+    reset = await api.patch(url, json={"rate_limit_per_s": None}, headers=AUTH)
+    assert reset.json()["rate_limit_per_s"] is None and reset.json()["rate_limit_burst"] == 200
+    for bad in ({"rate_limit_per_s": 0}, {"rate_limit_burst": 0}, {"name": None, "x": 1}):
+        assert (await api.patch(url, json=bad, headers=AUTH)).status_code == 422
+
+
 async def test_bad_input_is_a_422_naming_the_field(api: httpx.AsyncClient) -> None:
     bad_origin = await api.post(
         "/v1/sources", json={"name": "x", "allowed_origins": ["shop.example.com"]}, headers=AUTH

@@ -29,6 +29,7 @@ from starlette.responses import HTMLResponse
 from starlette.routing import Route
 
 from cdp_stream.app import Runtime
+from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.resolver.consumer import run_resolver
 from tests.collector.chromium import Chromium
 from tests.support import (
@@ -431,6 +432,29 @@ async def test_retries_back_off_exponentially_and_honour_retry_after(
     assert gaps[2] > gaps[0] and gaps[3] > gaps[0], gaps
     assert max(gaps) <= 1800, gaps
     await sent_everything(browser, page)
+
+
+async def test_the_collectors_rate_limit_is_honoured_and_nothing_is_lost(
+    browser: Chromium, site: Site, collector: Server, gate: Gate
+) -> None:
+    """The real token bucket (the gate only records): 2 events at once, then 2 per
+    second, for this test; the page's batches of 2 meet 429s, wait their Retry-After and
+    all arrive once."""
+    page = await open_page(browser, site.url("/limited", flushAt=2, flushInterval=100))
+    await sent_everything(browser, page)
+    gate.requests.clear()
+    state = gate.app.state  # the collector's App, behind the gate
+    unlimited, state.rate_limits = state.rate_limits, RateLimits(2.0, 2)
+    try:
+        for n in range(8):
+            await browser.call("eval", page=page, expression=f"cdp.track('Limited', {{n: {n}}})")
+        await sent_everything(browser, page)
+    finally:
+        state.rate_limits = unlimited
+    statuses = Counter(status for status, _ in gate.requests)
+    assert statuses[429] >= 1 and set(statuses) == {200, 429}, statuses
+    delivered = gate.delivered()
+    assert sum(delivered.values()) == 8 and set(delivered.values()) == {1}, delivered
 
 
 async def test_a_tab_closed_while_the_collector_is_down_is_sent_by_the_next_tab(

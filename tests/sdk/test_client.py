@@ -23,8 +23,10 @@ from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.app import Runtime
+from cdp_stream.profiles.credentials import ensure_source, update_source
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.sdk import AsyncClient, Client
 from tests.support import Gate, Server, eventually, gate_of, gated_collector, running_pipeline, uid
@@ -157,6 +159,26 @@ async def test_429_and_503_are_retried_honouring_retry_after(server: Server, gat
         assert client.stats.retries == 2 and client.stats.sent == 1
     assert [status for status, _ in gate.requests] == [429, 503, 200]
     assert gate.delivered() == Counter(ids)
+
+
+async def test_the_collectors_rate_limit_is_honoured_and_nothing_is_lost(
+    server: Server, gate: Gate, engine: AsyncEngine
+) -> None:
+    """A source limited to 20 events/s with a burst of 10 (the real token bucket, not the
+    gate): the SDK's batches of 5 meet 429s, wait their Retry-After, and every event
+    arrives once."""
+    key, source_id = uid("wk"), uid("src")
+    async with engine.begin() as conn:
+        await ensure_source(conn, source_id, "sdk-limited", key, [])
+        await update_source(conn, source_id, {"rate_limit_per_s": 20.0, "rate_limit_burst": 10})
+    async with sdk(server, write_key=key, flush_at=5, max_retries=1000) as client:
+        ids = [client.track(uid("u"), "Burst", {"i": i}) for i in range(40)]
+        assert await asyncio.to_thread(client.flush, 30.0)
+        assert client.stats.sent == 40 and client.dropped == 0
+        assert client.stats.retries >= 1
+    statuses = Counter(status for status, _ in gate.requests)
+    assert statuses[429] >= 1 and set(statuses) == {200, 429}, statuses
+    assert gate.delivered() == Counter(ids)  # each messageId exactly once
 
 
 async def test_4xx_is_dropped_and_counted_never_retried(server: Server, gate: Gate) -> None:

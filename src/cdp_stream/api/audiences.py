@@ -12,17 +12,16 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import audiences
 from cdp_stream.activation.rules import RuleError, parse_rule
-from cdp_stream.api.deps import Conn, require_scope
+from cdp_stream.api.deps import Conn
+from cdp_stream.openapi import bearer
 
 router = APIRouter(prefix="/v1/audiences", tags=["audiences"])
-READ = [Depends(require_scope("profiles:read"))]
-WRITE = [Depends(require_scope("audiences:write"))]
 
 
 class AudienceIn(BaseModel):
@@ -43,7 +42,9 @@ class AudienceOut(BaseModel):
     created_at: datetime
 
 
-@router.post("", status_code=201, response_model=Created, dependencies=WRITE)
+@router.post(
+    "", status_code=201, response_model=Created, **bearer("audiences:write", 400, 409, 422)
+)
 async def create(request: Request, body: AudienceIn) -> dict[str, str]:
     try:
         rule = parse_rule(body.rule)
@@ -69,12 +70,12 @@ async def create(request: Request, body: AudienceIn) -> dict[str, str]:
     return {"id": str(audience_id)}
 
 
-@router.get("", response_model=list[AudienceOut], dependencies=READ)
+@router.get("", response_model=list[AudienceOut], **bearer("profiles:read"))
 async def list_all(conn: Conn) -> list[dict[str, Any]]:
     return await audiences.list_audiences(conn)
 
 
-@router.get("/{audience_id}", response_model=AudienceOut, dependencies=READ)
+@router.get("/{audience_id}", response_model=AudienceOut, **bearer("profiles:read", 404, 422))
 async def get_one(audience_id: uuid.UUID, conn: Conn) -> dict[str, Any]:
     found = await audiences.read_audience(conn, audience_id)
     if found is None:
@@ -82,7 +83,7 @@ async def get_one(audience_id: uuid.UUID, conn: Conn) -> dict[str, Any]:
     return found
 
 
-@router.delete("/{audience_id}", status_code=204, dependencies=WRITE)
+@router.delete("/{audience_id}", status_code=204, **bearer("audiences:write", 404, 422))
 async def delete(audience_id: uuid.UUID, conn: Conn) -> None:
     if not await audiences.delete_audience(conn, audience_id):
         raise HTTPException(404, f"no audience {audience_id}")

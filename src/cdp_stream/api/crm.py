@@ -12,17 +12,18 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_stream.api.deps import Conn, cursor_at, position, require_scope
+from cdp_stream.api.deps import Conn, cursor_at, position
 from cdp_stream.api.profiles import Profile
+from cdp_stream.openapi import bearer
 from cdp_stream.profiles.models import crm_contacts, crm_interactions
 
 router = APIRouter(prefix="/v1/crm", tags=["crm"])
-READ = [Depends(require_scope("profiles:read"))]
+READ = bearer("profiles:read", 400, 404, 422)
 
 
 class ContactOut(BaseModel):
@@ -64,12 +65,12 @@ async def _contact(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, An
     return {**row._mapping, "profile_id": str(row.profile_id)}
 
 
-@router.get("/contacts/{ref}", response_model=ContactOut, dependencies=READ)
+@router.get("/contacts/{ref}", response_model=ContactOut, **READ)
 async def get_contact(profile_id: Profile, conn: Conn) -> dict[str, Any]:
     return await _contact(conn, profile_id)
 
 
-@router.get("/contacts/{ref}/interactions", response_model=InteractionPage, dependencies=READ)
+@router.get("/contacts/{ref}/interactions", response_model=InteractionPage, **READ)
 async def get_interactions(
     profile_id: Profile,
     conn: Conn,

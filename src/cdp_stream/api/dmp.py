@@ -12,14 +12,15 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, Query
+from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 
 from cdp_stream.activation import dmp
-from cdp_stream.api.deps import Conn, require_scope
+from cdp_stream.api.deps import Conn
+from cdp_stream.openapi import bearer
 
 router = APIRouter(prefix="/v1/dmp", tags=["dmp"])
-READ = [Depends(require_scope("profiles:read"))]
+READ = bearer("profiles:read", 400, 404, 422)
 
 
 class AudienceCountOut(BaseModel):
@@ -36,7 +37,7 @@ class AudienceCountsOut(BaseModel):
     items: list[AudienceCountOut]
 
 
-@router.get("/audience-counts", response_model=AudienceCountsOut, dependencies=READ)
+@router.get("/audience-counts", response_model=AudienceCountsOut, **READ)
 async def get_audience_counts(
     conn: Conn,
     audience: uuid.UUID | None = None,

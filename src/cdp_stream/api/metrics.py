@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from cdp_stream.api.deps import Conn
+from cdp_stream.openapi import responses
 from cdp_stream.profiles import dead_letters
 from cdp_stream.profiles import repository as repo
 
@@ -22,7 +23,7 @@ _DEAD = "cdp_dead_letters_total"
 _CONSUMERS = ("resolver", "activation")  # always listed, 0 until one parks a record
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
+@router.get("/metrics", response_class=PlainTextResponse, responses=responses(503))
 async def metrics(conn: Conn) -> str:
     values = await repo.identity_counters(conn)
     lines = []

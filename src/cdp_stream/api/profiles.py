@@ -16,8 +16,9 @@ import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query, Request
 from pydantic import BaseModel
 
-from cdp_stream.api.deps import Conn, cursor_at, in_utc, position, require_scope
+from cdp_stream.api.deps import Conn, cursor_at, in_utc, position
 from cdp_stream.bus.base import BusUnavailable
+from cdp_stream.openapi import bearer
 from cdp_stream.profiles import repository as repo
 from cdp_stream.resolver.consumer import relay_outbox
 from cdp_stream.resolver.identity import IdentityRules
@@ -25,7 +26,7 @@ from cdp_stream.resolver.unmerge import unmerge_last
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/profiles", tags=["profiles"])
-READ = [Depends(require_scope("profiles:read"))]
+READ = bearer("profiles:read", 400, 404, 422)
 
 
 class IdentityOut(BaseModel):
@@ -59,7 +60,7 @@ async def resolve_ref(request: Request, conn: Conn, ref: str) -> uuid.UUID:
 Profile = Annotated[uuid.UUID, Depends(resolve_ref)]
 
 
-@router.get("/{ref}", response_model=ProfileOut, dependencies=READ)
+@router.get("/{ref}", response_model=ProfileOut, **READ)
 async def get_profile(profile_id: Profile, conn: Conn) -> dict[str, Any]:
     profile = await repo.read_profile(conn, profile_id)
     if profile is None:
@@ -83,7 +84,7 @@ class EventPage(BaseModel):
     next: str | None
 
 
-@router.get("/{ref}/events", response_model=EventPage, dependencies=READ)
+@router.get("/{ref}/events", response_model=EventPage, **READ)
 async def get_events(
     profile_id: Profile,
     conn: Conn,
@@ -119,7 +120,7 @@ class IdentityDetail(IdentityOut):
     created_at: datetime
 
 
-@router.get("/{ref}/identities", response_model=list[IdentityDetail], dependencies=READ)
+@router.get("/{ref}/identities", response_model=list[IdentityDetail], **READ)
 async def get_identities(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
     return await repo.read_identities(conn, profile_id)
 
@@ -149,7 +150,7 @@ class MergesOut(BaseModel):
     refusals: list[RefusalOut]
 
 
-@router.get("/{ref}/merges", response_model=MergesOut, dependencies=READ)
+@router.get("/{ref}/merges", response_model=MergesOut, **READ)
 async def get_merges(profile_id: Profile, conn: Conn) -> dict[str, Any]:
     """The merges that built this profile (undone ones too) and the links it refused."""
     return await repo.read_merges(conn, profile_id)
@@ -164,7 +165,7 @@ class UnmergeOut(BaseModel):
 @router.post(
     "/{ref}/unmerge",
     response_model=UnmergeOut,
-    dependencies=[Depends(require_scope("profiles:write"))],
+    **bearer("profiles:write", 400, 404, 409, 422),
 )
 async def post_unmerge(profile_id: Profile, conn: Conn) -> dict[str, Any]:
     """Reverse the profile's last merge (see :mod:`cdp_stream.resolver.unmerge`)."""
@@ -178,7 +179,7 @@ async def post_unmerge(profile_id: Profile, conn: Conn) -> dict[str, Any]:
     }
 
 
-@router.delete("/{ref}", status_code=204, dependencies=[Depends(require_scope("profiles:delete"))])
+@router.delete("/{ref}", status_code=204, **bearer("profiles:delete", 400, 404, 422))
 async def delete_profile(request: Request, profile_id: Profile) -> None:
     """Erase the person everywhere (a data-rights request); see ``repo.delete_group``.
 

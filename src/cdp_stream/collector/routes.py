@@ -1,9 +1,10 @@
 """The Segment HTTP Tracking API: ``POST /v1/{identify,track,page,screen,group,alias,batch}``.
 
 A request goes: bounded read -> gunzip (bounded) -> strict JSON -> write key -> origin
-(``cors``) -> per-event validation and enrichment (``intake``) -> publish accepted events
-to ``cdp.events`` and rejected ones to ``cdp.events.rejected`` -> answer. The body is read
-as JSON whatever its Content-Type says: browsers send ``text/plain`` to avoid a preflight.
+(``cors``) -> rate limit (``ratelimit``: 429 + Retry-After) -> per-event validation and
+enrichment (``intake``) -> publish accepted events to ``cdp.events`` and rejected ones to
+``cdp.events.rejected`` -> answer. The body is read as JSON whatever its Content-Type
+says: browsers send ``text/plain`` to avoid a preflight.
 
 When the client gets its 200: only after the broker acknowledged every record of the
 request, accepted and rejected alike. If the broker cannot acknowledge in time the answer
@@ -36,7 +37,9 @@ from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import Sources, basic_username
 from cdp_stream.collector.cors import PREFLIGHT_HEADERS, cors_headers, origin_allowed
 from cdp_stream.collector.intake import IntakeResult, body_write_key, intake
+from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.events import MODELS, Batch
+from cdp_stream.openapi import Accepted, Error, responses
 from cdp_stream.profiles.db import DATABASE_UNAVAILABLE
 from cdp_stream.settings import Settings
 
@@ -111,24 +114,39 @@ async def _collect(request: Request, endpoint: str) -> Response:
             return error_response(401, "missing or unknown write key")
         if origin is not None and not origin_allowed(origin, source.allowed_origins):
             return error_response(403, f"origin {origin!r} may not send to this source")
-        result = intake(
-            body,
-            endpoint,
-            settings=settings,
-            rules=state.rules,
-            source_id=source.id,
-            received_at=received_at,
-            ip=request.client.host if request.client else None,
-            user_agent=request.headers.get("user-agent"),
-        )
+        limits: RateLimits = state.rate_limits
+        wait = limits.take(source, _events_in(body, endpoint))
+        result = None
+        if not wait:
+            result = intake(
+                body,
+                endpoint,
+                settings=settings,
+                rules=state.rules,
+                source_id=source.id,
+                received_at=received_at,
+                ip=request.client.host if request.client else None,
+                user_agent=request.headers.get("user-agent"),
+            )
     except BadRequest as exc:
         return error_response(exc.status, exc.message)
     except DATABASE_UNAVAILABLE:
         return database_unavailable(settings)
-    response = await _publish(state.bus, settings, source.id, endpoint, result)
+    if result is None:  # nothing published: the client sends it again after Retry-After
+        response = error_response(429, "rate limit of this write key exceeded, retry later")
+        response.headers["Retry-After"] = str(wait)
+    else:
+        response = await _publish(state.bus, settings, source.id, endpoint, result)
     if origin is not None:  # judged above: this page may read the answer
         response.headers.update(cors_headers(origin))
     return response
+
+
+def _events_in(body: Any, endpoint: str) -> int:
+    """What a request costs in rate-limit tokens: its events (a batch's items)."""
+    if endpoint == "batch" and isinstance(body, dict) and isinstance(body.get("batch"), list):
+        return max(1, len(body["batch"]))
+    return 1
 
 
 async def _publish(
@@ -198,21 +216,32 @@ TRACKING_PATHS: dict[str, ASGIApp] = {
 
 def openapi_paths() -> tuple[dict[str, Any], dict[str, Any]]:
     """The tracking endpoints in OpenAPI (they are not FastAPI routes): their paths, and
-    the component schemas of their request bodies (the event models)."""
+    the component schemas of their bodies (the event models, the answers)."""
     bodies: list[tuple[str, type[BaseModel]]] = [*MODELS.items(), ("batch", Batch)]
     refs, top = models_json_schema(
-        [(model, "validation") for _, model in bodies],
+        [
+            *((model, "validation") for _, model in bodies),
+            (Accepted, "serialization"),
+            (Error, "serialization"),
+        ],
         ref_template="#/components/schemas/{model}",
     )
+    ok = {
+        "description": "every event was accepted (a batch lists the ones it refused under "
+        "`rejected`)",
+        "content": {"application/json": {"schema": refs[(Accepted, "serialization")]}},
+    }
+    error = {"application/json": {"schema": refs[(Error, "serialization")]}}
     answers = {
-        "200": "every event was accepted (a batch lists the ones it refused under `rejected`)",
-        "400": "not valid JSON, or the event (a single call) was refused",
-        "401": "missing or unknown write key",
-        "403": "the Origin may not send to this source",
-        "413": "request or event over the size limit",
-        "415": "Content-Encoding other than gzip",
-        "503": "the event bus or the database is unavailable: nothing accepted, retry "
-        "after Retry-After seconds",
+        "200": ok,
+        **{
+            str(code): {
+                "description": answer["description"],
+                "content": error,
+                **({"headers": answer["headers"]} if "headers" in answer else {}),
+            }
+            for code, answer in responses(400, 401, 403, 413, 415, 429, 503).items()
+        },
     }
     paths = {
         f"/v1/{name}": {
@@ -220,11 +249,12 @@ def openapi_paths() -> tuple[dict[str, Any], dict[str, Any]]:
                 "tags": ["collector"],
                 "summary": f"Collect {name}",
                 "operationId": f"collect_{name}_v1_{name}_post",
+                "security": [{"writeKey": []}],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": refs[(model, "validation")]}},
                 },
-                "responses": {code: {"description": text} for code, text in answers.items()},
+                "responses": answers,
             }
         }
         for name, model in bodies

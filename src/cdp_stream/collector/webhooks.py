@@ -62,6 +62,7 @@ from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.intake import intake, rejection_record
 from cdp_stream.collector.routes import bus_unavailable, error_response, read_body
+from cdp_stream.openapi import Error, WebhookAccepted, responses
 from cdp_stream.settings import Settings
 
 router = APIRouter(tags=["webhooks"])
@@ -351,7 +352,47 @@ async def _source(request: Request, write_key: str) -> str | None:
     return found.id if found else None
 
 
-@router.post("/v1/webhooks/sendgrid/{source}")
+_ANSWERS: dict[int | str, dict[str, Any]] = {
+    200: {"model": WebhookAccepted, "description": "published (refused events listed)"},
+    **responses(400, 401, 403, 413, 415, 503, model=Error),
+}
+
+
+def _body(schema: dict[str, Any], signature: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """``openapi_extra`` of a webhook: its JSON body (read by hand, after the signature
+    check) and its signature headers."""
+    body = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+    return {**body, "parameters": signature} if signature else body
+
+
+_SENDGRID_BODY = _body(
+    {"type": "array", "items": {"type": "object"}, "description": "SendGrid's events"},
+    [
+        {"name": name, "in": "header", "required": True, "schema": {"type": "string"}}
+        for name in (SENDGRID_SIGNATURE, SENDGRID_TIMESTAMP)
+    ],
+)
+_MAILGUN_BODY = _body(
+    {
+        "type": "object",
+        "required": ["signature", "event-data"],
+        "properties": {
+            "signature": {
+                "type": "object",
+                "required": ["timestamp", "token", "signature"],
+                "properties": {
+                    "timestamp": {"type": "string"},
+                    "token": {"type": "string"},
+                    "signature": {"type": "string"},
+                },
+            },
+            "event-data": {"type": "object", "description": "Mailgun's event"},
+        },
+    }
+)
+
+
+@router.post("/v1/webhooks/sendgrid/{source}", responses=_ANSWERS, openapi_extra=_SENDGRID_BODY)
 async def sendgrid_webhook(request: Request, source: str) -> JSONResponse:
     """SendGrid's signed event webhook: a JSON array of events."""
     settings: Settings = request.app.state.settings
@@ -391,7 +432,7 @@ def _seen_tokens(request: Request) -> SeenTokens:
     return seen
 
 
-@router.post("/v1/webhooks/mailgun/{source}")
+@router.post("/v1/webhooks/mailgun/{source}", responses=_ANSWERS, openapi_extra=_MAILGUN_BODY)
 async def mailgun_webhook(request: Request, source: str) -> JSONResponse:
     """Mailgun's JSON event webhook: ``{"signature": {...}, "event-data": {...}}``."""
     settings: Settings = request.app.state.settings

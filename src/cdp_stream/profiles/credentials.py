@@ -42,16 +42,21 @@ def new_api_token() -> str:
 class Source:
     id: str
     allowed_origins: tuple[str, ...]
+    rate_limit_per_s: float | None = None  # None: the Settings default
+    rate_limit_burst: int | None = None
 
 
 async def source_for_write_key(conn: AsyncConnection, write_key: str) -> Source | None:
     """The source the write key belongs to, or None."""
+    columns = (sources.c.id, sources.c.allowed_origins, sources.c.rate_limit_per_s)
     row = (
         await conn.execute(
-            select(sources.c.id, sources.c.allowed_origins).where(sources.c.write_key == write_key)
+            select(*columns, sources.c.rate_limit_burst).where(sources.c.write_key == write_key)
         )
     ).one_or_none()
-    return None if row is None else Source(row.id, tuple(row.allowed_origins))
+    if row is None:
+        return None
+    return Source(row.id, tuple(row.allowed_origins), row.rate_limit_per_s, row.rate_limit_burst)
 
 
 async def list_sources(conn: AsyncConnection) -> list[dict[str, object]]:
@@ -59,10 +64,15 @@ async def list_sources(conn: AsyncConnection) -> list[dict[str, object]]:
     return [dict(row._mapping) for row in rows]
 
 
-async def create_source(conn: AsyncConnection, name: str, allowed_origins: list[str]) -> str:
-    """A new source with a new write key; its id."""
+async def create_source(
+    conn: AsyncConnection, name: str, allowed_origins: list[str], **limits: object
+) -> str:
+    """A new source with a new write key (and ``limits``: ``rate_limit_per_s``,
+    ``rate_limit_burst``); its id."""
     source_id = "src_" + secrets.token_hex(6)
     await ensure_source(conn, source_id, name, new_write_key(), allowed_origins)
+    if limits:
+        await update_source(conn, source_id, limits)
     return source_id
 
 
@@ -74,7 +84,8 @@ async def read_source(conn: AsyncConnection, source_id: str) -> dict[str, object
 async def update_source(
     conn: AsyncConnection, source_id: str, changes: dict[str, object]
 ) -> dict[str, object] | None:
-    """The source after ``changes`` (name, allowed_origins), or None if there is none."""
+    """The source after ``changes`` (name, allowed_origins, rate limits), or None if there
+    is none."""
     if not changes:
         return await read_source(conn, source_id)
     stmt = update(sources).where(sources.c.id == source_id).values(**changes)

@@ -109,6 +109,13 @@ def is_outage(exc: BaseException) -> bool:
     return isinstance(cause, PgClientInterfaceError | InternalClientError | OSError)
 
 
+def is_invalid_value(exc: BaseException) -> bool:
+    """Whether Postgres refused a value the work carried (SQLSTATE class 22, data
+    exception, e.g. a NUL character in text, which asyncpg reports as a plain DBAPIError):
+    the caller's error, which no retry fixes, not an outage."""
+    return isinstance(exc, DBAPIError) and (_sqlstate(exc) or "").startswith("22")
+
+
 class Stopping(Exception):
     """``retrying`` gave up waiting for the database because its process is stopping."""
 

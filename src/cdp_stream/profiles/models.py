@@ -42,6 +42,9 @@ sources = Table(
     Column("write_key", Text, nullable=False, unique=True),
     Column("allowed_origins", ARRAY(Text), nullable=False, server_default=text("'{}'::text[]")),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    # The source's rate limit (see collector/ratelimit.py); NULL: the Settings default.
+    Column("rate_limit_per_s", Float),
+    Column("rate_limit_burst", Integer),
 )
 
 # API tokens are secrets: only their SHA-256 is stored.
