@@ -456,6 +456,7 @@ def main() -> None:
         opts.watch = broker
         env = os.environ | {"CDP_KAFKA_BOOTSTRAP": opts.bootstrap, "CDP_DATABASE_URL": db_url}
         env |= {"CDP_TOPIC_NAMESPACE": opts.namespace, "CDP_BOOTSTRAP_WRITE_KEY": opts.write_key}
+        env |= {"CDP_RATE_LIMIT_PER_S": "0"}  # capacity is measured, not the per-source limit
         collector = [Path(sys.executable).with_name("cdp-stream"), "collector"]
         for producer, workers in itertools.product(opts.producers, opts.workers):
             env |= {"CDP_KAFKA_PRODUCER": producer, "CDP_COLLECTOR_WORKERS": str(workers)}

@@ -92,6 +92,7 @@ def start_up(setup: Setup, log: Path) -> None:
     setup.port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")} | setup.env
     env |= {"CDP_BOOTSTRAP_WRITE_KEY": KEY, "CDP_HTTP_PORT": str(setup.port)}
+    env |= {"CDP_RATE_LIMIT_PER_S": "0"}  # capacity is measured, not the per-source limit
     command = [Path(sys.executable).with_name("cdp-stream"), setup.role]
     with log.open("ab") as out:
         setup.proc = subprocess.Popen(
