@@ -339,9 +339,7 @@ def updates(
         {
             "profile_id": str(pid),
             "merged_ids": [str(m) for m in merged],
-            "changed_traits": traits.changes(
-                traits.view(before.trait_state), traits.view(after.trait_state)
-            ),
+            "changed_traits": traits.changed(before.trait_state, after.trait_state),
             "changed_computed": {
                 k: v for k, v in after.computed.items() if before.computed.get(k) != v
             },

@@ -1,8 +1,10 @@
 """The resolver loop: poll a batch -> one transaction -> commit offsets, the outbox relayed
-beside it (after each commit, and at start-up).
+beside it (after each commit, and at start-up), the next batch polled, decoded and
+prepared while one's transaction runs (:class:`_Ahead`: Python and Postgres overlap).
 
-Offsets are committed only after the database commit, so a crash anywhere before it
-redelivers the batch, and ``batch.apply_prepared`` turns the redelivery into a no-op.
+Offsets are committed only after the database commit, batch after batch in order, so a
+crash anywhere before it redelivers the batch (and the one taken ahead), and
+``batch.apply_prepared`` turns the redelivery into a no-op.
 Profile updates are written to an outbox table in the batch's transaction and relayed to
 ``cdp.profile-updates`` after it commits (and at start-up): a crash between the commit and
 the publish leaves them in the outbox for the next relay, never lost. Every
@@ -18,9 +20,10 @@ blocking its partition forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -28,11 +31,19 @@ from pydantic import ConfigDict
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.bus.base import Bus, BusUnavailable, Message, Record, next_offsets, rejoin
+from cdp_stream.bus.base import (
+    Bus,
+    BusUnavailable,
+    Consumer,
+    Message,
+    Record,
+    next_offsets,
+    rejoin,
+)
 from cdp_stream.events import Event
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import Stopping, retrying
-from cdp_stream.resolver.batch import BatchResult, apply_prepared, prepare
+from cdp_stream.resolver.batch import BatchResult, Prepared, apply_prepared, prepare
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
@@ -53,7 +64,15 @@ async def apply_with_retry(
 ) -> BatchResult:
     """One transaction for the batch, retried on conflicts and outages (see ``retrying``);
     what each event alone implies is worked out first, outside it."""
-    batch = prepare(events, rules)
+    return await _apply(engine, prepare(events, rules), rules, stop)
+
+
+async def _apply(
+    engine: AsyncEngine,
+    batch: Sequence[Prepared],
+    rules: IdentityRules,
+    stop: asyncio.Event | None,
+) -> BatchResult:
     return await retrying(engine, lambda conn: apply_prepared(conn, batch, rules), stop)
 
 
@@ -91,9 +110,16 @@ async def vacuum_outbox(engine: AsyncEngine) -> None:
         log.warning("could not vacuum the outbox, trying again later: %s", exc)
 
 
+# Events decoded and prepared between two yields to the loop while the previous batch's
+# transaction runs: about 2 ms of Python, the most a statement's answer waits for it.
+_CHUNK = 50
+
+
 async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
     events: list[dict[str, Any]] = []
-    for m in messages:
+    for i, m in enumerate(messages):
+        if i % _CHUNK == _CHUNK - 1:
+            await asyncio.sleep(0)
         try:
             value = orjson.loads(m.value)
             _Checked.model_validate(value)
@@ -103,6 +129,58 @@ async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[
             record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
             await bus.publish(rejected, m.key, orjson.dumps(record))
     return events
+
+
+_Taken = tuple[list[Message], list[Prepared]]
+
+
+async def _take(
+    consumer: Consumer, bus: Bus, settings: Settings, rules: IdentityRules
+) -> _Taken | None:
+    """The next batch, decoded and prepared (None if the poll found nothing). Run while
+    the batch before it is in its transaction: the work here needs no lock, so it fills
+    the time the loop would otherwise spend waiting for Postgres, yielding every
+    :data:`_CHUNK` events so that the transaction's statements are answered promptly."""
+    messages = await consumer.getmany(
+        settings.resolver_batch_size, settings.resolver_poll_timeout_ms
+    )
+    if not messages:
+        return None
+    events = await _decode(bus, settings.topics.rejected, messages)
+    prepared: list[Prepared] = []
+    for i in range(0, len(events), _CHUNK):
+        await asyncio.sleep(0)
+        prepared += prepare(events[i : i + _CHUNK], rules)
+    return messages, prepared
+
+
+class _Ahead:
+    """One batch taken ahead (:func:`_take`) while the current one is applied. Batches
+    are still applied, and their offsets committed, one at a time and in order, each
+    commit after its own transaction; a batch taken ahead and then dropped (a rejoin,
+    stopping) was not committed, so it is delivered again."""
+
+    def __init__(self, take: Callable[[], Coroutine[Any, Any, _Taken | None]]) -> None:
+        self._take = take
+        self._task: asyncio.Task[_Taken | None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._take())
+
+    async def next(self) -> _Taken | None:
+        """The batch taken ahead (or one taken now), and the next one started."""
+        task, self._task = self._task, None
+        taken = await (task if task is not None else self._take())
+        if taken is not None:
+            self.start()
+        return taken
+
+    async def drop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 class _Relay:
@@ -165,6 +243,7 @@ async def run_resolver(
     clock = asyncio.get_running_loop().time
     vacuumed_at = clock()
     relay = _Relay(engine, bus, names.profile_updates)
+    ahead = _Ahead(lambda: _take(consumer, bus, settings, rules))
     try:
         await relay_outbox(engine, bus, names.profile_updates)  # what a crash left behind
         while not stop.is_set():
@@ -174,13 +253,11 @@ async def run_resolver(
             if relay.failed:
                 relay.kick()
             try:
-                messages = await consumer.getmany(
-                    settings.resolver_batch_size, settings.resolver_poll_timeout_ms
-                )
-                if not messages:
+                taken = await ahead.next()
+                if taken is None:
                     continue
-                events = await _decode(bus, names.rejected, messages)
-                result = await apply_with_retry(engine, events, rules, stop)
+                messages, batch = taken
+                result = await _apply(engine, batch, rules, stop)
                 await bus.publish_many(
                     [
                         Record(
@@ -204,9 +281,11 @@ async def run_resolver(
                 await consumer.commit(next_offsets(messages))
             except BusUnavailable as exc:
                 log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
+                await ahead.drop()
                 await rejoin(consumer, stop)
             except Stopping:
                 log.info("stopping with the database away: the batch is redelivered later")
     finally:
+        await ahead.drop()
         await relay.settle()
         await consumer.stop()
