@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Text, any_, bindparam, delete, func, select, text, tuple_, update
+from sqlalchemy import any_, bindparam, delete, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import ColumnElement, Subquery
@@ -56,21 +56,55 @@ async def lock_keys(conn: AsyncConnection, keys: Iterable[int]) -> None:
         )
 
 
-async def stored_message_ids(
-    conn: AsyncConnection, keys: Sequence[tuple[str, str]]
-) -> set[tuple[str, str]]:
-    """Which (source_id, message_id) pairs are already stored."""
-    if not keys:
-        return set()
-    rows = await conn.execute(
-        text(
-            "SELECT e.source_id, e.message_id FROM events e JOIN unnest("
-            "CAST(:sources AS text[]), CAST(:messages AS text[])) AS k(s, m)"
-            " ON e.source_id = k.s AND e.message_id = k.m"
-        ),
-        {"sources": [s for s, _ in keys], "messages": [m for _, m in keys]},
+_BATCH_READS = """
+SELECT 0, e.source_id, e.message_id, NULL::uuid FROM events e
+  JOIN unnest($1::text[], $2::text[]) AS k(s, m) ON e.source_id = k.s AND e.message_id = k.m
+UNION ALL
+SELECT 1, i.type, i.value, i.profile_id FROM identities i
+  JOIN unnest($3::text[], $4::text[]) AS k(t, v) ON i.type = k.t AND i.value = k.v
+UNION ALL
+SELECT 2, s.digest, NULL, NULL FROM suppressed_identifiers s WHERE s.digest = ANY($5::text[])
+"""
+
+
+@dataclass(slots=True)
+class BatchReads:
+    """What a batch reads before it locks profiles, in one round trip."""
+
+    stored: set[tuple[str, str]]  # (source_id, message_id) pairs already stored
+    owners: dict[Identifier, uuid.UUID]  # the profile holding each identifier
+    suppressed: set[Identifier]  # identifiers of deleted people
+
+
+async def batch_reads(
+    conn: AsyncConnection, keys: Sequence[tuple[str, str]], ids: Sequence[Identifier]
+) -> BatchReads:
+    """Which events are stored already, who holds each identifier, which belong to deleted
+    people: one statement on the driver's connection (arrays, not IN lists: one plan per
+    connection; asyncpg's records, not SQLAlchemy's rows: thousands per batch)."""
+    by_digest = {identifier_digest(i): i for i in ids}
+    rows = await (await _driver(conn)).fetch(
+        _BATCH_READS,
+        [s for s, _ in keys],
+        [m for _, m in keys],
+        [i.type for i in ids],
+        [i.value for i in ids],
+        list(by_digest),
     )
-    return {(r.source_id, r.message_id) for r in rows}
+    out = BatchReads(set(), {}, set())
+    for kind, a, b, pid in rows:
+        if kind == 0:
+            out.stored.add((a, b))
+        elif kind == 1:
+            out.owners[Identifier(a, b)] = pid
+        else:
+            out.suppressed.add(by_digest[a])
+    return out
+
+
+async def _driver(conn: AsyncConnection) -> Any:
+    """The asyncpg connection under ``conn`` (in the same transaction)."""
+    return (await conn.get_raw_connection()).driver_connection
 
 
 async def profiles_of(
@@ -110,6 +144,10 @@ class LockedProfile:
     state: ProfileState
 
 
+_LOCK_PROFILES = """SELECT id, merged_into, created_at, trait_state, computed FROM profiles
+WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE"""
+
+
 async def lock_profiles(
     conn: AsyncConnection, ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, LockedProfile]:
@@ -118,21 +156,10 @@ async def lock_profiles(
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = await conn.execute(
-        select(
-            profiles.c.id,
-            profiles.c.merged_into,
-            profiles.c.created_at,
-            profiles.c.trait_state,
-            profiles.c.computed,
-        )
-        .where(profiles.c.id == _any(wanted, UUID(as_uuid=True)))
-        .order_by(profiles.c.id)
-        .with_for_update()
-    )
+    rows = await (await _driver(conn)).fetch(_LOCK_PROFILES, wanted)
     return {
-        r.id: LockedProfile(r.merged_into, r.created_at, ProfileState(r.trait_state, r.computed))
-        for r in rows
+        pid: LockedProfile(merged_into, created_at, ProfileState(trait_state, computed))
+        for pid, merged_into, created_at, trait_state, computed in rows
     }
 
 
@@ -142,13 +169,12 @@ async def identities_of(
     """Every identity each profile holds (the per-type limits count them all)."""
     out: dict[uuid.UUID, set[Identifier]] = {pid: set() for pid in ids}
     if ids:
-        rows = await conn.execute(
-            select(identities.c.type, identities.c.value, identities.c.profile_id).where(
-                identities.c.profile_id == _any(ids, UUID(as_uuid=True))
-            )
+        rows = await (await _driver(conn)).fetch(
+            "SELECT type, value, profile_id FROM identities WHERE profile_id = ANY($1::uuid[])",
+            list(ids),
         )
-        for r in rows:
-            out[r.profile_id].add(Identifier(r.type, r.value))
+        for type_, value, pid in rows:
+            out[pid].add(Identifier(type_, value))
     return out
 
 
@@ -304,10 +330,7 @@ async def _copy(
     """COPY ``records`` into ``table`` in the caller's transaction: one round trip and no
     per-row statement, several times faster than a multi-row INSERT."""
     if records:
-        raw = await conn.get_raw_connection()
-        await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-            table, records=records, columns=columns
-        )
+        await (await _driver(conn)).copy_records_to_table(table, records=records, columns=columns)
 
 
 async def insert_events(conn: AsyncConnection, rows: Sequence[EventRow]) -> None:
@@ -578,19 +601,6 @@ async def mark_undone(conn: AsyncConnection, merge_id: int) -> None:
 def identifier_digest(ident: Identifier) -> str:
     """How a deleted person's identifier is remembered: a SHA-256, never the value."""
     return hashlib.sha256(f"{ident.type}\x1f{ident.value}".encode()).hexdigest()
-
-
-async def suppressed(conn: AsyncConnection, ids: Sequence[Identifier]) -> set[Identifier]:
-    """Which of ``ids`` belong to deleted people."""
-    if not ids:
-        return set()
-    by_digest = {identifier_digest(i): i for i in ids}
-    rows = await conn.execute(
-        select(suppressed_identifiers.c.digest).where(
-            suppressed_identifiers.c.digest == _any(by_digest, Text())
-        )
-    )
-    return {by_digest[r.digest] for r in rows}
 
 
 async def delete_group(conn: AsyncConnection, canonical: uuid.UUID) -> list[uuid.UUID]:

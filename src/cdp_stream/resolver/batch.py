@@ -221,13 +221,12 @@ async def apply_prepared(
     every_id = sorted({i for p in batch for i in p.ids})
 
     await repo.lock_keys(conn, [repo.lock_key(i.type, i.value) for i in every_id])
-    seen = await repo.stored_message_ids(conn, [p.key for p in batch])
-    owner = await repo.profiles_of(conn, every_id)
+    read = await repo.batch_reads(conn, [p.key for p in batch], every_id)
+    seen, owner, gone = read.stored, read.owners, read.suppressed
     loaded = await repo.lock_profiles(conn, set(owner.values()))
     members = await repo.identities_of(conn, list(loaded))  # now that the rows are ours
     if any(pid not in members or ident not in members[pid] for ident, pid in owner.items()):
         raise StaleRead("identities moved (a merge or unmerge) while the batch was locking")
-    gone = await repo.suppressed(conn, every_id)
     graph = _Graph(
         rules,
         owner,
