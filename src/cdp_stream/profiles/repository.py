@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import asyncpg  # type: ignore[import-untyped]
 import orjson
-from sqlalchemy import any_, bindparam, delete, func, select, text, tuple_, update
-from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
+from sqlalchemy import delete, func, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql import ColumnElement, Subquery
-from sqlalchemy.types import TypeEngine
+from sqlalchemy.sql import Subquery
 
 from cdp_stream.profiles.models import (
     audience_changes,
@@ -38,6 +39,8 @@ from cdp_stream.resolver.identity import Identifier
 from cdp_stream.resolver.orders import Fact, fields
 from cdp_stream.resolver.traits import view as trait_view
 
+T = TypeVar("T")
+
 
 def lock_key(kind: str, value: str) -> int:
     """A signed 64-bit advisory-lock key for any string."""
@@ -50,9 +53,11 @@ async def lock_keys(conn: AsyncConnection, keys: Iterable[int]) -> None:
     touch the same identifiers queue up instead of deadlocking."""
     ordered = sorted(set(keys))
     if ordered:
-        await conn.execute(
-            text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) k"),
-            {"keys": ordered},
+        await _driver(
+            conn,
+            lambda db: db.execute(
+                "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) k", ordered
+            ),
         )
 
 
@@ -83,14 +88,14 @@ async def batch_reads(
     people: one statement on the driver's connection (arrays, not IN lists: one plan per
     connection; asyncpg's records, not SQLAlchemy's rows: thousands per batch)."""
     by_digest = {identifier_digest(i): i for i in ids}
-    rows = await (await _driver(conn)).fetch(
-        _BATCH_READS,
+    params = (
         [s for s, _ in keys],
         [m for _, m in keys],
         [i.type for i in ids],
         [i.value for i in ids],
         list(by_digest),
     )
+    rows = await _driver(conn, lambda db: db.fetch(_BATCH_READS, *params))
     out = BatchReads(set(), {}, set())
     for kind, a, b, pid in rows:
         if kind == 0:
@@ -102,9 +107,22 @@ async def batch_reads(
     return out
 
 
-async def _driver(conn: AsyncConnection) -> Any:
-    """The asyncpg connection under ``conn`` (in the same transaction)."""
-    return (await conn.get_raw_connection()).driver_connection
+async def _driver(conn: AsyncConnection, call: Callable[[Any], Awaitable[T]]) -> T:
+    """``call`` with the asyncpg connection under ``conn``, in its transaction: asyncpg's
+    records and COPY rather than SQLAlchemy's rows (thousands per batch). SQLAlchemy
+    begins the transaction at its own first statement, so one is made first if none was;
+    the driver's errors are raised as SQLAlchemy's, so that ``retrying`` retries
+    deadlocks and unique violations and waits out a lost connection."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None
+    if not driver.is_in_transaction():
+        await conn.execute(text("SELECT 1"))
+    try:
+        return await call(driver)
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        raise OperationalError(None, None, exc) from exc
+    except asyncpg.PostgresError as exc:
+        raise DBAPIError(None, None, exc) from exc
 
 
 async def profiles_of(
@@ -123,12 +141,6 @@ async def profiles_of(
         {"types": [i.type for i in ids], "values": [i.value for i in ids]},
     )
     return {Identifier(r.type, r.value): r.profile_id for r in rows}
-
-
-def _any(values: Iterable[Any], type_: TypeEngine[Any]) -> ColumnElement[Any]:
-    """``= ANY($1)`` with one array parameter: one statement text (prepared once per
-    connection) whatever the number of values, where ``IN`` spells out each."""
-    return any_(bindparam(None, list(values), type_=ARRAY(type_)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +168,7 @@ async def lock_profiles(
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = await (await _driver(conn)).fetch(_LOCK_PROFILES, wanted)
+    rows = await _driver(conn, lambda db: db.fetch(_LOCK_PROFILES, wanted))
     return {
         pid: LockedProfile(merged_into, created_at, ProfileState(trait_state, computed))
         for pid, merged_into, created_at, trait_state, computed in rows
@@ -169,9 +181,12 @@ async def identities_of(
     """Every identity each profile holds (the per-type limits count them all)."""
     out: dict[uuid.UUID, set[Identifier]] = {pid: set() for pid in ids}
     if ids:
-        rows = await (await _driver(conn)).fetch(
-            "SELECT type, value, profile_id FROM identities WHERE profile_id = ANY($1::uuid[])",
-            list(ids),
+        rows = await _driver(
+            conn,
+            lambda db: db.fetch(
+                "SELECT type, value, profile_id FROM identities WHERE profile_id = ANY($1::uuid[])",
+                list(ids),
+            ),
         )
         for type_, value, pid in rows:
             out[pid].add(Identifier(type_, value))
@@ -285,6 +300,12 @@ async def insert_refusals(
         )
 
 
+_SAVE_STATES = """UPDATE profiles p SET traits = u.traits::jsonb,
+trait_state = u.trait_state::jsonb, computed = u.computed::jsonb, updated_at = now()
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, traits, trait_state, computed)
+WHERE p.id = u.id"""
+
+
 async def save_states(conn: AsyncConnection, states: dict[uuid.UUID, ProfileState]) -> None:
     """Write the profiles' states in one statement (JSON made by orjson, here)."""
     if not states:
@@ -294,16 +315,7 @@ async def save_states(conn: AsyncConnection, states: dict[uuid.UUID, ProfileStat
         columns["traits"].append(orjson.dumps(trait_view(s.trait_state)).decode())
         columns["trait_state"].append(orjson.dumps(s.trait_state).decode())
         columns["computed"].append(orjson.dumps(s.computed).decode())
-    await conn.execute(
-        text(
-            "UPDATE profiles p SET traits = CAST(u.traits AS jsonb),"
-            " trait_state = CAST(u.trait_state AS jsonb), computed = CAST(u.computed AS jsonb),"
-            " updated_at = now() FROM unnest(CAST(:pids AS uuid[]), CAST(:traits AS text[]),"
-            " CAST(:trait_state AS text[]), CAST(:computed AS text[]))"
-            " AS u(id, traits, trait_state, computed) WHERE p.id = u.id"
-        ),
-        {"pids": list(states), **columns},
-    )
+    await _driver(conn, lambda db: db.execute(_SAVE_STATES, list(states), *columns.values()))
 
 
 @dataclass(slots=True)
@@ -330,7 +342,9 @@ async def _copy(
     """COPY ``records`` into ``table`` in the caller's transaction: one round trip and no
     per-row statement, several times faster than a multi-row INSERT."""
     if records:
-        await (await _driver(conn)).copy_records_to_table(table, records=records, columns=columns)
+        await _driver(
+            conn, lambda db: db.copy_records_to_table(table, records=records, columns=columns)
+        )
 
 
 async def insert_events(conn: AsyncConnection, rows: Sequence[EventRow]) -> None:

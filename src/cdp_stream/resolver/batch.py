@@ -101,9 +101,11 @@ class _Graph:
 
     def exceeded(self, current: set[Identifier], added: set[Identifier]) -> str | None:
         """The first type whose limit the union would break, or None if it fits."""
+        counts: dict[str, int] = {}
+        for type_, _ in current.union(added) if current else added:
+            counts[type_] = counts.get(type_, 0) + 1
         for type_ in sorted({i.type for i in added}):
-            count = sum(1 for i in current | added if i.type == type_)
-            if count > self.rules.limit(type_):
+            if counts[type_] > self.rules.limit(type_):
                 return type_
         return None
 
@@ -148,7 +150,9 @@ class _Graph:
             other = self.owner_of(ident)
             if other is not None and other == group:
                 continue
-            current = (self.members[group] if group else set()) | set(pending)
+            current = self.members[group] if group else set()
+            if pending:
+                current = current.union(pending)
             broken = self.exceeded(current, self.members[other] if other else {ident})
             if broken is not None:
                 refused.append((ident, other, broken))
