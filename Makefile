@@ -30,7 +30,7 @@ $(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json
 	npm ci --prefix $(BROWSER_DIR) --no-audit --no-fund
 	touch $@
 
-## run: the whole pipeline in one process on the embedded default (memory bus, embedded Postgres)
+## run: the whole pipeline in one process on the embedded default (embedded Postgres, the bus on it)
 run: install
 	$(BIN)/cdp-stream up
 
@@ -67,11 +67,17 @@ fmt: install
 schemas: install
 	$(BIN)/cdp-stream schemas
 
-## bench: the printed benchmarks against the real broker and server
+## bench: the printed benchmarks against the real broker and server (wrk: Debian's, the HTTP load)
 bench: install services
+	command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk || \
+		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }
 	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} $(BIN)/python benchmarks/collect.py
 	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
 		$(BIN)/python benchmarks/resolve.py
+	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
+		$(BIN)/python benchmarks/embedded.py
+	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
+		$(BIN)/python benchmarks/pipeline.py
 
 clean:
 	rm -rf $(VENV) .cdp .pytest_cache .mypy_cache .ruff_cache

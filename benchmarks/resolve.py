@@ -246,6 +246,19 @@ async def probe(admin_url: str) -> None:
     await conn.close()
 
 
+def preflight(bootstrap: str, database_url: str) -> None:
+    """Exit with what to do when Kafka or Postgres does not answer."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=3).close()
+    except OSError as exc:
+        sys.exit(f"Kafka is not reachable at {bootstrap} ({exc}); start it: make services")
+    try:
+        asyncio.run(probe(database_url))
+    except Exception as exc:  # refused, timeout, auth, unknown database
+        sys.exit(f"Postgres is not usable at {database_url} ({exc!r}); make services")
+
+
 async def prepare(db_url: str, bootstrap: str, namespace: str, case: Case) -> None:
     """Migrate the database, create the topics, publish every record (acknowledged)."""
     from cdp_stream.bus import KafkaBus
@@ -412,16 +425,16 @@ def drop_namespace(bootstrap: str, namespace: str) -> None:
     names = Topics(namespace)
     for topic in names.all(1):
         cleanup(f"deleting {topic}", lambda t=topic: admin.delete_topics([t])[t].result(30))
-    group = names.resolver_group
 
-    def delete_group() -> None:
+    def delete_group(group: str) -> None:
         try:
             admin.delete_consumer_groups([group])[group].result(30)
-        except KafkaException as exc:  # no resolver ever joined it: nothing to delete
+        except KafkaException as exc:  # no consumer ever joined it: nothing to delete
             if exc.args[0].code() != KafkaError.GROUP_ID_NOT_FOUND:
                 raise
 
-    cleanup(f"deleting group {group}", delete_group)
+    for group in (names.resolver_group, names.activation_group):
+        cleanup(f"deleting group {group}", delete_group, group)
 
 
 # -- one run -------------------------------------------------------------------------------
@@ -501,15 +514,8 @@ def main() -> None:
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 
-    host, _, port = opts.bootstrap.split(",")[0].rpartition(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=3).close()
-    except OSError as exc:
-        sys.exit(f"Kafka is not reachable at {opts.bootstrap} ({exc}); start it: make services")
-    try:
-        asyncio.run(probe(opts.database_url))
-    except Exception as exc:  # refused, timeout, auth, unknown database
-        sys.exit(f"Postgres is not usable at {opts.database_url} ({exc!r}); make services")
+    preflight(opts.bootstrap, opts.database_url)
+    port = opts.bootstrap.split(",")[0].rpartition(":")[2]
     opts.run_id = uuid.uuid4().hex[:8]
     opts.broker = listener(int(port))
     opts.postgres = listener(make_url(opts.database_url).port or 5432)

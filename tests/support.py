@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import os
 import socket
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -280,3 +282,31 @@ def gate_of(server: Server) -> Gate:
     """The server's Gate, reset for the next test."""
     assert isinstance(server.app, Gate)
     return server.app.reset()
+
+
+# A broker and a server of a test's own (deploy/'s scripts on other ports), for the tests
+# that stop, kill or restart them without disturbing the shared ones.
+REPO = Path(__file__).resolve().parents[1]
+
+
+async def kafka_sh(command: str, port: int) -> None:
+    """``deploy/kafka/kafka.sh start|stop`` for the broker on ``port`` (controller: +1)."""
+    env = {**os.environ, "CDP_KAFKA_PORT": str(port), "CDP_KAFKA_CONTROLLER_PORT": str(port + 1)}
+    script = REPO / "deploy" / "kafka" / "kafka.sh"
+    proc = await asyncio.create_subprocess_exec("bash", str(script), command, env=env)
+    assert await proc.wait() == 0, f"kafka.sh {command} failed on port {port}"
+
+
+def kafka_pid(port: int) -> int:
+    """The pid of the broker ``kafka.sh`` started on ``port``."""
+    cache = Path(os.environ.get("CDP_CACHE_DIR", REPO / ".cache"))
+    [pidfile] = cache.glob(f"kafka-*/broker-{port}/kafka.pid")
+    return int(pidfile.read_text().split()[0])
+
+
+async def postgres_sh(command: str, port: int) -> None:
+    """``deploy/postgres/postgres.sh start|stop`` for the server on ``port``."""
+    env = {**os.environ, "CDP_PG_PORT": str(port)}
+    script = REPO / "deploy" / "postgres" / "postgres.sh"
+    proc = await asyncio.create_subprocess_exec("bash", str(script), command, env=env)
+    assert await proc.wait() == 0, f"postgres.sh {command} failed on port {port}"

@@ -1,5 +1,6 @@
-"""The HTTP app when Postgres is down: retryable 503s that say so, never a 500; and a
-process starting while Postgres or Kafka is not up yet: it waits, then says what is down."""
+"""The HTTP app when Postgres is down or its pool is exhausted: retryable 503s that say so,
+never a 500; and a process starting while Postgres or Kafka is not up yet: it waits, then
+says what is down."""
 
 from __future__ import annotations
 
@@ -14,12 +15,14 @@ from pathlib import Path
 import httpx
 import pytest
 from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from cdp_stream.app import Runtime, StartupFailed, create_app
 from cdp_stream.bus.memory import MemoryBus
+from cdp_stream.profiles.credentials import ensure_source
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.settings import Settings
-from tests.support import free_port
+from tests.support import free_port, uid
 
 
 @pytest.fixture
@@ -58,6 +61,66 @@ async def test_readiness_names_the_database(client_without_database: httpx.Async
     assert body["status"] == "unavailable" and body["bus"] == "ok"
     assert body["database"].startswith("unavailable")
     assert (await client_without_database.get("/healthz")).status_code == 200
+
+
+async def test_the_tracking_endpoints_are_documented_and_refuse_other_methods(
+    client_without_database: httpx.AsyncClient,
+) -> None:
+    """They are plain ASGI endpoints served before FastAPI's routing: the OpenAPI document
+    still lists them, with their request bodies."""
+    doc = (await client_without_database.get("/openapi.json")).json()
+    body = doc["paths"]["/v1/track"]["post"]["requestBody"]["content"]["application/json"]
+    assert body["schema"] == {"$ref": "#/components/schemas/Track"}
+    assert {"Track", "Batch", "Context"} <= doc["components"]["schemas"].keys()
+    assert "/v1/profiles/{ref}" in doc["paths"]
+    r = await client_without_database.get("/v1/track")
+    assert r.status_code == 405 and r.headers["allow"] == "OPTIONS, POST"
+    r = await client_without_database.post("/v1/track/", json={}, auth=("wk_any", ""))
+    assert r.status_code == 503  # served (it had to ask the database), not a 404
+
+
+@pytest.fixture
+async def client_with_busy_pool(
+    pg_url: str, engine: AsyncEngine
+) -> AsyncIterator[tuple[httpx.AsyncClient, str]]:
+    """An app whose pool has one connection, held by someone else: every request that needs
+    the database meets SQLAlchemy's pool timeout (the field test's 500s). Yields the client
+    and the write key of a source the collector has already seen."""
+    key = uid("wk")
+    async with engine.begin() as conn:
+        await ensure_source(conn, uid("src"), "test", key, [])
+    tiny = create_async_engine(pg_url, pool_size=1, max_overflow=0, pool_timeout=0.2)
+    runtime = Runtime(Settings(retry_after_s=4), "test", tiny, MemoryBus())
+    transport = httpx.ASGITransport(app=create_app(runtime))
+    async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
+        seen = await client.post("/v1/track", json={"userId": "u", "event": "E"}, auth=(key, ""))
+        assert seen.status_code == 200
+        async with tiny.connect():
+            yield client, key
+    await tiny.dispose()
+
+
+async def test_a_pool_timeout_is_503_with_retry_after_on_collector_and_api(
+    client_with_busy_pool: tuple[httpx.AsyncClient, str],
+) -> None:
+    client, _ = client_with_busy_pool
+    answers = await asyncio.gather(
+        client.post("/v1/track", json={"userId": "u", "event": "E"}, auth=(uid("wk"), "")),
+        client.get("/v1/profiles/user_id:u", headers={"authorization": "Bearer tok"}),
+        client.get("/v1/sources", headers={"authorization": "Bearer tok"}),
+    )
+    for r in answers:
+        assert r.status_code == 503, r.text
+        assert r.headers["retry-after"] == "4"
+        assert r.json() == {"success": False, "error": "database unavailable, try again"}
+
+
+async def test_a_known_write_key_is_served_from_memory_while_the_pool_is_busy(
+    client_with_busy_pool: tuple[httpx.AsyncClient, str],
+) -> None:
+    client, key = client_with_busy_pool
+    r = await client.post("/v1/track", json={"userId": "u", "event": "E"}, auth=(key, ""))
+    assert r.status_code == 200 and r.json() == {"success": True}
 
 
 async def _forward(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

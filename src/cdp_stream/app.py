@@ -3,6 +3,10 @@
 ``Runtime`` owns the engine and the bus for one process (migrations and bootstrap
 credentials run once at its start); ``create_app`` mounts the collector and/or the API on
 it with ``/healthz`` and ``/readyz``. The stages themselves know nothing of this module.
+
+The tracking endpoints (the hot path) are plain ASGI apps the :class:`App` serves before
+FastAPI's routing; every other route is FastAPI's. A database that is down or whose pool
+timed out is answered 503 + Retry-After on every route, never 500.
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
-from sqlalchemy.exc import DataError, DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cdp_stream.api.audiences import router as audiences_router
 from cdp_stream.api.crm import router as crm_router
@@ -29,10 +34,10 @@ from cdp_stream.bus import make_bus
 from cdp_stream.bus.base import Bus, BusUnavailable
 from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.library import router as library_router
-from cdp_stream.collector.routes import router as collector_router
+from cdp_stream.collector.routes import TRACKING_PATHS, database_unavailable, openapi_paths
 from cdp_stream.collector.webhooks import router as webhooks_router
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
-from cdp_stream.profiles.db import make_engine, resolve_database_url
+from cdp_stream.profiles.db import DATABASE_UNAVAILABLE, make_engine, resolve_database_url
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
@@ -54,7 +59,8 @@ class Runtime:
         """Connect, waiting up to ``startup_timeout_s`` for Postgres and Kafka to answer
         (services often start together); :class:`StartupFailed` says which did not."""
         deadline = asyncio.get_running_loop().time() + settings.startup_timeout_s
-        engine = make_engine(await resolve_database_url(settings), role)
+        database_url = await resolve_database_url(settings)
+        engine = make_engine(database_url, role)
 
         async def prepare_database() -> NewCredentials:
             if migrate:
@@ -67,11 +73,13 @@ class Runtime:
                     settings.bootstrap_allowed_origins,
                 )
 
-        bus = make_bus(settings, client_id=f"cdp-stream-{role}")
+        bus = make_bus(settings, f"cdp-stream-{role}", database_url)
         try:
             where = engine.url.render_as_string(hide_password=True)
             creds = await _when_reachable(f"Postgres at {where}", deadline, prepare_database)
-            await _when_reachable("Kafka", deadline, bus.start)  # its errors name the address
+            # Kafka's errors name its address; the Postgres bus is on the database above.
+            what = "Kafka" if settings.kafka_bootstrap else "the Postgres bus"
+            await _when_reachable(what, deadline, bus.start)
             await bus.ensure_topics(settings.topics.all(settings.topic_partitions))
         except BaseException:
             await bus.stop()
@@ -103,25 +111,47 @@ async def _when_reachable(what: str, deadline: float, attempt: Callable[[], Awai
         delay = min(delay * 2, 5.0)
 
 
-def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) -> FastAPI:
-    app = FastAPI(title="cdp-stream")
+class App(FastAPI):
+    """FastAPI, with some paths served by plain ASGI apps before its middleware and
+    routing (the collector's tracking endpoints: see ``cdp_stream.collector.routes``)."""
+
+    def __init__(self, plain: dict[str, ASGIApp], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.plain = plain
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (endpoint := self.plain.get(scope["path"])) is not None:
+            scope["app"] = self
+            await endpoint(scope, receive, send)
+        else:
+            await super().__call__(scope, receive, send)
+
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's document, plus the plain endpoints when they are served."""
+        if self.openapi_schema is None and self.plain:
+            schema = super().openapi()
+            paths, components = openapi_paths()
+            schema["paths"] = {**paths, **schema.get("paths", {})}
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
+        return super().openapi()
+
+
+def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) -> App:
+    app = App(TRACKING_PATHS if "collector" in parts else {}, title="cdp-stream")
     app.state.settings = runtime.settings
     app.state.engine = runtime.engine
     app.state.bus = runtime.bus
     app.state.sources = Sources(runtime.engine)
     app.state.rules = IdentityRules.from_settings(runtime.settings)
 
-    @app.exception_handler(DBAPIError)
-    @app.exception_handler(OSError)
-    @app.exception_handler(TimeoutError)
-    async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
-        """Postgres down (or too slow): a retryable 503, never a 500 with a stack trace."""
+    async def database_down(request: Request, exc: Exception) -> JSONResponse:
+        """Postgres down, too slow or its pool exhausted: a retryable 503, never a 500
+        with a stack trace."""
         log.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
-        return JSONResponse(
-            {"success": False, "error": "database unavailable, try again"},
-            status_code=503,
-            headers={"Retry-After": str(runtime.settings.retry_after_s)},
-        )
+        return database_unavailable(runtime.settings)
+
+    for unavailable in DATABASE_UNAVAILABLE:
+        app.add_exception_handler(unavailable, database_down)
 
     @app.exception_handler(DataError)
     async def invalid_value(request: Request, exc: DataError) -> JSONResponse:
@@ -130,7 +160,6 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         return JSONResponse({"detail": f"invalid value: {exc.orig}"}, status_code=400)
 
     if "collector" in parts:
-        app.include_router(collector_router)
         app.include_router(webhooks_router)
         app.include_router(library_router)
     if "api" in parts:

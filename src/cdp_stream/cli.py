@@ -1,21 +1,27 @@
 """``cdp-stream``: one command per process role, plus ``up`` that runs them all in one.
 
 up          collector + resolver + activation + API in one process (embedded default)
-collector   the HTTP collector only (stateless; run many behind a load balancer)
+collector   the HTTP collector only (stateless; CDP_COLLECTOR_WORKERS processes on one port)
 resolver    one resolver consumer (run up to the partition count of cdp.events)
 activation  one activation consumer: CRM feed, audiences, DMP counts
 api         the profile API only
 migrate     bring the Postgres schema to the newest migration
 crm-redrive send dead CRM webhook deliveries again
+suppression-rekey  seal the suppression list with the current key (after a rotation)
 schemas     write (or --check) the JSON Schemas in schemas/ from the event models
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import logging
+import os
 import signal
-from collections.abc import Collection
+import socket
+import sys
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -26,13 +32,15 @@ import uvloop
 from cdp_stream.activation import webhook
 from cdp_stream.activation.consumer import run_activation
 from cdp_stream.app import Runtime, StartupFailed, create_app
-from cdp_stream.profiles.db import make_engine, resolve_database_url
+from cdp_stream.profiles.db import make_engine, resolve_database_url, retrying
 from cdp_stream.profiles.migrate import upgrade_to_head
+from cdp_stream.profiles.suppression import SuppressionKeys, rekey, with_suppression_key
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.settings import Settings
 
 Port = Annotated[int | None, typer.Option(help="HTTP port (default: CDP_HTTP_PORT)")]
 
+log = logging.getLogger(__name__)
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 
@@ -50,11 +58,15 @@ def _describe(runtime: Runtime, parts: Collection[str], workers: Collection[str]
     say = typer.echo
     stages = [*parts, *workers]
     say(f"cdp-stream {runtime.role}: {', '.join(stages)}")
-    if s.memory_bus:
+    if s.postgres_bus:
         say(
-            "  bus: in-process memory bus (embedded default). Events are acknowledged once "
-            "they are in this process's memory: a crash loses events not yet stored in "
-            "Postgres. Set CDP_KAFKA_BOOTSTRAP for a durable, scaled-out bus."
+            "  bus: a log on the Postgres database below (the default without Kafka). An "
+            "event is acknowledged once it is committed to disk: a crash, even kill -9, "
+            "loses none that was acknowledged, and a redelivered one is stored once. "
+            f"Records are kept {s.bus_retention_s:g} s after every consumer has them; past "
+            f"{s.bus_max_backlog:,} records waiting for a consumer the collector answers "
+            "503 with Retry-After (clients retry). For more events/s than one box and "
+            "Postgres take, set CDP_KAFKA_BOOTSTRAP (README: when to move to Kafka)."
         )
     else:
         say(f"  bus: Kafka at {s.kafka_bootstrap}")
@@ -70,48 +82,98 @@ def _describe(runtime: Runtime, parts: Collection[str], workers: Collection[str]
         say(f"  created API token (all scopes, shown once): {runtime.credentials.api_token}")
 
 
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: ``_serve`` owns SIGINT/SIGTERM for every
+    part of the process. (uvicorn's re-raises a captured SIGTERM after shutting down, and
+    the default SIGTERM action kills the process before ``atexit`` stops embedded Postgres.)"""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
 async def _serve(
-    settings: Settings, role: str, parts: Collection[str], loops: Collection[str] = ()
+    settings: Settings,
+    role: str,
+    parts: Collection[str],
+    loops: Collection[str] = (),
+    *,
+    sock: socket.socket | None = None,
+) -> None:
+    """Run the parts and consumer loops until SIGINT/SIGTERM, then stop them all.
+
+    No stage may end on its own: a consumer loop or the HTTP server that ends before the
+    stop signal (an exception, a ``CancelledError`` escaping a client library, or a plain
+    return) is logged and the process exits 1, so its supervisor (systemd, Kubernetes,
+    Docker's restart policy) starts a fresh one. A fresh process is chosen over restarting
+    the task in place because the failure may have left shared state (the producer, the
+    pool, a half-left consumer group) in an unknown shape; a new process rebuilds all of
+    it, and the work is at-least-once and idempotent, so nothing is lost or doubled.
+    """
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:  # from the start: a stop during start-up still stops cleanly
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await _run_stages(with_suppression_key(settings), role, parts, loops, stop, sock)
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+
+
+async def _run_stages(
+    settings: Settings,
+    role: str,
+    parts: Collection[str],
+    loops: Collection[str],
+    stop: asyncio.Event,
+    sock: socket.socket | None,
 ) -> None:
     try:
-        runtime = await Runtime.start(settings, role)
+        runtime = await Runtime.start(settings, role, migrate=sock is None)
     except StartupFailed as exc:
         typer.echo(f"cdp-stream {role}: cannot start: {exc}", err=True)
         raise typer.Exit(1) from None
-    _describe(runtime, parts, loops)
-    stop = asyncio.Event()
-    workers = [
-        asyncio.create_task(_WORKERS[name](runtime.bus, runtime.engine, settings, stop))
+    if sock is None:
+        _describe(runtime, parts, loops)
+    stages = {
+        asyncio.create_task(_WORKERS[name](runtime.bus, runtime.engine, settings, stop)): name
         for name in loops
-    ]
+    }
+    server = None
+    if parts:
+        config = uvicorn.Config(
+            create_app(runtime, parts),
+            host=settings.http_host,
+            port=settings.http_port,
+            lifespan="off",
+            log_level="info",
+            access_log=False,
+        )
+        server = _Server(config)
+        # What startup made (modules, the app, its models) lives as long as the process:
+        # out of the collector's way, so a garbage collection walks only the requests'.
+        gc.freeze()
+        stages[asyncio.create_task(server.serve(None if sock is None else [sock]))] = "http"
+    stopping = asyncio.create_task(stop.wait())
     try:
-        if parts:
-            config = uvicorn.Config(
-                create_app(runtime, parts),
-                host=settings.http_host,
-                port=settings.http_port,
-                lifespan="off",
-                log_level="info",
-                access_log=False,
-            )
-            server = uvicorn.Server(config)
-            for w in workers:  # a consumer that dies takes the process down, never silently
-                w.add_done_callback(lambda _: setattr(server, "should_exit", True))
-            await server.serve()  # returns on SIGINT/SIGTERM
-        else:
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(sig, stop.set)
-            await asyncio.wait(
-                [asyncio.create_task(stop.wait()), *workers], return_when=asyncio.FIRST_COMPLETED
-            )
+        await asyncio.wait([stopping, *stages], return_when=asyncio.FIRST_COMPLETED)
+        ended = {t for t in stages if t.done()}  # before any stop signal: on their own
     finally:
         stop.set()
-        await asyncio.gather(*workers, return_exceptions=True)
-        for w in workers:
-            if w.done() and not w.cancelled() and w.exception():
-                raise w.exception()  # type: ignore[misc]
+        if server is not None:
+            server.should_exit = True
+        await asyncio.gather(*stages, return_exceptions=True)
+        stopping.cancel()
         await runtime.stop()
+    failed = [t for t in stages if t in ended or t.cancelled() or t.exception() is not None]
+    for task in failed:
+        how = "was cancelled" if task.cancelled() else "failed" if task.exception() else "returned"
+        error = None if task.cancelled() else task.exception()
+        log.error("cdp-stream %s: %s %s on its own", role, stages[task], how, exc_info=error)
+    if failed:
+        raise typer.Exit(1)
 
 
 @cli.command()
@@ -122,8 +184,86 @@ def up(port: Port = None) -> None:
 
 @cli.command()
 def collector(port: Port = None) -> None:
-    """Run the HTTP collector."""
-    uvloop.run(_serve(_settings(port), "collector", ("collector",)))
+    """Run the HTTP collector (CDP_COLLECTOR_WORKERS processes)."""
+    settings = _settings(port)
+    if settings.collector_workers == 1:
+        uvloop.run(_serve(settings, "collector", ("collector",)))
+    else:
+        _serve_workers(settings)
+
+
+def _serve_workers(settings: Settings) -> None:
+    """``collector_workers`` collector processes accepting on one listening socket.
+
+    Why: one process is one Python event loop, so one core; the collector is stateless, so
+    more processes on the same port scale it with the cores. The database is migrated and
+    the process described once, in a short-lived child; then the socket is bound and the
+    workers forked, each with its own engine and bus, in a process group of their own so
+    that a terminal's Ctrl-C reaches only this parent, which stops them all with SIGTERM.
+    When one worker ends, the others are stopped too (a supervisor restarts the whole).
+    This parent never starts a thread or an event loop, so forking it is safe.
+    """
+    role, parts = "collector", ("collector",)
+
+    async def prepare() -> None:
+        try:
+            runtime = await Runtime.start(settings, role)
+        except StartupFailed as exc:
+            typer.echo(f"cdp-stream {role}: cannot start: {exc}", err=True)
+            raise typer.Exit(1) from None
+        _describe(runtime, parts, ())
+        typer.echo(f"  workers: {settings.collector_workers} processes")
+        await runtime.stop()
+
+    if _forked(lambda: uvloop.run(prepare()), own_group=False) != 0:
+        raise typer.Exit(1)
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((settings.http_host, settings.http_port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    workers = [
+        _forked(lambda: uvloop.run(_serve(settings, role, parts, sock=sock)), wait=False)
+        for _ in range(settings.collector_workers)
+    ]
+
+    def stop(*_: object) -> None:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    stopped = (0, -signal.SIGTERM, -signal.SIGINT)  # stopped by a signal, as asked
+    failed = False
+    for _ in workers:
+        _, status = os.wait()
+        failed |= os.waitstatus_to_exitcode(status) not in stopped
+        stop()
+    raise typer.Exit(1 if failed else 0)
+
+
+def _forked(work: Callable[[], None], *, wait: bool = True, own_group: bool = True) -> int:
+    """Run ``work`` in a forked child: its exit code (``wait``) or its pid."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            if own_group:
+                os.setpgid(0, 0)
+            work()
+            code = 0
+        except typer.Exit as exc:
+            code = exc.exit_code
+        except BaseException:
+            logging.getLogger(__name__).exception("a collector process failed")
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    if not wait:
+        return pid
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
 
 
 @cli.command()
@@ -156,6 +296,27 @@ def crm_redrive() -> None:
             await engine.dispose()
 
     typer.echo(f"{asyncio.run(run())} dead deliveries are pending again")
+
+
+@cli.command("suppression-rekey")
+def suppression_rekey() -> None:
+    """Seal the suppression list again with CDP_SUPPRESSION_KEY: rows of the keys in
+    CDP_SUPPRESSION_OLD_KEYS, and plain SHA-256 rows from before keys existed."""
+
+    async def run() -> int:
+        settings = with_suppression_key(_settings())
+        keys = SuppressionKeys.from_settings(settings)
+        if keys.current is None:
+            typer.echo("CDP_SUPPRESSION_KEY is unset: nothing to seal with", err=True)
+            raise typer.Exit(1)
+        engine = make_engine(await resolve_database_url(settings), "suppression-rekey")
+        try:
+            return await retrying(engine, lambda conn: rekey(conn, keys))
+        finally:
+            await engine.dispose()
+
+    n = asyncio.run(run())
+    typer.echo(f"{n} suppression rows sealed with the current key")
 
 
 @cli.command()

@@ -15,10 +15,11 @@ values for them are overwritten.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal, Self, TypeVar
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,6 +35,7 @@ Channel = Literal["website", "email", "purchase", "other"]
 
 MAX_ID_CHARS = 255
 MAX_MESSAGE_ID_CHARS = 100
+MAX_SAFE_INTEGER = 2**53 - 1  # JavaScript's Number.MAX_SAFE_INTEGER
 
 
 def _require_str(value: object) -> object:
@@ -43,10 +45,23 @@ def _require_str(value: object) -> object:
     return value
 
 
+def _in_utc_range(value: datetime) -> datetime:
+    """A time must exist in UTC too: ``0001-01-01T00:00:00+01:00`` is before year 1 there."""
+    try:
+        value.astimezone(UTC)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC (years 1-9999)") from None
+    return value
+
+
 def _id_str(value: object) -> str:
-    """Ids are strings; integers (but not booleans) are accepted and stored as strings."""
+    """Ids are strings; integers (but not booleans) are accepted and stored as strings, when
+    JSON keeps them exact (within ±(2^53-1)): a larger one has already been rounded by any
+    JavaScript client, so its string would name someone else."""
     if isinstance(value, bool) or not isinstance(value, str | int):
         raise ValueError("must be a string or an integer")
+    if isinstance(value, int) and abs(value) > MAX_SAFE_INTEGER:
+        raise ValueError("an integer id must be within ±(2^53-1); send a larger one as a string")
     text = str(value)
     if len(text) > MAX_ID_CHARS:
         raise ValueError(f"must be at most {MAX_ID_CHARS} characters")
@@ -56,9 +71,17 @@ def _id_str(value: object) -> str:
 Id = Annotated[
     str,
     BeforeValidator(_id_str),
-    WithJsonSchema({"anyOf": [{"type": "string", "maxLength": MAX_ID_CHARS}, {"type": "integer"}]}),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "string", "maxLength": MAX_ID_CHARS},
+                {"type": "integer", "minimum": -MAX_SAFE_INTEGER, "maximum": MAX_SAFE_INTEGER},
+            ]
+        }
+    ),
 ]
-Timestamp = Annotated[datetime, BeforeValidator(_require_str)]
+UtcTime = Annotated[datetime, AfterValidator(_in_utc_range)]
+Timestamp = Annotated[UtcTime, BeforeValidator(_require_str)]
 Object = dict[str, Any]
 
 
@@ -210,9 +233,9 @@ class Event(BaseModel):
     sourceId: str
     userId: str | None = None
     anonymousId: str | None = None
-    timestamp: datetime
-    receivedAt: datetime
-    sentAt: datetime | None = None
+    timestamp: UtcTime
+    receivedAt: UtcTime
+    sentAt: UtcTime | None = None
     originalTimestamp: str | None = None
     channel: Channel
     context: Object

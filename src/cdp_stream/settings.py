@@ -25,19 +25,46 @@ class Settings(BaseSettings):
         description="postgresql+asyncpg://... ; unset: embedded Postgres in data_dir",
     )
     kafka_bootstrap: str | None = Field(
-        default=None, description="host:port[,host:port]; unset: the in-process memory bus"
+        default=None,
+        description="host:port[,host:port]; unset: the Postgres bus, on the database",
     )
     kafka_producer: Literal["aiokafka", "confluent"] = Field(
-        default="aiokafka",
-        description="the Kafka producer library; confluent (librdkafka, the `confluent` "
-        "extra) spends a fraction of aiokafka's CPU per event: see benchmarks/collect.py",
+        default="confluent",
+        description="the Kafka producer library: confluent (librdkafka) spends a fraction of "
+        "aiokafka's CPU per event (benchmarks/collect.py); aiokafka is the pure-Python one",
+    )
+    kafka_linger_ms: int = Field(
+        default=0,
+        ge=0,
+        description="how long the producer waits to fill a batch; 0 sends at once, and "
+        "batches still form while earlier requests are in flight: a client waits for the "
+        "acknowledgement, so a linger is latency that caps requests/s per connection",
     )
     kafka_session_timeout_ms: int = Field(
         default=30_000, ge=1000, description="how soon the group notices a dead consumer"
     )
+    # The Postgres bus (cdp_stream.bus.postgres), used when kafka_bootstrap is unset.
+    bus_max_backlog: int = Field(
+        default=1_000_000,
+        ge=1,
+        description="records of a topic some consumer group has not committed yet, past "
+        "which publishing fails (the collector answers 503 with Retry-After)",
+    )
+    bus_retention_s: float = Field(
+        default=3600.0,
+        ge=0,
+        description="how long records stay in the log after every group committed past "
+        "them (to rebuild from); a topic no group reads keeps them this long",
+    )
     data_dir: Path = Path(".cdp")
     http_host: str = "127.0.0.1"
     http_port: int = 8080
+    collector_workers: int = Field(
+        default=1,
+        ge=1,
+        description="collector processes serving one port (`cdp-stream collector`); about "
+        "one per core: each is one Python event loop",
+    )
     bootstrap_write_key: str | None = None
     bootstrap_api_token: str | None = None
     bootstrap_allowed_origins: list[Annotated[str, AfterValidator(origin_pattern)]] | None = Field(
@@ -111,6 +138,17 @@ class Settings(BaseSettings):
     dmp_dimensions: list[str] = ["country", "device_type", "first_touch_channel"]
     dmp_windows: list[str] = ["hour", "day"]
     dmp_interval_s: float = Field(default=60.0, gt=0, description="how often counts are computed")
+    suppression_key: SecretStr | None = Field(
+        default=None,
+        description="seals deleted people's identifiers in the suppression list (see "
+        "cdp_stream.profiles.suppression); the same on every process; unset: generated "
+        "in data_dir for the embedded default, plain SHA-256 (warned) otherwise",
+    )
+    suppression_old_keys: list[SecretStr] = Field(
+        default=[],
+        description="keys being rotated out: still matched, re-sealed by "
+        "`cdp-stream suppression-rekey`, then removed",
+    )
     startup_timeout_s: float = Field(
         default=60.0, ge=0, description="how long a starting process waits for Kafka/Postgres"
     )
@@ -127,5 +165,5 @@ class Settings(BaseSettings):
         return self.database_url is None
 
     @property
-    def memory_bus(self) -> bool:
+    def postgres_bus(self) -> bool:
         return self.kafka_bootstrap is None

@@ -32,6 +32,11 @@ class Topics:
         return f"{self.namespace}cdp.dmp.audience-counts"
 
     @property
+    def dead_letters(self) -> str:
+        """Records a consumer can never apply, each with its reason (cdp_stream.poison)."""
+        return f"{self.namespace}cdp.dead-letters"
+
+    @property
     def resolver_group(self) -> str:
         return f"{self.namespace}cdp-resolver"
 
@@ -41,5 +46,11 @@ class Topics:
 
     def all(self, partitions: int) -> dict[str, int]:
         """Topic -> partition count that the application creates at start-up if missing."""
-        names = (self.events, self.rejected, self.profile_updates, self.dmp_audience_counts)
+        names = (
+            self.events,
+            self.rejected,
+            self.profile_updates,
+            self.dmp_audience_counts,
+            self.dead_letters,
+        )
         return dict.fromkeys(names, partitions)

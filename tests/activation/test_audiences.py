@@ -291,7 +291,7 @@ async def test_a_deleted_person_leaves_without_their_id_being_written_back(
     await apply(engine, await put(engine, visit(anon, T0)), T0)
     pid = await owner(engine, "anonymous_id", anon)
     async with engine.begin() as conn:
-        erased = await repo.delete_group(conn, pid)
+        erased = await repo.delete_group(conn, pid, RULES.suppression)
     tombstone = {"type": "deleted", "profile_id": str(pid), "merged_ids": []}
     await apply(engine, [tombstone, tombstone], T0 + DAY)
     assert erased == [pid]

@@ -594,7 +594,7 @@ async def test_tombstone_forgets_the_person(engine: AsyncEngine) -> None:
 
     # The API's erasure: delete_group in its transaction, then the tombstone.
     async with engine.begin() as conn:
-        ids = await repo.delete_group(conn, pid)
+        ids = await repo.delete_group(conn, pid, RULES.suppression)
     tombstone = {
         "type": "deleted",
         "profile_id": str(pid),

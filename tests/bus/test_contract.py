@@ -1,10 +1,11 @@
 """The bus contract (:mod:`cdp_stream.bus.base`), checked on both implementations.
 
-Every test in the first part runs three times: on :class:`MemoryBus`, and on
-:class:`KafkaBus` with each of its producers (aiokafka, librdkafka) against the real broker
-(``kafka_bootstrap``: skipped locally, failed in CI when Kafka is unreachable). Each test
-creates its own uniquely named topics and groups, so tests do not see each other's records
-and the suite can be re-run against the same broker.
+Every test in the first part runs four times: on :class:`MemoryBus`, on
+:class:`PostgresBus` against the real server (``pg_url``), and on :class:`KafkaBus` with
+each of its producers (aiokafka, librdkafka) against the real broker (``kafka_bootstrap``;
+either skipped locally, failed in CI when unreachable). Each test creates its own uniquely
+named topics and groups, so tests do not see each other's records and the suite can be
+re-run against the same broker.
 
 The last part holds the few checks that only make sense on one implementation.
 """
@@ -23,6 +24,7 @@ from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, Record, 
 from cdp_stream.bus.confluent import ConfluentKafkaBus
 from cdp_stream.bus.kafka import KafkaBus
 from cdp_stream.bus.memory import MemoryBus, MemoryConsumer, partition_for_key
+from cdp_stream.bus.postgres import PostgresBus, PostgresConsumer, postgres_dsn
 
 # How long a test waits for records that must arrive (a Kafka rebalance takes seconds).
 ARRIVE_S = 30.0
@@ -30,8 +32,10 @@ ARRIVE_S = 30.0
 
 def quiet_ms(c: Consumer) -> int:
     """How long to keep polling to be sure nothing more arrives: the memory bus delivers
-    synchronously, a Kafka fetch is asynchronous."""
-    return 100 if isinstance(c, MemoryConsumer) else 1_000
+    synchronously, a Kafka fetch is asynchronous, Postgres reads at once or on NOTIFY."""
+    if isinstance(c, MemoryConsumer):
+        return 100
+    return 500 if isinstance(c, PostgresConsumer) else 1_000
 
 
 def uid() -> str:
@@ -42,19 +46,32 @@ def uid() -> str:
     scope="module",
     params=[
         "memory",
+        "postgres",
         pytest.param("kafka", marks=pytest.mark.kafka),
         pytest.param("kafka-confluent", marks=pytest.mark.kafka),
     ],
 )
-async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
+def where(request: pytest.FixtureRequest) -> tuple[str, str]:
+    """Which bus, and the server it needs (a sync fixture: it may set up an async one)."""
+    if request.param == "postgres":
+        return request.param, postgres_dsn(request.getfixturevalue("pg_url"))
+    if request.param.startswith("kafka"):
+        return request.param, request.getfixturevalue("kafka_bootstrap")
+    return request.param, ""
+
+
+@pytest.fixture(scope="module")
+async def bus(where: tuple[str, str]) -> AsyncIterator[Bus]:
     """One bus per implementation, shared by the module's tests (topics are per test)."""
+    kind, address = where
     b: Bus
-    if request.param == "memory":
+    if kind == "memory":
         b = MemoryBus()
+    elif kind == "postgres":
+        b = PostgresBus(address, f"contract-{uid()}")
     else:
-        bootstrap = request.getfixturevalue("kafka_bootstrap")
-        kind = ConfluentKafkaBus if request.param == "kafka-confluent" else KafkaBus
-        b = kind(bootstrap, client_id=f"contract-{uid()}")
+        producer = ConfluentKafkaBus if kind == "kafka-confluent" else KafkaBus
+        b = producer(address, client_id=f"contract-{uid()}")
     await b.start()
     yield b
     await b.stop()

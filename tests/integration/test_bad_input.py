@@ -265,3 +265,82 @@ async def test_text_plain_is_read_as_json_and_an_unlisted_origin_is_403(
     async with pipeline.engine.connect() as conn:
         query = text("SELECT count(*) FROM events WHERE message_id = :id")
         assert (await conn.execute(query, {"id": refused})).scalar_one() == 0
+
+
+# Extreme client clocks: the skew correction, or the conversion to UTC, leaves the dates.
+EXTREME_CLOCKS = [
+    (
+        {"originalTimestamp": "9999-12-31T23:59:59Z", "sentAt": "0001-01-01T00:00:00Z"},
+        "the clock-skew correction",
+    ),
+    ({"timestamp": "0001-01-01T00:00:00+01:00"}, "timestamp: is out of range once converted"),
+    ({"sentAt": "9999-12-31T23:59:59-01:00"}, "sentAt: is out of range once converted"),
+]
+
+
+@pytest.mark.parametrize(("clock", "reason"), EXTREME_CLOCKS)
+async def test_an_extreme_client_clock_is_400_with_its_reason(
+    client: httpx.AsyncClient, pipeline: Runtime, clock: dict[str, str], reason: str
+) -> None:
+    run = uid()
+    event = {"event": "x", "anonymousId": "a", "messageId": f"{run}-t", **clock}
+    r = await client.post("/v1/track", json=event, auth=BASIC)
+    assert r.status_code == 400, r.text
+    assert reason in r.json()["error"]
+    [letter] = await dead_letters(pipeline, run, expected=1)
+    assert reason in letter["reason"]
+
+
+async def test_an_extreme_client_clock_in_a_batch_rejects_that_event_only(
+    client: httpx.AsyncClient, pipeline: Runtime
+) -> None:
+    run = uid()
+    good = {"type": "track", "event": "x", "anonymousId": f"a-{run}", "messageId": f"{run}-ok"}
+    bad = [
+        {"type": "track", "event": "x", "anonymousId": "a", "messageId": f"{run}-{i}", **clock}
+        for i, (clock, _) in enumerate(EXTREME_CLOCKS)
+    ]
+    r = await client.post("/v1/batch", json={"batch": [good, *bad]}, auth=BASIC)
+    assert r.status_code == 200, r.text
+    reasons = {x["index"]: x["reason"] for x in r.json()["rejected"]}
+    assert set(reasons) == {1, 2, 3}
+    for index, (_, reason) in enumerate(EXTREME_CLOCKS, start=1):
+        assert reason in reasons[index]
+    await stored(pipeline, [f"{run}-ok"])
+
+
+UNSAFE = 123456789012345678901234567890
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "event", "field"),
+    [
+        ("group", {"userId": "u", "groupId": UNSAFE}, "groupId"),
+        ("group", {"userId": UNSAFE, "groupId": "g"}, "userId"),
+        ("track", {"anonymousId": -(2**53), "event": "E"}, "anonymousId"),
+        ("alias", {"userId": "u", "previousUserId": 2**53}, "previousUserId"),
+        (
+            "identify",
+            {"userId": "u", "context": {"externalIds": [{"id": 2**64, "type": "c"}]}},
+            "context.externalIds.0.id",
+        ),
+    ],
+)
+async def test_an_integer_id_beyond_2_53_is_refused(
+    client: httpx.AsyncClient, endpoint: str, event: dict[str, Any], field: str
+) -> None:
+    """JavaScript clients have already rounded such a number: its string names someone
+    else. The README promises integers beyond ±(2^53-1) are rejected."""
+    r = await post_raw(client, endpoint, json.dumps(event).encode())
+    assert r.status_code == 400, r.text
+    assert r.json()["error"].startswith(f"{field}: an integer id must be within ±(2^53-1)")
+
+
+async def test_the_largest_safe_integer_id_is_kept_exact(
+    client: httpx.AsyncClient, pipeline: Runtime
+) -> None:
+    run = uid()
+    event = {"userId": f"u-{run}", "groupId": 2**53 - 1, "messageId": f"{run}-g"}
+    assert (await client.post("/v1/group", json=event, auth=BASIC)).status_code == 200
+    payload = (await stored(pipeline, [f"{run}-g"]))[f"{run}-g"]
+    assert payload["groupId"] == str(2**53 - 1)

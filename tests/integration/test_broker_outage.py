@@ -9,7 +9,6 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Literal
 
 import httpx
@@ -19,17 +18,14 @@ from cdp_stream.app import Runtime, create_app
 from cdp_stream.bus.base import next_offsets
 from cdp_stream.settings import Settings
 from tests.integration.conftest import WRITE_KEY
-from tests.support import eventually
+from tests.support import eventually, kafka_sh
 
-KAFKA_SH = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka.sh"
 PORT = int(os.environ.get("CDP_TEST_OUTAGE_KAFKA_PORT", "19092"))
 BASIC = httpx.BasicAuth(WRITE_KEY, "")
 
 
 async def kafka(command: str) -> None:
-    env = {**os.environ, "CDP_KAFKA_PORT": str(PORT), "CDP_KAFKA_CONTROLLER_PORT": str(PORT + 1)}
-    proc = await asyncio.create_subprocess_exec("bash", str(KAFKA_SH), command, env=env)
-    assert await proc.wait() == 0, f"kafka.sh {command} failed on port {PORT}"
+    await kafka_sh(command, PORT)
 
 
 @pytest.fixture

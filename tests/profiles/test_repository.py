@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import retrying
+from cdp_stream.profiles.suppression import SuppressionKeys
 
 NOWAIT = "SELECT id FROM profiles WHERE id = :id FOR UPDATE NOWAIT"
 
@@ -44,7 +45,7 @@ async def test_a_unique_violation_on_the_drivers_copy_is_retried(engine: AsyncEn
     attempts: list[set[tuple[str, str]]] = []
 
     async def store(conn: AsyncConnection) -> None:
-        attempts.append((await repo.batch_reads(conn, [key], [])).stored)
+        attempts.append((await repo.batch_reads(conn, [key], [], SuppressionKeys())).stored)
         if len(attempts) == 1:  # as if it had read before the other one committed
             await repo.insert_events(conn, [row])
 

@@ -374,3 +374,38 @@ async def test_relayed_updates_leave_no_bloat(engine: AsyncEngine) -> None:
     first = await one_round()
     later = [await one_round() for _ in range(3)]
     assert max(later) <= first
+
+
+@pytest.mark.parametrize(
+    "clock",
+    [
+        {"timestamp": "0001-01-01T00:00:00+01:00"},  # before year 1 in UTC
+        {"receivedAt": "9999-12-31T23:59:59-01:00"},  # after 9999 in UTC
+    ],
+)
+async def test_a_time_outside_utc_dates_is_parked_not_a_crash(
+    engine: AsyncEngine, clock: dict[str, str]
+) -> None:
+    """The collector refuses such times; a record that has one anyway (another producer,
+    an older collector) is not an event, and the records after it are stored."""
+    run = uuid.uuid4().hex[:10]
+    bus = MemoryBus(default_partitions=1)
+    await bus.ensure_topics(Topics().all(1))
+    await bus.publish(Topics().events, b"k", orjson.dumps(orjson.loads(event(run, "u")) | clock))
+    await bus.publish(Topics().events, b"k", event(f"{run}-after", f"u-{run}"))
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_resolver(bus, engine, SETTINGS, stop))
+
+    async def after_stored() -> bool:
+        return await stored(engine, [f"{run}-after"]) == 1
+
+    assert await eventually(after_stored)
+    assert not task.done()
+    stop.set()
+    await task
+    parked = bus.consumer(f"test-parked-{run}", [Topics().rejected])
+    await parked.start()
+    reasons = [orjson.loads(m.value)["reason"] for m in await parked.getmany(1000, 50)]
+    await parked.stop()
+    assert any("out of range once converted to UTC" in r for r in reasons)
+    assert await stored(engine, [run]) == 0

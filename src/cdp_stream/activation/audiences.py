@@ -35,6 +35,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from cdp_stream.activation._sql import among
 from cdp_stream.activation.rules import (
     EventSpec,
     EventView,
@@ -103,7 +104,7 @@ async def _load_events(
         select(
             events.c.profile_id, events.c.type, events.c.event, events.c.timestamp, events.c.payload
         ).where(
-            events.c.profile_id.in_(profile_ids),
+            among(events.c.profile_id, profile_ids),
             events.c.timestamp > now - max(windows),
             events.c.type.in_(types),
         )
@@ -128,7 +129,7 @@ async def _reconcile(
         return 0
     rows = await conn.execute(
         select(profiles_table.c.id, profiles_table.c.traits, profiles_table.c.computed).where(
-            profiles_table.c.id.in_(ids), profiles_table.c.merged_into.is_(None)
+            among(profiles_table.c.id, ids), profiles_table.c.merged_into.is_(None)
         )
     )
     canonical = {r.id: {"traits": r.traits, "computed": r.computed} for r in rows}
@@ -144,7 +145,8 @@ async def _reconcile(
         (r.audience_id, r.profile_id)
         for r in await conn.execute(
             select(audience_members.c.audience_id, audience_members.c.profile_id).where(
-                audience_members.c.profile_id.in_(ids), audience_members.c.audience_id.in_(aids)
+                among(audience_members.c.profile_id, ids),
+                among(audience_members.c.audience_id, aids),
             )
         )
     }
@@ -450,16 +452,19 @@ async def stop_backfills() -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def resume_backfills(engine: AsyncEngine) -> int:
+async def resume_backfills(engine: AsyncEngine, stop: asyncio.Event | None = None) -> int:
     """Start again the back-fills a stop interrupted (status pending / running): they are
     idempotent, so starting over is safe. Returns how many were started."""
-    async with engine.connect() as conn:
+
+    async def interrupted(conn: AsyncConnection) -> list[uuid.UUID]:
         rows = await conn.execute(
             select(audiences.c.id).where(
                 audiences.c.backfill["status"].astext.in_(["pending", "running"])
             )
         )
-        ids = list(rows.scalars())
+        return list(rows.scalars())
+
+    ids = await retrying(engine, interrupted, stop)
     for audience_id in ids:
         start_backfill(engine, audience_id)
     return len(ids)

@@ -62,6 +62,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_stream.activation._sql import among
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import (
     crm_contacts,
@@ -343,7 +344,7 @@ async def _canonical(conn: AsyncConnection, ids: set[uuid.UUID]) -> dict[uuid.UU
             break
         rows = await conn.execute(
             select(profiles.c.id, profiles.c.merged_into).where(
-                profiles.c.id.in_(set(pending.values()))
+                among(profiles.c.id, set(pending.values()))
             )
         )
         parent = {r.id: r.merged_into for r in rows}
@@ -487,7 +488,7 @@ async def _write_contacts(
     rules = IdentityRules.from_settings(settings)
     found = await conn.execute(
         select(profiles.c.id, profiles.c.traits, profiles.c.computed).where(
-            profiles.c.id.in_(heads), profiles.c.merged_into.is_(None)
+            among(profiles.c.id, heads), profiles.c.merged_into.is_(None)
         )
     )
     state = {r.id: (r.traits, r.computed) for r in found}
@@ -495,7 +496,7 @@ async def _write_contacts(
     rows = await conn.execute(
         select(identities.c.profile_id, identities.c.type, identities.c.value)
         .where(
-            identities.c.profile_id.in_(list(state)),
+            among(identities.c.profile_id, state),
             identities.c.type.in_([EMAIL, USER_ID, PHONE]),
         )
         .order_by(identities.c.created_at, identities.c.value)
@@ -505,7 +506,7 @@ async def _write_contacts(
     existing = {
         r.profile_id: dict(r._mapping)
         for r in await conn.execute(
-            select(crm_contacts).where(crm_contacts.c.profile_id.in_(heads))
+            select(crm_contacts).where(among(crm_contacts.c.profile_id, heads))
         )
     }
     # Only a would-be subscriber needs its stored events read: a lead or customer stays one.
@@ -588,7 +589,7 @@ async def _leads(conn: AsyncConnection, pids: list[uuid.UUID]) -> set[uuid.UUID]
     rows = await conn.execute(
         select(events.c.profile_id)
         .where(
-            events.c.profile_id.in_(pids),
+            among(events.c.profile_id, pids),
             events.c.type == "track",
             func.lower(func.btrim(events.c.event)).in_(list(_LEAD_EVENTS)),
         )

@@ -7,6 +7,7 @@ from fastapi import APIRouter
 from fastapi.responses import PlainTextResponse
 
 from cdp_stream.api.deps import Conn
+from cdp_stream.profiles import dead_letters
 from cdp_stream.profiles import repository as repo
 
 router = APIRouter(tags=["metrics"])
@@ -17,6 +18,8 @@ _HELP = {
     "refusals": ("cdp_identity_refusals_total", "counter", "links refused by identity limits"),
     "outbox": ("cdp_profile_updates_pending", "gauge", "profile updates not yet relayed"),
 }
+_DEAD = "cdp_dead_letters_total"
+_CONSUMERS = ("resolver", "activation")  # always listed, 0 until one parks a record
 
 
 @router.get("/metrics", response_class=PlainTextResponse)
@@ -25,4 +28,10 @@ async def metrics(conn: Conn) -> str:
     lines = []
     for key, (name, kind, text) in _HELP.items():
         lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", f"{name} {values[key]}"]
+    parked = await dead_letters.counts(conn)
+    lines += [
+        f"# HELP {_DEAD} records a consumer could never apply, parked on cdp.dead-letters",
+        f"# TYPE {_DEAD} counter",
+        *(f'{_DEAD}{{consumer="{c}"}} {parked.get(c, 0)}' for c in sorted({*_CONSUMERS, *parked})),
+    ]
     return "\n".join(lines) + "\n"

@@ -188,7 +188,7 @@ async def delete_profile(request: Request, profile_id: Profile) -> None:
     """
     state = request.app.state
     async with state.engine.begin() as conn:
-        ids = await repo.delete_group(conn, profile_id)
+        ids = await repo.delete_group(conn, profile_id, state.rules.suppression)
         merged = [str(i) for i in ids if i != profile_id]
         tombstone = {"type": "deleted", "profile_id": str(profile_id), "merged_ids": merged}
         await repo.insert_outbox(conn, [repo.Update(str(profile_id), orjson.dumps(tombstone))])

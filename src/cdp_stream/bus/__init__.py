@@ -1,10 +1,11 @@
 """The bus: the seam between stages, and the one place that picks an implementation.
 
-``make_bus`` returns the Kafka bus when ``CDP_KAFKA_BOOTSTRAP`` is set (with the librdkafka
-producer when ``CDP_KAFKA_PRODUCER=confluent``) and the in-process memory bus otherwise;
-both keep the contract written in :mod:`cdp_stream.bus.base`. Code above this package only
-sees :class:`Bus`, :class:`Consumer` and friends; it never imports ``kafka`` or ``memory``
-directly (tests and benchmarks aside).
+``make_bus`` returns the Kafka bus when ``CDP_KAFKA_BOOTSTRAP`` is set (producing with
+librdkafka, or with aiokafka when ``CDP_KAFKA_PRODUCER=aiokafka``) and the Postgres bus on
+the process's database otherwise (the embedded default); every bus keeps the contract
+written in :mod:`cdp_stream.bus.base` (the in-process memory bus too, which serves tests).
+Code above this package only sees :class:`Bus`, :class:`Consumer` and friends; it never
+imports ``kafka``, ``postgres`` or ``memory`` directly (tests and benchmarks aside).
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from cdp_stream.bus.base import (
     TopicPartition,
     next_offsets,
 )
+from cdp_stream.bus.confluent import ConfluentKafkaBus
 from cdp_stream.bus.kafka import KafkaBus
 from cdp_stream.bus.memory import MemoryBus
+from cdp_stream.bus.postgres import PostgresBus, postgres_dsn
 from cdp_stream.settings import Settings
 
 __all__ = [
@@ -29,6 +32,7 @@ __all__ = [
     "KafkaBus",
     "MemoryBus",
     "Message",
+    "PostgresBus",
     "Record",
     "TopicPartition",
     "make_bus",
@@ -36,18 +40,23 @@ __all__ = [
 ]
 
 
-def make_bus(settings: Settings, client_id: str) -> Bus:
-    """Kafka when ``settings.kafka_bootstrap`` is set, else the in-process bus."""
+def make_bus(settings: Settings, client_id: str, database_url: str) -> Bus:
+    """Kafka when ``settings.kafka_bootstrap`` is set, else the Postgres bus on
+    ``database_url`` (the SQLAlchemy URL of the process's database)."""
     if not settings.kafka_bootstrap:
-        return MemoryBus(default_partitions=settings.topic_partitions)
-    kind: type[KafkaBus] = KafkaBus
-    if settings.kafka_producer == "confluent":
-        from cdp_stream.bus.confluent import ConfluentKafkaBus  # an optional dependency
-
-        kind = ConfluentKafkaBus
+        return PostgresBus(
+            postgres_dsn(database_url),
+            client_id,
+            default_partitions=settings.topic_partitions,
+            publish_timeout_s=settings.publish_timeout_s,
+            max_backlog=settings.bus_max_backlog,
+            retention_s=settings.bus_retention_s,
+        )
+    kind = ConfluentKafkaBus if settings.kafka_producer == "confluent" else KafkaBus
     return kind(
         settings.kafka_bootstrap,
         client_id,
         publish_timeout_s=settings.publish_timeout_s,
+        linger_ms=settings.kafka_linger_ms,
         session_timeout_ms=settings.kafka_session_timeout_ms,
     )

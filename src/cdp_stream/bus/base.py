@@ -4,7 +4,8 @@ Semantics both implementations keep (checked by ``tests/bus/test_contract.py``):
 
 * ``publish``/``publish_many`` return only after the broker acknowledged every record;
   on failure they raise :class:`BusUnavailable` and the caller must assume nothing was
-  accepted (records may still have been written: consumers dedupe by messageId).
+  accepted (records may still have been written: consumers dedupe by messageId), or
+  :class:`RecordTooLarge` for a record the broker refuses for its size.
 * A record goes to the partition chosen by hashing its key, so one key keeps its order.
 * A consumer belongs to a named group; the group's partitions are split among its live
   members and each record is seen by one member of each group.
@@ -25,6 +26,11 @@ log = logging.getLogger(__name__)
 
 class BusUnavailable(Exception):
     """The broker could not acknowledge in time: the caller must not report success."""
+
+
+class RecordTooLarge(Exception):
+    """The broker will never take a record this large: not an outage, and retrying cannot
+    help. Records of the same call may have been written (consumers dedupe)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,11 +36,13 @@ from aiokafka.errors import (
     CommitFailedError,
     IllegalStateError,
     KafkaError,
+    MessageSizeTooLargeError,
+    RecordListTooLargeError,
     TopicAlreadyExistsError,
     for_code,
 )
 
-from cdp_stream.bus.base import BusUnavailable, Message, Record, TopicPartition
+from cdp_stream.bus.base import BusUnavailable, Message, Record, RecordTooLarge, TopicPartition
 
 log = logging.getLogger(__name__)
 
@@ -156,14 +158,25 @@ class KafkaBus:
             self._producer = None
 
         async def abort() -> None:
-            # aiokafka has no public abort; these are the steps of stop() minus the flush.
+            # aiokafka has no public abort: these are the steps of stop() minus the flush,
+            # on its private attributes, which is why pyproject.toml pins aiokafka exactly.
+            # The sender first: no new produce request starts. Then fail the batches
+            # waiting in the accumulator, and only those: a batch whose request is still
+            # in flight must stay "pending", because a request that fails puts its batch
+            # back and removes it from the pending set (failing it here too was aiokafka's
+            # "KeyError: <MessageBatch>", which killed its sender: "'NoneType' object has
+            # no attribute 'done'"). Its waiters stop at their own deadline.
             producer._closed = True
-            producer._message_accumulator.fail_all(BusUnavailable("producer discarded"))
             try:
                 async with asyncio.timeout(self._timeout):
                     await producer._sender.close()  # in-flight requests end after one try
             except (*_FAILURES, RuntimeError) as exc:
                 log.debug("aborting a failed producer: %r", exc)
+            failure = BusUnavailable("producer discarded")
+            for batches in producer._message_accumulator._batches.values():
+                for batch in batches:
+                    batch.failure(failure)
+                    _retrieve(batch._drain_waiter)  # nobody waits on its drain any more
             await producer.client.close()
 
         task = asyncio.create_task(abort())
@@ -192,9 +205,13 @@ class KafkaBus:
             for f in futures:
                 if (exc := f.exception()) is not None:
                     raise exc
-        except _FAILURES as exc:
-            for f in futures:
+        except BaseException as exc:
+            for f in futures:  # however this call ends, nobody else reads them
                 f.add_done_callback(_retrieve)
+            if isinstance(exc, MessageSizeTooLargeError | RecordListTooLargeError):
+                raise RecordTooLarge(f"Kafka refused a record for its size: {exc!r}") from exc
+            if not isinstance(exc, _FAILURES):
+                raise  # BusUnavailable: its producer was discarded already
             self._discard(producer)
             raise BusUnavailable(f"Kafka did not acknowledge: {exc!r}") from exc
 

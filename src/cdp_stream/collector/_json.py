@@ -8,8 +8,13 @@ parsers silently keep the last one: which did the client mean?), and nesting dee
 
 Valid JSON that cannot be *stored* is not refused here but per event by the intake, so the
 other events of a batch still go through: ``\\u0000`` (Postgres ``jsonb`` cannot hold it),
-integers outside JavaScript's safe range and lone surrogates. The stdlib parser (not
-orjson) is used because it keeps big integers exact and can report duplicate keys.
+integers outside JavaScript's safe range and lone surrogates.
+
+Two parsers, one result. The stdlib parser is the reference: it keeps big integers exact
+and reports duplicate keys (a Python hook per object, which made it the collector's most
+expensive step per event). orjson parses ~7x faster and is used when its result is
+provably the same (:func:`_fast`); anything else, including every body refused, goes
+through the stdlib, so the answers and their messages do not depend on the path taken.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from __future__ import annotations
 import json
 import math
 from typing import Any
+
+import orjson
 
 
 class BadRequest(Exception):
@@ -68,8 +75,48 @@ def _too_deep(value: Any, max_depth: int) -> bool:
     return True
 
 
+# 19 digits in a row may be an integer beyond 64 bits, which orjson turns into a float.
+_DIGITS = bytes.maketrans(b"0123456789", b"0000000000")
+_LONG_NUMBER = b"0" * 19
+
+
+def _fast(body: bytes) -> Any:
+    """orjson's parse of ``body`` when it is the stdlib's (see the module docstring), else
+    ``_SLOW``. Why the checks suffice:
+
+    - orjson refuses what the stdlib would refuse (bad UTF-8, NaN, infinity) or keep
+      (lone surrogates): those go the stdlib's way;
+    - integers beyond 64 bits need 19 digits or more in a row: such bodies go too;
+    - a duplicate key: orjson keeps one member of the two, so its re-serialization has
+      fewer ``:`` than the body (one per member, plus those inside strings, which orjson
+      writes raw). Equal counts mean no member was dropped, provided no ``:`` hides in a
+      ``\\u003a`` escape (such bodies go the stdlib's way too).
+    """
+    if b"\\u003" in body or _LONG_NUMBER in body.translate(_DIGITS):
+        return _SLOW
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return _SLOW
+    if orjson.dumps(value).count(b":") != body.count(b":"):
+        return _SLOW
+    return value
+
+
+_SLOW = object()
+
+
 def loads_strict(body: bytes, max_depth: int) -> Any:
     """The parsed body, or :class:`BadRequest` saying what is wrong with it."""
+    value = _fast(body)
+    if value is _SLOW:
+        value = _loads_stdlib(body, max_depth)
+    if _too_deep(value, max_depth):
+        raise BadRequest(400, f"JSON nested deeper than {max_depth} levels")
+    return value
+
+
+def _loads_stdlib(body: bytes, max_depth: int) -> Any:
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -85,6 +132,4 @@ def loads_strict(body: bytes, max_depth: int) -> Any:
         raise BadRequest(400, f"invalid JSON: {exc}") from exc
     except RecursionError as exc:
         raise BadRequest(400, f"JSON nested deeper than {max_depth} levels") from exc
-    if _too_deep(value, max_depth):
-        raise BadRequest(400, f"JSON nested deeper than {max_depth} levels")
     return value

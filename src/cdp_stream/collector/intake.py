@@ -244,15 +244,32 @@ def _event_time(
         return received_at, False
     when = _utc(client)
     if sent_at is not None:
-        when = received_at - (_utc(sent_at) - when)
+        try:
+            when = received_at - (_utc(sent_at) - when)
+        except OverflowError:  # e.g. sentAt in year 1, originalTimestamp in 9999
+            raise _Refused(
+                "sentAt and originalTimestamp are too far apart: the clock-skew correction "
+                "receivedAt - (sentAt - originalTimestamp) is not a date"
+            ) from None
     if when > received_at + FUTURE_TOLERANCE or when < EARLIEST:
         return received_at, True
     return when, False
 
 
 def _iso(value: datetime) -> str:
-    """Fixed-width UTC, sortable as text: ``2026-01-02T03:04:05.000006Z``."""
-    return value.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    """Fixed-width UTC, sortable as text: ``2026-01-02T03:04:05.000006Z``. (Formatted by
+    hand: twice as fast as ``isoformat``, and it runs for every event.)"""
+    if value.tzinfo is not UTC:
+        value = value.astimezone(UTC)
+    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031 (faster than format)
+        value.year,
+        value.month,
+        value.day,
+        value.hour,
+        value.minute,
+        value.second,
+        value.microsecond,
+    )
 
 
 def _generated_message_id(source_id: str, event: Mapping[str, Any]) -> str:

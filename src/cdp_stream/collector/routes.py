@@ -8,7 +8,15 @@ as JSON whatever its Content-Type says: browsers send ``text/plain`` to avoid a 
 When the client gets its 200: only after the broker acknowledged every record of the
 request, accepted and rejected alike. If the broker cannot acknowledge in time the answer
 is 503 with Retry-After and the client must send again (redelivered copies are harmless:
-the resolver dedupes by messageId, which is fixed per event before publishing).
+the resolver dedupes by messageId, which is fixed per event before publishing). A database
+that cannot say whose write key it is (only for a key not yet in memory, see ``auth``) is
+also a 503 with Retry-After.
+
+Why plain ASGI endpoints, not FastAPI routes: these are the hot path, and FastAPI's
+per-request machinery (its middleware, router and dependency solving) cost more CPU than
+the endpoint itself (``benchmarks/collect.py``, profiled with py-spy). The app dispatches
+:data:`TRACKING_PATHS` here before its routing (``cdp_stream.app``); :func:`openapi_paths`
+documents them in the app's OpenAPI document.
 """
 
 from __future__ import annotations
@@ -17,17 +25,20 @@ import zlib
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import Sources, basic_username
 from cdp_stream.collector.cors import PREFLIGHT_HEADERS, cors_headers, origin_allowed
 from cdp_stream.collector.intake import IntakeResult, body_write_key, intake
+from cdp_stream.events import MODELS, Batch
+from cdp_stream.profiles.db import DATABASE_UNAVAILABLE
 from cdp_stream.settings import Settings
-
-router = APIRouter(tags=["collector"])
 
 ENDPOINTS = ("identify", "track", "page", "screen", "group", "alias", "batch")
 
@@ -40,6 +51,15 @@ def bus_unavailable(exc: BusUnavailable, settings: Settings) -> JSONResponse:
     """503 + Retry-After: nothing of the request was accepted, send it again."""
     return JSONResponse(
         {"success": False, "error": f"event bus unavailable, nothing accepted: {exc}"},
+        status_code=503,
+        headers={"Retry-After": str(settings.retry_after_s)},
+    )
+
+
+def database_unavailable(settings: Settings) -> JSONResponse:
+    """503 + Retry-After: Postgres is down or too slow (its pool timed out), try again."""
+    return JSONResponse(
+        {"success": False, "error": "database unavailable, try again"},
         status_code=503,
         headers={"Retry-After": str(settings.retry_after_s)},
     )
@@ -75,7 +95,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return out
 
 
-async def _collect(request: Request, endpoint: str) -> JSONResponse:
+async def _collect(request: Request, endpoint: str) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     sources: Sources = state.sources
@@ -95,7 +115,7 @@ async def _collect(request: Request, endpoint: str) -> JSONResponse:
             body,
             endpoint,
             settings=settings,
-            rules=request.app.state.rules,
+            rules=state.rules,
             source_id=source.id,
             received_at=received_at,
             ip=request.client.host if request.client else None,
@@ -103,6 +123,8 @@ async def _collect(request: Request, endpoint: str) -> JSONResponse:
         )
     except BadRequest as exc:
         return error_response(exc.status, exc.message)
+    except DATABASE_UNAVAILABLE:
+        return database_unavailable(settings)
     response = await _publish(state.bus, settings, source.id, endpoint, result)
     if origin is not None:  # judged above: this page may read the answer
         response.headers.update(cors_headers(origin))
@@ -112,9 +134,11 @@ async def _collect(request: Request, endpoint: str) -> JSONResponse:
 async def _publish(
     bus: Bus, settings: Settings, source_id: str, endpoint: str, result: IntakeResult
 ) -> JSONResponse:
-    records = [Record(settings.topics.events, a.key, a.value) for a in result.accepted]
+    topics = settings.topics  # a property: built once here, not once per record
+    events = topics.events
+    records = [Record(events, a.key, a.value) for a in result.accepted]
     records += [
-        Record(settings.topics.rejected, source_id.encode(), r.record)
+        Record(topics.rejected, source_id.encode(), r.record)
         for r in result.rejected
         if r.record is not None  # an oversize event is refused, never published
     ]
@@ -134,21 +158,75 @@ async def preflight(request: Request) -> Response:
     """A CORS preflight: allowed when some source lists the origin (see ``cors``)."""
     origin = request.headers.get("origin")
     sources: Sources = request.app.state.sources
-    if origin is None or not await sources.any_allows(origin):
+    try:
+        allowed = origin is not None and await sources.any_allows(origin)
+    except DATABASE_UNAVAILABLE:
+        return database_unavailable(request.app.state.settings)
+    if origin is None or not allowed:
         return Response(status_code=403)
     return Response(status_code=204, headers={**cors_headers(origin), **PREFLIGHT_HEADERS})
 
 
-def _route(endpoint: str) -> Any:
-    async def handler(request: Request) -> JSONResponse:
-        return await _collect(request, endpoint)
-
-    handler.__name__ = f"collect_{endpoint}"
-    return handler
+_ALLOW = "OPTIONS, POST"
 
 
-for _endpoint in ENDPOINTS:
-    router.add_api_route(f"/v1/{_endpoint}", _route(_endpoint), methods=["POST"])
-    router.add_api_route(
-        f"/v1/{_endpoint}", preflight, methods=["OPTIONS"], include_in_schema=False
+def _endpoint(name: str) -> ASGIApp:
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        request = Request(scope, receive)
+        if request.method == "POST":
+            response = await _collect(request, name)
+        elif request.method == "OPTIONS":
+            response = await preflight(request)
+        else:
+            response = error_response(405, "method not allowed: use POST")
+            response.headers["Allow"] = _ALLOW
+        await response(scope, receive, send)
+
+    app.__name__ = f"collect_{name}"
+    return app
+
+
+# path -> plain ASGI endpoint; the app serves these before its own routing (with a trailing
+# slash too, which FastAPI's routing used to redirect).
+TRACKING_PATHS: dict[str, ASGIApp] = {
+    path: endpoint
+    for name in ENDPOINTS
+    for endpoint in [_endpoint(name)]
+    for path in (f"/v1/{name}", f"/v1/{name}/")
+}
+
+
+def openapi_paths() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The tracking endpoints in OpenAPI (they are not FastAPI routes): their paths, and
+    the component schemas of their request bodies (the event models)."""
+    bodies: list[tuple[str, type[BaseModel]]] = [*MODELS.items(), ("batch", Batch)]
+    refs, top = models_json_schema(
+        [(model, "validation") for _, model in bodies],
+        ref_template="#/components/schemas/{model}",
     )
+    answers = {
+        "200": "every event was accepted (a batch lists the ones it refused under `rejected`)",
+        "400": "not valid JSON, or the event (a single call) was refused",
+        "401": "missing or unknown write key",
+        "403": "the Origin may not send to this source",
+        "413": "request or event over the size limit",
+        "415": "Content-Encoding other than gzip",
+        "503": "the event bus or the database is unavailable: nothing accepted, retry "
+        "after Retry-After seconds",
+    }
+    paths = {
+        f"/v1/{name}": {
+            "post": {
+                "tags": ["collector"],
+                "summary": f"Collect {name}",
+                "operationId": f"collect_{name}_v1_{name}_post",
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": refs[(model, "validation")]}},
+                },
+                "responses": {code: {"description": text} for code, text in answers.items()},
+            }
+        }
+        for name, model in bodies
+    }
+    return paths, top.get("$defs", {})

@@ -16,7 +16,10 @@ from typing import TypeVar
 from urllib.parse import urlsplit
 
 import orjson
-from sqlalchemy.exc import DBAPIError, OperationalError
+from asyncpg.exceptions import InterfaceError as PgClientInterfaceError
+from asyncpg.exceptions import InternalClientError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from cdp_stream.settings import Settings
@@ -39,6 +42,12 @@ async def resolve_database_url(settings: Settings) -> str:
     if settings.database_url:
         return settings.database_url
     return await asyncio.to_thread(_embedded_url, settings.data_dir)
+
+
+# What a database that is down, unreachable or too slow raises: the driver's errors, a
+# socket's, a connect timeout, and the pool's "QueuePool limit ... reached" (PoolTimeout,
+# which is not a DBAPIError). A request that meets one is answered 503 + Retry-After.
+DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, OSError, TimeoutError)
 
 
 def make_engine(url: str, role: str, pool_size: int = 5) -> AsyncEngine:
@@ -64,6 +73,10 @@ class RetryTransaction(Exception):
 # serialization_failure, deadlock_detected, unique_violation (a racing insert): the work
 # is run again on a fresh transaction.
 _RETRYABLE_SQLSTATES = {"40001", "40P01", "23505"}
+# The server went away or is not back yet: admin_shutdown (a fast restart or shutdown),
+# crash_shutdown, cannot_connect_now ("the database system is shutting down" or "is
+# starting up"), too_many_connections; and the whole class 08 (connection exceptions).
+_OUTAGE_SQLSTATES = {"57P01", "57P02", "57P03", "53300"}
 
 
 def _sqlstate(exc: DBAPIError) -> str | None:
@@ -71,6 +84,29 @@ def _sqlstate(exc: DBAPIError) -> str | None:
     return getattr(orig, "sqlstate", None) or getattr(
         getattr(orig, "__cause__", None), "sqlstate", None
     )
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` says the database (or the connection to it) is gone, not that the
+    work is wrong: then the same work succeeds once the server is back.
+
+    A restarted server shows itself in many ways, depending on what the connection was
+    doing: SQLAlchemy's disconnect detection (``connection_invalidated``), a SQLSTATE of
+    class 08 or 57P01-57P03, asyncpg's client-side errors on a connection that is closed
+    or mid-way in a broken protocol exchange ("cannot switch to state ..."), or a plain
+    socket error while connecting.
+    """
+    if isinstance(exc, OperationalError | InterfaceError | OSError):
+        return True
+    if not isinstance(exc, DBAPIError):
+        return False
+    if exc.connection_invalidated:
+        return True
+    state = _sqlstate(exc) or ""
+    if state.startswith("08") or state in _OUTAGE_SQLSTATES:
+        return True
+    cause = getattr(getattr(exc, "orig", None), "__cause__", None)
+    return isinstance(cause, PgClientInterfaceError | InternalClientError | OSError)
 
 
 class Stopping(Exception):
@@ -92,12 +128,16 @@ async def retrying(
                 return await work(conn)
         except RetryTransaction as exc:
             log.info("transaction raced another one (%s), retrying", exc)
-        except (OperationalError, OSError) as exc:
-            log.warning("database unavailable, retrying in %.1fs: %s", delay, exc)
-        except DBAPIError as exc:
-            if _sqlstate(exc) not in _RETRYABLE_SQLSTATES:
+        except (DBAPIError, OSError) as exc:
+            if is_outage(exc):
+                log.warning("database unavailable, retrying in %.1fs: %s", delay, exc)
+                # Connections the pool holds are likely dead too (a restart ends them all):
+                # start over with fresh ones rather than meet each broken one in turn.
+                await engine.dispose()
+            elif isinstance(exc, DBAPIError) and _sqlstate(exc) in _RETRYABLE_SQLSTATES:
+                log.info("transaction conflict (%s), retrying", _sqlstate(exc))
+            else:
                 raise
-            log.info("transaction conflict (%s), retrying", _sqlstate(exc))
         if stop is None:
             await asyncio.sleep(delay)
         elif await stopped_within(stop, delay):

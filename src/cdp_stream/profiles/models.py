@@ -302,10 +302,74 @@ dmp_audience_counts = Table(
     ),
 )
 
-# Deleted people's identifiers, hashed: late events for them are refused, not resurrected.
+# Deleted people's identifiers, sealed (cdp_stream.profiles.suppression): late events for
+# them are refused, not resurrected. key_id: the key that sealed it (NULL: plain SHA-256).
 suppressed_identifiers = Table(
     "suppressed_identifiers",
     metadata,
     Column("digest", Text, primary_key=True),
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    Column("key_id", Text),
+)
+
+# Records a consumer could never apply, parked on the dead-letter topic (where the record
+# itself is kept): one row each, so /metrics counts them across every process.
+dead_letters = Table(
+    "dead_letters",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("consumer", Text, nullable=False),
+    Column("origin", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+)
+
+# The embedded bus (cdp_stream.bus.postgres): a Kafka-shaped log on tables. A topic has
+# partitions; each partition counts its offsets in bus_partitions.next_offset (the row lock
+# taken there by a publisher orders offsets by commit); bus_records holds the log; a
+# consumer group's committed offsets are bus_offsets. Ids name topics and groups in the
+# advisory-lock keys of group membership.
+bus_topics = Table(
+    "bus_topics",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("partitions", Integer, nullable=False),
+)
+
+bus_partitions = Table(
+    "bus_partitions",
+    metadata,
+    Column("topic_id", Integer, ForeignKey("bus_topics.id"), nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("next_offset", BigInteger, nullable=False, server_default=text("0")),
+    PrimaryKeyConstraint("topic_id", "partition", name="bus_partitions_pkey"),
+)
+
+bus_records = Table(
+    "bus_records",
+    metadata,
+    Column("topic_id", Integer, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("offset", BigInteger, nullable=False),
+    Column("key", LargeBinary, nullable=True),
+    Column("value", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("topic_id", "partition", "offset", name="bus_records_pkey"),
+)
+
+bus_groups = Table(
+    "bus_groups",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", Text, nullable=False, unique=True),
+)
+
+bus_offsets = Table(
+    "bus_offsets",
+    metadata,
+    Column("group_id", Integer, ForeignKey("bus_groups.id"), nullable=False),
+    Column("topic_id", Integer, nullable=False),
+    Column("partition", Integer, nullable=False),
+    Column("next_offset", BigInteger, nullable=False),
+    PrimaryKeyConstraint("group_id", "topic_id", "partition", name="bus_offsets_pkey"),
 )

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-import asyncpg  # type: ignore[import-untyped]
+import asyncpg
 import orjson
 from sqlalchemy import delete, func, select, text, tuple_, update
 from sqlalchemy.dialects.postgresql import UUID, insert
@@ -35,6 +35,7 @@ from cdp_stream.profiles.models import (
     profiles,
     suppressed_identifiers,
 )
+from cdp_stream.profiles.suppression import SuppressionKeys, sealed_rows
 from cdp_stream.resolver.identity import Identifier
 from cdp_stream.resolver.orders import Fact, fields
 from cdp_stream.resolver.traits import view as trait_view
@@ -82,12 +83,15 @@ class BatchReads:
 
 
 async def batch_reads(
-    conn: AsyncConnection, keys: Sequence[tuple[str, str]], ids: Sequence[Identifier]
+    conn: AsyncConnection,
+    keys: Sequence[tuple[str, str]],
+    ids: Sequence[Identifier],
+    suppression: SuppressionKeys,
 ) -> BatchReads:
     """Which events are stored already, who holds each identifier, which belong to deleted
     people: one statement on the driver's connection (arrays, not IN lists: one plan per
     connection; asyncpg's records, not SQLAlchemy's rows: thousands per batch)."""
-    by_digest = {identifier_digest(i): i for i in ids}
+    by_digest = {d: i for i in ids for d in suppression.candidates(i.type, i.value)}
     params = (
         [s for s, _ in keys],
         [m for _, m in keys],
@@ -612,14 +616,11 @@ async def mark_undone(conn: AsyncConnection, merge_id: int) -> None:
 # --- deletion ----------------------------------------------------------------------------
 
 
-def identifier_digest(ident: Identifier) -> str:
-    """How a deleted person's identifier is remembered: a SHA-256, never the value."""
-    return hashlib.sha256(f"{ident.type}\x1f{ident.value}".encode()).hexdigest()
-
-
-async def delete_group(conn: AsyncConnection, canonical: uuid.UUID) -> list[uuid.UUID]:
+async def delete_group(
+    conn: AsyncConnection, canonical: uuid.UUID, suppression: SuppressionKeys
+) -> list[uuid.UUID]:
     """Erase a person: the canonical profile and every profile merged into it, with their
-    identities (remembered as digests in the suppression list), events, merges, refusals,
+    identities (remembered sealed in the suppression list), events, merges, refusals,
     pending updates, CRM contact and interactions, audience membership. Returns the ids."""
     await conn.execute(select(profiles.c.id).where(profiles.c.id == canonical).with_for_update())
     ids = list(
@@ -634,7 +635,7 @@ async def delete_group(conn: AsyncConnection, canonical: uuid.UUID) -> list[uuid
     held = await conn.execute(
         select(identities.c.type, identities.c.value).where(identities.c.profile_id.in_(ids))
     )
-    digests = [{"digest": identifier_digest(Identifier(r.type, r.value))} for r in held]
+    digests = sealed_rows(suppression, [(r.type, r.value) for r in held])
     if digests:
         await conn.execute(insert(suppressed_identifiers).on_conflict_do_nothing(), digests)
     keys = [str(i) for i in ids]

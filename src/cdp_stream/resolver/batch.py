@@ -241,7 +241,7 @@ async def apply_prepared(
     every_id = sorted({i for p in batch for i in p.ids})
 
     await repo.lock_keys(conn, [repo.lock_key(i.type, i.value) for i in every_id])
-    read = await repo.batch_reads(conn, [p.key for p in batch], every_id)
+    read = await repo.batch_reads(conn, [p.key for p in batch], every_id, rules.suppression)
     seen, owner, gone = read.stored, read.owners, read.suppressed
     loaded = await repo.lock_profiles(conn, set(owner.values()))
     members = await repo.identities_of(conn, list(loaded))  # now that the rows are ours

@@ -29,7 +29,7 @@ from typing import Any
 import orjson
 from pydantic import ConfigDict
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.bus.base import (
     Bus,
@@ -41,8 +41,10 @@ from cdp_stream.bus.base import (
     rejoin,
 )
 from cdp_stream.events import Event
+from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import Stopping, retrying
+from cdp_stream.profiles.suppression import rekey
 from cdp_stream.resolver.batch import BatchResult, Prepared, apply_prepared, prepare
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
@@ -76,21 +78,38 @@ async def _apply(
     return await retrying(engine, lambda conn: apply_prepared(conn, batch, rules), stop)
 
 
-async def relay_outbox(engine: AsyncEngine, bus: Bus, topic: str, limit: int = 5000) -> int:
+async def relay_outbox(
+    engine: AsyncEngine,
+    bus: Bus,
+    topic: str,
+    dead: DeadLetters | None = None,
+    limit: int = 5000,
+) -> int:
     """Publish pending profile updates, oldest first, and delete them once acknowledged.
 
     Rows are taken with ``SKIP LOCKED``, so resolvers relay side by side; a failure before
     the delete commits leaves the rows for the next relay (at-least-once: a consumer of
-    ``cdp.profile-updates`` dedupes by profile and messageId).
+    ``cdp.profile-updates`` dedupes by profile and messageId). With ``dead``, an update
+    Kafka refuses for its size is parked there instead of blocking the outbox.
     """
     relayed = 0
-    while True:
-        async with engine.begin() as conn:
-            rows = await repo.take_outbox(conn, limit)
-            if not rows:
-                return relayed
-            await bus.publish_many([Record(topic, key.encode(), value) for key, value in rows])
-        relayed += len(rows)
+
+    async def publish(rows: Sequence[tuple[str, bytes]]) -> None:
+        await bus.publish_many([Record(topic, key.encode(), value) for key, value in rows])
+
+    async def park(row: tuple[str, bytes], exc: Exception) -> None:
+        if dead is None:
+            raise exc
+        await dead.park("profile_update_outbox", row[0].encode(), row[1], exc)
+
+    async def step(conn: AsyncConnection) -> int:
+        rows = await repo.take_outbox(conn, limit)
+        await apply_isolating(rows, publish, park)
+        return len(rows)
+
+    while n := await retrying(engine, step, dead.stop if dead else None):
+        relayed += n
+    return relayed
 
 
 class _Checked(Event):
@@ -115,15 +134,19 @@ async def vacuum_outbox(engine: AsyncEngine) -> None:
 _CHUNK = 50
 
 
-async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[dict[str, Any]]:
-    events: list[dict[str, Any]] = []
+async def _decode(
+    bus: Bus, rejected: str, messages: Sequence[Message]
+) -> list[tuple[Message, dict[str, Any]]]:
+    """The events of the batch, each with its record; what is not an event is parked on
+    the rejected topic."""
+    events: list[tuple[Message, dict[str, Any]]] = []
     for i, m in enumerate(messages):
         if i % _CHUNK == _CHUNK - 1:
             await asyncio.sleep(0)
         try:
             value = orjson.loads(m.value)
             _Checked.model_validate(value)
-            events.append(value)
+            events.append((m, value))
         except ValueError as exc:  # orjson's and pydantic's errors are ValueErrors
             reason = f"not an event at {m.topic}[{m.partition}]@{m.offset}: {exc}"
             record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
@@ -131,7 +154,18 @@ async def _decode(bus: Bus, rejected: str, messages: Sequence[Message]) -> list[
     return events
 
 
-_Taken = tuple[list[Message], list[Prepared]]
+# An event with its record and, when it could be worked out ahead, its prepared form.
+_Item = tuple[Message, dict[str, Any], Prepared | None]
+_Taken = tuple[list[Message], list[_Item]]
+
+
+def _prepared(events: Sequence[dict[str, Any]], rules: IdentityRules) -> list[Prepared | None]:
+    """``prepare`` of a chunk taken ahead; if it fails, None for each event: they are
+    prepared again in their batch's ``apply``, where a poison event is isolated."""
+    try:
+        return list(prepare(events, rules))
+    except Exception:
+        return [None] * len(events)
 
 
 async def _take(
@@ -147,11 +181,13 @@ async def _take(
     if not messages:
         return None
     events = await _decode(bus, settings.topics.rejected, messages)
-    prepared: list[Prepared] = []
+    items: list[_Item] = []
     for i in range(0, len(events), _CHUNK):
         await asyncio.sleep(0)
-        prepared += prepare(events[i : i + _CHUNK], rules)
-    return messages, prepared
+        chunk = events[i : i + _CHUNK]
+        prepared = _prepared([e for _, e in chunk], rules)
+        items += [(m, e, p) for (m, e), p in zip(chunk, prepared, strict=True)]
+    return messages, items
 
 
 class _Ahead:
@@ -192,8 +228,8 @@ class _Relay:
     fails (broker or database away) is logged and leaves its rows in the outbox;
     ``failed`` says to ask again."""
 
-    def __init__(self, engine: AsyncEngine, bus: Bus, topic: str) -> None:
-        self._engine, self._bus, self._topic = engine, bus, topic
+    def __init__(self, engine: AsyncEngine, bus: Bus, topic: str, dead: DeadLetters) -> None:
+        self._engine, self._bus, self._topic, self._dead = engine, bus, topic, dead
         self._task: asyncio.Task[None] | None = None
         self._again = False
         self.failed = False
@@ -210,8 +246,8 @@ class _Relay:
         while self._again:
             self._again = False
             try:
-                await relay_outbox(self._engine, self._bus, self._topic)
-            except (BusUnavailable, DBAPIError, OSError) as exc:
+                await relay_outbox(self._engine, self._bus, self._topic, self._dead)
+            except (BusUnavailable, Stopping, DBAPIError, OSError) as exc:
                 log.warning("profile updates left in the outbox, relaying again later: %s", exc)
                 self.failed = True
                 return
@@ -233,19 +269,50 @@ def _collect_garbage_less() -> None:
     gc.set_threshold(20_000, 20, 20)
 
 
+def _set_aside(rejected: str, result: BatchResult) -> list[Record]:
+    """The rejected-topic records for the events a batch stored nowhere."""
+    return [
+        Record(rejected, None, orjson.dumps({"reason": _UNIDENTIFIED, "event": e}))
+        for e in result.unidentified
+    ] + [  # only where it came from: it names a person who asked to be erased
+        Record(rejected, None, orjson.dumps({"reason": "suppressed", **_origin(e)}))
+        for e in result.suppressed
+    ]
+
+
 async def run_resolver(
     bus: Bus, engine: AsyncEngine, settings: Settings, stop: asyncio.Event
 ) -> None:
+    """poll a batch -> one transaction (a poison event bisected out and dead-lettered) ->
+    the events set aside to the rejected topic -> commit offsets; the outbox relayed beside."""
     names, rules = settings.topics, IdentityRules.from_settings(settings)
+    dead = DeadLetters(bus, engine, names.dead_letters, "resolver", stop)
+    try:  # rows sealed by an old key, or by none (before keys existed): the current one
+        resealed = await retrying(engine, lambda conn: rekey(conn, rules.suppression), stop)
+    except Stopping:
+        return
+    if resealed:
+        log.info("sealed %d suppression rows with the current key", resealed)
     consumer = bus.consumer(names.resolver_group, [names.events])
     await consumer.start()
     _collect_garbage_less()
     clock = asyncio.get_running_loop().time
     vacuumed_at = clock()
-    relay = _Relay(engine, bus, names.profile_updates)
+    relay = _Relay(engine, bus, names.profile_updates, dead)
+    relay.kick()  # what a crash left behind
+
     ahead = _Ahead(lambda: _take(consumer, bus, settings, rules))
+
+    async def apply(batch: Sequence[_Item]) -> None:
+        prepared = [p if p is not None else prepare([e], rules)[0] for _, e, p in batch]
+        result = await _apply(engine, prepared, rules, stop)
+        await bus.publish_many(_set_aside(names.rejected, result))
+        log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
+
+    async def park(item: _Item, exc: Exception) -> None:
+        await dead.park_message(item[0], exc)
+
     try:
-        await relay_outbox(engine, bus, names.profile_updates)  # what a crash left behind
         while not stop.is_set():
             if clock() - vacuumed_at >= settings.resolver_outbox_vacuum_s:
                 await vacuum_outbox(engine)
@@ -256,28 +323,9 @@ async def run_resolver(
                 taken = await ahead.next()
                 if taken is None:
                     continue
-                messages, batch = taken
-                result = await _apply(engine, batch, rules, stop)
-                await bus.publish_many(
-                    [
-                        Record(
-                            names.rejected,
-                            None,
-                            orjson.dumps({"reason": _UNIDENTIFIED, "event": e}),
-                        )
-                        for e in result.unidentified
-                    ]
-                    + [  # only where it came from: it names a person who asked to be erased
-                        Record(
-                            names.rejected,
-                            None,
-                            orjson.dumps({"reason": "suppressed", **_origin(e)}),
-                        )
-                        for e in result.suppressed
-                    ]
-                )
+                messages, items = taken
+                await apply_isolating(items, apply, park)
                 relay.kick()
-                log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
                 await consumer.commit(next_offsets(messages))
             except BusUnavailable as exc:
                 log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)

@@ -8,11 +8,12 @@ per-type limits, blocked values, the phone region) come from :class:`Settings`.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import phonenumbers
 
+from cdp_stream.profiles.suppression import SuppressionKeys
 from cdp_stream.resolver import as_mapping
 from cdp_stream.settings import Settings
 
@@ -45,6 +46,9 @@ class IdentityRules:
     default_limit: int
     blocked: frozenset[str]
     phone_region: str | None = None
+    # How a deleted person's identifiers are sealed and recognized (a rule on identifiers,
+    # and these rules reach every place that resolves them: the resolver and the API).
+    suppression: SuppressionKeys = field(default_factory=SuppressionKeys)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> IdentityRules:
@@ -56,6 +60,7 @@ class IdentityRules:
             default_limit=settings.identity_default_limit,
             blocked=frozenset(v.strip().lower() for v in settings.identity_blocked_values),
             phone_region=settings.phone_default_region,
+            suppression=SuppressionKeys.from_settings(settings),
         )
 
     def rank(self, type_: str) -> tuple[int, str]:

@@ -1,0 +1,24 @@
+"""SQL shared by the activation sinks: membership tests that keep one statement text.
+
+``column.in_(values)`` renders one bind parameter per value, so every batch size is a new
+statement text: SQLAlchemy compiles it again and asyncpg prepares it again (a round trip
+and a Postgres parse and plan) before running it. Activation's micro-batches come in every
+size, so its statement cache missed nearly always (py-spy on the pipeline benchmark's
+catch-up: ~16% of activation's busy time in preparing and expanding). ``= ANY(:array)``
+binds one array: one text, prepared once per connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from sqlalchemy import any_, bindparam
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.sql.elements import ColumnElement
+
+
+def among(column: ColumnElement[Any], values: Iterable[Any]) -> ColumnElement[bool]:
+    """``column = ANY(:values)``: true for the rows whose ``column`` is one of ``values``
+    (none when ``values`` is empty, as ``IN`` of nothing)."""
+    return column == any_(bindparam(None, list(values), type_=ARRAY(column.type)))

@@ -1,0 +1,166 @@
+"""How the suppression list remembers a deleted person's identifiers without naming them.
+
+Each identifier is stored as a *sealed digest*: its SHA-256 (of ``type``, a unit separator,
+the value), encrypted with AES-SIV under ``CDP_SUPPRESSION_KEY``. AES-SIV is deterministic,
+so the same identifier always seals to the same text and a lookup is an equality test on
+the primary key, as it was; without the key the table is random bytes, so nobody holding
+only the table (a dump, a backup, a replica) can test a list of emails or phone numbers
+against it, which plain SHA-256 allowed. A keyed hash (HMAC) would hide them as well, but a
+key could then never be retired; a seal can be opened with the old key and sealed again
+with the new one, so a rotation finishes (``cdp-stream suppression-rekey``).
+
+Each row carries the id of the key that sealed it (``key_id``; NULL for the plain SHA-256
+rows written before keys existed, which keep blocking until re-keyed). Lookups try the
+current key, every key in ``CDP_SUPPRESSION_OLD_KEYS`` (a rotation in progress) and the
+plain digest.
+
+Without a configured key: the embedded default generates one and keeps it in
+``<data_dir>/suppression.key`` (see :func:`with_suppression_key`); a server deployment
+runs unkeyed (plain SHA-256, as before) and says so loudly at every start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import secrets
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESSIV
+from pydantic import SecretStr
+from sqlalchemy import delete, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from cdp_stream.profiles.models import suppressed_identifiers
+from cdp_stream.settings import Settings
+
+log = logging.getLogger(__name__)
+
+KEY_FILE = "suppression.key"
+
+
+@dataclass(frozen=True)
+class _Key:
+    id: str
+    siv: AESSIV
+
+    @classmethod
+    def of(cls, secret: str) -> _Key:
+        material = secret.encode()
+        key_id = hmac.new(material, b"cdp-suppression-key-id", hashlib.sha256).hexdigest()[:12]
+        return cls(key_id, AESSIV(hashlib.sha512(material).digest()))
+
+    def seal(self, inner: bytes) -> str:
+        return self.siv.encrypt(inner, None).hex()
+
+    def open(self, sealed: str) -> bytes | None:
+        try:
+            return self.siv.decrypt(bytes.fromhex(sealed), None)
+        except (InvalidTag, ValueError):
+            return None
+
+
+def _inner(type_: str, value: str) -> bytes:
+    return hashlib.sha256(f"{type_}\x1f{value}".encode()).digest()
+
+
+@dataclass(frozen=True)
+class SuppressionKeys:
+    """The current key (None: unkeyed, plain SHA-256) and the keys being rotated out."""
+
+    current: _Key | None = None
+    old: tuple[_Key, ...] = field(default=())
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SuppressionKeys:
+        current = settings.suppression_key
+        return cls(
+            _Key.of(current.get_secret_value()) if current else None,
+            tuple(_Key.of(k.get_secret_value()) for k in settings.suppression_old_keys),
+        )
+
+    @property
+    def key_id(self) -> str | None:
+        return self.current.id if self.current else None
+
+    def seal(self, type_: str, value: str) -> str:
+        """How a deletion stores the identifier now."""
+        inner = _inner(type_, value)
+        return self.current.seal(inner) if self.current else inner.hex()
+
+    def candidates(self, type_: str, value: str) -> list[str]:
+        """Every form a stored row for the identifier may have (see the module docstring)."""
+        inner = _inner(type_, value)
+        keys = [self.current] if self.current else []
+        return [k.seal(inner) for k in [*keys, *self.old]] + [inner.hex()]
+
+
+async def rekey(conn: AsyncConnection, keys: SuppressionKeys, batch: int = 1000) -> int:
+    """Seal again with the current key every row sealed by an old key or by none (plain
+    SHA-256); returns how many. Rows of a key that is not configured are left (and
+    counted in the log): they keep their key until it is given as an old key."""
+    if keys.current is None:
+        return 0
+    current, by_id = keys.current, {k.id: k for k in keys.old}
+    table = suppressed_identifiers
+    rows = await conn.execute(
+        select(table.c.digest, table.c.key_id, table.c.created_at).where(
+            table.c.key_id.is_distinct_from(current.id)
+        )
+    )
+    moved, unknown = [], 0
+    for row in rows:
+        if row.key_id is None:
+            inner: bytes | None = bytes.fromhex(row.digest)
+        elif (old := by_id.get(row.key_id)) is not None:
+            inner = old.open(row.digest)
+        else:
+            inner = None
+        if inner is None:
+            unknown += 1
+            continue
+        moved.append((row.digest, current.seal(inner), row.created_at))
+    for start in range(0, len(moved), batch):
+        chunk = moved[start : start + batch]
+        await conn.execute(delete(table).where(table.c.digest.in_([old for old, _, _ in chunk])))
+        await conn.execute(
+            insert(table).on_conflict_do_nothing(),
+            [{"digest": new, "key_id": current.id, "created_at": at} for _, new, at in chunk],
+        )
+    if unknown:
+        log.warning("%d suppression rows are sealed by a key that is not configured", unknown)
+    return len(moved)
+
+
+def with_suppression_key(settings: Settings) -> Settings:
+    """The settings with a suppression key: the configured one; for the embedded default,
+    the one kept in ``<data_dir>/suppression.key`` (created on first use, mode 0600); for
+    a server deployment without one, unkeyed, with a warning."""
+    if settings.suppression_key is not None:
+        return settings
+    if not settings.embedded_postgres:
+        log.warning(
+            "CDP_SUPPRESSION_KEY is unset: deleted people's identifiers are stored as plain "
+            "SHA-256, which anyone holding the table can test a list of emails against. Set "
+            "it (e.g. `openssl rand -hex 32`), the same on every process, and run "
+            "`cdp-stream suppression-rekey`."
+        )
+        return settings
+    path = Path(settings.data_dir) / KEY_FILE
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(32))
+    return settings.model_copy(update={"suppression_key": SecretStr(path.read_text().strip())})
+
+
+def sealed_rows(
+    keys: SuppressionKeys, ids: Iterable[tuple[str, str]]
+) -> list[dict[str, str | None]]:
+    """The rows a deletion inserts for identifiers ``(type, value)``."""
+    return [{"digest": keys.seal(t, v), "key_id": keys.key_id} for t, v in ids]

@@ -1,0 +1,71 @@
+"""``retrying`` against the real server: what a restart looks like to a connection is
+retried until the database answers again; an error in the work itself is not."""
+
+from __future__ import annotations
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from cdp_stream.profiles.db import make_engine, retrying
+
+
+@pytest.fixture
+async def own_engine(pg_url: str) -> AsyncEngine:
+    """An engine of the test's own: ``retrying`` disposes the pool of the one it is given."""
+    return make_engine(pg_url, "test-db")
+
+
+async def test_a_connection_ended_by_the_server_is_retried(own_engine: AsyncEngine) -> None:
+    """``pg_ctl restart -m fast`` ends every backend with 57P01 ("terminating connection
+    due to administrator command"); so does pg_terminate_backend."""
+    attempts = 0
+
+    async def work(conn: AsyncConnection) -> int:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        return int((await conn.execute(text("SELECT 42"))).scalar_one())
+
+    try:
+        assert await retrying(own_engine, work) == 42
+    finally:
+        await own_engine.dispose()
+    assert attempts == 2
+
+
+async def test_pooled_connections_killed_in_between_are_not_met_again(
+    own_engine: AsyncEngine, engine: AsyncEngine
+) -> None:
+    """After a restart every pooled connection is dead; the work still runs."""
+    async with own_engine.connect() as a, own_engine.connect() as b:  # two in the pool
+        pids = [(await c.execute(text("SELECT pg_backend_pid()"))).scalar_one() for c in (a, b)]
+    async with engine.connect() as admin:
+        for pid in pids:
+            await admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+
+    async def work(conn: AsyncConnection) -> int:
+        return int((await conn.execute(text("SELECT 7"))).scalar_one())
+
+    try:
+        assert await retrying(own_engine, work) == 7
+    finally:
+        await own_engine.dispose()
+
+
+async def test_an_error_of_the_work_is_raised_not_retried(own_engine: AsyncEngine) -> None:
+    attempts = 0
+
+    async def work(conn: AsyncConnection) -> None:
+        nonlocal attempts
+        attempts += 1
+        await conn.execute(text("SELECT 1 / 0"))
+
+    try:
+        with pytest.raises(DBAPIError, match="division by zero"):
+            await retrying(own_engine, work)
+    finally:
+        await own_engine.dispose()
+    assert attempts == 1
