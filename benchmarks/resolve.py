@@ -480,7 +480,7 @@ def show(run: Run, repeat: int) -> None:
         return
     shown = " ".join(f"{k} {v:.0f}%" for k, v in run.cpu.items())
     each = "/".join(f"{v:.0f}" for v in run.per_resolver)
-    ms = " ".join(f"{k} {v:.2f}" for k, v in run.per_event.items())
+    ms = " ".join(f"{k} {v:.3f}" for k, v in run.per_event.items())
     print(
         f"  {label:<20} {run.stored:,} events in {run.seconds:5.1f} s = {run.rate:6,.0f} ev/s;"
         f" first row at {run.first_s:.1f} s, then {run.steady:6,.0f} ev/s;"
@@ -577,7 +577,7 @@ def report(opts: argparse.Namespace, case: Case, runs: list[Run]) -> None:
             + " ".join(f"{k} {v:.0f}%" for k, v in cpu.items())
             + f" (busiest resolver {busiest:.0f}%)\n"
             f"{'':<14}CPU ms/event after start-up: "
-            + " ".join(f"{k} {v:.2f}" for k, v in ms.items())
+            + " ".join(f"{k} {v:.3f}" for k, v in ms.items())
             + f"\n{'':<14}resolvers' backends (mean number): {describe_waits(waits)}"
             + f"\n{'':<14}waiting on locks (mean backends, polled from pg_stat_activity"
             f" every 0.2 s): {spread([r.lock_waits for r in mine], '.2f')}"
@@ -645,7 +645,7 @@ def bound(
         loop = (r + d) * rate / 1000 / n
         says.append(
             f"each resolver's loop is computing {loop:.0%} of the time, in turn in the resolver"
-            f" ({r:.2f} ms/event) and in Postgres ({d:.2f})"
+            f" ({r:.3f} ms/event) and in Postgres ({d:.3f})"
         )
     locks = sum(v for k, v in waits.items() if k.startswith("Lock:"))
     if locks >= 0.05:

@@ -19,6 +19,7 @@ from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import profile_update_outbox
+from cdp_stream.resolver import consumer
 from cdp_stream.resolver.batch import UPDATE_EVENTS_BYTES
 from cdp_stream.resolver.consumer import (
     apply_with_retry,
@@ -238,6 +239,52 @@ async def test_stopping_while_the_database_is_away_ends_the_wait_and_commits_not
     after = bus.consumer(Topics().resolver_group, [Topics().events])
     await after.start()
     assert len(await after.getmany(100, 50)) == 1  # offsets untouched: it comes again
+    await after.stop()
+
+
+async def test_a_batch_taken_ahead_is_not_committed_before_its_own_transaction(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the first batch waits for the database, the next one is polled and prepared
+    (taken ahead); stopping then commits neither: both come again."""
+    applied: list[list[str]] = []
+
+    async def database_away(conn: Any, batch: Sequence[Any], rules: Any) -> None:
+        applied.append([p.key[1] for p in batch])
+        raise ConnectionRefusedError("database away (test)")
+
+    taken: list[int] = []
+    real_prepare = consumer.prepare
+
+    def counting_prepare(events: Sequence[dict[str, Any]], rules: IdentityRules) -> Any:
+        taken.append(len(events))
+        return real_prepare(events, rules)
+
+    monkeypatch.setattr("cdp_stream.resolver.consumer.apply_prepared", database_away)
+    monkeypatch.setattr("cdp_stream.resolver.consumer.prepare", counting_prepare)
+    run = uuid.uuid4().hex[:10]
+    bus = MemoryBus(default_partitions=1)
+    await bus.ensure_topics(Topics().all(1))
+    first, second = f"{run}-a", f"{run}-b"
+    for mid in (first, second):
+        await bus.publish(Topics().events, b"k", event(mid, f"u-{run}"))
+    stop = asyncio.Event()
+    one_by_one = Settings(resolver_poll_timeout_ms=20, resolver_batch_size=1)
+    task = asyncio.create_task(run_resolver(bus, engine, one_by_one, stop))
+
+    async def second_taken_ahead() -> bool:
+        return len(applied) >= 2 and sum(taken) >= 2
+
+    assert await eventually(second_taken_ahead)
+    assert {tuple(keys) for keys in applied} == {(first,)}  # the first, retried
+    stop.set()
+    await asyncio.wait_for(task, 2)
+    after = bus.consumer(Topics().resolver_group, [Topics().events])
+    await after.start()
+    assert [orjson.loads(m.value)["messageId"] for m in await after.getmany(100, 50)] == [
+        first,
+        second,
+    ]
     await after.stop()
 
 

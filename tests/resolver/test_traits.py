@@ -47,12 +47,14 @@ def test_set_once_keeps_the_oldest_and_a_regular_set_overrides_it() -> None:
     assert traits.view(fold([*once, (identify(src="manual"), DAY1)])) == {"src": "manual"}
 
 
-def test_changes_lists_only_values_that_differ() -> None:
-    before = {"plan": "pro", "city": "Oslo"}
-    assert traits.changes(before, {"plan": "pro", "city": "Rome", "age": 3}) == {
-        "city": "Rome",
-        "age": 3,
-    }
+def test_changed_lists_only_shown_values_that_differ() -> None:
+    before = fold([(identify(plan="pro", city="Oslo"), DAY1)])
+    after = traits.merge(before, {})
+    for part in (identify(plan="pro", city="Rome", age=3), identify(plan="free")):
+        traits.fold(after, traits.of_event(part, DAY2 if "city" in part["traits"] else DAY1))
+    assert traits.changed(before, after) == {"age": 3, "city": "Rome"}
+    assert list(traits.changed(before, after)) == ["age", "city"]
+    assert traits.changed(after, traits.merge(after, {})) == {}
 
 
 _events = st.lists(
@@ -86,3 +88,19 @@ def test_any_arrival_order_and_grouping_gives_the_same_traits(events: list[Any],
     cut = rnd.randint(0, len(events))
     two_profiles = traits.merge(fold(shuffled[:cut]), fold(shuffled[cut:]))
     assert fold(events) == fold(shuffled) == two_profiles
+
+
+@given(_events, _events, st.randoms())
+def test_changed_is_the_difference_of_the_views(
+    events: list[Any], more: list[Any], rnd: Any
+) -> None:
+    before = fold(events)
+    after = traits.merge(before, {})
+    for part in more:
+        traits.fold(after, traits.of_event(*part))
+    if rnd.random() < 0.5:  # a merge: another profile's entries, not objects of before's
+        after = traits.merge(after, fold(events[: rnd.randint(0, len(events))]))
+    shown, now = traits.view(before), traits.view(after)
+    expected = {k: v for k, v in now.items() if k not in shown or shown[k] != v}
+    assert traits.changed(before, after) == expected
+    assert list(traits.changed(before, after)) == sorted(expected)

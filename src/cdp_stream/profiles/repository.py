@@ -8,17 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
+import asyncpg
 import orjson
-from sqlalchemy import Text, any_, bindparam, delete, func, select, text, tuple_, update
-from sqlalchemy.dialects.postgresql import ARRAY, UUID, insert
+from sqlalchemy import delete, func, select, text, tuple_, update
+from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.sql import ColumnElement, Subquery
-from sqlalchemy.types import TypeEngine
+from sqlalchemy.sql import Subquery
 
 from cdp_stream.profiles.models import (
     audience_changes,
@@ -39,6 +40,8 @@ from cdp_stream.resolver.identity import Identifier
 from cdp_stream.resolver.orders import Fact, fields
 from cdp_stream.resolver.traits import view as trait_view
 
+T = TypeVar("T")
+
 
 def lock_key(kind: str, value: str) -> int:
     """A signed 64-bit advisory-lock key for any string."""
@@ -51,27 +54,79 @@ async def lock_keys(conn: AsyncConnection, keys: Iterable[int]) -> None:
     touch the same identifiers queue up instead of deadlocking."""
     ordered = sorted(set(keys))
     if ordered:
-        await conn.execute(
-            text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) k"),
-            {"keys": ordered},
+        await _driver(
+            conn,
+            lambda db: db.execute(
+                "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) k", ordered
+            ),
         )
 
 
-async def stored_message_ids(
-    conn: AsyncConnection, keys: Sequence[tuple[str, str]]
-) -> set[tuple[str, str]]:
-    """Which (source_id, message_id) pairs are already stored."""
-    if not keys:
-        return set()
-    rows = await conn.execute(
-        text(
-            "SELECT e.source_id, e.message_id FROM events e JOIN unnest("
-            "CAST(:sources AS text[]), CAST(:messages AS text[])) AS k(s, m)"
-            " ON e.source_id = k.s AND e.message_id = k.m"
-        ),
-        {"sources": [s for s, _ in keys], "messages": [m for _, m in keys]},
+_BATCH_READS = """
+SELECT 0, e.source_id, e.message_id, NULL::uuid FROM events e
+  JOIN unnest($1::text[], $2::text[]) AS k(s, m) ON e.source_id = k.s AND e.message_id = k.m
+UNION ALL
+SELECT 1, i.type, i.value, i.profile_id FROM identities i
+  JOIN unnest($3::text[], $4::text[]) AS k(t, v) ON i.type = k.t AND i.value = k.v
+UNION ALL
+SELECT 2, s.digest, NULL, NULL FROM suppressed_identifiers s WHERE s.digest = ANY($5::text[])
+"""
+
+
+@dataclass(slots=True)
+class BatchReads:
+    """What a batch reads before it locks profiles, in one round trip."""
+
+    stored: set[tuple[str, str]]  # (source_id, message_id) pairs already stored
+    owners: dict[Identifier, uuid.UUID]  # the profile holding each identifier
+    suppressed: set[Identifier]  # identifiers of deleted people
+
+
+async def batch_reads(
+    conn: AsyncConnection,
+    keys: Sequence[tuple[str, str]],
+    ids: Sequence[Identifier],
+    suppression: SuppressionKeys,
+) -> BatchReads:
+    """Which events are stored already, who holds each identifier, which belong to deleted
+    people: one statement on the driver's connection (arrays, not IN lists: one plan per
+    connection; asyncpg's records, not SQLAlchemy's rows: thousands per batch)."""
+    by_digest = {d: i for i in ids for d in suppression.candidates(i.type, i.value)}
+    params = (
+        [s for s, _ in keys],
+        [m for _, m in keys],
+        [i.type for i in ids],
+        [i.value for i in ids],
+        list(by_digest),
     )
-    return {(r.source_id, r.message_id) for r in rows}
+    rows = await _driver(conn, lambda db: db.fetch(_BATCH_READS, *params))
+    out = BatchReads(set(), {}, set())
+    for kind, a, b, pid in rows:
+        if kind == 0:
+            out.stored.add((a, b))
+        elif kind == 1:
+            out.owners[Identifier(a, b)] = pid
+        else:
+            out.suppressed.add(by_digest[a])
+    return out
+
+
+async def _driver(conn: AsyncConnection, call: Callable[[Any], Awaitable[T]]) -> T:
+    """``call`` with the asyncpg connection under ``conn``, in its transaction: asyncpg's
+    records and COPY rather than SQLAlchemy's rows (thousands per batch). SQLAlchemy
+    begins the transaction at its own first statement, so one is made first if none was;
+    the driver's errors are raised as SQLAlchemy's, so that ``retrying`` retries
+    deadlocks and unique violations and waits out a lost connection."""
+    driver = (await conn.get_raw_connection()).driver_connection
+    assert driver is not None
+    if not driver.is_in_transaction():
+        await conn.execute(text("SELECT 1"))
+    try:
+        return await call(driver)
+    except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError) as exc:
+        raise OperationalError(None, None, exc) from exc
+    except asyncpg.PostgresError as exc:
+        raise DBAPIError(None, None, exc) from exc
 
 
 async def profiles_of(
@@ -92,12 +147,6 @@ async def profiles_of(
     return {Identifier(r.type, r.value): r.profile_id for r in rows}
 
 
-def _any(values: Iterable[Any], type_: TypeEngine[Any]) -> ColumnElement[Any]:
-    """``= ANY($1)`` with one array parameter: one statement text (prepared once per
-    connection) whatever the number of values, where ``IN`` spells out each."""
-    return any_(bindparam(None, list(values), type_=ARRAY(type_)))
-
-
 @dataclass(frozen=True, slots=True)
 class ProfileState:
     trait_state: dict[str, Any]
@@ -111,6 +160,10 @@ class LockedProfile:
     state: ProfileState
 
 
+_LOCK_PROFILES = """SELECT id, merged_into, created_at, trait_state, computed FROM profiles
+WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE"""
+
+
 async def lock_profiles(
     conn: AsyncConnection, ids: Iterable[uuid.UUID]
 ) -> dict[uuid.UUID, LockedProfile]:
@@ -119,21 +172,10 @@ async def lock_profiles(
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = await conn.execute(
-        select(
-            profiles.c.id,
-            profiles.c.merged_into,
-            profiles.c.created_at,
-            profiles.c.trait_state,
-            profiles.c.computed,
-        )
-        .where(profiles.c.id == _any(wanted, UUID(as_uuid=True)))
-        .order_by(profiles.c.id)
-        .with_for_update()
-    )
+    rows = await _driver(conn, lambda db: db.fetch(_LOCK_PROFILES, wanted))
     return {
-        r.id: LockedProfile(r.merged_into, r.created_at, ProfileState(r.trait_state, r.computed))
-        for r in rows
+        pid: LockedProfile(merged_into, created_at, ProfileState(trait_state, computed))
+        for pid, merged_into, created_at, trait_state, computed in rows
     }
 
 
@@ -143,13 +185,15 @@ async def identities_of(
     """Every identity each profile holds (the per-type limits count them all)."""
     out: dict[uuid.UUID, set[Identifier]] = {pid: set() for pid in ids}
     if ids:
-        rows = await conn.execute(
-            select(identities.c.type, identities.c.value, identities.c.profile_id).where(
-                identities.c.profile_id == _any(ids, UUID(as_uuid=True))
-            )
+        rows = await _driver(
+            conn,
+            lambda db: db.fetch(
+                "SELECT type, value, profile_id FROM identities WHERE profile_id = ANY($1::uuid[])",
+                list(ids),
+            ),
         )
-        for r in rows:
-            out[r.profile_id].add(Identifier(r.type, r.value))
+        for type_, value, pid in rows:
+            out[pid].add(Identifier(type_, value))
     return out
 
 
@@ -260,6 +304,12 @@ async def insert_refusals(
         )
 
 
+_SAVE_STATES = """UPDATE profiles p SET traits = u.traits::jsonb,
+trait_state = u.trait_state::jsonb, computed = u.computed::jsonb, updated_at = now()
+FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, traits, trait_state, computed)
+WHERE p.id = u.id"""
+
+
 async def save_states(conn: AsyncConnection, states: dict[uuid.UUID, ProfileState]) -> None:
     """Write the profiles' states in one statement (JSON made by orjson, here)."""
     if not states:
@@ -269,16 +319,7 @@ async def save_states(conn: AsyncConnection, states: dict[uuid.UUID, ProfileStat
         columns["traits"].append(orjson.dumps(trait_view(s.trait_state)).decode())
         columns["trait_state"].append(orjson.dumps(s.trait_state).decode())
         columns["computed"].append(orjson.dumps(s.computed).decode())
-    await conn.execute(
-        text(
-            "UPDATE profiles p SET traits = CAST(u.traits AS jsonb),"
-            " trait_state = CAST(u.trait_state AS jsonb), computed = CAST(u.computed AS jsonb),"
-            " updated_at = now() FROM unnest(CAST(:pids AS uuid[]), CAST(:traits AS text[]),"
-            " CAST(:trait_state AS text[]), CAST(:computed AS text[]))"
-            " AS u(id, traits, trait_state, computed) WHERE p.id = u.id"
-        ),
-        {"pids": list(states), **columns},
-    )
+    await _driver(conn, lambda db: db.execute(_SAVE_STATES, list(states), *columns.values()))
 
 
 @dataclass(slots=True)
@@ -305,9 +346,8 @@ async def _copy(
     """COPY ``records`` into ``table`` in the caller's transaction: one round trip and no
     per-row statement, several times faster than a multi-row INSERT."""
     if records:
-        raw = await conn.get_raw_connection()
-        await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-            table, records=records, columns=columns
+        await _driver(
+            conn, lambda db: db.copy_records_to_table(table, records=records, columns=columns)
         )
 
 
@@ -574,21 +614,6 @@ async def mark_undone(conn: AsyncConnection, merge_id: int) -> None:
 
 
 # --- deletion ----------------------------------------------------------------------------
-
-
-async def suppressed(
-    conn: AsyncConnection, ids: Sequence[Identifier], keys: SuppressionKeys
-) -> set[Identifier]:
-    """Which of ``ids`` belong to deleted people."""
-    if not ids:
-        return set()
-    by_digest = {d: i for i in ids for d in keys.candidates(i.type, i.value)}
-    rows = await conn.execute(
-        select(suppressed_identifiers.c.digest).where(
-            suppressed_identifiers.c.digest == _any(by_digest, Text())
-        )
-    )
-    return {by_digest[r.digest] for r in rows}
 
 
 async def delete_group(

@@ -1,8 +1,10 @@
 """The resolver loop: poll a batch -> one transaction -> commit offsets, the outbox relayed
-beside it (after each commit, and at start-up).
+beside it (after each commit, and at start-up), the next batch polled, decoded and
+prepared while one's transaction runs (:class:`_Ahead`: Python and Postgres overlap).
 
-Offsets are committed only after the database commit, so a crash anywhere before it
-redelivers the batch, and ``batch.apply_prepared`` turns the redelivery into a no-op.
+Offsets are committed only after the database commit, batch after batch in order, so a
+crash anywhere before it redelivers the batch (and the one taken ahead), and
+``batch.apply_prepared`` turns the redelivery into a no-op.
 Profile updates are written to an outbox table in the batch's transaction and relayed to
 ``cdp.profile-updates`` after it commits (and at start-up): a crash between the commit and
 the publish leaves them in the outbox for the next relay, never lost. Every
@@ -18,9 +20,10 @@ blocking its partition forever.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import orjson
@@ -28,13 +31,21 @@ from pydantic import ConfigDict
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cdp_stream.bus.base import Bus, BusUnavailable, Message, Record, next_offsets, rejoin
+from cdp_stream.bus.base import (
+    Bus,
+    BusUnavailable,
+    Consumer,
+    Message,
+    Record,
+    next_offsets,
+    rejoin,
+)
 from cdp_stream.events import Event
 from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import Stopping, retrying
 from cdp_stream.profiles.suppression import rekey
-from cdp_stream.resolver.batch import BatchResult, apply_prepared, prepare
+from cdp_stream.resolver.batch import BatchResult, Prepared, apply_prepared, prepare
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
@@ -55,7 +66,15 @@ async def apply_with_retry(
 ) -> BatchResult:
     """One transaction for the batch, retried on conflicts and outages (see ``retrying``);
     what each event alone implies is worked out first, outside it."""
-    batch = prepare(events, rules)
+    return await _apply(engine, prepare(events, rules), rules, stop)
+
+
+async def _apply(
+    engine: AsyncEngine,
+    batch: Sequence[Prepared],
+    rules: IdentityRules,
+    stop: asyncio.Event | None,
+) -> BatchResult:
     return await retrying(engine, lambda conn: apply_prepared(conn, batch, rules), stop)
 
 
@@ -110,13 +129,20 @@ async def vacuum_outbox(engine: AsyncEngine) -> None:
         log.warning("could not vacuum the outbox, trying again later: %s", exc)
 
 
+# Events decoded and prepared between two yields to the loop while the previous batch's
+# transaction runs: about 2 ms of Python, the most a statement's answer waits for it.
+_CHUNK = 50
+
+
 async def _decode(
     bus: Bus, rejected: str, messages: Sequence[Message]
 ) -> list[tuple[Message, dict[str, Any]]]:
     """The events of the batch, each with its record; what is not an event is parked on
     the rejected topic."""
     events: list[tuple[Message, dict[str, Any]]] = []
-    for m in messages:
+    for i, m in enumerate(messages):
+        if i % _CHUNK == _CHUNK - 1:
+            await asyncio.sleep(0)
         try:
             value = orjson.loads(m.value)
             _Checked.model_validate(value)
@@ -126,6 +152,71 @@ async def _decode(
             record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
             await bus.publish(rejected, m.key, orjson.dumps(record))
     return events
+
+
+# An event with its record and, when it could be worked out ahead, its prepared form.
+_Item = tuple[Message, dict[str, Any], Prepared | None]
+_Taken = tuple[list[Message], list[_Item]]
+
+
+def _prepared(events: Sequence[dict[str, Any]], rules: IdentityRules) -> list[Prepared | None]:
+    """``prepare`` of a chunk taken ahead; if it fails, None for each event: they are
+    prepared again in their batch's ``apply``, where a poison event is isolated."""
+    try:
+        return list(prepare(events, rules))
+    except Exception:
+        return [None] * len(events)
+
+
+async def _take(
+    consumer: Consumer, bus: Bus, settings: Settings, rules: IdentityRules
+) -> _Taken | None:
+    """The next batch, decoded and prepared (None if the poll found nothing). Run while
+    the batch before it is in its transaction: the work here needs no lock, so it fills
+    the time the loop would otherwise spend waiting for Postgres, yielding every
+    :data:`_CHUNK` events so that the transaction's statements are answered promptly."""
+    messages = await consumer.getmany(
+        settings.resolver_batch_size, settings.resolver_poll_timeout_ms
+    )
+    if not messages:
+        return None
+    events = await _decode(bus, settings.topics.rejected, messages)
+    items: list[_Item] = []
+    for i in range(0, len(events), _CHUNK):
+        await asyncio.sleep(0)
+        chunk = events[i : i + _CHUNK]
+        prepared = _prepared([e for _, e in chunk], rules)
+        items += [(m, e, p) for (m, e), p in zip(chunk, prepared, strict=True)]
+    return messages, items
+
+
+class _Ahead:
+    """One batch taken ahead (:func:`_take`) while the current one is applied. Batches
+    are still applied, and their offsets committed, one at a time and in order, each
+    commit after its own transaction; a batch taken ahead and then dropped (a rejoin,
+    stopping) was not committed, so it is delivered again."""
+
+    def __init__(self, take: Callable[[], Coroutine[Any, Any, _Taken | None]]) -> None:
+        self._take = take
+        self._task: asyncio.Task[_Taken | None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._take())
+
+    async def next(self) -> _Taken | None:
+        """The batch taken ahead (or one taken now), and the next one started."""
+        task, self._task = self._task, None
+        taken = await (task if task is not None else self._take())
+        if taken is not None:
+            self.start()
+        return taken
+
+    async def drop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
 
 
 class _Relay:
@@ -210,12 +301,15 @@ async def run_resolver(
     relay = _Relay(engine, bus, names.profile_updates, dead)
     relay.kick()  # what a crash left behind
 
-    async def apply(batch: Sequence[tuple[Message, dict[str, Any]]]) -> None:
-        result = await apply_with_retry(engine, [e for _, e in batch], rules, stop)
+    ahead = _Ahead(lambda: _take(consumer, bus, settings, rules))
+
+    async def apply(batch: Sequence[_Item]) -> None:
+        prepared = [p if p is not None else prepare([e], rules)[0] for _, e, p in batch]
+        result = await _apply(engine, prepared, rules, stop)
         await bus.publish_many(_set_aside(names.rejected, result))
         log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
 
-    async def park(item: tuple[Message, dict[str, Any]], exc: Exception) -> None:
+    async def park(item: _Item, exc: Exception) -> None:
         await dead.park_message(item[0], exc)
 
     try:
@@ -226,20 +320,20 @@ async def run_resolver(
             if relay.failed:
                 relay.kick()
             try:
-                messages = await consumer.getmany(
-                    settings.resolver_batch_size, settings.resolver_poll_timeout_ms
-                )
-                if not messages:
+                taken = await ahead.next()
+                if taken is None:
                     continue
-                events = await _decode(bus, names.rejected, messages)
-                await apply_isolating(events, apply, park)
+                messages, items = taken
+                await apply_isolating(items, apply, park)
                 relay.kick()
                 await consumer.commit(next_offsets(messages))
             except BusUnavailable as exc:
                 log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
+                await ahead.drop()
                 await rejoin(consumer, stop)
             except Stopping:
                 log.info("stopping with the database away: the batch is redelivered later")
     finally:
+        await ahead.drop()
         await relay.settle()
         await consumer.stop()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import phonenumbers
 
@@ -26,8 +26,10 @@ ADVERTISING_ID = "advertising_id"
 BUILT_IN = (USER_ID, EMAIL, PHONE, ANONYMOUS_ID, DEVICE_ID, ADVERTISING_ID)
 
 
-@dataclass(frozen=True, order=True, slots=True)
-class Identifier:
+class Identifier(NamedTuple):
+    """A (type, value) pair; a tuple, as the hot loops hash and compare thousands of them
+    per batch (a frozen dataclass costs a Python call for each)."""
+
     type: str
     value: str
 

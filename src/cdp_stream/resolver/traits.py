@@ -58,9 +58,22 @@ def view(state: Mapping[str, Any]) -> dict[str, Any]:
     return dict(sorted(shown.items()))
 
 
-def changes(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
-    """The shown traits whose value differs between two views."""
-    return {k: v for k, v in after.items() if k not in before or before[k] != v}
+def changed(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """The shown traits (in name order) whose value differs between state ``before`` and
+    a state ``after`` folded from it (:func:`merge`, :func:`fold`: entries are added or
+    replaced, never removed). Neither view is built: only the names whose entry was
+    replaced or added can show a new value, and a profile's batch touches few of them."""
+    b_set, b_once = before.get("set", {}), before.get("once", {})
+    a_set, a_once = after.get("set", {}), after.get("once", {})
+    touched = {k for k, e in a_set.items() if b_set.get(k) is not e}
+    touched.update(k for k, e in a_once.items() if b_once.get(k) is not e)
+    out = {}
+    for k in sorted(touched):
+        now = (a_set[k] if k in a_set else a_once[k])[1]
+        was = b_set.get(k) or b_once.get(k)
+        if was is None or was[1] != now:
+            out[k] = now
+    return out
 
 
 def _pick(into: dict[str, list[Any]], b: Mapping[str, list[Any]], *, newest: bool) -> None:
