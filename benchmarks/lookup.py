@@ -17,11 +17,16 @@ the same rate, the floor: the same lookups as one raw SQL statement each (the id
 to the profile row, its identities and its merged-away ids, as JSON), prepared, through
 an asyncpg pool of ``--connections`` connections from this process.
 
-Printed per rate: p50/p99 latency (ms), CPU per lookup (µs) of the API process and of
-this run's Postgres backends, the machine's CPU, and API / floor for latency and Postgres
-CPU. The API's figures are the median of ``--repeats`` runs.
+Printed per rate: p50/p99 latency (ms), CPU per lookup (µs) of the API process, of this
+run's Postgres backends (those alive at the end of the window: a connection the pool
+closed meanwhile is not counted, so this errs low) and of this process (``client``), the
+machine's CPU (% of one core: the box is shared, so whatever else runs shows there), and
+API / floor for latency and Postgres CPU. The API's figures are the median of
+``--repeats`` runs. With ``--py-spy DIR``, the API's last run at each rate is profiled
+into ``DIR/api-<rate>.svg`` (``.venv/bin/pip install py-spy``; it costs the API some CPU).
 
     .venv/bin/python benchmarks/lookup.py [--people 20000] [--rates 100 500] [--seconds 10]
+        [--py-spy DIR]
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import os
 import random
 import signal
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -42,7 +48,7 @@ from typing import Any
 
 import psutil
 import uvloop
-from collect import cleanup, cpu_s, database, start_server  # the sibling benchmarks' helpers
+from collect import Server, cleanup, cpu_s, database, start_server  # the siblings' helpers
 from loadgen import Pool, Tally, get, open_loop, poisson
 from resolve import backends_cpu_s, drop_namespace, listener, preflight
 from sqlalchemy.engine import make_url
@@ -265,7 +271,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0, help="measured window per run")
     ap.add_argument("--repeats", type=int, default=3, help="runs of the API per rate")
     ap.add_argument("--connections", type=int, default=8, help="keep-alive connections")
-    ap.add_argument("--keep", action="store_true", help="leave the API running (for py-spy)")
+    ap.add_argument("--py-spy", type=Path, help="profile the API's last run per rate into DIR")
     ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
     pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
     ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
@@ -304,15 +310,16 @@ def main() -> None:
             offsets = poisson(rng, rate, opts.seconds)
             lookups = refs(rng, opts.people, len(offsets))
             runs = []
-            for _ in range(opts.repeats):
+            for n in range(opts.repeats):
+                spy = opts.py_spy and n == opts.repeats - 1 and py_spy(opts, server, rate)
                 runs.append(uvloop.run(api_phase(server.port, lookups, offsets, opts, meter)))
                 show("api", rate, runs[-1])
+                if spy:
+                    cleanup("py-spy", spy.wait, 30)
             floor = uvloop.run(floor_phase(url, lookups, offsets, opts, meter))
             show("raw SQL", rate, floor)
             results.append((rate, runs, floor))
         summary(results)
-        if opts.keep:
-            input(f"API still running (pid {server.proc.pid}); Enter to stop: ")
     finally:
         if server is not None:
             server.stop()
@@ -320,6 +327,16 @@ def main() -> None:
             "dropping the database", lambda: asyncio.run(database(opts.database_url, name, False))
         )
         drop_namespace(opts.bootstrap, namespace)
+
+
+def py_spy(opts: argparse.Namespace, server: Server, rate: float) -> subprocess.Popen[bytes]:
+    """py-spy recording the API for about the next run (warm-up included)."""
+    opts.py_spy.mkdir(parents=True, exist_ok=True)
+    out = opts.py_spy / f"api-{rate:.0f}.svg"
+    seconds = int(opts.seconds + 2)
+    command = [ROOT / ".venv/bin/py-spy", "record", "-o", out, "-d", seconds, "--nonblocking"]
+    print(f"  profiling the API into {out}", flush=True)
+    return subprocess.Popen([*map(str, command), "--pid", str(server.proc.pid)])
 
 
 def show(label: str, rate: float, r: dict[str, Any]) -> None:
