@@ -89,7 +89,9 @@ class Runtime:
             await bus.stop()
             await engine.dispose()
             raise
-        lookups = make_engine(database_url, f"{role}-lookups", pre_ping=False)  # connects lazily
+        # Connects lazily. Ten kept: a burst of lookups that finds every pooled connection
+        # busy opens more, and each one over pool_size is closed again after its lookup.
+        lookups = make_engine(database_url, f"{role}-lookups", pool_size=10, pre_ping=False)
         return cls(settings, role, engine, bus, creds, lookups)
 
     async def stop(self) -> None:
