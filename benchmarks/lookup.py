@@ -43,6 +43,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -210,16 +211,25 @@ async def phase(
     }
 
 
-async def api_phase(
-    port: int,
-    lookups: list[tuple[str, str]],
-    offsets: list[float],
-    opts: argparse.Namespace,
-    meter: Callable[[], Sample],
-) -> dict[str, Any]:
+@dataclass
+class Load:
+    """One rate's lookups: (type, value) each, at their offsets, and how CPU is sampled."""
+
+    lookups: list[tuple[str, str]]
+    offsets: list[float]
+    connections: int
+    meter: Callable[[], Sample]
+
+    async def run(self, ask: Callable[[int], Awaitable[bool]]) -> dict[str, Any]:
+        """A warm-up (connections, prepared statements), then the measured phase."""
+        await phase(self.offsets[:200], ask, self.meter)
+        return await phase(self.offsets, ask, self.meter)
+
+
+async def api_phase(port: int, load: Load) -> dict[str, Any]:
     bearer = f"Bearer {TOKEN}".encode()
-    requests = [get(f"/v1/profiles/{t}:{v}", bearer) for t, v in lookups]
-    pool = Pool(port, opts.connections)
+    requests = [get(f"/v1/profiles/{t}:{v}", bearer) for t, v in load.lookups]
+    pool = Pool(port, load.connections)
     await pool.open()
     first_bad: list[str] = []
 
@@ -230,33 +240,25 @@ async def api_phase(
         return answer.status == 200 and answer.body.startswith(b'{"id":')
 
     try:
-        await phase(offsets[: min(len(offsets), 200)], ask, meter)  # warm-up
-        out = await phase(offsets, ask, meter)
+        out = await load.run(ask)
     finally:
         pool.close()
     out["first_bad"] = first_bad[0] if first_bad else ""
     return out
 
 
-async def floor_phase(
-    url: str,
-    lookups: list[tuple[str, str]],
-    offsets: list[float],
-    opts: argparse.Namespace,
-    meter: Callable[[], Sample],
-) -> dict[str, Any]:
+async def floor_phase(url: str, load: Load) -> dict[str, Any]:
     import asyncpg
 
     dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
-    pool = await asyncpg.create_pool(dsn, min_size=opts.connections, max_size=opts.connections)
+    pool = await asyncpg.create_pool(dsn, min_size=load.connections, max_size=load.connections)
 
     async def ask(i: int) -> bool:
         async with pool.acquire() as conn:
-            return await conn.fetchrow(FLOOR, *lookups[i]) is not None
+            return await conn.fetchrow(FLOOR, *load.lookups[i]) is not None
 
     try:
-        await phase(offsets[: min(len(offsets), 200)], ask, meter)  # warm-up, prepares
-        return await phase(offsets, ask, meter)
+        return await load.run(ask)
     finally:
         await pool.close()
 
@@ -308,15 +310,15 @@ def main() -> None:
         for rate in opts.rates:
             rng = random.Random(int(rate))
             offsets = poisson(rng, rate, opts.seconds)
-            lookups = refs(rng, opts.people, len(offsets))
+            load = Load(refs(rng, opts.people, len(offsets)), offsets, opts.connections, meter)
             runs = []
             for n in range(opts.repeats):
                 spy = opts.py_spy and n == opts.repeats - 1 and py_spy(opts, server, rate)
-                runs.append(uvloop.run(api_phase(server.port, lookups, offsets, opts, meter)))
+                runs.append(uvloop.run(api_phase(server.port, load)))
                 show("api", rate, runs[-1])
                 if spy:
                     cleanup("py-spy", spy.wait, 30)
-            floor = uvloop.run(floor_phase(url, lookups, offsets, opts, meter))
+            floor = uvloop.run(floor_phase(url, load))
             show("raw SQL", rate, floor)
             results.append((rate, runs, floor))
         summary(results)

@@ -3,6 +3,8 @@ retried until the database answers again; an error in the work itself is not."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -55,7 +57,10 @@ async def test_pooled_connections_killed_in_between_are_not_met_again(
         await own_engine.dispose()
 
 
-async def test_an_error_of_the_work_is_raised_not_retried(own_engine: AsyncEngine) -> None:
+@pytest.mark.parametrize("run", [retrying, read_only])
+async def test_an_error_of_the_work_is_raised_not_retried(
+    own_engine: AsyncEngine, run: Callable[..., Awaitable[None]]
+) -> None:
     attempts = 0
 
     async def work(conn: AsyncConnection) -> None:
@@ -65,7 +70,7 @@ async def test_an_error_of_the_work_is_raised_not_retried(own_engine: AsyncEngin
 
     try:
         with pytest.raises(DBAPIError, match="division by zero"):
-            await retrying(own_engine, work)
+            await run(own_engine, work)
     finally:
         await own_engine.dispose()
     assert attempts == 1
@@ -100,19 +105,3 @@ async def test_read_only_meets_pooled_connections_killed_in_between(
         await lookups.dispose()
     assert calls == 2 and pid not in pids
     assert autocommit  # in one transaction, now() would stay at its start
-
-
-async def test_read_only_raises_an_error_of_the_work(own_engine: AsyncEngine) -> None:
-    calls = 0
-
-    async def work(conn: AsyncConnection) -> None:
-        nonlocal calls
-        calls += 1
-        await conn.execute(text("SELECT 1 / 0"))
-
-    try:
-        with pytest.raises(DBAPIError, match="division by zero"):
-            await read_only(own_engine, work)
-    finally:
-        await own_engine.dispose()
-    assert calls == 1
