@@ -17,13 +17,16 @@ the same rate, the floor: the same lookups as one raw SQL statement each (the id
 to the profile row, its identities and its merged-away ids, as JSON), prepared, through
 an asyncpg pool of ``--connections`` connections from this process.
 
-Printed per rate: p50/p99 latency (ms), CPU per lookup (µs) of the API process, of this
-run's Postgres backends (those alive at the end of the window: a connection the pool
-closed meanwhile is not counted, so this errs low) and of this process (``client``), the
-machine's CPU (% of one core: the box is shared, so whatever else runs shows there), and
-API / floor for latency and Postgres CPU. The API's figures are the median of
-``--repeats`` runs. With ``--py-spy DIR``, the API's last run at each rate is profiled
-into ``DIR/api-<rate>.svg`` (``.venv/bin/pip install py-spy``; it costs the API some CPU).
+Printed first, the API's CPU when idle (3 s before any load: part of every per-lookup
+figure, more so at low rates). Then per rate: p50/p99 latency (ms), CPU per lookup (µs) of
+the API process, of this run's Postgres backends (those alive at the end of the window: a
+connection the pool closed meanwhile is not counted, so this errs low) and of this process
+(``client``), the machine's CPU (% of one core: the box is shared, so whatever else runs
+shows there), and API / floor for latency and Postgres CPU. The API's figures are the
+median of ``--repeats`` runs. Last, as many ``GET /healthz`` at the same times: what the
+API process spends on a request that reaches no database (uvicorn and FastAPI: the HTTP
+part of a lookup). With ``--py-spy DIR``, the API's last run at each rate is profiled into
+``DIR/api-<rate>.svg`` (``.venv/bin/pip install py-spy``; it costs the API some CPU).
 
     .venv/bin/python benchmarks/lookup.py [--people 20000] [--rates 100 500] [--seconds 10]
         [--py-spy DIR]
@@ -226,9 +229,12 @@ class Load:
         return await phase(self.offsets, ask, self.meter)
 
 
-async def api_phase(port: int, load: Load) -> dict[str, Any]:
+async def api_phase(port: int, load: Load, *, healthz: bool = False) -> dict[str, Any]:
+    """The lookups through the API; ``healthz``: as many ``GET /healthz`` instead."""
     bearer = f"Bearer {TOKEN}".encode()
-    requests = [get(f"/v1/profiles/{t}:{v}", bearer) for t, v in load.lookups]
+    requests = [
+        get("/healthz" if healthz else f"/v1/profiles/{t}:{v}", bearer) for t, v in load.lookups
+    ]
     pool = Pool(port, load.connections)
     await pool.open()
     first_bad: list[str] = []
@@ -237,7 +243,7 @@ async def api_phase(port: int, load: Load) -> dict[str, Any]:
         answer = await pool.request(requests[i])
         if answer.status != 200 and not first_bad:
             first_bad.append(f"{answer.status} {answer.body[:200]!r}")
-        return answer.status == 200 and answer.body.startswith(b'{"id":')
+        return answer.status == 200 and (healthz or answer.body.startswith(b'{"id":'))
 
     try:
         out = await load.run(ask)
@@ -305,7 +311,10 @@ def main() -> None:
             watched = {"api": cpu_s(api), "client": cpu_s(me), "machine": cpu_s(None)}
             return watched, backends_cpu_s(postgres, name)
 
-        print(f"  api pid {server.proc.pid}, port {server.port}", flush=True)
+        idle = meter()
+        time.sleep(3)
+        idle_pct = 100 * used(idle, meter())["api"] / 3
+        print(f"  api pid {server.proc.pid}, port {server.port}; idle: {idle_pct:.1f}% of a core")
         results = []
         for rate in opts.rates:
             rng = random.Random(int(rate))
@@ -320,7 +329,9 @@ def main() -> None:
                     cleanup("py-spy", spy.wait, 30)
             floor = uvloop.run(floor_phase(url, load))
             show("raw SQL", rate, floor)
-            results.append((rate, runs, floor))
+            http = uvloop.run(api_phase(server.port, load, healthz=True))
+            show("/healthz", rate, http)
+            results.append((rate, runs, floor, http))
         summary(results)
     finally:
         if server is not None:
@@ -356,9 +367,12 @@ def median(runs: list[dict[str, Any]], key: str, sub: str | None = None) -> floa
     return statistics.median(r[key][sub] if sub else r[key] for r in runs)
 
 
-def summary(results: list[tuple[float, list[dict[str, Any]], dict[str, Any]]]) -> None:
+Result = tuple[float, list[dict[str, Any]], dict[str, Any], dict[str, Any]]
+
+
+def summary(results: list[Result]) -> None:
     print("\nsummary (API: median of the runs; floor: raw SQL through asyncpg, same lookups)")
-    for rate, runs, floor in results:
+    for rate, runs, floor, http in results:
         p50, p99 = median(runs, "p50"), median(runs, "p99")
         api_us, pg_us = median(runs, "cpu_us", "api"), median(runs, "cpu_us", "postgres")
         floor_pg = floor["cpu_us"]["postgres"]
@@ -367,9 +381,10 @@ def summary(results: list[tuple[float, list[dict[str, Any]], dict[str, Any]]]) -
             f"(floor {floor['p50']:.2f} / {floor['p99']:.2f} ms: x{p50 / floor['p50']:.1f} / "
             f"x{p99 / floor['p99']:.1f});  api CPU {api_us:.0f} µs/lookup "
             f"({api_us * rate / 1e4:.1f}% of a core);  postgres {pg_us:.0f} µs/lookup "
-            f"(floor {floor_pg:.0f}: x{pg_us / max(floor_pg, 1):.1f})"
+            f"(floor {floor_pg:.0f}: x{pg_us / max(floor_pg, 1):.1f});  "
+            f"GET /healthz (no database) {http['cpu_us']['api']:.0f} µs of API CPU"
         )
-    ok = all(statistics.median(r["p99"] for r in runs) <= 10.0 for _, runs, _ in results)
+    ok = all(median(runs, "p99") <= 10.0 for _, runs, _, _ in results)
     print(f"  target lookup p99 <= 10 ms (issue 10): {'PASS' if ok else 'MISS'}")
 
 
