@@ -78,6 +78,8 @@ bench: install services
 		$(BIN)/python benchmarks/embedded.py
 	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
 		$(BIN)/python benchmarks/pipeline.py
+	CDP_KAFKA_BOOTSTRAP=127.0.0.1:$${CDP_KAFKA_PORT:-9092} CDP_TEST_DATABASE_URL=$$(bash $(POSTGRES) url) \
+		$(BIN)/python benchmarks/lookup.py
 
 clean:
 	rm -rf $(VENV) .cdp .pytest_cache .mypy_cache .ruff_cache

@@ -21,6 +21,7 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.api.deps import Tokens
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.profiles.models import events, profile_update_outbox
@@ -105,6 +106,8 @@ async def api_client(
             await ensure_token(conn, uid("tok"), "test", secret, scopes)
     app = FastAPI()
     app.state.engine = engine
+    app.state.tokens = Tokens(engine)
+    app.state.lookups = engine
     app.state.rules = IdentityRules.from_settings(Settings())
     app.include_router(router)
     transport = httpx.ASGITransport(app=app)

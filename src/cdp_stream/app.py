@@ -27,6 +27,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cdp_stream.api.audiences import router as audiences_router
 from cdp_stream.api.crm import router as crm_router
+from cdp_stream.api.deps import Tokens
 from cdp_stream.api.dmp import router as dmp_router
 from cdp_stream.api.metrics import router as metrics_router
 from cdp_stream.api.profiles import router as profiles_router
@@ -61,6 +62,9 @@ class Runtime:
     engine: AsyncEngine
     bus: Bus
     credentials: NewCredentials = field(default_factory=NewCredentials)
+    # The API's profile lookups: a pool of its own without pre-ping, since one lookup is
+    # one statement (see ``read_only``); None: they share ``engine``.
+    lookups: AsyncEngine | None = None
 
     @classmethod
     async def start(cls, settings: Settings, role: str, *, migrate: bool = True) -> Runtime:
@@ -93,11 +97,16 @@ class Runtime:
             await bus.stop()
             await engine.dispose()
             raise
-        return cls(settings, role, engine, bus, creds)
+        # Connects lazily. Ten kept: a burst of lookups that finds every pooled connection
+        # busy opens more, and each one over pool_size is closed again after its lookup.
+        lookups = make_engine(database_url, f"{role}-lookups", pool_size=10, pre_ping=False)
+        return cls(settings, role, engine, bus, creds, lookups)
 
     async def stop(self) -> None:
         await self.bus.stop()
         await self.engine.dispose()
+        if self.lookups is not None:
+            await self.lookups.dispose()
 
 
 class StartupFailed(Exception):
@@ -164,6 +173,8 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     app.state.bus = runtime.bus
     app.state.sources = Sources(runtime.engine)
     app.state.rate_limits = RateLimits.from_settings(runtime.settings)
+    app.state.tokens = Tokens(runtime.engine)
+    app.state.lookups = runtime.lookups or runtime.engine
     app.state.rules = IdentityRules.from_settings(runtime.settings)
 
     async def database_down(request: Request, exc: Exception) -> JSONResponse:

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.api.profiles import ProfileOut
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.resolver.consumer import apply_with_retry
@@ -157,6 +158,39 @@ async def test_lookup_by_id_and_every_identifier(api: httpx.AsyncClient, db: Asy
     ]
     for ref in refs:
         assert (await get(api, f"/v1/profiles/{ref}"))["id"] == pid, ref
+
+
+async def test_lookup_answers_the_json_profile_out_gives(
+    api: httpx.AsyncClient, db: AsyncEngine
+) -> None:
+    """The lookup encodes its answer itself (orjson, bypassing the response model): the
+    bytes are those of ``ProfileOut``, identities sorted, merged ids sorted, by any ref."""
+    user, a, b, c = uid("u"), uid("a"), uid("b"), uid("c")
+    traits = {"name": "Zoë", "score": 0.1, "big": 1e16, "nested": {"k": [1, "x", None]}}
+    await put(db, ev("page", "2024-02-01T00:00:00Z", anonymousId=a))
+    await put(db, ev("page", "2024-02-02T00:00:00Z", anonymousId=b))
+    await put(
+        db, ev("identify", "2024-02-03T00:00:00.5Z", userId=user, anonymousId=a, traits=traits)
+    )
+    await put(db, ev("page", "2024-02-03T00:00:00Z", anonymousId=c))
+    for anon in (b, c):  # two merges into the first profile
+        await put(db, ev("track", "2024-02-04T00:00:00Z", event="E", userId=user, anonymousId=anon))
+    r = await api.get(f"/v1/profiles/user_id:{user}", headers=AUTH)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json"
+    assert r.content == ProfileOut.model_validate_json(r.content).model_dump_json().encode()
+    profile = r.json()
+    assert list(profile) == list(ProfileOut.model_fields)
+    assert profile["traits"] == traits
+    assert idents(profile) == {("user_id", user), *(("anonymous_id", x) for x in (a, b, c))}
+    assert profile["identities"] == sorted(
+        profile["identities"], key=lambda i: (i["type"], i["value"])
+    )
+    assert len(profile["merged_from"]) == 2
+    assert profile["merged_from"] == sorted(profile["merged_from"])
+    assert profile["created_at"].endswith("Z") and profile["updated_at"].endswith("Z")
+    for ref in (f"anonymous_id:{a}", profile["id"], *profile["merged_from"]):
+        again = await api.get(f"/v1/profiles/{ref}", headers=AUTH)
+        assert again.content == r.content, ref
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import Text, any_, bindparam, func, select, text
+from sqlalchemy.dialects.postgresql import ARRAY
 
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import make_engine
@@ -194,7 +195,10 @@ async def test_kill_9_each_stage_and_restart_kafka_and_postgres_under_load(
         ids = list(load.accepted)
 
         async def all_stored() -> bool:
-            query = select(func.count()).where(events_table.c.message_id.in_(ids))
+            # One array parameter: an IN list of over 32,767 ids is more than a statement takes.
+            query = select(func.count()).where(
+                events_table.c.message_id == any_(bindparam("ids", ids, type_=ARRAY(Text)))
+            )
             async with engine.connect() as conn:
                 return (await conn.execute(query)).scalar_one() >= len(ids)
 

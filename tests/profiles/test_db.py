@@ -3,12 +3,14 @@ retried until the database answers again; an error in the work itself is not."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cdp_stream.profiles.db import make_engine, retrying
+from cdp_stream.profiles.db import make_engine, read_only, retrying
 
 
 @pytest.fixture
@@ -55,7 +57,10 @@ async def test_pooled_connections_killed_in_between_are_not_met_again(
         await own_engine.dispose()
 
 
-async def test_an_error_of_the_work_is_raised_not_retried(own_engine: AsyncEngine) -> None:
+@pytest.mark.parametrize("run", [retrying, read_only])
+async def test_an_error_of_the_work_is_raised_not_retried(
+    own_engine: AsyncEngine, run: Callable[..., Awaitable[None]]
+) -> None:
     attempts = 0
 
     async def work(conn: AsyncConnection) -> None:
@@ -65,7 +70,38 @@ async def test_an_error_of_the_work_is_raised_not_retried(own_engine: AsyncEngin
 
     try:
         with pytest.raises(DBAPIError, match="division by zero"):
-            await retrying(own_engine, work)
+            await run(own_engine, work)
     finally:
         await own_engine.dispose()
     assert attempts == 1
+
+
+# --- read_only: an engine without pre-ping, a dead connection retried once ---------------
+
+
+async def test_read_only_meets_pooled_connections_killed_in_between(
+    pg_url: str, engine: AsyncEngine
+) -> None:
+    """Without pre-ping the pool hands out a connection a restart ended; ``read_only``
+    runs the read again on a fresh one, and runs it outside a transaction."""
+    lookups = make_engine(pg_url, "test-lookups", pre_ping=False)
+    try:
+        async with lookups.connect() as a, lookups.connect() as b:  # two in the pool
+            pids = [(await c.execute(text("SELECT pg_backend_pid()"))).scalar_one() for c in (a, b)]
+        async with engine.connect() as admin:
+            for pid in pids:
+                await admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        calls = 0
+
+        async def work(conn: AsyncConnection) -> tuple[int, bool]:
+            nonlocal calls
+            calls += 1
+            pid, first = (await conn.execute(text("SELECT pg_backend_pid(), now()"))).one()
+            await conn.execute(text("SELECT pg_sleep(0.01)"))
+            return pid, (await conn.execute(text("SELECT now()"))).scalar_one() > first
+
+        pid, autocommit = await read_only(lookups, work)
+    finally:
+        await lookups.dispose()
+    assert calls == 2 and pid not in pids
+    assert autocommit  # in one transaction, now() would stay at its start

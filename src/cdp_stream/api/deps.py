@@ -1,9 +1,11 @@
-"""Request-scoped dependencies (the database connection, the token's scopes) and the
-opaque cursors of the newest-first listings."""
+"""Request-scoped dependencies (the database connection, the token's scopes), the API
+tokens held in memory, and the opaque cursors of the newest-first listings."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -12,6 +14,49 @@ from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.profiles.credentials import Token, token_for_secret
+
+_MAX_TOKENS = 10_000  # bound memory under a flood of random secrets
+
+
+class Tokens:
+    """API token secret -> token (None: unknown), from memory for ``ttl_s`` seconds.
+
+    Asking Postgres on every request cost a pooled connection and a round trip per
+    lookup. An answer is kept ``ttl_s`` and then dropped (never served stale): a token
+    revoked in the database is refused at most ``ttl_s`` later, and a new one works within
+    ``ttl_s`` of a first refusal. A secret not in memory is looked up once however many
+    requests ask at that moment (single flight, as the collector's write keys), so an
+    expiry under load costs one query, not one per request in flight; its failure reaches
+    each of them (answered 503).
+    """
+
+    def __init__(
+        self, engine: AsyncEngine, ttl_s: float = 5.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._engine, self._ttl, self._clock = engine, ttl_s, clock
+        self._known: dict[str, tuple[Token | None, float]] = {}
+        self._lookups: dict[str, asyncio.Task[Token | None]] = {}
+        self.queries = 0  # database round trips made, for tests and the curious
+
+    async def by_secret(self, secret: str) -> Token | None:
+        known = self._known.get(secret)
+        if known is not None and known[1] > self._clock():
+            return known[0]
+        task = self._lookups.get(secret)
+        if task is None:
+            task = asyncio.create_task(self._fetch(secret))
+            self._lookups[secret] = task
+            task.add_done_callback(lambda _: self._lookups.pop(secret, None))
+        return await asyncio.shield(task)
+
+    async def _fetch(self, secret: str) -> Token | None:
+        self.queries += 1
+        async with self._engine.connect() as conn:
+            token = await token_for_secret(conn, secret)
+        if len(self._known) >= _MAX_TOKENS:
+            self._known.clear()
+        self._known[secret] = (token, self._clock() + self._ttl)
+        return token
 
 
 async def connection(request: Request) -> AsyncIterator[AsyncConnection]:
@@ -25,13 +70,16 @@ Conn = Annotated[AsyncConnection, Depends(connection)]
 
 
 def require_scope(scope: str) -> Callable[..., Coroutine[Any, Any, Token]]:
-    async def check(conn: Conn, authorization: Annotated[str | None, Header()] = None) -> Token:
+    async def check(
+        request: Request, authorization: Annotated[str | None, Header()] = None
+    ) -> Token:
         scheme, _, secret = (authorization or "").partition(" ")
         if scheme.lower() != "bearer" or not secret:
             raise HTTPException(
                 401, "Bearer API token required", headers={"WWW-Authenticate": "Bearer"}
             )
-        token = await token_for_secret(conn, secret.strip())
+        tokens: Tokens = request.app.state.tokens
+        token = await tokens.by_secret(secret.strip())
         if token is None:
             raise HTTPException(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
         if scope not in token.scopes:

@@ -13,13 +13,15 @@ from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
-from fastapi import APIRouter, Depends, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.api.deps import Conn, cursor_at, in_utc, position
 from cdp_stream.bus.base import BusUnavailable
 from cdp_stream.openapi import bearer
 from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles.db import read_only
 from cdp_stream.resolver.consumer import relay_outbox
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.resolver.unmerge import unmerge_last
@@ -60,12 +62,26 @@ async def resolve_ref(request: Request, conn: Conn, ref: str) -> uuid.UUID:
 Profile = Annotated[uuid.UUID, Depends(resolve_ref)]
 
 
+# The hot path of the API (lookups by identifier): one statement, on a pooled connection
+# outside a transaction, and the answer encoded once by orjson (the JSON ``ProfileOut``
+# gives). No docstring: it would become the route's description in the OpenAPI document.
 @router.get("/{ref}", response_model=ProfileOut, **READ)
-async def get_profile(profile_id: Profile, conn: Conn) -> dict[str, Any]:
-    profile = await repo.read_profile(conn, profile_id)
+async def get_profile(request: Request, ref: str) -> Response:
+    rules: IdentityRules = request.app.state.rules
+
+    async def lookup(conn: AsyncConnection) -> dict[str, Any] | None:
+        try:
+            profile_id = uuid.UUID(ref)
+        except ValueError:
+            ident = rules.parse_ref(ref)
+            return None if ident is None else await repo.read_profile_of(conn, ident)
+        found = await repo.canonical_id(conn, profile_id)
+        return None if found is None else await repo.read_profile(conn, found)
+
+    profile = await read_only(request.app.state.lookups, lookup)
     if profile is None:
-        raise HTTPException(404, f"no profile {profile_id}")
-    return profile
+        raise HTTPException(404, f"no profile for {ref!r}")
+    return Response(orjson.dumps(profile, option=orjson.OPT_UTC_Z), media_type="application/json")
 
 
 class EventOut(BaseModel):

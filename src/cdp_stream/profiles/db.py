@@ -50,13 +50,17 @@ async def resolve_database_url(settings: Settings) -> str:
 DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, OSError, TimeoutError)
 
 
-def make_engine(url: str, role: str, pool_size: int = 5) -> AsyncEngine:
-    """An async engine whose connections name the process role in ``pg_stat_activity``."""
+def make_engine(url: str, role: str, pool_size: int = 5, *, pre_ping: bool = True) -> AsyncEngine:
+    """An async engine whose connections name the process role in ``pg_stat_activity``.
+
+    ``pre_ping`` tests each connection as it leaves the pool (three round trips with
+    asyncpg: BEGIN, an empty query, ROLLBACK), so that work never meets one a restart of
+    Postgres closed; without it, the caller retries what meets one (see ``read_only``)."""
     return create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
+        pool_pre_ping=pre_ping,
         pool_timeout=10,
         # jsonb columns through orjson: several times faster than the stdlib both ways.
         json_serializer=lambda value: orjson.dumps(value).decode(),
@@ -64,6 +68,23 @@ def make_engine(url: str, role: str, pool_size: int = 5) -> AsyncEngine:
         # A database that is down answers within seconds, not asyncpg's default minute.
         connect_args={"server_settings": {"application_name": f"cdp-stream-{role}"}, "timeout": 5},
     )
+
+
+async def read_only(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    """``work`` (reads only) outside a transaction, one statement a round trip, on an engine
+    made without ``pre_ping``: run once more on a fresh connection if the one it got was
+    dead (Postgres restarted: SQLAlchemy then drops every pooled connection)."""
+
+    async def once() -> T:
+        async with engine.connect() as conn:
+            return await work(await conn.execution_options(isolation_level="AUTOCOMMIT"))
+
+    try:
+        return await once()
+    except DBAPIError as exc:
+        if not exc.connection_invalidated:
+            raise
+    return await once()
 
 
 class RetryTransaction(Exception):

@@ -15,11 +15,22 @@ from typing import Any, TypeVar
 
 import asyncpg
 import orjson
-from sqlalchemy import delete, func, select, text, tuple_, update
-from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Row,
+    delete,
+    func,
+    select,
+    text,
+    tuple_,
+    update,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID, insert
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Subquery
+from sqlalchemy.types import TypeEngine
 
 from cdp_stream.profiles.models import (
     audience_changes,
@@ -690,27 +701,53 @@ async def profile_for_identifier(conn: AsyncConnection, ident: Identifier) -> uu
     return (await profiles_of(conn, [ident])).get(ident)
 
 
-async def read_profile(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any] | None:
-    row = (await conn.execute(select(profiles).where(profiles.c.id == profile_id))).one_or_none()
+# A profile as the API shows it, in one statement (one round trip): the row, its identities
+# and the ids merged into it, aggregated by Postgres.
+_PROFILE = """SELECT p.id, p.traits, p.computed, p.created_at, p.updated_at,
+  (SELECT json_agg(json_build_object('type', i.type, 'value', i.value)
+                   ORDER BY i.type, i.value)
+     FROM identities i WHERE i.profile_id = p.id) AS identities,
+  (SELECT json_agg(m.id ORDER BY m.id) FROM profiles m WHERE m.merged_into = p.id) AS merged_from
+FROM profiles p"""
+_PROFILE_COLUMNS: dict[str, TypeEngine[Any] | type[TypeEngine[Any]]] = {
+    "id": UUID(as_uuid=True),
+    "traits": JSONB,
+    "computed": JSONB,
+    "created_at": DateTime(timezone=True),
+    "updated_at": DateTime(timezone=True),
+    "identities": JSON,
+    "merged_from": JSON,
+}
+_PROFILE_BY_ID = text(_PROFILE + " WHERE p.id = :id").columns(**_PROFILE_COLUMNS)
+# Identities always point at a canonical profile: no merged_into to follow.
+_PROFILE_BY_IDENTIFIER = text(
+    _PROFILE + " JOIN identities x ON x.profile_id = p.id WHERE x.type = :type AND x.value = :value"
+).columns(**_PROFILE_COLUMNS)
+
+
+def _profile(row: Row[Any] | None) -> dict[str, Any] | None:
     if row is None:
         return None
-    ids = await conn.execute(
-        select(identities.c.type, identities.c.value)
-        .where(identities.c.profile_id == profile_id)
-        .order_by(identities.c.type, identities.c.value)
-    )
-    merged = await conn.execute(
-        select(profiles.c.id).where(profiles.c.merged_into == profile_id).order_by(profiles.c.id)
-    )
     return {
         "id": str(row.id),
-        "identities": [{"type": r.type, "value": r.value} for r in ids],
+        "identities": row.identities or [],
         "traits": row.traits,
         "computed": row.computed,
-        "merged_from": [str(r.id) for r in merged],
+        "merged_from": row.merged_from or [],
         "created_at": row.created_at,
         "updated_at": row.updated_at,
     }
+
+
+async def read_profile(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any] | None:
+    """The profile ``profile_id`` (as it is: merged-away ones are not followed)."""
+    return _profile((await conn.execute(_PROFILE_BY_ID, {"id": profile_id})).one_or_none())
+
+
+async def read_profile_of(conn: AsyncConnection, ident: Identifier) -> dict[str, Any] | None:
+    """The profile that holds ``ident``, or None."""
+    params = {"type": ident.type, "value": ident.value}
+    return _profile((await conn.execute(_PROFILE_BY_IDENTIFIER, params)).one_or_none())
 
 
 @dataclass(frozen=True, slots=True)
