@@ -121,6 +121,12 @@ class Settings(BaseSettings):
         default=2000, ge=1, description="events per resolver transaction, at most"
     )
     resolver_poll_timeout_ms: int = Field(default=200, ge=1)
+    consumer_linger_ms: int = Field(
+        default=20,
+        ge=0,
+        description="after a poll that did not fill a batch, how long resolvers and activation "
+        "wait for more records before applying it (bigger batches, fewer round trips)",
+    )
     resolver_outbox_vacuum_s: float = Field(
         default=1.0, gt=0, description="how often a resolver vacuums the profile-update outbox"
     )

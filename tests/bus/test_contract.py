@@ -20,7 +20,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 
-from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, Record, next_offsets
+from cdp_stream.bus.base import (
+    Bus,
+    BusUnavailable,
+    Consumer,
+    Message,
+    Record,
+    fill,
+    next_offsets,
+)
 from cdp_stream.bus.confluent import ConfluentKafkaBus
 from cdp_stream.bus.kafka import KafkaBus
 from cdp_stream.bus.memory import MemoryBus, MemoryConsumer, partition_for_key
@@ -377,6 +385,22 @@ async def test_getmany_waits_then_returns_empty_and_honours_max_records(
     assert [len(b) <= 3 for b in batches] == [True] * len(batches), batches
     assert [m.value for b in batches for m in b] == [f"v{i}".encode() for i in range(10)]
     assert await consumer.getmany(max_records=3, timeout_ms=300) == []
+
+
+async def test_fill_lingers_for_the_rest_of_a_batch(bus: Bus, member: MakeConsumer) -> None:
+    """``fill`` (how the resolver and activation poll): a record published while it
+    lingers after the first one joins the same batch, and the batch stops at max_records."""
+    topic = await new_topic(bus, 1)
+    consumer = await member(group(), [topic])
+    await bus.publish(topic, b"k", b"first")
+    batch = asyncio.create_task(fill(consumer, 10, 5_000, linger_ms=1_500))
+    await asyncio.sleep(0.2)
+    await bus.publish(topic, b"k", b"second")
+    assert [m.value for m in await batch] == [b"first", b"second"]
+
+    await bus.publish_many([Record(topic, b"k", f"v{i}".encode()) for i in range(5)])
+    got = await fill(consumer, 3, 5_000, linger_ms=500)
+    assert [m.value for m in got] == [b"v0", b"v1", b"v2"]
 
 
 # -- one implementation ----------------------------------------------------------------

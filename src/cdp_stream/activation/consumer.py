@@ -20,7 +20,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.activation import audiences, crm, dmp, webhook
-from cdp_stream.bus.base import Bus, BusUnavailable, Message, next_offsets, rejoin
+from cdp_stream.bus.base import Bus, BusUnavailable, Message, fill, next_offsets, rejoin
 from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.profiles.db import Stopping, retrying
 from cdp_stream.settings import Settings
@@ -78,8 +78,11 @@ async def run_activation(
         await consumer.start()
         while not stop.is_set():
             try:
-                messages = await consumer.getmany(
-                    settings.activation_batch_size, settings.resolver_poll_timeout_ms
+                messages = await fill(
+                    consumer,
+                    settings.activation_batch_size,
+                    settings.resolver_poll_timeout_ms,
+                    settings.consumer_linger_ms,
                 )
                 if not messages:
                     continue

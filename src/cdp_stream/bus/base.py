@@ -101,6 +101,21 @@ class Bus(Protocol):
     def consumer(self, group: str, topics: Sequence[str]) -> Consumer: ...
 
 
+async def fill(
+    consumer: Consumer, max_records: int, timeout_ms: int, linger_ms: int
+) -> list[Message]:
+    """Up to ``max_records`` records: the first wait as ``getmany``'s, then, when fewer came,
+    ``linger_ms`` more for the rest of the batch (the consumer's side of Kafka's
+    ``fetch.max.wait.ms``). Why: a consumer's cost is mostly per batch (round trips, a
+    commit), and at a steady few hundred records/s a poll would return a handful at a time;
+    a short linger makes the batches several times larger for that much latency."""
+    messages = await consumer.getmany(max_records, timeout_ms)
+    if messages and linger_ms > 0 and len(messages) < max_records:
+        await asyncio.sleep(linger_ms / 1000)
+        messages += await consumer.getmany(max_records - len(messages), 0)
+    return messages
+
+
 def next_offsets(messages: Sequence[Message]) -> dict[TopicPartition, int]:
     """The offsets to commit after processing ``messages``: last offset + 1 per partition."""
     offsets: dict[TopicPartition, int] = {}

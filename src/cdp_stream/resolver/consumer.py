@@ -37,6 +37,7 @@ from cdp_stream.bus.base import (
     Consumer,
     Message,
     Record,
+    fill,
     next_offsets,
     rejoin,
 )
@@ -175,8 +176,11 @@ async def _take(
     the batch before it is in its transaction: the work here needs no lock, so it fills
     the time the loop would otherwise spend waiting for Postgres, yielding every
     :data:`_CHUNK` events so that the transaction's statements are answered promptly."""
-    messages = await consumer.getmany(
-        settings.resolver_batch_size, settings.resolver_poll_timeout_ms
+    messages = await fill(
+        consumer,
+        settings.resolver_batch_size,
+        settings.resolver_poll_timeout_ms,
+        settings.consumer_linger_ms,
     )
     if not messages:
         return None
