@@ -57,7 +57,7 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psutil
 
@@ -319,25 +319,35 @@ class Server:
         self.proc.kill()
 
 
-def run_wrk(label: str, server: Server, endpoint: str, opts: argparse.Namespace) -> dict[str, Any]:
-    """wrk against ``server``: requests/s and events/s, with CPU per process."""
+class WrkResult(NamedTuple):
+    rate: float  # requests/s
+    requests: int
+    bad: int  # non-200 or rejected
+    errors: int  # socket errors
+    p99_ms: float
+
+
+def wrk(port: int, endpoint: str, seconds: float, opts: argparse.Namespace) -> WrkResult:
+    """One wrk run at ``/v1/{endpoint}`` on 127.0.0.1:``port`` (a batch is 100 events)."""
     per = 100 if endpoint == "batch" else 1
     credentials = base64.b64encode(f"{opts.write_key}:".encode()).decode()
     script = Path(__file__).with_name("collect.lua")
+    command = ["wrk", f"-t{opts.wrk_threads}", f"-c{opts.concurrency}", f"-d{seconds:g}s"]
+    command += ["--timeout", "30s"]  # a slow answer is measured, not counted as an error
+    command += ["--latency", "-s", script, f"http://127.0.0.1:{port}", "--"]
+    command += [f"/v1/{endpoint}", credentials, str(per)]
+    out = subprocess.run(list(map(str, command)), capture_output=True, text=True, check=True)
+    line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        sys.exit(f"wrk printed no RESULT:\n{out.stdout}\n{out.stderr}")
+    requests, duration_us, bad, errors, _p50, p99 = map(int, line.split()[1:])
+    return WrkResult(requests / (duration_us / 1e6), requests, bad, errors, p99 / 1000)
 
-    def wrk(seconds: float) -> tuple[float, int, int, int, float]:
-        command = ["wrk", f"-t{opts.wrk_threads}", f"-c{opts.concurrency}", f"-d{seconds:g}s"]
-        command += ["--timeout", "30s"]  # a slow answer is measured, not counted as an error
-        command += ["--latency", "-s", script, f"http://127.0.0.1:{server.port}", "--"]
-        command += [f"/v1/{endpoint}", credentials, str(per)]
-        out = subprocess.run(list(map(str, command)), capture_output=True, text=True, check=True)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            sys.exit(f"{label}: wrk printed no RESULT:\n{out.stdout}\n{out.stderr}")
-        requests, duration_us, bad, errors, _p50, p99 = map(int, line.split()[1:])
-        return requests / (duration_us / 1e6), requests, bad, errors, p99 / 1000
 
-    wrk(opts.warmup)
+def run_wrk(label: str, server: Server, endpoint: str, opts: argparse.Namespace) -> dict[str, Any]:
+    """wrk against ``server``: requests/s and events/s, with CPU per process."""
+    per = 100 if endpoint == "batch" else 1
+    wrk(server.port, endpoint, opts.warmup, opts)
     watch = {"server": server.processes, **opts.watch, "machine": None}
     rates: list[float] = []
     cpus: dict[str, list[float]] = {n: [] for n in ("wrk", *watch)}
@@ -347,7 +357,7 @@ def run_wrk(label: str, server: Server, endpoint: str, opts: argparse.Namespace)
     for run in range(opts.repeats):
         u0, t0 = [*map(cpu_s, watch.values())], time.monotonic()
         c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-        rate, requests, bad, errors, p99 = wrk(opts.seconds)
+        rate, requests, bad, errors, p99 = wrk(server.port, endpoint, opts.seconds, opts)
         c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         u1, t1 = [*map(cpu_s, watch.values())], time.monotonic()
         wrk_cpu = c1.ru_utime + c1.ru_stime - c0.ru_utime - c0.ru_stime

@@ -13,7 +13,7 @@ For each setup, ``cdp-stream up`` runs as a subprocess, as a user runs it:
 Figures, each the median of ``--repeats`` windows of ``--seconds`` (the machine is noisy):
 
 1. intake: events/s acknowledged by ``/v1/batch`` (100 events a request) and by single
-   ``/v1/track`` calls, from another process with ``--concurrency`` connections
+   ``/v1/track`` calls, from wrk with ``--concurrency`` connections
    (``collect.py``'s load generator), while the resolver and activation in the same
    process work on what arrives;
 2. end-to-end: events/s stored in ``events`` (the resolver's profiles), sampled right after
@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -55,13 +54,15 @@ import asyncpg
 import httpx
 import psutil
 from collect import (
+    Server,
     broker_processes,
     cleanup,
     database,
     enriched_records,
     free_port,
     run_load,
-    worker,
+    run_wrk,
+    wrk,
 )
 from resolve import drop_namespace, listener
 from sqlalchemy.engine import make_url
@@ -213,9 +214,9 @@ def intake_and_end_to_end(setup: Setup, opts: argparse.Namespace, log: Path) -> 
     if setup.name == "embedded":  # before the load: the pipeline is idle
         setup.figures["raw"] = raw_copy(setup.dsn, opts)
     opts.watch = {"up": [psutil.Process(setup.proc.pid)], **services(setup, opts)}
+    server = Server(setup.proc, setup.port)
     for endpoint in ("batch", "track"):
-        args = ([setup.port], endpoint, opts.concurrency, KEY)
-        result = run_load(f"{setup.name} /v1/{endpoint}", "http", args, opts)
+        result = run_wrk(f"{setup.name} /v1/{endpoint}", server, endpoint, opts)
         setup.figures[f"/v1/{endpoint}"] = result["rates"]
     setup.figures["end-to-end"] = end_to_end(setup, opts) if setup.role == "up" else []
     stop_up(setup)
@@ -225,36 +226,29 @@ def memory(opts: argparse.Namespace, log: Path) -> dict[str, float]:
     """RSS of a fresh embedded ``cdp-stream up`` after a tenth of the events and after all."""
     data = Path(tempfile.mkdtemp(prefix="cdp-bench-rss-"))
     setup = Setup("memory", {"CDP_DATA_DIR": str(data), "CDP_BUS_RETENTION_S": "0"})
-    ctx = mp.get_context("spawn")
-    stop, counters = ctx.Event(), ctx.Array("q", 3, lock=False)
     out: dict[str, float] = {}
     try:
         start_up(setup, log)
         assert setup.proc is not None
         up = psutil.Process(setup.proc.pid)
-        args = ([setup.port], "batch", opts.concurrency, KEY)
-        load = ctx.Process(target=worker, args=("http", args, counters, stop), daemon=True)
-        load.start()
+        accepted = rejected = 0
         for label, events in (("tenth", opts.rss_events // 10), ("all", opts.rss_events)):
-            while counters[0] < events:
-                time.sleep(0.2)
-                if not load.is_alive():
-                    sys.exit("the load process died (its error is above)")
-            out[f"events_{label}"] = counters[0]
+            while accepted < events:  # /v1/batch x 100 by wrk, in short runs
+                run = wrk(setup.port, "batch", 2.0, opts)
+                accepted += 100 * (run.requests - run.bad)
+                rejected += 100 * run.bad
+            out[f"events_{label}"] = accepted
             out[f"rss_{label}"] = up.memory_info().rss / 2**20
             out[f"table_{label}"] = bus_table_mb(setup.dsn)
-            print(f"  after {out[f'events_{label}']:,.0f} events: RSS {out[f'rss_{label}']:.0f} MB")
-        stop.set()
-        load.join(30)
-        accepted, t0 = counters[0], time.monotonic()
+            print(f"  after {accepted:,.0f} events: RSS {out[f'rss_{label}']:.0f} MB")
+        t0 = time.monotonic()
         while (n := stored(setup.dsn)) < accepted and time.monotonic() - t0 < opts.drain_s:
             time.sleep(1)
         out["stored"] = n
         out["rss_drained"] = up.memory_info().rss / 2**20
         out["table_drained"] = bus_table_mb(setup.dsn)
-        out["rejected"] = counters[1]
+        out["rejected"] = rejected
     finally:
-        stop.set()
         stop_up(setup)
         stop_embedded(data)
     return out
@@ -293,6 +287,7 @@ def main() -> None:
     pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
     ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
     opts = ap.parse_args()
+    opts.write_key, opts.wrk_threads = KEY, 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 
     run_id = uuid.uuid4().hex[:8]
