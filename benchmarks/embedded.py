@@ -301,7 +301,7 @@ def main() -> None:
         "kafka": Setup(
             "kafka",
             {"CDP_KAFKA_BOOTSTRAP": opts.bootstrap, "CDP_DATABASE_URL": kafka_url}
-            | {"CDP_TOPIC_NAMESPACE": namespace},
+            | {"CDP_TOPIC_NAMESPACE": namespace, "CDP_SUPPRESSION_KEY": f"bench-{run_id}"},
             dsn=kafka_url.replace("+asyncpg", ""),
         ),
     }

@@ -302,6 +302,7 @@ def main() -> None:
             "CDP_DATABASE_URL": url,
             "CDP_KAFKA_BOOTSTRAP": opts.bootstrap,
             "CDP_TOPIC_NAMESPACE": namespace,
+            "CDP_SUPPRESSION_KEY": f"bench-{namespace}",
         }
         server = start_server([ROOT / ".venv/bin/cdp-stream", "api"], env, log)
         api = [psutil.Process(server.proc.pid)]

@@ -803,6 +803,7 @@ def main() -> None:
         "CDP_BOOTSTRAP_WRITE_KEY": opts.write_key,
         "CDP_BOOTSTRAP_API_TOKEN": opts.api_token,
         "CDP_RATE_LIMIT_PER_S": "0",  # capacity is measured, not the per-source limit
+        "CDP_SUPPRESSION_KEY": f"bench-{run_id}",
     }
     stages = Stages(env, Path(tempfile.gettempdir()) / f"cdp-bench-pipeline-{run_id}")
     print(

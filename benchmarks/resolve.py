@@ -290,7 +290,7 @@ def start_resolvers(
 ) -> list[subprocess.Popen[bytes]]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
     env |= {"CDP_KAFKA_BOOTSTRAP": opts.bootstrap, "CDP_DATABASE_URL": db_url}
-    env |= {"CDP_TOPIC_NAMESPACE": namespace}
+    env |= {"CDP_TOPIC_NAMESPACE": namespace, "CDP_SUPPRESSION_KEY": f"bench-{namespace}"}
     command = [Path(sys.executable).with_name("cdp-stream"), "resolver"]
     procs = []
     with log.open("ab") as out:  # own sessions: Ctrl-C reaches us, we stop them in order

@@ -137,6 +137,7 @@ def _settings(kafka_bootstrap: str, pg_url: str) -> Settings:
         bootstrap_write_key=uid("wk"),
         topic_namespace=f"test-{uid()}.",
         http_port=free_port(),
+        suppression_key="test-suppression-key",
     )
 
 
@@ -147,6 +148,25 @@ async def _returns(bus: Bus, engine: object, settings: Settings, stop: asyncio.E
 async def _cancelled(bus: Bus, engine: object, settings: Settings, stop: asyncio.Event) -> None:
     """A CancelledError escaping a client library (aiokafka while rejoining did)."""
     raise asyncio.CancelledError
+
+
+@pytest.mark.parametrize(
+    ("role", "parts", "loops"), [("resolver", (), ("resolver",)), ("api", ("api",), ())]
+)
+async def test_a_server_resolver_or_api_without_a_suppression_key_does_not_start(
+    kafka_bootstrap: str,
+    pg_url: str,
+    capsys: pytest.CaptureFixture[str],
+    role: str,
+    parts: tuple[str, ...],
+    loops: tuple[str, ...],
+) -> None:
+    settings = _settings(kafka_bootstrap, pg_url).model_copy(update={"suppression_key": None})
+    with pytest.raises(typer.Exit) as exit_:
+        await cli._serve(settings, role, parts, loops)
+    assert exit_.value.exit_code == 1
+    err = capsys.readouterr().err
+    assert f"cdp-stream {role}: cannot start: CDP_SUPPRESSION_KEY is unset" in err
 
 
 @pytest.mark.parametrize("loop", [_returns, _cancelled])

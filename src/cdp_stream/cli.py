@@ -34,7 +34,12 @@ from cdp_stream.activation.consumer import run_activation
 from cdp_stream.app import Runtime, StartupFailed, create_app
 from cdp_stream.profiles.db import make_engine, resolve_database_url, retrying
 from cdp_stream.profiles.migrate import upgrade_to_head
-from cdp_stream.profiles.suppression import SuppressionKeys, rekey, with_suppression_key
+from cdp_stream.profiles.suppression import (
+    MissingSuppressionKey,
+    SuppressionKeys,
+    rekey,
+    with_suppression_key,
+)
 from cdp_stream.resolver.consumer import run_resolver
 from cdp_stream.settings import Settings
 
@@ -116,7 +121,13 @@ async def _serve(
     for sig in signals:  # from the start: a stop during start-up still stops cleanly
         loop.add_signal_handler(sig, stop.set)
     try:
-        await _run_stages(with_suppression_key(settings), role, parts, loops, stop, sock)
+        if "resolver" in loops or "api" in parts:  # the stages that read or write the list
+            try:
+                settings = with_suppression_key(settings)
+            except MissingSuppressionKey as exc:
+                typer.echo(f"cdp-stream {role}: cannot start: {exc}", err=True)
+                raise typer.Exit(1) from None
+        await _run_stages(settings, role, parts, loops, stop, sock)
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
@@ -304,11 +315,12 @@ def suppression_rekey() -> None:
     CDP_SUPPRESSION_OLD_KEYS, and plain SHA-256 rows from before keys existed."""
 
     async def run() -> int:
-        settings = with_suppression_key(_settings())
+        try:
+            settings = with_suppression_key(_settings())
+        except MissingSuppressionKey as exc:
+            typer.echo(f"cdp-stream suppression-rekey: {exc}", err=True)
+            raise typer.Exit(1) from None
         keys = SuppressionKeys.from_settings(settings)
-        if keys.current is None:
-            typer.echo("CDP_SUPPRESSION_KEY is unset: nothing to seal with", err=True)
-            raise typer.Exit(1)
         engine = make_engine(await resolve_database_url(settings), "suppression-rekey")
         try:
             return await retrying(engine, lambda conn: rekey(conn, keys))

@@ -83,6 +83,7 @@ def stages(services: None, tmp_path: Path) -> Iterator[dict[str, Stage]]:
         "CDP_TOPIC_NAMESPACE": namespace,
         "CDP_TOPIC_PARTITIONS": "3",
         "CDP_BOOTSTRAP_WRITE_KEY": "wk_faults",
+        "CDP_SUPPRESSION_KEY": "faults-suppression-key",
         "CDP_HTTP_PORT": str(port),
         "CDP_PUBLISH_TIMEOUT_S": "3",
         "CDP_RETRY_AFTER_S": "1",

@@ -8,12 +8,19 @@ import hashlib
 import stat
 from pathlib import Path
 
-from sqlalchemy import select, text
+import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import suppressed_identifiers
-from cdp_stream.profiles.suppression import KEY_FILE, SuppressionKeys, rekey, with_suppression_key
+from cdp_stream.profiles.suppression import (
+    KEY_FILE,
+    MissingSuppressionKey,
+    SuppressionKeys,
+    rekey,
+    with_suppression_key,
+)
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.resolver.identity import EMAIL, Identifier, IdentityRules
 from cdp_stream.settings import Settings
@@ -107,8 +114,8 @@ async def test_the_embedded_default_keeps_a_generated_key(tmp_path: Path) -> Non
     assert SuppressionKeys.from_settings(first).current is not None
 
 
-async def test_a_server_deployment_without_a_key_stays_unkeyed(engine: AsyncEngine) -> None:
-    server = with_suppression_key(Settings(database_url="postgresql+asyncpg://db/cdp"))
-    assert server.suppression_key is None
-    async with engine.connect() as conn:  # the column the migration added
-        await conn.execute(text("SELECT key_id FROM suppressed_identifiers LIMIT 1"))
+def test_a_server_deployment_without_a_key_is_refused() -> None:
+    """A key each process made up would not match the others'; none leaves the table
+    readable: the resolver and the API of a server deployment need the configured one."""
+    with pytest.raises(MissingSuppressionKey, match="CDP_SUPPRESSION_KEY is unset"):
+        with_suppression_key(Settings(database_url="postgresql+asyncpg://db/cdp"))

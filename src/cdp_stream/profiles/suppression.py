@@ -15,8 +15,9 @@ current key, every key in ``CDP_SUPPRESSION_OLD_KEYS`` (a rotation in progress) 
 plain digest.
 
 Without a configured key: the embedded default generates one and keeps it in
-``<data_dir>/suppression.key`` (see :func:`with_suppression_key`); a server deployment
-runs unkeyed (plain SHA-256, as before) and says so loudly at every start.
+``<data_dir>/suppression.key`` (see :func:`with_suppression_key`); on a server deployment
+the stages that read or write the list (resolver, API) refuse to start, since a key made up
+by each process would not match the others' and no key at all leaves the table readable.
 """
 
 from __future__ import annotations
@@ -137,20 +138,22 @@ async def rekey(conn: AsyncConnection, keys: SuppressionKeys, batch: int = 1000)
     return len(moved)
 
 
+class MissingSuppressionKey(Exception):
+    """A server deployment's resolver or API started without ``CDP_SUPPRESSION_KEY``."""
+
+
 def with_suppression_key(settings: Settings) -> Settings:
-    """The settings with a suppression key: the configured one; for the embedded default,
-    the one kept in ``<data_dir>/suppression.key`` (created on first use, mode 0600); for
-    a server deployment without one, unkeyed, with a warning."""
+    """The settings with a suppression key: the configured one, or for the embedded default
+    the one kept in ``<data_dir>/suppression.key`` (created on first use, mode 0600).
+    A server deployment without one raises :class:`MissingSuppressionKey`."""
     if settings.suppression_key is not None:
         return settings
     if not settings.embedded_postgres:
-        log.warning(
-            "CDP_SUPPRESSION_KEY is unset: deleted people's identifiers are stored as plain "
-            "SHA-256, which anyone holding the table can test a list of emails against. Set "
-            "it (e.g. `openssl rand -hex 32`), the same on every process, and run "
-            "`cdp-stream suppression-rekey`."
+        raise MissingSuppressionKey(
+            "CDP_SUPPRESSION_KEY is unset: it seals deleted people's identifiers, so that "
+            "the suppression table alone names nobody. Set it (e.g. `openssl rand -hex 32`), "
+            "the same on every resolver and API process"
         )
-        return settings
     path = Path(settings.data_dir) / KEY_FILE
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
