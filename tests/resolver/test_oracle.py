@@ -359,6 +359,7 @@ class Deployment:
             "CDP_DATABASE_URL": self.url,
             "CDP_TOPIC_NAMESPACE": self.namespace,
             "CDP_RESOLVER_POLL_TIMEOUT_MS": "100",
+            "CDP_SUPPRESSION_KEY": "oracle-suppression-key",
             **env,
         }
         log = open(self.logs / f"resolver-{len(self.procs)}.log", "wb")  # noqa: SIM115
