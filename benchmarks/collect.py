@@ -395,6 +395,13 @@ def cleanup(what: str, action: Any, *args: Any) -> None:
         print(f"cleanup: {what} failed: {exc!r}", file=sys.stderr)
 
 
+def service_args(ap: argparse.ArgumentParser) -> None:
+    """The broker and server every benchmark runs against (``make bench`` sets both)."""
+    ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
+    pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
+    ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seconds", type=float, default=8.0, help="measured window per run")
@@ -416,9 +423,7 @@ def main() -> None:
         choices=["aiokafka", "confluent"],
         help="the collector's Kafka producer library (CDP_KAFKA_PRODUCER), one run each",
     )
-    ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-    pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
-    ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
+    service_args(ap)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)  # with --serve-trivial
     ap.add_argument("--serve-trivial", action="store_true", help=argparse.SUPPRESS)
     opts = ap.parse_args()

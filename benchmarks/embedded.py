@@ -62,6 +62,7 @@ from collect import (
     free_port,
     run_load,
     run_wrk,
+    service_args,
     wrk,
 )
 from resolve import drop_namespace, listener
@@ -283,9 +284,7 @@ def main() -> None:
     )
     ap.add_argument("--rss-events", type=int, default=100_000, help="0: no memory figure")
     ap.add_argument("--drain-s", type=float, default=300, help="wait for the pipeline to store")
-    ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-    pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
-    ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
+    service_args(ap)
     opts = ap.parse_args()
     opts.write_key, opts.wrk_threads = KEY, 1
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks

@@ -52,7 +52,14 @@ from typing import Any
 
 import psutil
 import uvloop
-from collect import Server, cleanup, cpu_s, database, start_server  # the siblings' helpers
+from collect import (  # the siblings' helpers
+    Server,
+    cleanup,
+    cpu_s,
+    database,
+    service_args,
+    start_server,
+)
 from loadgen import Pool, Tally, get, open_loop, poisson
 from resolve import backends_cpu_s, drop_namespace, listener, preflight
 from sqlalchemy.engine import make_url
@@ -280,9 +287,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3, help="runs of the API per rate")
     ap.add_argument("--connections", type=int, default=8, help="keep-alive connections")
     ap.add_argument("--py-spy", type=Path, help="profile the API's last run per rate into DIR")
-    ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-    pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
-    ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
+    service_args(ap)
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
     preflight(opts.bootstrap, opts.database_url)

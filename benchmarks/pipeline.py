@@ -82,7 +82,13 @@ import httpx
 import orjson
 import psutil
 import uvloop
-from collect import cleanup, cpu_s, database, free_port  # the sibling benchmarks' helpers
+from collect import (  # the sibling benchmarks' helpers
+    cleanup,
+    cpu_s,
+    database,
+    free_port,
+    service_args,
+)
 from loadgen import Pool, Tally, basic, generator, get, iso, open_loop, poisson, post
 from resolve import backends_cpu_s, drop_namespace, listener, preflight, server_cpu_s
 from sqlalchemy.engine import make_url
@@ -784,9 +790,7 @@ def main() -> None:
     ap.add_argument(
         "--catchup-seconds", type=float, default=10.0, help="backlog taken for the catch-up"
     )
-    ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-    pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
-    ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
+    service_args(ap)
     opts = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks
 

@@ -58,7 +58,7 @@ from typing import Any
 
 import orjson
 import psutil
-from collect import cleanup, cpu_s, database  # the sibling benchmark's helpers
+from collect import cleanup, cpu_s, database, service_args  # the sibling's helpers
 from sqlalchemy.engine import make_url
 
 from cdp_stream.profiles.repository import EVENT_COLUMNS
@@ -506,9 +506,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--resolvers", type=int, nargs="+", default=[1, 3], help="processes")
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds to store them all")
-    ap.add_argument("--bootstrap", default=os.environ.get("CDP_KAFKA_BOOTSTRAP", "127.0.0.1:9092"))
-    pg = "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
-    ap.add_argument("--database-url", default=os.environ.get("CDP_TEST_DATABASE_URL", pg))
+    service_args(ap)
     opts = ap.parse_args()
     # A topic just created may have no leader yet: aiokafka retries, and says so on stderr.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
