@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.deps import Tokens
 from cdp_stream.app import Runtime, create_app
+from cdp_stream.collector.routes import TRACKING_PATHS
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.profiles.models import events, profile_update_outbox
 from cdp_stream.resolver.identity import IdentityRules
@@ -154,10 +155,10 @@ ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
 class Gate:
-    """In front of a collector app: records each ``POST /v1/batch`` (the answer's status and
-    the messageIds in the body) and counts the other methods there (CORS preflights);
-    answers the statuses in ``answers`` itself, with Retry-After: 1 (and, to a page, the
-    CORS headers the collector would give)."""
+    """In front of a collector app: records each POST to a tracking path (the answer's
+    status and the messageIds in the body: a batch's or the one event's) and counts the
+    other methods there (CORS preflights); answers the statuses in ``answers`` itself, with
+    Retry-After: 1 (and, to a page, the CORS headers the collector would give)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -180,7 +181,7 @@ class Gate:
         return [len(ids) for status, ids in self.requests if status == 200]
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/batch":
+        if scope["type"] != "http" or scope["path"] not in TRACKING_PATHS:
             await self.app(scope, receive, send)
             return
         if scope["method"] != "POST":
@@ -196,7 +197,8 @@ class Gate:
         body = b"".join(chunks)
         headers = dict(scope["headers"])
         raw = gzip.decompress(body) if headers.get(b"content-encoding") == b"gzip" else body
-        ids = [e["messageId"] for e in json.loads(raw)["batch"]]
+        sent = json.loads(raw)
+        ids = [e["messageId"] for e in sent.get("batch", [sent])]
         if self.answers:
             status = self.answers.pop(0)
             self.requests.append((status, ids))
@@ -227,6 +229,27 @@ class Gate:
 
         await self.app(scope, replay, capture)
         self.requests.append((status_seen[0] if status_seen else 0, ids))
+
+
+async def profile_events(
+    api: str, token: str, ref: str, count: int, within_s: float = 20
+) -> list[dict[str, Any]]:
+    """The payloads of the profile's stored events (the API at ``api``), oldest first, once
+    there are ``count``; fails if there are more or fewer."""
+    async with httpx.AsyncClient(base_url=api) as http:
+
+        async def probe() -> list[dict[str, Any]]:
+            r = await http.get(
+                f"/v1/profiles/{ref}/events",
+                params={"limit": 100},
+                headers={"authorization": f"Bearer {token}"},
+            )
+            items: list[dict[str, Any]] = r.json()["items"] if r.status_code == 200 else []
+            return items if len(items) >= count else []
+
+        items = await eventually(probe, within_s)
+    assert len(items) == count, f"expected {count} events for {ref}, got {len(items)}"
+    return [item["payload"] for item in reversed(items)]
 
 
 def free_port() -> int:

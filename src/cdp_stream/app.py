@@ -35,6 +35,7 @@ from cdp_stream.api.sources import router as sources_router
 from cdp_stream.bus import make_bus
 from cdp_stream.bus.base import Bus, BusUnavailable
 from cdp_stream.collector.auth import Sources
+from cdp_stream.collector.dropin import router as dropin_router
 from cdp_stream.collector.library import router as library_router
 from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.collector.routes import TRACKING_PATHS, database_unavailable, openapi_paths
@@ -193,6 +194,7 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     if "collector" in parts:
         app.include_router(webhooks_router)
         app.include_router(library_router)
+        app.include_router(dropin_router)
     if "api" in parts:
         app.include_router(profiles_router)
         app.include_router(crm_router)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.conftest import unavailable
+from tests.support import eventually
 
 DRIVER = Path(__file__).parent / "browser" / "driver.mjs"
 EXECUTABLE = os.environ.get("CDP_CHROMIUM", "/usr/bin/chromium")
@@ -61,6 +62,14 @@ class Chromium:
         self._process.stdin.write(json.dumps({"id": self._next, "op": op, **args}).encode() + b"\n")
         await self._process.stdin.drain()
         return await self._answer(self._next, within_s)
+
+    async def until(self, page: str, expression: str, within_s: float = 20) -> None:
+        """Wait until ``expression`` is truthy in ``page`` (fails with the console log)."""
+
+        async def probe() -> bool:
+            return bool(await self.call("eval", page=page, expression=expression))
+
+        assert await eventually(probe, within_s), (expression, await self.call("log"))
 
     async def _answer(self, wanted: int, within_s: float) -> Any:
         assert self._process.stdout is not None

@@ -35,10 +35,10 @@ from tests.collector.chromium import Chromium
 from tests.support import (
     Gate,
     Server,
-    eventually,
     free_port,
     gate_of,
     gated_collector,
+    profile_events,
     running_pipeline,
     uid,
 )
@@ -91,13 +91,6 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Chromium]:
-    chromium = await Chromium.launch()
-    yield chromium
-    await chromium.close()
-
-
-@pytest.fixture(scope="module")
 def collector_port() -> int:
     """Chosen first: the site's pages need the collector's address."""
     return free_port()
@@ -139,39 +132,17 @@ async def open_page(browser: Chromium, url: str, context: str | None = None) -> 
     """A tab of a visitor (a new one unless ``context``) showing ``url``, library loaded."""
     page = await browser.call("page", context=context or await browser.call("context"))
     await browser.call("goto", page=page, url=url)
-    await until_true(browser, page, "window.cdp && window.cdp.loaded === true")
+    await browser.until(page, "window.cdp && window.cdp.loaded === true")
     return page
 
 
-async def until_true(browser: Chromium, page: str, expression: str, within_s: float = 20) -> None:
-    async def probe() -> bool:
-        return bool(await browser.call("eval", page=page, expression=expression))
-
-    assert await eventually(probe, within_s), (expression, await browser.call("log"))
-
-
 async def sent_everything(browser: Chromium, page: str) -> None:
-    await until_true(browser, page, "cdp.stats().queued === 0")
+    await browser.until(page, "cdp.stats().queued === 0")
 
 
-async def events_of(
-    collector: Server, ref: str, count: int, within_s: float = 20
-) -> list[dict[str, Any]]:
+async def events_of(collector: Server, ref: str, count: int) -> list[dict[str, Any]]:
     """The payloads of the profile's stored events, oldest first, once there are ``count``."""
-    async with httpx.AsyncClient(base_url=collector.url) as http:
-
-        async def probe() -> list[dict[str, Any]]:
-            r = await http.get(
-                f"/v1/profiles/{ref}/events",
-                params={"limit": 100},
-                headers={"authorization": f"Bearer {API_TOKEN}"},
-            )
-            items = r.json()["items"] if r.status_code == 200 else []
-            return items if len(items) >= count else []
-
-        items = await eventually(probe, within_s)
-    assert len(items) == count, f"expected {count} events for {ref}, got {len(items)}"
-    return [item["payload"] for item in reversed(items)]
+    return await profile_events(collector.url, API_TOKEN, ref, count)
 
 
 async def test_page_views_across_reloads_keep_one_anonymous_id(
@@ -283,12 +254,12 @@ async def test_collector_down_queues_and_delivers_once_after_it_returns(
             await browser.call(
                 "eval", page=page, expression=f"cdp.track('Viewed Item', {{n: {n}}})"
             )
-        await until_true(browser, page, "cdp.stats().attempts >= 2")
+        await browser.until(page, "cdp.stats().attempts >= 2")
         # The visitor goes on to another page of the site (the library from the HTTP cache):
         # the new page takes over the stored queue and adds its own page view.
         await browser.call("goto", page=page, url=site.url("/shop/basket"))
-        await until_true(browser, page, "window.cdp && cdp.loaded && cdp.stats().queued === 4")
-        await until_true(browser, page, "cdp.stats().attempts >= 1")
+        await browser.until(page, "window.cdp && cdp.loaded && cdp.stats().queued === 4")
+        await browser.until(page, "cdp.stats().attempts >= 1")
         stored = await browser.call("eval", page=page, expression=STORED_QUEUE)
         assert len(stored) == len(set(stored)) == 4
     finally:
@@ -422,7 +393,7 @@ async def test_retries_back_off_exponentially_and_honour_retry_after(
     await collector.stop()
     try:
         await browser.call("eval", page=page, expression="sends.length = 0, cdp.track('Later')")
-        await until_true(browser, page, "sends.length >= 5")  # refused connections
+        await browser.until(page, "sends.length >= 5")  # refused connections
     finally:
         await collector.start()
     sends = await browser.call("eval", page=page, expression="sends")
@@ -466,11 +437,11 @@ async def test_a_tab_closed_while_the_collector_is_down_is_sent_by_the_next_tab(
     await collector.stop()
     try:
         await browser.call("eval", page=first, expression="cdp.track('Shared')")
-        await until_true(browser, first, "cdp.stats().attempts >= 1")
+        await browser.until(first, "cdp.stats().attempts >= 1")
         stored = await browser.call("eval", page=first, expression=STORED_QUEUE)
         await browser.call("close", page=first)  # its beacon is refused too
         later = await open_page(browser, site.url("/news/2"), context)  # a new tab
-        await until_true(browser, later, "cdp.stats().queued === 2")  # adopted + its own view
+        await browser.until(later, "cdp.stats().queued === 2")  # adopted + its own view
     finally:
         await collector.start()
     await sent_everything(browser, later)
@@ -490,7 +461,7 @@ async def test_a_send_without_an_answer_times_out_and_is_retried(
         page = await open_page(
             browser, site.url("/slow", host=f"http://127.0.0.1:{port}", timeout=300)
         )
-        await until_true(browser, page, "cdp.stats().attempts >= 3")
+        await browser.until(page, "cdp.stats().attempts >= 3")
         assert await browser.call("eval", page=page, expression="cdp.stats().queued") == 1
         await browser.call("close", page=page)
     finally:
@@ -502,7 +473,7 @@ async def test_a_page_of_an_origin_the_source_does_not_list_is_refused(
 ) -> None:
     other_origin = site.url("/elsewhere").replace("localhost", "127.0.0.1")
     page = await open_page(browser, other_origin)
-    await until_true(browser, page, "cdp.stats().attempts >= 1")
+    await browser.until(page, "cdp.stats().attempts >= 1")
     assert await browser.call("eval", page=page, expression="cdp.stats().queued") == 1
     queued = await browser.call("eval", page=page, expression=STORED_QUEUE)
     answers = {status for status, ids in gate.requests if set(ids) & set(queued)}

@@ -1,7 +1,7 @@
 """The SDK against the real collector, served by uvicorn on a real socket, on the real
 broker and database (a resolver task too, for the profile check).
 
-The collector sits behind ``tests.support.Gate``, which records every ``/v1/batch``
+The collector sits behind ``tests.support.Gate``, which records every tracking
 request it sees (the answer's status and the messageIds in the body) and can answer the
 next requests itself (a 429 or 503 with Retry-After) to drive the retry paths.
 

@@ -19,9 +19,26 @@ from urllib.parse import urlsplit
 
 _PATTERN = re.compile(r"^(\*|https?://(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?)$")
 
+# The request headers the web libraries send, by name: a ``*`` would not cover
+# ``Authorization``. analytics.js 2.0 adds X-Retry-Count on retries; RudderStack's SDK v3
+# sends AnonymousId and SentAt with every event, the Rsa-* ones on retries and for events
+# recovered from storage, and fetches its configuration by GET (HEAD to detect ad blockers).
+ALLOWED_REQUEST_HEADERS = (
+    "Authorization",
+    "Content-Type",
+    "Content-Encoding",
+    "AnonymousId",
+    "SentAt",
+    "X-Retry-Count",
+    "Rsa-Retry-Attempt",
+    "Rsa-Since-Last-Attempt",
+    "Rsa-Since-First-Attempt",
+    "Rsa-Retry-Reason",
+    "Rsa-Recovered",
+)
 PREFLIGHT_HEADERS = {
-    "Access-Control-Allow-Methods": "POST",
-    "Access-Control-Allow-Headers": "Authorization, Content-Type, Content-Encoding",
+    "Access-Control-Allow-Methods": "GET, HEAD, POST",
+    "Access-Control-Allow-Headers": ", ".join(ALLOWED_REQUEST_HEADERS),
     "Access-Control-Max-Age": "600",
 }
 

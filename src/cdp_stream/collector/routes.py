@@ -1,5 +1,12 @@
 """The Segment HTTP Tracking API: ``POST /v1/{identify,track,page,screen,group,alias,batch}``.
 
+The same endpoints answer the paths the web libraries sites already run post to:
+Segment's analytics.js 2.0 the first letter of the call under its ``apiHost``
+(``/v1/t``, ``/v1/p``, ``/v1/i``, ``/v1/g``, ``/v1/a``, ``/v1/s``; ``/v1/b`` a batch), and
+RudderStack's SDK v3 in beacon mode ``/beacon/v1/batch?writeKey=<key>`` (a beacon can
+carry no header, so the key is in the query string). What they fetch before sending is
+in ``dropin``.
+
 A request goes: bounded read -> gunzip (bounded) -> strict JSON -> write key -> origin
 (``cors``) -> rate limit (``ratelimit``: 429 + Retry-After) -> per-event validation and
 enrichment (``intake``) -> publish accepted events to ``cdp.events`` and rejected ones to
@@ -98,7 +105,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return out
 
 
-async def _collect(request: Request, endpoint: str) -> Response:
+async def _collect(request: Request, endpoint: str, key_in_query: bool) -> Response:
     state = request.app.state
     settings: Settings = state.settings
     sources: Sources = state.sources
@@ -109,6 +116,8 @@ async def _collect(request: Request, endpoint: str) -> Response:
             await read_body(request, settings.max_request_bytes), settings.max_json_depth
         )
         key = basic_username(request.headers.get("authorization")) or body_write_key(body)
+        if key is None and key_in_query:
+            key = request.query_params.get("writeKey")
         source = await sources.by_write_key(key) if key else None
         if source is None:
             return error_response(401, "missing or unknown write key")
@@ -188,11 +197,11 @@ async def preflight(request: Request) -> Response:
 _ALLOW = "OPTIONS, POST"
 
 
-def _endpoint(name: str) -> ASGIApp:
+def _endpoint(name: str, key_in_query: bool = False) -> ASGIApp:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
         if request.method == "POST":
-            response = await _collect(request, name)
+            response = await _collect(request, name, key_in_query)
         elif request.method == "OPTIONS":
             response = await preflight(request)
         else:
@@ -204,14 +213,21 @@ def _endpoint(name: str) -> ASGIApp:
     return app
 
 
-# path -> plain ASGI endpoint; the app serves these before its own routing (with a trailing
-# slash too, which FastAPI's routing used to redirect).
-TRACKING_PATHS: dict[str, ASGIApp] = {
-    path: endpoint
-    for name in ENDPOINTS
-    for endpoint in [_endpoint(name)]
-    for path in (f"/v1/{name}", f"/v1/{name}/")
-}
+def _tracking_paths() -> dict[str, ASGIApp]:
+    """Each endpoint's paths (see the module docstring), with a trailing slash too, which
+    FastAPI's routing used to redirect."""
+    paths: dict[str, ASGIApp] = {}
+    for name in ENDPOINTS:
+        endpoint = _endpoint(name)
+        for path in (f"/v1/{name}", f"/v1/{name[0]}"):
+            paths[path] = paths[f"{path}/"] = endpoint
+    beacon = _endpoint("batch", key_in_query=True)
+    paths["/beacon/v1/batch"] = paths["/beacon/v1/batch/"] = beacon
+    return paths
+
+
+# path -> plain ASGI endpoint; the app serves these before its own routing.
+TRACKING_PATHS = _tracking_paths()
 
 
 def openapi_paths() -> tuple[dict[str, Any], dict[str, Any]]:

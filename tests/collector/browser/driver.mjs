@@ -22,6 +22,8 @@ const contexts = new Map();
 const pages = new Map();
 let next = 0;
 const log = [];
+// Every request a page made (method and URL), to show what left for where.
+const requests = new Map();
 
 const ops = {
   // A new visitor: its own cookies and storage.
@@ -35,6 +37,8 @@ const ops = {
     const page = await contexts.get(context).newPage();
     page.on("console", (m) => log.push(`[${id}] ${m.type()}: ${m.text()}`));
     page.on("pageerror", (e) => log.push(`[${id}] pageerror: ${e.message}`));
+    requests.set(id, []);
+    page.on("request", (r) => requests.get(id).push(`${r.method()} ${r.url()}`));
     pages.set(id, page);
     return id;
   },
@@ -61,6 +65,10 @@ const ops = {
   },
   async log() {
     return log.splice(0);
+  },
+  // The requests the page made since it opened (a reload and navigations included).
+  async requests({ page }) {
+    return requests.get(page);
   },
   async version() {
     return browser.version();
