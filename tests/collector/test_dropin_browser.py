@@ -34,6 +34,7 @@ from tests.collector.chromium import Chromium
 from tests.support import (
     Gate,
     Server,
+    eventually,
     free_port,
     gate_of,
     gated_collector,
@@ -114,7 +115,11 @@ class Site:
         builds = {f"/js/{lib.name}.js": NODE_MODULES / lib.build for lib in LIBRARIES}
 
         async def page(request: Request) -> HTMLResponse:
-            library = {lib.name: lib for lib in LIBRARIES}[request.path_params["library"]]
+            library = next(
+                (lib for lib in LIBRARIES if lib.name == request.path_params["library"]), None
+            )
+            if library is None:  # the browser asks for /favicon.ico
+                return HTMLResponse("not found", status_code=404)
             options = request.query_params.get("options", "{}")
             script = library.load
             for blank, value in (
@@ -144,9 +149,7 @@ class Site:
         self.origin = f"http://localhost:{self.server.port}"
         self.unlisted = f"http://127.0.0.1:{self.server.port}"
 
-    def url(
-        self, library: Library, path: str, origin: str | None = None, **options: Any
-    ) -> str:
+    def url(self, library: Library, path: str, origin: str | None = None, **options: Any) -> str:
         query = f"?options={quote(json.dumps(options))}" if options else ""
         return f"{origin or self.origin}/{library.name}{path}{query}"
 
@@ -200,24 +203,37 @@ async def open_page(browser: Chromium, library: Library, url: str, context: str 
 
 
 async def call(browser: Chromium, page: str, library: Library, method: str, *args: Any) -> None:
+    """``library.method(*args)`` in the page, not waiting for what it returns (analytics.js
+    returns a promise of the delivery)."""
     arguments = ", ".join(json.dumps(a) for a in args)
-    await browser.call("eval", page=page, expression=f"{library.call}.{method}({arguments})")
+    expression = f"void {library.call}.{method}({arguments})"
+    await browser.call("eval", page=page, expression=expression)
 
 
 async def events_of(ref: str, count: int, collector: Server) -> list[dict[str, Any]]:
     return await profile_events(collector.url, API_TOKEN, ref, count)
 
 
-async def only_local_requests(browser: Chromium, page: str) -> list[str]:
-    """The page's requests (method, path on the collector or site), after checking that
-    none left this machine."""
-    requests = await browser.call("requests", page=page)
-    elsewhere = [r for r in requests if urlsplit(r.split(" ")[1]).hostname not in LOCAL]
-    assert elsewhere == [], elsewhere
-    return requests
-
-
 LOCAL = {"localhost", "127.0.0.1"}
+
+
+async def requests_of(browser: Chromium, page: str) -> list[tuple[str, str, str]]:
+    """The page's requests that ended, as (status or "failed", method, path?query), after
+    checking that none left this machine."""
+    ended = [line.split(" ", 2) for line in await browser.call("requests", page=page)]
+    elsewhere = [url for *_, url in ended if urlsplit(url).hostname not in LOCAL]
+    assert elsewhere == [], elsewhere
+    return [(status, method, _path(url)) for status, method, url in ended]
+
+
+def _path(url: str) -> str:
+    parts = urlsplit(url)
+    return f"{parts.path}?{parts.query}" if parts.query else parts.path
+
+
+async def posts_of(browser: Chromium, page: str) -> list[str]:
+    """Where the page posted, in order (path?query)."""
+    return [path for _, method, path in await requests_of(browser, page) if method == "POST"]
 
 
 @pytest.mark.parametrize("library", LIBRARIES, ids=lambda lib: lib.name)
@@ -248,9 +264,114 @@ async def test_page_identify_and_an_order_land_on_one_profile(
     assert profiles[0]["traits"]["plan"] == "pro"
 
     assert sorted(gate.delivered().values()) == [1, 1, 1]  # no resends
-    sent = [r for r in await only_local_requests(browser, page) if r.startswith("POST")]
-    paths = [urlsplit(r.split(" ")[1]).path for r in sent]
-    if library is SEGMENT:
-        assert paths == ["/v1/p", "/v1/i", "/v1/t"]
+    if library is SEGMENT:  # one request per call: batching is off by default
+        assert await posts_of(browser, page) == ["/v1/p", "/v1/i", "/v1/t"]
     else:
-        assert paths == ["/v1/page", "/v1/identify", "/v1/track"]
+        assert await posts_of(browser, page) == ["/v1/page", "/v1/identify", "/v1/track"]
+
+
+@pytest.mark.parametrize(
+    ("library", "options", "path"),
+    [
+        (SEGMENT, BATCHING[SEGMENT.name], "/v1/b"),
+        (RUDDERSTACK, BATCHING[RUDDERSTACK.name], "/v1/batch"),
+        # navigator.sendBeacon: text/plain, no Authorization, the write key in the query
+        (
+            RUDDERSTACK,
+            {"useBeacon": True, "beaconQueueOptions": {"maxItems": 3}},
+            f"/beacon/v1/batch?writeKey={WRITE_KEY}",
+        ),
+    ],
+    ids=["analytics-next", "rudder-analytics", "rudder-analytics-beacon"],
+)
+async def test_batching_sends_the_calls_together(
+    browser: Chromium,
+    site: Site,
+    collector: Server,
+    gate: Gate,
+    library: Library,
+    options: dict[str, Any],
+    path: str,
+) -> None:
+    page = await open_page(browser, library, site.url(library, "/list", **options))
+    anonymous_id = await browser.call("eval", page=page, expression=library.anonymous_id)
+    await call(browser, page, library, "identify", uid("user"), {"plan": "free"})
+    assert gate.requests == []  # two events wait for a third
+    await call(browser, page, library, "track", "Scrolled", {"n": 1})
+
+    events = await events_of(f"anonymous_id:{anonymous_id}", 3, collector)
+    assert [e["type"] for e in events] == ["page", "identify", "track"]
+    assert gate.sizes() == [3]
+    assert await posts_of(browser, page) == [path]
+
+
+@pytest.mark.parametrize("library", LIBRARIES, ids=lambda lib: lib.name)
+async def test_a_reload_keeps_the_anonymous_id(
+    browser: Chromium, site: Site, collector: Server, gate: Gate, library: Library
+) -> None:
+    context = await browser.call("context")
+    page = await open_page(browser, library, site.url(library, "/pricing"), context)
+    anonymous_id = await browser.call("eval", page=page, expression=library.anonymous_id)
+    await events_of(f"anonymous_id:{anonymous_id}", 1, collector)
+    await browser.call("reload", page=page)
+    await browser.until(page, library.loaded)
+    assert await browser.call("eval", page=page, expression=library.anonymous_id) == anonymous_id
+    await browser.call("goto", page=page, url=site.url(library, "/docs"))
+    await browser.until(page, library.loaded)
+
+    events = await events_of(f"anonymous_id:{anonymous_id}", 3, collector)
+    assert [e["context"]["page"]["path"] for e in events] == [
+        f"/{library.name}/pricing",
+        f"/{library.name}/pricing",
+        f"/{library.name}/docs",
+    ]
+    assert {e["anonymousId"] for e in events} == {anonymous_id}
+    # Another visitor is someone else.
+    other = await open_page(browser, library, site.url(library, "/pricing"))
+    assert await browser.call("eval", page=other, expression=library.anonymous_id) != anonymous_id
+
+
+@pytest.mark.parametrize("library", LIBRARIES, ids=lambda lib: lib.name)
+async def test_an_outage_then_recovery_delivers_each_event_once(
+    browser: Chromium, site: Site, collector: Server, gate: Gate, library: Library
+) -> None:
+    page = await open_page(browser, library, site.url(library, "/cart", **FAST[library.name]))
+    anonymous_id = await browser.call("eval", page=page, expression=library.anonymous_id)
+    await events_of(f"anonymous_id:{anonymous_id}", 1, collector)
+
+    await collector.stop()
+    try:
+        for n in range(3):
+            await call(browser, page, library, "track", "Viewed Item", {"n": n})
+
+        async def refused() -> bool:
+            ended = await requests_of(browser, page)
+            return sum(status == "failed" and m == "POST" for status, m, _ in ended) >= 6
+
+        await browser.until(page, "true")  # the page is alive
+        assert await eventually(refused), await requests_of(browser, page)
+    finally:
+        await collector.start()
+
+    events = await events_of(f"anonymous_id:{anonymous_id}", 4, collector)
+    assert [e.get("event") for e in events] == [None, "Viewed Item", "Viewed Item", "Viewed Item"]
+    assert sorted(e["properties"].get("n", -1) for e in events) == [-1, 0, 1, 2]
+    assert gate.delivered() == Counter({e["messageId"]: 1 for e in events})
+
+
+@pytest.mark.parametrize("library", LIBRARIES, ids=lambda lib: lib.name)
+async def test_a_page_of_an_unlisted_origin_gets_nothing_stored(
+    browser: Chromium, site: Site, collector: Server, gate: Gate, library: Library
+) -> None:
+    page = await browser.call("page", context=await browser.call("context"))
+    await browser.call("goto", page=page, url=site.url(library, "/elsewhere", site.unlisted))
+    config = "/v1/projects/" if library is SEGMENT else "/sourceConfig/"
+
+    async def refused() -> bool:  # a 403 without CORS headers: the page sees a failure
+        ended = await requests_of(browser, page)
+        return any(path.startswith(config) and status == "failed" for status, _, path in ended)
+
+    assert await eventually(refused), await requests_of(browser, page)
+    await call(browser, page, library, "track", "Clicked")
+    assert not await browser.call("eval", page=page, expression=library.loaded)
+    assert await posts_of(browser, page) == [] and gate.requests == []

@@ -22,7 +22,8 @@ const contexts = new Map();
 const pages = new Map();
 let next = 0;
 const log = [];
-// Every request a page made (method and URL), to show what left for where.
+// Every request a page made, as "<status or failed> <method> <url>" once it ended, to show
+// what left for where and how it was answered.
 const requests = new Map();
 
 const ops = {
@@ -38,7 +39,9 @@ const ops = {
     page.on("console", (m) => log.push(`[${id}] ${m.type()}: ${m.text()}`));
     page.on("pageerror", (e) => log.push(`[${id}] pageerror: ${e.message}`));
     requests.set(id, []);
-    page.on("request", (r) => requests.get(id).push(`${r.method()} ${r.url()}`));
+    const ended = (status, r) => requests.get(id).push(`${status} ${r.method()} ${r.url()}`);
+    page.on("response", (r) => ended(r.status(), r.request()));
+    page.on("requestfailed", (r) => ended("failed", r));
     pages.set(id, page);
     return id;
   },
