@@ -186,11 +186,19 @@ class Group(_Common):
 
 
 class Alias(_Common):
-    """Two user ids are the same person: ``previousUserId`` is now ``userId``."""
+    """Two user ids are the same person: the previous one is now ``userId``. The Segment
+    spec and the web libraries name it ``previousId``; ``previousUserId`` is taken too."""
 
     type: Literal["alias"] = "alias"
-    previousUserId: Id
+    previousId: Id | None = None
+    previousUserId: Id | None = None
     userId: Id
+
+    @model_validator(mode="after")
+    def _previous(self) -> Self:
+        if self.previousId is None and self.previousUserId is None:
+            raise ValueError("an alias needs previousId (or previousUserId)")
+        return self
 
 
 MODELS: dict[EventType, type[_Common]] = {

@@ -1,12 +1,23 @@
-"""Fixtures of the collector's browser tests."""
+"""Fixtures of the collector's tests: a collector app whose source lists one origin (on
+real Postgres, with a memory bus that records what was published), and a browser."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
+import httpx
 import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.app import Runtime, create_app
+from cdp_stream.bus.base import Record
+from cdp_stream.bus.memory import MemoryBus
+from cdp_stream.profiles.credentials import ensure_source
+from cdp_stream.settings import Settings
 from tests.collector.chromium import Chromium
+from tests.support import uid
+
+SHOP = "https://shop.example.com"
 
 
 @pytest.fixture(scope="module")
@@ -15,3 +26,27 @@ async def browser() -> AsyncIterator[Chromium]:
     chromium = await Chromium.launch()
     yield chromium
     await chromium.close()
+
+
+class RecordingBus(MemoryBus):
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[Record] = []
+
+    async def publish_many(self, records: Sequence[Record]) -> None:
+        self.published.extend(records)
+        await super().publish_many(records)
+
+
+@pytest.fixture
+async def web(engine: AsyncEngine) -> AsyncIterator[tuple[httpx.AsyncClient, RecordingBus, str]]:
+    """A collector whose source (its write key returned) allows SHOP only."""
+    write_key = uid("wk")
+    async with engine.begin() as conn:
+        await ensure_source(conn, uid("src"), "shop", write_key, [SHOP])
+        await ensure_source(conn, uid("src"), "server", uid("wk"), [])
+    bus = RecordingBus()
+    app = create_app(Runtime(Settings(retry_after_s=2), "test", engine, bus))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
+        yield client, bus, write_key

@@ -3,22 +3,15 @@ Postgres for the sources; a recording memory bus shows what was published)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
-import httpx
 import orjson
 import pytest
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.app import Runtime, create_app
 from cdp_stream.bus.base import BusUnavailable, Record
-from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.collector.cors import origin_allowed, origin_pattern
-from cdp_stream.profiles.credentials import ensure_source
-from cdp_stream.settings import Settings
+from tests.collector.conftest import SHOP
 from tests.support import uid
-
-SHOP = "https://shop.example.com"
 
 
 @pytest.mark.parametrize(
@@ -66,30 +59,6 @@ def test_origin_matching(origin: str, allowed: bool) -> None:
 def test_star_allows_any_page() -> None:
     assert origin_allowed("null", ["*"]) and origin_allowed("http://a.test:1", ["*"])
     assert not origin_allowed("https://a.test", [])
-
-
-class RecordingBus(MemoryBus):
-    def __init__(self) -> None:
-        super().__init__()
-        self.published: list[Record] = []
-
-    async def publish_many(self, records: Sequence[Record]) -> None:
-        self.published.extend(records)
-        await super().publish_many(records)
-
-
-@pytest.fixture
-async def web(engine: AsyncEngine) -> AsyncIterator[tuple[httpx.AsyncClient, RecordingBus, str]]:
-    """A collector whose source (its write key returned) allows SHOP only."""
-    write_key = uid("wk")
-    async with engine.begin() as conn:
-        await ensure_source(conn, uid("src"), "shop", write_key, [SHOP])
-        await ensure_source(conn, uid("src"), "server", uid("wk"), [])
-    bus = RecordingBus()
-    app = create_app(Runtime(Settings(retry_after_s=2), "test", engine, bus))
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
-        yield client, bus, write_key
 
 
 def beacon(write_key: str, n: int = 1) -> bytes:
@@ -145,8 +114,10 @@ async def test_preflight_passes_for_an_origin_some_source_lists(web: tuple) -> N
     )
     assert ok.status_code == 204
     assert ok.headers["access-control-allow-origin"] == SHOP
-    assert ok.headers["access-control-allow-methods"] == "POST"
-    assert "Authorization" in ok.headers["access-control-allow-headers"]
+    assert ok.headers["access-control-allow-methods"] == "GET, HEAD, POST"
+    allowed = ok.headers["access-control-allow-headers"].split(", ")
+    assert "*" not in allowed  # a wildcard would not cover Authorization
+    assert {"Authorization", "Content-Type", "Content-Encoding"} <= set(allowed)
     refused = await client.options("/v1/track", headers={"origin": "https://other.test"})
     assert refused.status_code == 403
     assert "access-control-allow-origin" not in refused.headers

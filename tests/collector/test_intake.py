@@ -88,7 +88,7 @@ def test_unknown_keys_are_kept() -> None:
         ({"type": "identify", "userId": "u", "timestamp": 1700000000}, "timestamp: must be an"),
         ({"type": "identify", "userId": "u", "timestamp": "yesterday"}, "timestamp: Input should"),
         ({"type": "group", "userId": "u"}, "groupId: Field required"),
-        ({"type": "alias", "userId": "u"}, "previousUserId: Field required"),
+        ({"type": "alias", "userId": "u"}, "an alias needs previousId (or previousUserId)"),
         ({"type": "teleport", "userId": "u"}, "type: must be one of identify, track"),
         ({"userId": "u"}, "type: must be one of"),
         ({"type": "identify", "userId": "u", "context": {"externalIds": [{"id": 1}]}}, "type"),

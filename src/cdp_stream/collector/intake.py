@@ -194,7 +194,7 @@ def _enrich(event: Any, endpoint: str, server: _Server) -> dict[str, Any]:
         raise _Refused(violation)
 
     out = {k: v for k, v in event.items() if k != "writeKey"}
-    for name in ("userId", "anonymousId", "groupId", "previousUserId"):
+    for name in ("userId", "anonymousId", "groupId", "previousId", "previousUserId"):
         if event.get(name) is not None:
             out[name] = getattr(model, name)  # integers become strings
     timestamp, untrusted = _event_time(
