@@ -12,6 +12,8 @@ Pages come from ``http://localhost:<port>`` (listed for the source), the collect
 from __future__ import annotations
 
 import json
+import re
+import textwrap
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -79,6 +81,7 @@ SEGMENT = Library(
     "analytics.instance.user().anonymousId()",
     "analytics",
 )
+RUDDERSTACK_READY = "rudderanalytics.ready(function () { window.rudderReady = true; })"
 RUDDERSTACK = Library(
     "rudder-analytics",
     "@rudderstack/analytics-js/dist/npm/modern/bundled/umd/index.js",
@@ -86,9 +89,10 @@ RUDDERSTACK = Library(
     """
     var rudderanalytics = new window.rudderanalytics.RudderAnalytics();
     rudderanalytics.load(KEY, COLLECTOR, Object.assign({configUrl: COLLECTOR}, OPTIONS));
-    rudderanalytics.ready(function () { window.rudderReady = true; });
     rudderanalytics.page();
-    """,
+    """
+    + RUDDERSTACK_READY
+    + ";",
     "window.rudderReady === true",
     "rudderanalytics.getAnonymousId()",
     "rudderanalytics",
@@ -138,10 +142,15 @@ class Site:
         async def build(request: Request) -> FileResponse:
             return FileResponse(builds[request.url.path], media_type="text/javascript")
 
+        async def raw(request: Request) -> HTMLResponse:
+            return HTMLResponse(self.raw[request.path_params["name"]])
+
+        self.raw: dict[str, str] = {}  # /raw/<name>: a page given whole
         self.server = Server(
             Starlette(
                 routes=[
                     Route("/js/{name}", build),
+                    Route("/raw/{name}", raw),
                     Route("/{library}/{path:path}", page),
                 ]
             )
@@ -375,3 +384,62 @@ async def test_a_page_of_an_unlisted_origin_gets_nothing_stored(
     await call(browser, page, library, "track", "Clicked")
     assert not await browser.call("eval", page=page, expression=library.loaded)
     assert await posts_of(browser, page) == [] and gate.requests == []
+
+
+README = (Path(__file__).parents[2] / "README.md").read_text()
+PACKAGE = json.loads((NODE_MODULES.parent / "package.json").read_text())
+
+
+def readme_snippet(marker: str) -> str:
+    """The README's html block that contains ``marker``, as a site owner copies it."""
+    [block] = [b for b in re.findall(r"```html\n(.*?)```", README, re.DOTALL) if marker in b]
+    return textwrap.dedent(block)
+
+
+@pytest.mark.parametrize(
+    ("library", "marker"),
+    [(SEGMENT, "AnalyticsNext"), (RUDDERSTACK, "RudderAnalytics")],
+    ids=lambda v: getattr(v, "name", v),
+)
+async def test_the_readme_snippets_work_as_pasted(
+    browser: Chromium,
+    site: Site,
+    collector: Server,
+    gate: Gate,
+    library: Library,
+    marker: str,
+) -> None:
+    package = library.build.split("/dist/")[0]
+    # The README names the file the tests serve, and the version they pin.
+    assert f"`dist/{library.build.split('/dist/')[1]}` of `{package}`" in README
+    assert f"`{package}` {PACKAGE['dependencies'][package]}" in " ".join(README.split())
+    snippet = readme_snippet(marker)
+    assert f'<script src="/js/{library.name}.js"></script>' in snippet
+    # The blanks a site owner fills: the write key, and the collector's address.
+    for blank, value, count in (
+        ('"WRITE_KEY"', json.dumps(WRITE_KEY), 1),
+        ("https://cdp.example.com", collector.url, 1 if library is SEGMENT else 2),
+        ("cdp.example.com/v1", f"127.0.0.1:{collector.port}/v1", 1 if library is SEGMENT else 0),
+        ('protocol: "https"', 'protocol: "http"', 1 if library is SEGMENT else 0),
+    ):
+        assert snippet.count(blank) == count, blank
+        snippet = snippet.replace(blank, value)
+    name = uid("readme")
+    site.raw[name] = f"<!doctype html><html><head><title>Home</title>{snippet}</head></html>"
+
+    page = await browser.call("page", context=await browser.call("context"))
+    await browser.call("goto", page=page, url=f"{site.origin}/raw/{name}")
+    if library is RUDDERSTACK:
+        await browser.call("eval", page=page, expression=RUDDERSTACK_READY)
+    await browser.until(page, library.loaded)
+    anonymous_id = await browser.call("eval", page=page, expression=library.anonymous_id)
+    await call(browser, page, library, "track", "Order Completed", {"order_id": uid("o")})
+
+    events = await events_of(f"anonymous_id:{anonymous_id}", 2, collector)
+    assert [(e["type"], e.get("event")) for e in events] == [
+        ("page", None),
+        ("track", "Order Completed"),
+    ]
+    assert events[0]["context"]["page"]["path"] == f"/raw/{name}"
+    assert sorted(gate.delivered().values()) == [1, 1]
+    assert len(await posts_of(browser, page)) == 2
