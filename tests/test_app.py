@@ -71,6 +71,8 @@ async def test_the_tracking_endpoints_are_documented_and_refuse_other_methods(
     doc = (await client_without_database.get("/openapi.json")).json()
     body = doc["paths"]["/v1/track"]["post"]["requestBody"]["content"]["application/json"]
     assert body["schema"] == {"$ref": "#/components/schemas/Track"}
+    assert "`/v1/t`" in doc["paths"]["/v1/track"]["post"]["description"]
+    assert "/sourceConfig/" in doc["paths"] and "/v1/projects/{write_key}/settings" in doc["paths"]
     assert {"Track", "Batch", "Context"} <= doc["components"]["schemas"].keys()
     assert "/v1/profiles/{ref}" in doc["paths"]
     r = await client_without_database.get("/v1/track")

@@ -15,7 +15,8 @@ from cdp_stream.app import Runtime, create_app
 from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.profiles.credentials import Source, ensure_source, update_source
 from cdp_stream.settings import Settings
-from tests.collector.test_cors import SHOP, RecordingBus, beacon
+from tests.collector.conftest import SHOP, RecordingBus
+from tests.collector.test_cors import beacon
 from tests.support import uid
 
 

@@ -70,10 +70,10 @@ async def segment_settings(write_key: str, request: Request) -> Response:
     )
 
 
-@router.api_route(
-    RUDDERSTACK_CONFIG[0], methods=["GET", "HEAD"], summary="RudderStack SDK v3 source config"
-)
-@router.api_route(RUDDERSTACK_CONFIG[1], methods=["GET", "HEAD"], include_in_schema=False)
+@router.get(RUDDERSTACK_CONFIG[0], summary="RudderStack SDK v3 source config of a write key")
+@router.head(RUDDERSTACK_CONFIG[0], include_in_schema=False)
+@router.get(RUDDERSTACK_CONFIG[1], include_in_schema=False)
+@router.head(RUDDERSTACK_CONFIG[1], include_in_schema=False)
 async def rudderstack_source_config(request: Request) -> Response:
     """The source as RudderStack's SDK v3 reads it from its control plane (the write key in
     the query string, or in Basic auth alone when the SDK probes for ad blockers)."""

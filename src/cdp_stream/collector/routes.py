@@ -264,6 +264,12 @@ def openapi_paths() -> tuple[dict[str, Any], dict[str, Any]]:
             "post": {
                 "tags": ["collector"],
                 "summary": f"Collect {name}",
+                "description": f"Also at `/v1/{name[0]}` (Segment's analytics.js 2.0)"
+                + (
+                    " and `/beacon/v1/batch?writeKey=` (RudderStack's SDK in beacon mode)."
+                    if name == "batch"
+                    else "."
+                ),
                 "operationId": f"collect_{name}_v1_{name}_post",
                 "security": [{"writeKey": []}],
                 "requestBody": {
