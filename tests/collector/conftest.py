@@ -1,5 +1,7 @@
 """Fixtures of the collector's tests: a collector app whose source lists one origin (on
-real Postgres, with a memory bus that records what was published), and a browser."""
+real Postgres, with a memory bus that records what was published); for the browser tests,
+a browser and the collector on a socket behind a ``Gate`` (over the ``runtime`` each
+browser test module starts)."""
 
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.profiles.credentials import ensure_source
 from cdp_stream.settings import Settings
 from tests.collector.chromium import Chromium
-from tests.support import uid
+from tests.support import Gate, Server, free_port, gate_of, gated_collector, uid
 
 SHOP = "https://shop.example.com"
 
@@ -26,6 +28,23 @@ async def browser() -> AsyncIterator[Chromium]:
     chromium = await Chromium.launch()
     yield chromium
     await chromium.close()
+
+
+@pytest.fixture(scope="module")
+def collector_port() -> int:
+    """Chosen first: the site's pages need the collector's address."""
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+async def collector(collector_port: int, runtime: Runtime) -> AsyncIterator[Server]:
+    async with gated_collector(runtime, collector_port) as server:
+        yield server
+
+
+@pytest.fixture
+def gate(collector: Server) -> Gate:
+    return gate_of(collector)
 
 
 class RecordingBus(MemoryBus):

@@ -36,9 +36,6 @@ from tests.support import (
     Gate,
     Server,
     eventually,
-    free_port,
-    gate_of,
-    gated_collector,
     profile_events,
     running_pipeline,
     uid,
@@ -167,12 +164,6 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def collector_port() -> int:
-    """Chosen first: the site's pages need the collector's address."""
-    return free_port()
-
-
-@pytest.fixture(scope="module")
 async def site(collector_port: int) -> AsyncIterator[Site]:
     web = Site(f"http://127.0.0.1:{collector_port}")
     await web.server.start()
@@ -193,17 +184,6 @@ async def runtime(kafka_bootstrap: str, pg_url: str, site: Site) -> AsyncIterato
         async with rt.engine.begin() as conn:
             await ensure_source(conn, uid("src"), "other", OTHER_KEY, [site.unlisted])
         yield rt
-
-
-@pytest.fixture(scope="module")
-async def collector(collector_port: int, runtime: Runtime) -> AsyncIterator[Server]:
-    async with gated_collector(runtime, collector_port) as server:
-        yield server
-
-
-@pytest.fixture
-def gate(collector: Server) -> Gate:
-    return gate_of(collector)
 
 
 async def open_page(browser: Chromium, library: Library, url: str, context: str = "") -> str:

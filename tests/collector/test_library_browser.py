@@ -36,8 +36,6 @@ from tests.support import (
     Gate,
     Server,
     free_port,
-    gate_of,
-    gated_collector,
     profile_events,
     running_pipeline,
     uid,
@@ -91,12 +89,6 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-def collector_port() -> int:
-    """Chosen first: the site's pages need the collector's address."""
-    return free_port()
-
-
-@pytest.fixture(scope="module")
 async def site(collector_port: int) -> AsyncIterator[Site]:
     web = Site(f"http://127.0.0.1:{collector_port}")
     await web.server.start()
@@ -115,17 +107,6 @@ async def runtime(kafka_bootstrap: str, pg_url: str, site: Site) -> AsyncIterato
         bootstrap_allowed_origins=[site.origin, site.subdomains],
     ) as rt:
         yield rt
-
-
-@pytest.fixture(scope="module")
-async def collector(collector_port: int, runtime: Runtime) -> AsyncIterator[Server]:
-    async with gated_collector(runtime, collector_port) as server:
-        yield server
-
-
-@pytest.fixture
-def gate(collector: Server) -> Gate:
-    return gate_of(collector)
 
 
 async def open_page(browser: Chromium, url: str, context: str | None = None) -> str:
