@@ -29,6 +29,7 @@ from starlette.responses import FileResponse, HTMLResponse
 from starlette.routing import Route
 
 from cdp_stream.app import Runtime
+from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.profiles.credentials import ensure_source
 from cdp_stream.resolver.consumer import run_resolver
 from tests.collector.chromium import Chromium
@@ -472,3 +473,26 @@ async def test_events_left_during_an_outage_are_sent_by_the_next_page(
         ("track", "Read"),
     ]
     delivered_once(gate, events)
+
+
+@pytest.mark.parametrize("library", LIBRARIES, ids=lambda lib: lib.name)
+async def test_the_collectors_rate_limit_is_honoured_and_nothing_is_lost(
+    browser: Chromium, site: Site, collector: Server, gate: Gate, library: Library
+) -> None:
+    """The real token bucket, for this test 2 events at once then 2 per second: the
+    library reads the 429s (and analytics.js their Retry-After) and sends again."""
+    page = await open_page(browser, library, site.url(library, "/sale", **FAST[library.name]))
+    anonymous_id = await browser.call("eval", page=page, expression=library.anonymous_id)
+    await events_of(f"anonymous_id:{anonymous_id}", 1, collector)
+    state = gate.app.state  # the collector's App, behind the gate
+    unlimited, state.rate_limits = state.rate_limits, RateLimits(2.0, 2)
+    try:
+        for n in range(6):
+            await call(browser, page, library, "track", "Limited", {"n": n})
+        events = await events_of(f"anonymous_id:{anonymous_id}", 7, collector, within_s=40)
+    finally:
+        state.rate_limits = unlimited
+    assert sorted(e["properties"]["n"] for e in events[1:]) == list(range(6))
+    delivered_once(gate, events)
+    ours = {e["messageId"] for e in events}
+    assert any(status == 429 for status, ids in gate.requests if ours & set(ids))
