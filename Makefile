@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-## browser: Debian's Chromium and playwright-core (npm), for the website library's tests
+## browser: Debian's Chromium, playwright-core and the web libraries the drop-in tests run (npm)
 browser: $(BROWSER_STAMP)
 
 $(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json

@@ -496,3 +496,24 @@ async def test_the_collectors_rate_limit_is_honoured_and_nothing_is_lost(
     delivered_once(gate, events)
     ours = {e["messageId"] for e in events}
     assert any(status == 429 for status, ids in gate.requests if ours & set(ids))
+
+
+async def test_analytics_js_given_only_cdn_url_sends_where_the_settings_say(
+    browser: Chromium, site: Site, collector: Server, gate: Gate
+) -> None:
+    """A page that points only cdnURL at the collector: the settings name the collector
+    as the Segment.io destination, so the events come here too, never to Segment."""
+    name = uid("cdn-only")
+    site.raw[name] = (
+        '<!doctype html><html><head><script src="/js/analytics-next.js"></script><script>'
+        "window.analytics = AnalyticsNext.AnalyticsBrowser.load("
+        f"{{writeKey: {json.dumps(WRITE_KEY)}, cdnURL: {json.dumps(collector.url)}}});"
+        "analytics.page();</script></head></html>"
+    )
+    page = await browser.call("page", context=await browser.call("context"))
+    await browser.call("goto", page=page, url=f"{site.origin}/raw/{name}")
+    await browser.until(page, SEGMENT.loaded)
+    anonymous_id = await browser.call("eval", page=page, expression=SEGMENT.anonymous_id)
+    events = await events_of(f"anonymous_id:{anonymous_id}", 1, collector)
+    delivered_once(gate, events)
+    assert await posts_of(browser, page) == ["/v1/p"]

@@ -3,10 +3,12 @@ unchanged with only their hosts pointed at the collector.
 
 - Segment's analytics.js 2.0 (npm ``@segment/analytics-next``) reads
   ``GET <cdnURL>/v1/projects/<writeKey>/settings`` and loads nothing without it. The answer
-  lists one integration, ``Segment.io``: the collector, at this host's ``/v1`` (so a page
-  that set only ``cdnURL`` still sends here, never to Segment). Any other integration would
-  make the library fetch that destination's code from Segment's CDN. Its own usage
-  metrics are switched off (``sampleRate`` 0): the collector keeps no such endpoint.
+  lists one integration, ``Segment.io``: the collector, at the host and scheme the request
+  came to (behind a TLS proxy, as uvicorn's forwarded headers say) plus ``/v1``, so a page
+  that set only ``cdnURL`` still sends here, never to Segment; the page's own ``apiHost``
+  and ``protocol`` take precedence. Any other integration would make the library fetch
+  that destination's code from Segment's CDN. Its own usage metrics are switched off
+  (``sampleRate`` 0): the collector keeps no such endpoint.
 - RudderStack's JavaScript SDK v3 (npm ``@rudderstack/analytics-js``) reads
   ``GET <configUrl>/sourceConfig/?...&writeKey=<writeKey>`` by XHR with HTTP Basic auth
   (preflighted, so ``cors`` lists its headers). The answer is the source, enabled, with no
