@@ -517,3 +517,42 @@ async def test_analytics_js_given_only_cdn_url_sends_where_the_settings_say(
     events = await events_of(f"anonymous_id:{anonymous_id}", 1, collector)
     delivered_once(gate, events)
     assert await posts_of(browser, page) == ["/v1/p"]
+
+
+@pytest.mark.parametrize("library", LIBRARIES, ids=lambda lib: lib.name)
+async def test_group_alias_and_screen_calls_arrive(
+    browser: Chromium, site: Site, collector: Server, gate: Gate, library: Library
+) -> None:
+    user, group = uid("user"), uid("account")
+    page = await open_page(browser, library, site.url(library, "/team"))
+    anonymous_id = await browser.call("eval", page=page, expression=library.anonymous_id)
+    await call(browser, page, library, "identify", user)
+    await call(browser, page, library, "group", group, {"name": "Acme"})
+    calls = ["page", "identify", "group"]
+    if library is SEGMENT:  # RudderStack's browser SDK has no screen call
+        await call(browser, page, library, "screen", "Home")
+        calls.append("screen")
+    await call(browser, page, library, "alias", f"{user}-new")
+
+    # analytics.js sends the alias with the signed-in userId too (its own way), so it
+    # lands on this profile; RudderStack's names only the new one.
+    here = [*calls, "alias"] if library is SEGMENT else calls
+    events = await events_of(f"anonymous_id:{anonymous_id}", len(here), collector)
+    by_type = {e["type"]: e for e in events}
+    assert sorted(by_type) == sorted(here)
+    assert by_type["group"]["groupId"] == group and by_type["group"]["traits"]["name"] == "Acme"
+    delivered_once(gate, events)
+
+    # The alias (Segment's previousId, which the collector takes) is accepted: a single
+    # event answered 200 was published. (Which profile it lands on is the resolver's
+    # business: it names a second user id.)
+    calls.append("alias")
+    paths = {f"/v1/{c[0] if library is SEGMENT else c}" for c in calls}
+
+    async def answered() -> list[tuple[str, str]]:
+        ended = await requests_of(browser, page)
+        posts = [(path, status) for status, method, path in ended if method == "POST"]
+        return posts if len(posts) == len(calls) else []
+
+    posts = await eventually(answered)
+    assert {path for path, _ in posts} == paths and {s for _, s in posts} == {"200"}, posts
