@@ -33,6 +33,7 @@ from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.profiles.credentials import ensure_source
 from cdp_stream.resolver.consumer import run_resolver
 from tests.collector.chromium import Chromium
+from tests.conftest import unavailable
 from tests.support import (
     Gate,
     Server,
@@ -45,7 +46,7 @@ from tests.support import (
 WRITE_KEY = "wk_dropin_" + uuid.uuid4().hex[:8]
 API_TOKEN = "tok_dropin_" + uuid.uuid4().hex[:8]
 # Another source, which lists the origin the first one does not: that origin's preflights
-# pass, so the tracking paths' own per-source check is what refuses its events.
+# pass, so what refuses its pages is the per-source check of the configuration they read.
 OTHER_KEY = "wk_other_" + uuid.uuid4().hex[:8]
 NODE_MODULES = Path(__file__).parent / "browser" / "node_modules"
 
@@ -166,6 +167,9 @@ class Site:
 
 @pytest.fixture(scope="module")
 async def site(collector_port: int) -> AsyncIterator[Site]:
+    missing = [lib.build for lib in LIBRARIES if not (NODE_MODULES / lib.build).exists()]
+    if missing:
+        unavailable(", ".join(missing) + " (`make browser` installs them)")
     web = Site(f"http://127.0.0.1:{collector_port}")
     await web.server.start()
     yield web
@@ -235,7 +239,7 @@ def _path(url: str) -> str:
 
 
 async def posts_of(browser: Chromium, page: str) -> list[str]:
-    """Where the page posted, in order (path?query)."""
+    """Where the page posted (path?query), in the order the answers came."""
     return [path for _, method, path in await requests_of(browser, page) if method == "POST"]
 
 
@@ -254,6 +258,9 @@ async def test_page_identify_and_an_order_land_on_one_profile(
     assert [e["type"] for e in events] == ["page", "identify", "track"]
     assert {e["anonymousId"] for e in events} == {anonymous_id}
     assert events[2]["event"] == "Order Completed" and events[2]["properties"] == order
+    # identify's traits: analytics.js sends them as traits, RudderStack in context.traits
+    identify = events[1] if library is SEGMENT else events[1]["context"]
+    assert identify["traits"] == {"email": email, "plan": "pro"}
     assert events[2]["channel"] == "purchase"
     assert events[0]["context"]["page"]["path"] == f"/{library.name}/shop"
     assert "writeKey" not in events[0]
