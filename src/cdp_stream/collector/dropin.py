@@ -22,20 +22,56 @@ from a query per page view. Events then go to the tracking paths of ``routes``.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 
 from cdp_stream.collector.auth import Sources, basic_username
 from cdp_stream.collector.cors import cors_headers, origin_allowed
 from cdp_stream.collector.routes import error_response, preflight
+from cdp_stream.openapi import Error, responses
 from cdp_stream.profiles.credentials import Source
 
 router = APIRouter(tags=["collector"])
 
 SEGMENT_SETTINGS = "/v1/projects/{write_key}/settings"
 RUDDERSTACK_CONFIG = ("/sourceConfig/", "/sourceConfig")
+
+
+class SegmentDestination(BaseModel):
+    """Where analytics.js 2.0 sends events: ``<protocol>://<apiHost>/<t|p|i|g|a|s|b>``."""
+
+    apiKey: str = Field(description="the write key")
+    apiHost: str = Field(description="the collector's host and port, and /v1")
+    protocol: Literal["http", "https"]
+
+
+class SegmentSettings(BaseModel):
+    """A source's settings as analytics.js 2.0 reads them."""
+
+    integrations: dict[Literal["Segment.io"], SegmentDestination]
+    metrics: dict[Literal["sampleRate"], int] = Field(description="usage metrics: off")
+
+
+class RudderStackSource(BaseModel):
+    id: str
+    config: dict[str, Any]
+    enabled: Literal[True]
+    destinations: list[dict[str, Any]] = Field(description="device-mode ones: none")
+
+
+class RudderStackConfig(BaseModel):
+    """A source as RudderStack's SDK v3 reads it from its control plane."""
+
+    source: RudderStackSource
+
+
+def _answers(model: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
+    refusals = responses(401, 403, 503, model=Error)
+    refusals[403] = {**refusals[403], "description": "the page's origin is not listed"}
+    return {200: {"model": model, "description": "the configuration"}, **refusals}
 
 
 async def _judged(request: Request, write_key: str | None) -> Source | Response:
@@ -55,7 +91,11 @@ def _answer(request: Request, body: dict[str, Any]) -> JSONResponse:
     return JSONResponse(body, headers=cors_headers(origin) if origin is not None else None)
 
 
-@router.get(SEGMENT_SETTINGS, summary="analytics.js 2.0 settings of a write key")
+@router.get(
+    SEGMENT_SETTINGS,
+    summary="analytics.js 2.0 settings of a write key",
+    responses=_answers(SegmentSettings),
+)
 async def segment_settings(write_key: str, request: Request) -> Response:
     """The source's settings as analytics.js 2.0 reads them from Segment's CDN."""
     judged = await _judged(request, write_key)
@@ -72,16 +112,21 @@ async def segment_settings(write_key: str, request: Request) -> Response:
     )
 
 
-@router.get(RUDDERSTACK_CONFIG[0], summary="RudderStack SDK v3 source config of a write key")
+@router.get(
+    RUDDERSTACK_CONFIG[0],
+    summary="RudderStack SDK v3 source config of a write key",
+    responses=_answers(RudderStackConfig),
+    openapi_extra={"security": [{"writeKey": []}]},
+)
 @router.head(RUDDERSTACK_CONFIG[0], include_in_schema=False)
 @router.get(RUDDERSTACK_CONFIG[1], include_in_schema=False)
 @router.head(RUDDERSTACK_CONFIG[1], include_in_schema=False)
-async def rudderstack_source_config(request: Request) -> Response:
+async def rudderstack_source_config(
+    request: Request, write_key: Annotated[str | None, Query(alias="writeKey")] = None
+) -> Response:
     """The source as RudderStack's SDK v3 reads it from its control plane (the write key in
     the query string, or in Basic auth alone when the SDK probes for ad blockers)."""
-    write_key = request.query_params.get("writeKey") or basic_username(
-        request.headers.get("authorization")
-    )
+    write_key = write_key or basic_username(request.headers.get("authorization"))
     judged = await _judged(request, write_key)
     if isinstance(judged, Response):
         return judged
