@@ -121,13 +121,14 @@ def person(rng: random.Random, n: int, now: datetime) -> Person:
     user_id = f"u{n:06d}" if signs_in else None
     email = f"{first}.{last}.{n}@{rng.choice(DOMAINS)}".lower() if signs_in else None
     country = rng.choice(COUNTRIES)
-    start = now - timedelta(days=rng.uniform(1, 29), seconds=rng.uniform(0, 86_400))
+    # At most ~60 events two hours apart: all of them fit between start and now.
+    start = now - timedelta(days=rng.uniform(6, 29), seconds=rng.uniform(0, 86_400))
     clock = [start]
     events: list[dict[str, Any]] = []
 
     def at() -> str:
-        clock[0] += timedelta(minutes=rng.uniform(1, 600))
-        return _stamp(min(clock[0], now - timedelta(seconds=1)))
+        clock[0] += timedelta(minutes=rng.uniform(1, 120))
+        return _stamp(clock[0])
 
     def add(event: dict[str, Any], context: dict[str, Any]) -> None:
         mid = uuid.UUID(int=rng.getrandbits(128), version=4)

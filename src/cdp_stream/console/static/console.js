@@ -404,46 +404,43 @@ function confirmDelete(id, where) {
   typed.focus();
 }
 
-// The group as a picture: each profile merged into this one is a node ringed by the
-// identifiers it brought; merges are the lines between profiles; refused links apart.
+// The group as a picture: each profile merged into this one is a node (the canonical one
+// filled) with the identifiers it brought below it; merges are the arcs between profiles,
+// with their time; refused links are drawn apart, below, in red.
 function identityGraph(graph) {
   const atoms = graph.atoms;
-  const W = 760;
-  const ring = atoms.length > 1 ? 190 : 0;
-  const top = 170;
-  const cx = W / 2;
-  const place = new Map();
-  atoms.forEach((a, i) => {
-    const angle = atoms.length > 1 ? (2 * Math.PI * i) / atoms.length - Math.PI / 2 : 0;
-    place.set(a.id, [cx + ring * Math.cos(angle) * 1.3, top + ring * Math.sin(angle) * 0.75]);
-  });
-  const refusedTop = top + ring * 0.75 + 120;
-  const height = refusedTop + (graph.refusals.length ? 40 + 26 * graph.refusals.length : 0) + 20;
+  const COL = 270;
+  const W = Math.max(760, COL * atoms.length);
+  const Y = 50 + 24 * Math.min(graph.merges.length, 6);
+  const place = new Map(atoms.map((a, i) => [a.id, [40 + i * COL, Y]]));
+  const tallest = Math.max(0, ...atoms.map((a) => a.identities.length));
+  const refusedTop = Y + 50 + 26 * tallest + 20;
+  const height = refusedTop + (graph.refusals.length ? 40 + 26 * graph.refusals.length : 0);
   const svg = s("svg", { viewBox: `0 0 ${W} ${height}`, width: "100%", role: "img", "aria-labelledby": "graph-title" },
     s("title", { id: "graph-title" }, `Identity graph: ${atoms.length} profile(s), ${graph.merges.length} merge(s), ${graph.refusals.length} refused link(s)`));
-  for (const m of graph.merges) {
+  graph.merges.forEach((m, k) => {
     const [a, b] = [place.get(m.canonical_id), place.get(m.merged_id)];
-    if (!a || !b) continue;
+    if (!a || !b) return;
+    const lift = 22 + 24 * (k % 6);
+    const mid = (a[0] + b[0]) / 2;
     svg.append(
-      s("line", { x1: a[0], y1: a[1], x2: b[0], y2: b[1], stroke: m.undone_at ? "#6b7280" : "#1f4e8c", "stroke-width": 3, "stroke-dasharray": m.undone_at ? "6 4" : "" }),
-      s("text", { x: (a[0] + b[0]) / 2 + 6, y: (a[1] + b[1]) / 2 - 6, class: "small" }, `${m.undone_at ? "undone " : ""}merge ${when(m.created_at)}`),
+      s("path", { d: `M ${a[0]} ${a[1] - 22} C ${a[0]} ${Y - 22 - lift} ${b[0]} ${Y - 22 - lift} ${b[0]} ${b[1] - 22}`, fill: "none", stroke: m.undone_at ? "#6b7280" : "#1f4e8c", "stroke-width": 2.5, "stroke-dasharray": m.undone_at ? "6 4" : "" }),
+      s("text", { x: mid, y: Y - 22 - lift * 0.75 - 4, "text-anchor": "middle", class: "small" }, `${m.undone_at ? "undone " : ""}merge ${when(m.created_at)}`),
     );
-  }
+  });
   for (const a of atoms) {
     const [x, y] = place.get(a.id);
-    const ids = a.identities;
-    ids.forEach((i, k) => {
-      const angle = (2 * Math.PI * k) / Math.max(ids.length, 1) + Math.PI / 4;
-      const [ix, iy] = [x + 105 * Math.cos(angle), y + 62 * Math.sin(angle)];
+    a.identities.forEach((i, k) => {
+      const iy = y + 56 + 26 * k;
       svg.append(
-        s("line", { x1: x, y1: y, x2: ix, y2: iy, stroke: "#9aa3af" }),
-        s("rect", { x: ix - 4, y: iy - 4, width: 8, height: 8, fill: "#1d6b35" }),
-        s("text", { x: ix + 7, y: iy + 4, class: "small" }, clip(`${i.type}:${i.value}`, 30)),
+        s("path", { d: `M ${x - 30} ${y + 22} V ${iy} H ${x - 20}`, fill: "none", stroke: "#9aa3af" }),
+        s("rect", { x: x - 20, y: iy - 5, width: 10, height: 10, fill: "#1d6b35" }),
+        s("text", { x: x - 5, y: iy + 4, class: "small" }, clip(`${i.type}:${i.value}`, 32)),
       );
     });
     svg.append(
       s("circle", { cx: x, cy: y, r: 22, fill: a.id === graph.canonical_id ? "#1f4e8c" : "#ffffff", stroke: "#1f4e8c", "stroke-width": 3 }),
-      s("text", { x: x - 28, y: y + 38 }, `profile ${short(a.id)}`),
+      s("text", { x: x + 28, y: y + 4 }, `profile ${short(a.id)}`),
     );
   }
   if (graph.refusals.length) {
@@ -699,60 +696,66 @@ async function dmpPage() {
     get("/v1/dmp/audience-counts?limit=10000"),
   ]);
   const eps = anon.epsilon === null ? "no noise (exact counts)" : `Laplace noise, ε = ${anon.epsilon} per count`;
-  const sections = [];
-  for (const a of audiences) {
-    const mine = counts.items.filter((c) => c.audience_id === a.id);
-    sections.push(h("h2", {}, a.name));
-    for (const window of anon.windows) {
-      const rows = mine.filter((c) => c.window === window);
+  const picker = h("select", { id: "dmp-window" }, anon.windows.map((w) => h("option", { value: w }, `per ${w}`)));
+  const body = h("div", {});
+  const draw = () => {
+    const window = picker.value;
+    const sections = [];
+    for (const a of audiences) {
+      const rows = counts.items.filter((c) => c.audience_id === a.id && c.window === window);
       const start = rows.length ? rows.map((c) => c.window_start).sort().slice(-1)[0] : null;
       const cells = rows.filter((c) => c.window_start === start);
-      sections.push(h("h3", {}, `Per ${window}${start ? ` — window from ${when(start)}` : ""}`));
       const overall = cells.find((c) => c.dimension === "overall");
+      sections.push(h("h2", {}, a.name));
       if (!overall) {
         sections.push(h("p", { class: "suppressed" }, `Whole audience: suppressed (fewer than k = ${anon.k} consenting members), or not counted yet in this window.`));
         continue;
       }
-      sections.push(h("p", {}, "Whole audience: ", h("strong", {}, overall.count.toLocaleString())));
-      for (const [dimension, vocabulary] of Object.entries(anon.dimensions)) {
-        sections.push(bucketChart(dimension, vocabulary, cells.filter((c) => c.dimension === dimension), overall.count, anon.k));
-      }
+      sections.push(
+        h("p", {}, `Window from ${when(start)}. Whole audience: `, h("strong", {}, overall.count.toLocaleString())),
+        h("div", { class: "row" }, Object.entries(anon.dimensions).map(([dimension, vocabulary]) =>
+          bucketChart(`${a.id}-${dimension}`, dimension, vocabulary, cells.filter((c) => c.dimension === dimension), overall.count, anon.k))),
+      );
     }
-  }
+    body.replaceChildren(...(sections.length ? sections : [h("p", { class: "muted" }, "No audiences yet.")]));
+  };
+  picker.addEventListener("change", draw);
+  draw();
   page(
     "DMP audience counts",
     h("p", {}, `What the DMP receives: counts per window and bucket, nothing else. Buckets of fewer than k = ${anon.k} profiles are suppressed (shown as suppressed, never as zero), and so is the smallest published bucket when the suppressed ones would add up to fewer than k; ${eps}.`),
     h("p", { class: "muted" }, "Consent: people who refused marketing or advertising are not counted."),
-    ...(sections.length ? sections : [h("p", { class: "muted" }, "No audiences yet.")]),
+    h("div", { class: "pager" }, h("label", { for: "dmp-window", class: "inline" }, "Window"), picker),
+    body,
   );
 }
 
-function bucketChart(dimension, vocabulary, cells, overall, k) {
+function bucketChart(key, dimension, vocabulary, cells, overall, k) {
   const published = new Map(cells.map((c) => [c.bucket, c.count]));
-  const small = vocabulary.length <= 12;
   const rows = [...published.entries()].sort((a, b) => b[1] - a[1]).map(([bucket, n]) => ({ bucket, n }));
   const hidden = vocabulary.filter((b) => !published.has(b));
-  if (small) rows.push(...hidden.map((bucket) => ({ bucket, n: null })));
-  else if (hidden.length) rows.push({ bucket: `${hidden.length} other buckets`, n: null });
-  const W = 760, R = 24, L = 170;
+  if (vocabulary.length <= 12) rows.push(...hidden.map((bucket) => ({ bucket, n: null })));
+  else if (hidden.length) rows.push({ bucket: `${hidden.length} others`, n: null });
+  const W = 340, R = 22, L = 90;
   const max = Math.max(overall, 1);
-  const svg = s("svg", { viewBox: `0 0 ${W} ${rows.length * R + 8}`, width: "100%", role: "img", "aria-labelledby": `dmp-${dimension}-${cells.length}-title` },
-    s("title", { id: `dmp-${dimension}-${cells.length}-title` }, `${dimension}: ${rows.map((r) => `${r.bucket} ${r.n === null ? "suppressed" : r.n}`).join(", ")}`));
+  const svg = s("svg", { viewBox: `0 0 ${W} ${rows.length * R + 6}`, width: "100%", role: "img", "aria-labelledby": `t-${key}` },
+    s("title", { id: `t-${key}` }, `${dimension}: ${rows.map((r) => `${r.bucket} ${r.n === null ? "suppressed" : r.n}`).join(", ")}`));
   rows.forEach((r, i) => {
-    const y = 4 + i * R;
-    svg.append(s("text", { x: L - 8, y: y + 15, "text-anchor": "end" }, r.bucket));
+    const y = 3 + i * R;
+    svg.append(s("text", { x: L - 6, y: y + 14, "text-anchor": "end" }, r.bucket));
     if (r.n === null) {
       svg.append(
-        s("rect", { x: L, y: y + 3, width: 120, height: 16, fill: "#ffffff", stroke: "#6b7280", "stroke-dasharray": "4 3" }),
-        s("text", { x: L + 8, y: y + 15, class: "small" }, `suppressed (< ${k})`),
+        s("rect", { x: L, y: y + 2, width: 110, height: 15, fill: "#ffffff", stroke: "#6b7280", "stroke-dasharray": "4 3" }),
+        s("text", { x: L + 6, y: y + 14, class: "small" }, `suppressed (< ${k})`),
       );
     } else {
-      const w = Math.max(2, ((W - L - 90) * r.n) / max);
-      svg.append(s("rect", { x: L, y: y + 3, width: w, height: 16, fill: "#1f4e8c" }), s("text", { x: L + w + 6, y: y + 15 }, r.n.toLocaleString()));
+      const w = Math.max(2, ((W - L - 50) * r.n) / max);
+      svg.append(s("rect", { x: L, y: y + 2, width: w, height: 15, fill: "#1f4e8c" }), s("text", { x: L + w + 5, y: y + 14 }, r.n.toLocaleString()));
     }
   });
   return h("figure", { class: "card" }, h("figcaption", {}, h("strong", {}, dimension)), svg,
-    table(["Bucket", { text: "Count", num: true }], rows.map((r) => [r.bucket, r.n === null ? h("td", { class: "num suppressed" }, "suppressed") : num(r.n)])));
+    h("details", {}, h("summary", {}, "As a table"),
+      table(["Bucket", { text: "Count", num: true }], rows.map((r) => [r.bucket, r.n === null ? h("td", { class: "num suppressed" }, "suppressed") : num(r.n)]))));
 }
 
 // --- health --------------------------------------------------------------------------------
