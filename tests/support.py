@@ -105,6 +105,7 @@ async def api_client(
         for secret, scopes in tokens.items():
             await ensure_token(conn, uid("tok"), "test", secret, scopes)
     app = FastAPI()
+    app.state.settings = Settings()
     app.state.engine = engine
     app.state.tokens = Tokens(engine)
     app.state.lookups = engine

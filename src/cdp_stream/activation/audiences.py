@@ -382,11 +382,9 @@ async def update_audience(
     if rule is not None:
         values["rule"] = dump_rule(rule)
         values["backfill"] = {"status": "pending", "processed": 0, "total": None}
-    stmt = update(audiences).where(audiences.c.id == audience_id)
-    changed = await conn.execute(
-        stmt.values(values) if values else stmt.values(name=audiences.c.name)
-    )
-    return changed.rowcount > 0
+    stmt = update(audiences).where(audiences.c.id == audience_id).returning(audiences.c.id)
+    changed = await conn.execute(stmt.values(values or {"name": audiences.c.name}))
+    return None if changed.first() is None else True
 
 
 async def size_history(
