@@ -188,6 +188,32 @@ async def test_unmerge_shows_two_profiles(
     for profile_id in ids:  # two people now, each its own canonical profile
         r = await api.get(f"/v1/profiles/{profile_id}")
         assert r.status_code == 200 and r.json()["id"] == profile_id
+    await checked(browser, tab, "unmerged")
+
+
+async def test_delete_after_typing_delete(
+    browser: Chromium, tab: str, api: httpx.AsyncClient
+) -> None:
+    restored = await browser.call(
+        "eval", page=tab, expression="document.querySelectorAll('[role=status] a')[1].hash"
+    )
+    profile_id = restored.removeprefix("#/person/")
+    await browser.call("click", page=tab, selector=f"a[href='{restored}']")
+    await browser.call("text", page=tab, selector="dd code", text=profile_id)
+    await browser.call("click", page=tab, selector="button:text('Delete person…')")
+    assert await browser.call("eval", page=tab, expression="document.activeElement.id") == (
+        "delete-confirm"
+    )
+    go = ".confirm button.danger"
+    await browser.call("fill", page=tab, selector="#delete-confirm", value="delete")
+    assert await browser.call(
+        "eval", page=tab, expression=f"document.querySelector({go!r}).disabled"
+    )
+    await browser.call("fill", page=tab, selector="#delete-confirm", value="DELETE")
+    await browser.call("click", page=tab, selector=go)
+    await browser.call("text", page=tab, selector="h1", text="Person deleted")
+    assert (await api.get(f"/v1/profiles/{profile_id}")).status_code == 404
+    await checked(browser, tab, "deleted")
 
 
 async def test_create_an_audience_and_watch_its_size(
@@ -239,9 +265,13 @@ async def test_dmp_counts_show_suppressed_cells(
     await checked(browser, tab, "dmp")
 
 
-async def test_health_page(browser: Chromium, tab: str) -> None:
+async def test_health_page(browser: Chromium, tab: str, server: Server) -> None:
+    refused = {"type": "track", "userId": "u-health", "messageId": "m-health"}  # no event name
+    async with httpx.AsyncClient(base_url=server.url, auth=(WRITE_KEY, "")) as http:
+        assert (await http.post("/v1/batch", json={"batch": [refused]})).json()["rejected"]
     await visit(browser, tab, "#/health", "Health")
     accepted = await browser.call("text", page=tab, selector=".stat")
     assert int(accepted.replace(",", "")) > 0
     await browser.call("text", page=tab, selector="td", text="cdp-resolver")
+    assert "event" in await browser.call("text", page=tab, selector="tr", text="m-health")
     await checked(browser, tab, "health")
