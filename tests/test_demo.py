@@ -13,11 +13,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
-import pytest
 
 from cdp_stream import demo
 from cdp_stream.events import MODELS
-from tests.support import free_port
+from tests.support import serving_up
 
 NOW = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -69,28 +68,10 @@ def test_readme_quick_start_ends_in_the_console_with_demo_data(tmp_path: Path) -
                       r"\.venv/bin/cdp-stream demo\n```", README.read_text())  # fmt: skip
     assert block is not None, "the README's quick start no longer shows the demo command"
     keys = dict(pair.split("=", 1) for pair in block.group(1).split())
-    port = free_port()
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("CDP_") or k.startswith("CDP_TEST")
-    }
-    env |= keys | {"CDP_DATA_DIR": str(tmp_path), "CDP_HTTP_PORT": str(port)}
-    up = subprocess.Popen(
-        [sys.executable, "-m", "cdp_stream", "up"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert up.stdout is not None
-        for line in up.stdout:
-            if "http: http://" in line:
-                break
-        else:
-            pytest.fail(f"cdp-stream up ended before serving (status {up.wait()})")
+    with serving_up(tmp_path, **keys) as (_, port):
         done = subprocess.run(
             [Path(sys.executable).parent / "cdp-stream", "demo", "--people", "40"],
-            env=env,
+            env={**os.environ, **keys, "CDP_HTTP_PORT": str(port)},  # the port `up` has
             capture_output=True,
             text=True,
             timeout=300,
@@ -106,9 +87,3 @@ def test_readme_quick_start_ends_in_the_console_with_demo_data(tmp_path: Path) -
         assert person.status_code == 200
         audiences = httpx.get(f"{base}/v1/audiences", headers=token, timeout=10).json()
         assert {a["name"] for a in audiences} >= set(demo.AUDIENCES)
-    finally:
-        up.terminate()
-        try:
-            up.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            up.kill()

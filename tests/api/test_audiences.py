@@ -21,7 +21,7 @@ from cdp_stream.profiles.models import audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
-from tests.support import api_client
+from tests.support import api_client, stored_event
 
 WRITER = "tok_aud_w_" + uuid.uuid4().hex  # audiences:write, profiles:read
 READER = "tok_aud_r_" + uuid.uuid4().hex  # profiles:read
@@ -150,16 +150,7 @@ async def test_scopes(api: httpx.AsyncClient) -> None:
 async def identified(engine: AsyncEngine, plan: str) -> uuid.UUID:
     """A new person on ``plan``; their profile id."""
     user, at = f"u-{uuid.uuid4().hex[:10]}", datetime.now(UTC).isoformat()
-    event = {
-        "type": "identify",
-        "messageId": f"m-{uuid.uuid4().hex}",
-        "sourceId": "src_api_audiences",
-        "timestamp": at,
-        "receivedAt": at,
-        "channel": "other",
-        "userId": user,
-        "traits": {"plan": plan},
-    }
+    event = stored_event("src_api_audiences", "identify", at, userId=user, traits={"plan": plan})
     await apply_with_retry(engine, [event], IdentityRules.from_settings(Settings()))
     async with engine.connect() as conn:
         pid = await repo.profile_for_identifier(conn, Identifier("user_id", user))

@@ -91,13 +91,6 @@ class Site:
 
 
 @pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Chromium]:
-    chromium = await Chromium.launch()
-    yield chromium
-    await chromium.close()
-
-
-@pytest.fixture(scope="module")
 def collector_port() -> int:
     """Chosen first: the site's pages need the collector's address."""
     return free_port()

@@ -48,13 +48,6 @@ def chosen_person() -> demo.Person:
 
 
 @pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Chromium]:
-    chromium = await Chromium.launch()
-    yield chromium
-    await chromium.close()
-
-
-@pytest.fixture(scope="module")
 async def runtime(pg_url: str) -> AsyncIterator[Runtime]:
     async with running_pipeline(
         None,  # type: ignore[arg-type]  # the Postgres bus, as `cdp-stream up` by default
