@@ -69,3 +69,17 @@ async def test_status_counts_what_happened(http: httpx.AsyncClient, runtime: Run
     assert body["recent_dead_letters"][0]["reason"] == "a value Postgres refused"
     assert all(x["lag"] >= 0 for x in body["lag"])
     assert (await http.get("/v1/status")).status_code == 401
+
+
+async def test_with_kafka_the_broker_holds_rejections_and_lag(
+    kafka_bootstrap: str, pg_url: str
+) -> None:
+    async with running_pipeline(kafka_bootstrap, pg_url, write_key=WRITE_KEY,
+                                api_token=API_TOKEN, loops=[]) as rt:  # fmt: skip
+        transport = httpx.ASGITransport(app=create_app(rt, ["api"]))
+        async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as http:
+            r = await http.get("/v1/status", headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert (body["rejected_last_hour"], body["rejections"], body["lag"]) == (None, None, None)
+    assert body["accepted_last_hour"] >= 0

@@ -59,7 +59,11 @@ class StatusOut(BaseModel):
 async def get_status(request: Request, conn: Conn) -> dict[str, Any]:
     settings: Settings = request.app.state.settings
     since = datetime.now(UTC) - timedelta(hours=1)
-    rejected = await health.rejections_since(conn, settings.topics.rejected, since, _LISTED)
+    rejected, lag = None, None
+    if settings.postgres_bus:  # else Kafka holds them
+        topic = settings.topics.rejected
+        rejected = await health.rejections_since(conn, topic, since, _LISTED)
+        lag = await health.consumer_lag(conn, settings.topic_namespace)
     return {
         "since": since,
         "accepted_last_hour": await repo.events_received_since(conn, since),
@@ -67,5 +71,5 @@ async def get_status(request: Request, conn: Conn) -> dict[str, Any]:
         "rejections": None if rejected is None else rejected[1],
         "dead_letters": await dead_letters.counts(conn),
         "recent_dead_letters": await health.recent_dead_letters(conn, _LISTED),
-        "lag": await health.consumer_lag(conn),
+        "lag": lag,
     }

@@ -2,9 +2,8 @@
 
 Events stored in the last hour come from ``events``; dead letters from ``dead_letters``.
 Rejected events and consumer lag are read from the Postgres bus's tables, so they are
-known only when the bus is the Postgres one (the default of ``cdp-stream up``): with
-Kafka they live in the broker (``kafka-consumer-groups.sh --describe`` shows the lag),
-and these functions find no topic and return nothing.
+known here only when the bus is the Postgres one (the default of ``cdp-stream up``): with
+Kafka they live in the broker (``kafka-consumer-groups.sh --describe`` shows the lag).
 """
 
 from __future__ import annotations
@@ -13,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Text, cast, func, select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.profiles.models import (
@@ -32,11 +31,9 @@ async def recent_dead_letters(conn: AsyncConnection, limit: int) -> list[dict[st
     return [dict(r._mapping) for r in rows]
 
 
-async def consumer_lag(conn: AsyncConnection) -> list[dict[str, Any]] | None:
-    """Per consumer group and topic, records published and not yet committed; None when
-    no bus lives in this database (Kafka)."""
-    if (await conn.execute(select(func.count()).select_from(bus_topics))).scalar_one() == 0:
-        return None
+async def consumer_lag(conn: AsyncConnection, namespace: str) -> list[dict[str, Any]]:
+    """Per consumer group and topic (of the topics named ``namespace``...), the records
+    published that the group has not committed yet."""
     p, o = bus_partitions.c, bus_offsets.c
     lag = func.sum(p.next_offset - o.next_offset).label("lag")
     rows = await conn.execute(
@@ -44,6 +41,7 @@ async def consumer_lag(conn: AsyncConnection) -> list[dict[str, Any]] | None:
         .join(bus_offsets, bus_offsets.c.group_id == bus_groups.c.id)
         .join(bus_partitions, (p.topic_id == o.topic_id) & (p.partition == o.partition))
         .join(bus_topics, bus_topics.c.id == o.topic_id)
+        .where(func.starts_with(bus_topics.c.name, namespace))
         .group_by(bus_groups.c.name, bus_topics.c.name)
         .order_by(bus_groups.c.name, bus_topics.c.name)
     )
@@ -57,27 +55,22 @@ _RECEIVED = r'"receivedAt":"([^"]+)"'
 
 async def rejections_since(
     conn: AsyncConnection, topic: str, since: datetime, limit: int
-) -> tuple[int, list[dict[str, Any]]] | None:
+) -> tuple[int, list[dict[str, Any]]]:
     """How many records of the rejected-events topic were received since ``since``, and the
     newest ``limit`` of them (reason, source, messageId, receivedAt), from the Postgres
-    bus's log (it keeps a topic no group reads for its retention, an hour by default);
-    None when no such topic lives in this database."""
-    topic_id = (
-        await conn.execute(select(bus_topics.c.id).where(bus_topics.c.name == topic))
-    ).scalar_one_or_none()
-    if topic_id is None:
-        return None
+    bus's log (it keeps a topic no group reads for its retention, an hour by default)."""
     r = bus_records.c
     received = func.substring(func.convert_from(r.value, "UTF8"), _RECEIVED)
+    of_topic = (
+        r.topic_id == select(bus_topics.c.id).where(bus_topics.c.name == topic).scalar_subquery()
+    )
     count = (
         await conn.execute(
-            select(func.count()).where(
-                r.topic_id == topic_id, cast(received, Text) >= since.strftime("%Y-%m-%dT%H:%M:%S")
-            )
+            select(func.count()).where(of_topic, received >= since.strftime("%Y-%m-%dT%H:%M:%S"))
         )
     ).scalar_one()
     newest = await conn.execute(
-        select(r.value).where(r.topic_id == topic_id).order_by(received.desc()).limit(limit)
+        select(r.value).where(of_topic).order_by(received.desc()).limit(limit)
     )
     items = []
     for (value,) in newest:
