@@ -38,7 +38,10 @@ const ops = {
   async page({ context }) {
     const id = `p${next++}`;
     const page = await contexts.get(context).newPage();
-    page.on("console", (m) => log.push(`[${id}] ${m.type()}: ${m.text()}`));
+    page.on("console", (m) => {
+      const where = m.location().url; // which request, for the browser's own failed-load lines
+      log.push(`[${id}] ${m.type()}: ${m.text()}${where ? ` <${where}>` : ""}`);
+    });
     page.on("pageerror", (e) => log.push(`[${id}] pageerror: ${e.message}`));
     pages.set(id, page);
     return id;

@@ -612,7 +612,7 @@ function sizeChart(points) {
   );
 }
 
-const EXAMPLE_RULE = { and: [{ trait: "plan", eq: "pro" }, { computed: "orders", gte: 1 }] };
+const EXAMPLE_RULE = { and: [{ trait: "plan", eq: "pro" }, { computed: "order_count", gte: 1 }] };
 
 // The form for a new audience (existing: null) or an edit; each error is shown at its field.
 async function audienceForm(existing) {
@@ -659,7 +659,7 @@ async function audienceEditor(existing) {
     name,
     nameError,
     h("label", { for: "aud-rule" }, "Rule (JSON)"),
-    h("p", { id: "aud-rule-help", class: "muted" }, 'Conditions on traits ({"trait": "plan", "eq": "pro"}), computed traits ({"computed": "orders", "gte": 1}) and events ({"event": {"type": "track", "name": "Order Completed", "within": "30d"}}), combined with and / or / not (README: Activation).'),
+    h("p", { id: "aud-rule-help", class: "muted" }, 'Conditions on traits ({"trait": "plan", "eq": "pro"}), computed traits ({"computed": "order_count", "gte": 1}) and events ({"event": {"type": "track", "name": "Order Completed", "within": "30d"}}), combined with and / or / not (README: Activation).'),
     rule,
     ruleError,
     h("p", {}, h("button", { type: "submit" }, existing ? "Save and back-fill again" : "Create and back-fill")),
