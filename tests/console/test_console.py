@@ -176,6 +176,8 @@ async def test_page_and_filter_the_timeline(browser: Chromium, tab: str) -> None
 async def test_unmerge_shows_two_profiles(
     browser: Chromium, tab: str, api: httpx.AsyncClient
 ) -> None:
+    title = "document.querySelector('#graph-title').textContent"
+    before = await browser.call("eval", page=tab, expression=title)
     await browser.call("click", page=tab, selector="button:text('Unmerge…')")
     await checked(browser, tab, "unmerge-confirm")
     await browser.call("click", page=tab, selector=".confirm button:text-is('Unmerge')")
@@ -191,6 +193,9 @@ async def test_unmerge_shows_two_profiles(
     for profile_id in ids:  # two people now, each its own canonical profile
         r = await api.get(f"/v1/profiles/{profile_id}")
         assert r.status_code == 200 and r.json()["id"] == profile_id
+    # The page shows the profile as it is now: one profile fewer in its graph.
+    after = await browser.call("eval", page=tab, expression=title)
+    assert int(after.split(": ")[1].split(" ")[0]) == int(before.split(": ")[1].split(" ")[0]) - 1
     await checked(browser, tab, "unmerged")
 
 

@@ -234,7 +234,8 @@ function findPage() {
 
 // --- a person ------------------------------------------------------------------------------
 
-async function personPage(who) {
+// ``notice``: what the last action did (an unmerge), shown above the refreshed page.
+async function personPage(who, notice) {
   const profile = await get(`/v1/profiles/${ref(who)}`);
   const id = profile.id;
   const [traits, graph, audiences, consent] = await Promise.all([
@@ -245,7 +246,7 @@ async function personPage(who) {
   ]);
   const email = profile.identities.find((i) => i.type === "email");
   const title = email ? email.value : `Profile ${short(id)}`;
-  const actions = h("div", { "aria-live": "polite" });
+  const actions = h("div", { "aria-live": "polite" }, notice);
   page(
     title,
     facts([
@@ -351,15 +352,17 @@ function confirmUnmerge(id, where) {
         onclick: async () => {
           try {
             const done = await api("POST", `/v1/profiles/${id}/unmerge`);
-            where.replaceChildren(
+            await personPage(
+              id,
               h(
                 "div",
-                { class: "card", role: "status" },
+                { class: "card", role: "status", tabindex: "-1" },
                 h("p", { class: "ok" }, `Merge ${done.undone_merge} undone: now two profiles.`),
                 h("ul", {}, [done.profile, done.restored].map((p) =>
                   h("li", {}, h("a", { href: `#/person/${p.id}` }, `Profile ${short(p.id)}`), ": ", p.identities.map((i) => `${i.type}:${i.value}`).join(", ") || "no identifiers"))),
               ),
             );
+            main.querySelector("[role=status]").focus();
           } catch (err) {
             where.replaceChildren(failure(err));
           }
