@@ -2,7 +2,9 @@
 
 ``ref`` is a profile id (a merged-away one lands on its canonical profile) or
 ``type:value`` with the value normalized as on ingestion (``email:Ada@Example.com`` finds
-``ada@example.com``).
+``ada@example.com``). Beside the profile, its timeline, identities and merges: what the
+console shows of a person (traits with when and by which source each was set, the
+identity graph, consent), and ``GET /v1/profiles?starts_with=email:ad`` for type-ahead.
 """
 
 from __future__ import annotations
