@@ -190,14 +190,18 @@ function findPage() {
   const matches = h("ul", { class: "matches", "aria-label": "Matching identifiers" });
   const message = h("div", { "aria-live": "polite" });
   let timer = null;
+  let asked = 0; // only the answer to the latest keystroke is shown
   input.addEventListener("input", () => {
     clearTimeout(timer);
     timer = setTimeout(async () => {
       const r = asRef(input.value);
-      const [type, prefix] = [r.slice(0, r.indexOf(":")), r.slice(r.indexOf(":") + 1)];
-      if (!prefix || prefix.length < 2 || !type) return matches.replaceChildren();
+      const colon = r.indexOf(":");
+      const [type, prefix] = [r.slice(0, colon), r.slice(colon + 1)];
+      if (colon < 1 || prefix.length < 2) return matches.replaceChildren();
+      const mine = ++asked;
       try {
         const found = await get(`/v1/profiles?starts_with=${ref(`${type}:${prefix}`)}&limit=8`);
+        if (mine !== asked) return;
         matches.replaceChildren(
           ...found.map((m) => h("li", {}, h("a", { href: `#/person/${m.profile_id}` }, `${m.type}:${m.value}`))),
         );
