@@ -31,7 +31,7 @@ import orjson
 import phonenumbers
 
 from cdp_stream.collector.intake import intake
-from cdp_stream.resolver.identity import IdentityRules
+from cdp_stream.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 Ref = str  # "type:value", normalized

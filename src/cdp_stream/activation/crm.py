@@ -63,6 +63,23 @@ from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.activation._sql import among
+from cdp_stream.event_names import (
+    EMAIL_BOUNCED,
+    EMAIL_DELIVERED,
+    EMAIL_EVENTS,
+    EMAIL_LINK_CLICKED,
+    EMAIL_MARKED_AS_SPAM,
+    EMAIL_OPENED,
+    EMAIL_SENT,
+    FORM_SUBMITTED,
+    ORDER_COMPLETED,
+    ORDER_REFUNDED,
+    SIGNED_UP,
+    UNSUBSCRIBED,
+    name_key,
+)
+from cdp_stream.identity import EMAIL, PHONE, USER_ID, IdentityRules
+from cdp_stream.payload import as_mapping
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import (
     crm_contacts,
@@ -72,10 +89,8 @@ from cdp_stream.profiles.models import (
     identities,
     profiles,
 )
-from cdp_stream.resolver import as_mapping
-from cdp_stream.resolver.batch import event_time
-from cdp_stream.resolver.identity import EMAIL, PHONE, USER_ID, IdentityRules
 from cdp_stream.settings import Settings
+from cdp_stream.timestamps import event_time
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +108,20 @@ CONTACT_FIELDS = (
     "last_activity_at",
 )
 
-_EMAIL_KINDS = {  # Segment's email spec, with the "Email " prefix optional where it varies
-    "email sent": "email_sent",
-    "email delivered": "email_delivered",
-    "email opened": "email_opened",
-    "email link clicked": "email_link_clicked",
-    "email bounced": "email_bounced",
-    "unsubscribed": "email_unsubscribed",
-    "email unsubscribed": "email_unsubscribed",
-    "email marked as spam": "email_marked_as_spam",
-    "marked as spam": "email_marked_as_spam",
+_EMAIL_KINDS = {  # the spec's name (event_names.EMAIL_EVENTS) -> the interaction kind
+    EMAIL_SENT: "email_sent",
+    EMAIL_DELIVERED: "email_delivered",
+    EMAIL_OPENED: "email_opened",
+    EMAIL_LINK_CLICKED: "email_link_clicked",
+    EMAIL_BOUNCED: "email_bounced",
+    UNSUBSCRIBED: "email_unsubscribed",
+    EMAIL_MARKED_AS_SPAM: "email_marked_as_spam",
 }
-_ORDER_KINDS = {"order completed": "order_completed", "order refunded": "order_refunded"}
-_LEAD_EVENTS = {"form submitted": "form_submitted", "signed up": "signed_up"}
+_ORDER_KINDS = {
+    name_key(ORDER_COMPLETED): "order_completed",
+    name_key(ORDER_REFUNDED): "order_refunded",
+}
+_LEAD_KINDS = {name_key(FORM_SUBMITTED): "form_submitted", name_key(SIGNED_UP): "signed_up"}
 _PAGE_KIND = "page_viewed"
 
 
@@ -186,9 +202,9 @@ def interaction_of(event: Mapping[str, Any], key_pages: Sequence[str]) -> Intera
             "referrer": _first(props, "referrer") or _scalar(page.get("referrer")),
         }
     elif event.get("type") == "track" and isinstance(event.get("event"), str):
-        name = event["event"].strip().lower()
-        if name in _EMAIL_KINDS:
-            kind = _EMAIL_KINDS[name]
+        name = name_key(event["event"])
+        if name in EMAIL_EVENTS:
+            kind = _EMAIL_KINDS[EMAIL_EVENTS[name]]
             details = {
                 "campaign": _first(props, "campaign_name", "campaign"),
                 "campaign_id": _first(props, "campaign_id"),
@@ -210,8 +226,8 @@ def interaction_of(event: Mapping[str, Any], key_pages: Sequence[str]) -> Intera
                 "currency": currency.upper() if currency else ("USD" if amount else None),
                 "items": [as_mapping(p) for p in products] if isinstance(products, list) else None,
             }
-        elif name in _LEAD_EVENTS:
-            kind = _LEAD_EVENTS[name]
+        elif name in _LEAD_KINDS:
+            kind = _LEAD_KINDS[name]
             details = {
                 "form_id": _first(props, "form_id", "formId"),
                 "form_name": _first(props, "form_name", "formName", "form"),
@@ -591,7 +607,7 @@ async def _leads(conn: AsyncConnection, pids: list[uuid.UUID]) -> set[uuid.UUID]
         .where(
             among(events.c.profile_id, pids),
             events.c.type == "track",
-            func.lower(func.btrim(events.c.event)).in_(list(_LEAD_EVENTS)),
+            func.lower(func.btrim(events.c.event)).in_(list(_LEAD_KINDS)),
         )
         .distinct()
     )

@@ -69,6 +69,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
+from cdp_stream.payload import as_mapping
 from cdp_stream.profiles.db import retrying, stopped_within
 from cdp_stream.profiles.models import (
     audience_members,
@@ -78,7 +79,6 @@ from cdp_stream.profiles.models import (
     profiles,
 )
 from cdp_stream.profiles.repository import lock_key
-from cdp_stream.resolver import as_mapping
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import audiences
 from cdp_stream.activation.rules import RuleError, parse_rule
-from cdp_stream.api.deps import Conn
-from cdp_stream.openapi import bearer
+from cdp_stream.api.deps import Conn, bearer
 
 router = APIRouter(prefix="/v1/audiences", tags=["audiences"])
 

@@ -16,8 +16,7 @@ from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
 
 from cdp_stream.activation import dmp
-from cdp_stream.api.deps import Conn
-from cdp_stream.openapi import bearer
+from cdp_stream.api.deps import Conn, bearer
 
 router = APIRouter(prefix="/v1/dmp", tags=["dmp"])
 READ = bearer("profiles:read", 400, 404, 422)

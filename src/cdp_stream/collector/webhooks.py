@@ -62,6 +62,14 @@ from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.intake import intake, rejection_record
 from cdp_stream.collector.routes import bus_unavailable, error_response, read_body
+from cdp_stream.event_names import (
+    EMAIL_BOUNCED,
+    EMAIL_DELIVERED,
+    EMAIL_LINK_CLICKED,
+    EMAIL_MARKED_AS_SPAM,
+    EMAIL_OPENED,
+    UNSUBSCRIBED,
+)
 from cdp_stream.openapi import Error, WebhookAccepted, responses
 from cdp_stream.settings import Settings
 
@@ -73,21 +81,21 @@ MAILGUN_MAX_AGE_S = 300.0
 MAILGUN_TOKENS_KEPT = 100_000
 
 SENDGRID_EVENTS = {
-    "delivered": "Email Delivered",
-    "open": "Email Opened",
-    "click": "Email Link Clicked",
-    "bounce": "Email Bounced",
-    "spamreport": "Email Marked as Spam",
-    "unsubscribe": "Unsubscribed",
-    "group_unsubscribe": "Unsubscribed",
+    "delivered": EMAIL_DELIVERED,
+    "open": EMAIL_OPENED,
+    "click": EMAIL_LINK_CLICKED,
+    "bounce": EMAIL_BOUNCED,
+    "spamreport": EMAIL_MARKED_AS_SPAM,
+    "unsubscribe": UNSUBSCRIBED,
+    "group_unsubscribe": UNSUBSCRIBED,
 }
 SENDGRID_NOT_TRACKED = frozenset({"processed", "deferred", "dropped"})
 MAILGUN_EVENTS = {
-    "delivered": "Email Delivered",
-    "opened": "Email Opened",
-    "clicked": "Email Link Clicked",
-    "complained": "Email Marked as Spam",
-    "unsubscribed": "Unsubscribed",
+    "delivered": EMAIL_DELIVERED,
+    "opened": EMAIL_OPENED,
+    "clicked": EMAIL_LINK_CLICKED,
+    "complained": EMAIL_MARKED_AS_SPAM,
+    "unsubscribed": UNSUBSCRIBED,
 }
 MAILGUN_NOT_TRACKED = frozenset({"accepted", "rejected", "stored", "list_member_uploaded"})
 
@@ -253,7 +261,7 @@ def mailgun_event(data: Any) -> dict[str, Any]:
             raise _Untracked(
                 f"Mailgun failure of severity {data.get('severity')!r} is not a bounce"
             )
-        name: str | None = "Email Bounced"
+        name: str | None = EMAIL_BOUNCED
     else:
         name = MAILGUN_EVENTS.get(kind) if isinstance(kind, str) else None
     if name is None:

@@ -33,12 +33,3 @@ only once: the oldest wins (equal: the smaller JSON), and a regular value overri
 ``computed`` is a commutative fold of the events; merging two profiles merges their
 computed values the same way (see ``computed.py`` for each field).
 """
-
-from collections.abc import Mapping
-from typing import Any
-
-
-def as_mapping(value: object) -> Mapping[str, Any]:
-    """``value`` if it is a JSON object, else an empty one: events are client data. (A
-    plain dict, what JSON decodes to, is tested first: the ABC check costs ~1 us.)"""
-    return value if type(value) is dict or isinstance(value, Mapping) else {}

@@ -31,13 +31,20 @@ from typing import Any
 
 import orjson
 
-from cdp_stream.resolver import as_mapping
+from cdp_stream.event_names import (
+    EMAIL_BOUNCED,
+    EMAIL_LINK_CLICKED,
+    EMAIL_OPENED,
+    ORDER_COMPLETED,
+    name_key,
+)
+from cdp_stream.payload import as_mapping
 
 _COUNTERS = ("event_count", "page_views", "email_opens", "email_clicks", "email_bounces")
-_EMAIL_EVENTS = {
-    "email opened": "email_opens",
-    "email link clicked": "email_clicks",
-    "email bounced": "email_bounces",
+_EMAIL_COUNTERS = {
+    name_key(EMAIL_OPENED): "email_opens",
+    name_key(EMAIL_LINK_CLICKED): "email_clicks",
+    name_key(EMAIL_BOUNCED): "email_bounces",
 }
 
 
@@ -51,10 +58,10 @@ def of_event(event: Mapping[str, Any], ts: str) -> dict[str, Any]:
     if event.get("type") == "page":
         out["page_views"] = 1
     name = event.get("event")
-    lowered = name.strip().lower() if event.get("type") == "track" and isinstance(name, str) else ""
-    if lowered in _EMAIL_EVENTS:
-        out[_EMAIL_EVENTS[lowered]] = 1
-    elif lowered == "order completed":
+    lowered = name_key(name) if event.get("type") == "track" and isinstance(name, str) else ""
+    if lowered in _EMAIL_COUNTERS:
+        out[_EMAIL_COUNTERS[lowered]] = 1
+    elif lowered == name_key(ORDER_COMPLETED):
         out["last_order_at"] = ts
     touch = _touch(event, ts)
     if touch is not None:
