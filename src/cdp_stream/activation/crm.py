@@ -2,51 +2,10 @@
 salesperson wants to see, kept from ``cdp.profile-updates`` inside the activation
 consumer's transaction.
 
-Idempotent by construction, because ``cdp.profile-updates`` is at-least-once:
-
-* a contact is re-derived from the profile as it is *now* in Postgres (traits, computed
-  traits, identities, stored events), never from the update's deltas, and written only
-  when a field differs: a redelivered or late update rewrites nothing;
-* an interaction is unique per source event (``source_id``, ``message_id``);
-* an update whose profile has since been merged lands on the canonical profile, and one
-  whose profile has been deleted is ignored (the tombstone did the forgetting).
-
-Contacts (:func:`contact_of`): email / phone / user id from the profile's identities (the
-email or phone the traits currently name when it is one of them, else the oldest), names
-from ``firstName`` / ``first_name`` / ``lastName`` / ``last_name`` or a split ``name``,
-``company`` (a string or ``company.name``), ``title`` / ``job_title`` / ``jobTitle``, the
-first touch's source (else its referrer) and ``computed.last_seen``. The lifecycle stage
-is ``subscriber``, ``lead`` once the person submitted a form or signed up (a stored track
-event ``Form Submitted`` / ``Signed Up``, any case), ``customer`` once they ordered
-(``computed.order_count > 0``); it never goes down. A profile that loses its last email
-and user id (an unmerge) loses its contact.
-
-Interactions (:func:`interaction_of`): the Segment email events, ``Order Completed`` /
-``Order Refunded``, ``Form Submitted``, ``Signed Up``, and page views of the key pages
-(``CDP_CRM_KEY_PAGES``: a prefix matches the path itself and what lies below it, by whole
-segments and ignoring case: ``/pricing`` matches ``/pricing`` and ``/Pricing/teams``, not
-``/pricing-old``; a prefix ending in ``/`` matches anything under it).
-
-Interactions of anonymous profiles are kept too: the anonymous visitor who read the
-pricing page and later fills in a form becomes a contact *with* that history. They are
-invisible (API, webhook) until the profile has a contact; when it gets one, its whole
-history goes out on the webhook with it. A merge folds the merged-away contact into the
-canonical one: its row goes, its interactions move.
-
-Webhook deliveries (``CDP_CRM_WEBHOOK_URL`` set), queued in the same transaction and sent
-by :mod:`cdp_stream.activation.webhook`; every payload names its ``profile_id``:
-
-* kind ``contact``: ``{"type": "contact.upserted", "profile_id", "created", "contact"}``,
-  ``{"type": "contact.merged", "profile_id", "merged_into"}`` (move its interactions),
-  ``{"type": "contact.deleted", "profile_id", "merged_ids", "reason"}`` (``erased``: a
-  data-rights deletion, or ``no_identifier``);
-* kind ``interaction``: ``{"type": "interaction.created", "profile_id", "interaction"}``;
-  ``interaction.id`` is stable (a merge moves an interaction, never re-creates it).
-
-Each is queued once per change; the webhook itself is at least once (see its module).
-
-A deletion tombstone also drops every queued or sent delivery about the person (they hold
-their personal data) except the ``contact.deleted`` that tells the CRM to forget them.
+Idempotent, since the topic is at-least-once: a contact is re-derived from the profile as
+it is now (never from an update's deltas), an interaction is unique per source event. The
+rules (contact fields, lifecycle stages, interactions, webhook payloads, erasure) are
+specified in docs/crm.md.
 """
 
 from __future__ import annotations

@@ -1,27 +1,9 @@
 """Computed traits: a commutative, associative merge, so arrival order never matters.
 
 ``of_event`` turns one event into the computed value of a profile that saw only it;
-``merge`` combines two computed values and ``fold`` adds one into another in place (the
-resolver folds a batch's events once per profile). Folding an event and merging two
-profiles are one rule: a profile built from any interleaving of its events, and of
-merges, ends the same. Pure, no I/O.
-
-Fields (timestamps are fixed-width UTC strings, so they compare as text):
-
-* ``event_count``; ``first_seen`` / ``last_seen`` (min / max event timestamp)
-* ``page_views`` (``page`` events); ``email_opens``, ``email_clicks``, ``email_bounces``
-  (track ``Email Opened`` / ``Email Link Clicked`` / ``Email Bounced``, any case)
-* ``last_order_at``: the latest ``Order Completed`` event
-* ``first_touch`` / ``last_touch``: ``{"at", "source", "medium", "campaign", "referrer"}``
-  of the earliest / latest event carrying a campaign (``context.campaign``) or a referrer
-  (``context.page.referrer``); ties broken by messageId, then content.
-* ``channels``: the sorted set of channels seen.
-
-The money fields (``orders``, ``order_count``, ``currency``, ``total_revenue``,
-``average_order_value``: :data:`ORDER_FIELDS`) are not folded here: every order report is
-a row of its own (``orders.py``) and the profile holds only their totals, so a profile
-with thousands of orders stays small. ``merge`` and ``fold`` leave those fields as the
-first argument has them; the resolver recomputes them from the order rows.
+``merge`` combines two and ``fold`` adds one into another in place (the resolver folds a
+batch's events once per profile). Pure, no I/O. Each field and its rule:
+docs/computed-traits.md.
 """
 
 from __future__ import annotations
