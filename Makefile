@@ -83,4 +83,4 @@ bench: install services
 		$(BIN)/python benchmarks/lookup.py
 
 clean:
-	rm -rf $(VENV) .cdp .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .cdp .pytest_cache .mypy_cache .ruff_cache .import_linter_cache
