@@ -5,6 +5,7 @@ an event to the real collector (the fixtures of conftest.py)."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
 import venv
@@ -45,8 +46,10 @@ def fresh_python(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = tmp_path_factory.mktemp("sdk-venv")
     venv.EnvBuilder(with_pip=True).create(env)
     python = env / "bin" / "python"
+    source = env / "sdk"  # a copy: pip builds in the tree it is given
+    shutil.copytree(SDK, source, ignore=shutil.ignore_patterns("build", "*.egg-info"))
     subprocess.run(
-        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(SDK)],
+        [python, "-m", "pip", "install", "-q", "--disable-pip-version-check", str(source)],
         check=True,
         timeout=300,
     )
