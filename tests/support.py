@@ -26,9 +26,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.deps import Tokens
 from cdp_stream.app import Runtime, create_app
+from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.profiles.models import events, profile_update_outbox
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 

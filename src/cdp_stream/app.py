@@ -43,6 +43,7 @@ from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.collector.routes import TRACKING_PATHS, database_unavailable, openapi_paths
 from cdp_stream.collector.webhooks import router as webhooks_router
 from cdp_stream.console import router as console_router
+from cdp_stream.identity import IdentityRules
 from cdp_stream.openapi import secure
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
 from cdp_stream.profiles.db import (
@@ -52,7 +53,6 @@ from cdp_stream.profiles.db import (
     resolve_database_url,
 )
 from cdp_stream.profiles.migrate import upgrade_to_head
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)

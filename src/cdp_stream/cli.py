@@ -39,11 +39,11 @@ from cdp_stream.profiles.db import make_engine, resolve_database_url, retrying
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.profiles.suppression import (
     MissingSuppressionKey,
-    SuppressionKeys,
     rekey,
     with_suppression_key,
 )
 from cdp_stream.resolver.consumer import run_resolver
+from cdp_stream.sealing import SuppressionKeys
 from cdp_stream.settings import Settings
 
 Port = Annotated[int | None, typer.Option(help="HTTP port (default: CDP_HTTP_PORT)")]

@@ -16,10 +16,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.audiences import profile_router, router
+from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
 from tests.support import api_client, stored_event
 

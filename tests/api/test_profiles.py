@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.profiles import ProfileOut
 from cdp_stream.app import Runtime, create_app
+from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 from tests.support import stored_event, uid
 

@@ -13,7 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.bus.base import BusUnavailable, Record
 from cdp_stream.bus.memory import MemoryBus
-from cdp_stream.collector.cors import origin_allowed, origin_pattern
+from cdp_stream.collector.cors import origin_allowed
+from cdp_stream.origins import origin_pattern
 from cdp_stream.profiles.credentials import ensure_source
 from cdp_stream.settings import Settings
 from tests.support import uid

@@ -19,9 +19,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import audiences
 from cdp_stream.activation.rules import Rule, RuleError, parse_rule
-from cdp_stream.api.deps import Conn
+from cdp_stream.api.deps import Conn, bearer
 from cdp_stream.api.profiles import Profile
-from cdp_stream.openapi import bearer
 
 router = APIRouter(prefix="/v1/audiences", tags=["audiences"])
 # The audiences a person is in, beside the person's other reads.

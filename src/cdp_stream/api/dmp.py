@@ -17,8 +17,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
 from cdp_stream.activation import dmp
-from cdp_stream.api.deps import Conn
-from cdp_stream.openapi import bearer
+from cdp_stream.api.deps import Conn, bearer
 from cdp_stream.settings import Settings
 
 router = APIRouter(prefix="/v1/dmp", tags=["dmp"])

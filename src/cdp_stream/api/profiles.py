@@ -20,13 +20,12 @@ from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.activation import dmp
-from cdp_stream.api.deps import Conn, cursor_at, in_utc, position
+from cdp_stream.api.deps import Conn, bearer, cursor_at, in_utc, position
 from cdp_stream.bus.base import BusUnavailable
-from cdp_stream.openapi import bearer
+from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import read_only
 from cdp_stream.resolver.consumer import relay_outbox
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.resolver.unmerge import unmerge_last
 
 log = logging.getLogger(__name__)

@@ -14,8 +14,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
-from cdp_stream.api.deps import Conn
-from cdp_stream.openapi import bearer
+from cdp_stream.api.deps import Conn, bearer
 from cdp_stream.profiles import dead_letters, health
 from cdp_stream.profiles import repository as repo
 from cdp_stream.settings import Settings

@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Subquery
 from sqlalchemy.types import TypeEngine
 
+from cdp_stream.identity import Identifier
 from cdp_stream.profiles.models import (
     audience_changes,
     audience_members,
@@ -46,10 +47,10 @@ from cdp_stream.profiles.models import (
     profiles,
     suppressed_identifiers,
 )
-from cdp_stream.profiles.suppression import SuppressionKeys, sealed_rows
-from cdp_stream.resolver.identity import Identifier
+from cdp_stream.profiles.suppression import sealed_rows
 from cdp_stream.resolver.orders import Fact, fields
 from cdp_stream.resolver.traits import view as trait_view
+from cdp_stream.sealing import SuppressionKeys
 
 T = TypeVar("T")
 
