@@ -4,7 +4,7 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml sdk/python/pyproject.toml | sha1sum | cut -c1-12)
 KAFKA := deploy/kafka/kafka.sh
 POSTGRES := deploy/postgres/postgres.sh
 BROWSER_DIR := tests/collector/browser
@@ -13,10 +13,10 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install browser run test services services-stop lint fmt bench schemas clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml sdk/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,bench]'
+	$(BIN)/pip install -q -e '.[test,bench]' -e sdk/python
 	rm -f $(VENV)/.installed-* && touch $(STAMP)
 
 install: $(STAMP)
@@ -55,14 +55,15 @@ test: install lint browser
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks sdk
+	$(BIN)/ruff format --check src tests benchmarks sdk
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/cdp-stream schemas --check
 
 fmt: install
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks sdk
+	$(BIN)/ruff check --fix src tests benchmarks sdk
 
 schemas: install
 	$(BIN)/cdp-stream schemas
@@ -82,4 +83,4 @@ bench: install services
 		$(BIN)/python benchmarks/lookup.py
 
 clean:
-	rm -rf $(VENV) .cdp .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .cdp .pytest_cache .mypy_cache .ruff_cache .import_linter_cache

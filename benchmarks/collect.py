@@ -93,7 +93,7 @@ def now_iso() -> str:
 def enriched_records(count: int = 10_000) -> list[tuple[bytes, bytes]]:
     """(key, value) as the collector publishes them, made by its own intake."""
     from cdp_stream.collector.intake import intake
-    from cdp_stream.resolver.identity import IdentityRules
+    from cdp_stream.identity import IdentityRules
     from cdp_stream.settings import Settings
 
     rng, ts, now = random.Random(1), now_iso(), datetime.now(UTC)

@@ -132,11 +132,11 @@ def people_events(people: int) -> tuple[list[dict[str, Any]], list[dict[str, Any
 
 async def seed(url: str, people: int) -> None:
     """Migrate, write the people through the resolver, create the read token."""
+    from cdp_stream.identity import IdentityRules
     from cdp_stream.profiles.credentials import ensure_token
     from cdp_stream.profiles.db import make_engine
     from cdp_stream.profiles.migrate import upgrade_to_head
     from cdp_stream.resolver.consumer import apply_with_retry
-    from cdp_stream.resolver.identity import IdentityRules
     from cdp_stream.settings import Settings
 
     engine = make_engine(url, "bench-lookup-seed")

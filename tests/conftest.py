@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings as hypothesis_settings
@@ -19,6 +20,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.migrate import upgrade_to_head
+
+if TYPE_CHECKING:
+    from tests.collector.chromium import Chromium
 
 PG_URL = os.environ.get(
     "CDP_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
@@ -82,3 +86,13 @@ async def engine(pg_url: str) -> AsyncIterator[AsyncEngine]:
     eng = make_engine(pg_url, "test")
     yield eng
     await eng.dispose()
+
+
+@pytest.fixture(scope="module")
+async def browser() -> AsyncIterator[Chromium]:
+    """Real headless Chromium (tests/collector/chromium.py), one per test module."""
+    from tests.collector.chromium import Chromium  # it imports this module: not at the top
+
+    chromium = await Chromium.launch()
+    yield chromium
+    await chromium.close()

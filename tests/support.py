@@ -7,15 +7,18 @@ import gzip
 import json
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import orjson
+import pytest
 import uvicorn
 from fastapi import APIRouter, FastAPI
 from sqlalchemy import delete, select
@@ -24,9 +27,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cdp_stream.api.deps import Tokens
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.collector.routes import TRACKING_PATHS
+from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.profiles.models import events, profile_update_outbox
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 
@@ -106,6 +109,7 @@ async def api_client(
         for secret, scopes in tokens.items():
             await ensure_token(conn, uid("tok"), "test", secret, scopes)
     app = FastAPI()
+    app.state.settings = Settings()
     app.state.engine = engine
     app.state.tokens = Tokens(engine)
     app.state.lookups = engine
@@ -336,3 +340,37 @@ async def postgres_sh(command: str, port: int) -> None:
     script = REPO / "deploy" / "postgres" / "postgres.sh"
     proc = await asyncio.create_subprocess_exec("bash", str(script), command, env=env)
     assert await proc.wait() == 0, f"postgres.sh {command} failed on port {port}"
+
+
+@contextmanager
+def serving_up(data_dir: Path, **env: str) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    """``cdp-stream up`` on the embedded default in ``data_dir``, on a free port, with no
+    CDP_ setting of this environment but ``env``: (the process, its port) once it serves.
+    Stopped with SIGTERM on the way out if it still runs (it stops its Postgres then)."""
+    port = free_port()
+    clean = {
+        k: v for k, v in os.environ.items() if not k.startswith("CDP_") or k.startswith("CDP_TEST")
+    }
+    clean |= env | {"CDP_DATA_DIR": str(data_dir), "CDP_HTTP_PORT": str(port)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cdp_stream", "up"],
+        env=clean,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first thing it says once every stage runs
+            if "http: http://" in line:
+                break
+        else:
+            pytest.fail(f"cdp-stream up ended before serving (status {proc.wait()})")
+        yield proc, port
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()

@@ -11,7 +11,6 @@ import contextlib
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -26,7 +25,7 @@ import typer
 from cdp_stream import cli
 from cdp_stream.bus.base import Bus
 from cdp_stream.settings import Settings
-from tests.support import free_port, uid
+from tests.support import free_port, serving_up, uid
 
 KEY = "wk_kill"
 CLI = Path(sys.executable).parent / "cdp-stream"
@@ -202,31 +201,11 @@ def test_up_stopped_by_a_signal_stops_embedded_postgres(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
     """How Docker, systemd and Kubernetes stop a process: SIGTERM."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith("CDP_") or k.startswith("CDP_TEST")
-    }
-    env |= {"CDP_DATA_DIR": str(tmp_path), "CDP_HTTP_PORT": str(free_port())}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cdp_stream", "up"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # the first thing it says once every stage runs
-            if "http: http://" in line:
-                break
-        else:
-            pytest.fail(f"cdp-stream up ended before serving (status {proc.wait()})")
+    with serving_up(tmp_path) as (proc, _):
         postgres = _postgres_of(tmp_path)
         assert postgres is not None
         proc.send_signal(sig)
         status = proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert status in (0, -signal.SIGINT, 130)  # SIGINT may end it as KeyboardInterrupt
     deadline = time.monotonic() + 10
     while _postgres_of(tmp_path) is not None and time.monotonic() < deadline:

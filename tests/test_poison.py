@@ -18,12 +18,12 @@ from cdp_stream.activation.consumer import run_activation
 from cdp_stream.api.metrics import metrics
 from cdp_stream.app import Runtime
 from cdp_stream.bus.base import Record, next_offsets
+from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles import dead_letters
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import crm_contacts
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.resolver.consumer import apply_with_retry, relay_outbox, run_resolver
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 from tests.support import eventually, stored_event, uid
 

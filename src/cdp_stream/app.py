@@ -1,8 +1,9 @@
 """Wiring: start the shared resources a process needs and build its HTTP app.
 
 ``Runtime`` owns the engine and the bus for one process (migrations and bootstrap
-credentials run once at its start); ``create_app`` mounts the collector and/or the API on
-it with ``/healthz`` and ``/readyz``. The stages themselves know nothing of this module.
+credentials run once at its start); ``create_app`` mounts the collector and/or the API
+(with the console at ``/``) on it with ``/healthz`` and ``/readyz``. The stages themselves
+know nothing of this module.
 
 The tracking endpoints (the hot path) are plain ASGI apps the :class:`App` serves before
 FastAPI's routing; every other route is FastAPI's. A database that is down or whose pool
@@ -25,6 +26,7 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cdp_stream.api.audiences import profile_router as profile_audiences_router
 from cdp_stream.api.audiences import router as audiences_router
 from cdp_stream.api.crm import router as crm_router
 from cdp_stream.api.deps import Tokens
@@ -32,6 +34,7 @@ from cdp_stream.api.dmp import router as dmp_router
 from cdp_stream.api.metrics import router as metrics_router
 from cdp_stream.api.profiles import router as profiles_router
 from cdp_stream.api.sources import router as sources_router
+from cdp_stream.api.status import router as status_router
 from cdp_stream.bus import make_bus
 from cdp_stream.bus.base import Bus, BusUnavailable
 from cdp_stream.collector.auth import Sources
@@ -40,6 +43,8 @@ from cdp_stream.collector.library import router as library_router
 from cdp_stream.collector.ratelimit import RateLimits
 from cdp_stream.collector.routes import TRACKING_PATHS, database_unavailable, openapi_paths
 from cdp_stream.collector.webhooks import router as webhooks_router
+from cdp_stream.console import router as console_router
+from cdp_stream.identity import IdentityRules
 from cdp_stream.openapi import secure
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
 from cdp_stream.profiles.db import (
@@ -49,7 +54,6 @@ from cdp_stream.profiles.db import (
     resolve_database_url,
 )
 from cdp_stream.profiles.migrate import upgrade_to_head
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -202,6 +206,9 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         app.include_router(dmp_router)
         app.include_router(metrics_router)
         app.include_router(sources_router)
+        app.include_router(profile_audiences_router)
+        app.include_router(status_router)
+        app.include_router(console_router)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

@@ -9,6 +9,7 @@ migrate     bring the Postgres schema to the newest migration
 crm-redrive send dead CRM webhook deliveries again
 suppression-rekey  seal the suppression list with the current key (after a rotation)
 schemas     write (or --check) the JSON Schemas in schemas/ from the event models
+demo        send a seeded demo population through a running collector (see the console)
 """
 
 from __future__ import annotations
@@ -22,9 +23,11 @@ import signal
 import socket
 import sys
 from collections.abc import Callable, Collection, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
 
+import httpx
 import typer
 import uvicorn
 import uvloop
@@ -36,11 +39,11 @@ from cdp_stream.profiles.db import make_engine, resolve_database_url, retrying
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.profiles.suppression import (
     MissingSuppressionKey,
-    SuppressionKeys,
     rekey,
     with_suppression_key,
 )
 from cdp_stream.resolver.consumer import run_resolver
+from cdp_stream.sealing import SuppressionKeys
 from cdp_stream.settings import Settings
 
 Port = Annotated[int | None, typer.Option(help="HTTP port (default: CDP_HTTP_PORT)")]
@@ -344,6 +347,69 @@ def migrate() -> None:
 
     asyncio.run(run())
     typer.echo("schema is at the newest migration")
+
+
+@cli.command()
+def demo(
+    people: Annotated[int, typer.Option(help="how many people")] = 3000,
+    seed: Annotated[int, typer.Option(help="the same seed gives the same people")] = 7,
+    url: Annotated[
+        str | None, typer.Option(help="the collector and API (default: CDP_HTTP_HOST:PORT)")
+    ] = None,
+    write_key: Annotated[
+        str | None, typer.Option(help="a source's write key (default: CDP_BOOTSTRAP_WRITE_KEY)")
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(help="an API token, to define demo audiences (CDP_BOOTSTRAP_API_TOKEN)"),
+    ] = None,
+) -> None:
+    """Fill a running cdp-stream with a realistic, seeded population, through its collector."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from cdp_stream import demo as demo_data
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+    settings = _settings()
+    base = url or f"http://{settings.http_host}:{settings.http_port}"
+    key = write_key or settings.bootstrap_write_key
+    api_token = token or settings.bootstrap_api_token
+    if not key:
+        typer.echo(
+            "cdp-stream demo: a write key is needed: --write-key, or CDP_BOOTSTRAP_WRITE_KEY "
+            "(`cdp-stream up` printed the one it created at its first start)",
+            err=True,
+        )
+        raise typer.Exit(1)
+    population = list(demo_data.population(people, seed, datetime.now(UTC)))
+    events = sum(len(p.events) for p in population)
+
+    async def run() -> str | None:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+        with Progress(*columns) as progress:
+            bar = progress.add_task(f"sending {events:,} events", total=people)
+            await demo_data.send(base, key, population, lambda n: progress.advance(bar, n))
+        if not api_token:
+            return None
+        await demo_data.define_audiences(base, api_token)
+        last = next((p.email for p in reversed(population) if p.email), None)
+        if last is not None and not await demo_data.resolved(base, api_token, last, 120):
+            typer.echo("  (the resolver is still catching up: profiles keep appearing)")
+        return last
+
+    try:
+        example = asyncio.run(run())
+    except (demo_data.DemoFailed, httpx.HTTPError) as exc:
+        typer.echo(f"cdp-stream demo: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{people:,} people, {events:,} events sent to {base}.")
+    if example is None:
+        typer.echo(f"Open {base}/ and sign in with an API token (set --token to add audiences).")
+    else:
+        typer.echo(
+            f"Open {base}/ , sign in with your API token and look up {example}; "
+            f"audiences: {', '.join(demo_data.AUDIENCES)}."
+        )
 
 
 @cli.command()

@@ -17,10 +17,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from fastapi import Depends
 from pydantic import BaseModel, Field
 
-from cdp_stream.api.deps import require_scope
 from cdp_stream.profiles.credentials import ALL_SCOPES
 
 
@@ -91,16 +89,6 @@ def responses(*codes: int, model: type[BaseModel] = Detail) -> dict[int | str, d
             answer = {**answer, "model": Error, "headers": RETRY_AFTER}
         out[code] = answer
     return out
-
-
-def bearer(scope: str, *codes: int) -> dict[str, Any]:
-    """Route keywords for an API operation that needs a token with ``scope``: the check,
-    its security requirement and its answers (401, 403, 503 and ``codes``)."""
-    return {
-        "dependencies": [Depends(require_scope(scope))],
-        "openapi_extra": {"security": [{"bearerAuth": [scope]}]},
-        "responses": responses(*sorted({401, 403, 503, *codes})),
-    }
 
 
 SECURITY_SCHEMES: dict[str, Any] = {

@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from cdp_stream.collector.cors import origin_pattern
+from cdp_stream.origins import origin_pattern
 from cdp_stream.topics import Topics
 
 

@@ -21,10 +21,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import audiences as aud
 from cdp_stream.activation.rules import parse_rule
+from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import audience_changes, audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
 from tests.support import outbox_updates
 

@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import crm
+from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import retrying
 from cdp_stream.profiles.models import (
@@ -26,7 +27,6 @@ from cdp_stream.profiles.models import (
     crm_webhook_deliveries,
 )
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
 from tests.support import outbox_updates, stored_event, uid
 

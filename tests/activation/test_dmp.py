@@ -32,6 +32,7 @@ from cdp_stream.activation.dmp import Facts, Tally
 from cdp_stream.bus.base import Bus, BusUnavailable, Message, Record
 from cdp_stream.bus.kafka import KafkaBus
 from cdp_stream.bus.memory import MemoryBus
+from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import (
     audience_members,
@@ -42,7 +43,6 @@ from cdp_stream.profiles.models import (
     profiles,
 )
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
 from tests.support import eventually, stored_event, uid
 

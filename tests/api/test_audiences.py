@@ -11,16 +11,17 @@ from typing import Any
 
 import httpx
 import pytest
+from fastapi import APIRouter
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.api.audiences import router
+from cdp_stream.api.audiences import profile_router, router
+from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
-from tests.support import api_client
+from tests.support import api_client, stored_event
 
 WRITER = "tok_aud_w_" + uuid.uuid4().hex  # audiences:write, profiles:read
 READER = "tok_aud_r_" + uuid.uuid4().hex  # profiles:read
@@ -30,8 +31,11 @@ READ = {"authorization": f"Bearer {READER}"}
 
 @pytest.fixture(scope="module")
 async def api(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
+    both = APIRouter()
+    both.include_router(router)
+    both.include_router(profile_router)
     async with api_client(
-        engine, router, {WRITER: ("audiences:write", "profiles:read"), READER: ("profiles:read",)}
+        engine, both, {WRITER: ("audiences:write", "profiles:read"), READER: ("profiles:read",)}
     ) as client:
         yield client
 
@@ -141,3 +145,73 @@ async def test_scopes(api: httpx.AsyncClient) -> None:
     assert r.status_code == 201
     await settled(api, r.json()["id"])
     assert (await api.delete(f"/v1/audiences/{r.json()['id']}", headers=WRITE)).status_code == 204
+
+
+async def identified(engine: AsyncEngine, plan: str) -> uuid.UUID:
+    """A new person on ``plan``; their profile id."""
+    user, at = f"u-{uuid.uuid4().hex[:10]}", datetime.now(UTC).isoformat()
+    event = stored_event("src_api_audiences", "identify", at, userId=user, traits={"plan": plan})
+    await apply_with_retry(engine, [event], IdentityRules.from_settings(Settings()))
+    async with engine.connect() as conn:
+        pid = await repo.profile_for_identifier(conn, Identifier("user_id", user))
+    assert pid is not None
+    return pid
+
+
+async def test_edit_size_history_and_a_persons_audiences(
+    api: httpx.AsyncClient, engine: AsyncEngine
+) -> None:
+    plan_a, plan_b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    on_a, on_b = await identified(engine, plan_a), await identified(engine, plan_b)
+    rule = {"trait": "plan", "eq": plan_a}
+    r = await api.post("/v1/audiences", json={"name": name(), "rule": rule}, headers=WRITE)
+    audience_id = r.json()["id"]
+    assert (await settled(api, audience_id))["size"] == 1
+    mine = (await api.get(f"/v1/profiles/{on_a}/audiences", headers=READ)).json()
+    assert [(a["id"], a["name"]) for a in mine] == [
+        (audience_id, (await settled(api, audience_id))["name"])
+    ]
+    assert (await api.get(f"/v1/profiles/{on_b}/audiences", headers=READ)).json() == []
+
+    # A new rule: back-filled again; the member it no longer admits exits, the other enters.
+    renamed = name()
+    change = {"name": renamed, "rule": {"trait": "plan", "eq": plan_b}}
+    r = await api.patch(f"/v1/audiences/{audience_id}", json=change, headers=WRITE)
+    assert r.status_code == 200, r.text
+    assert r.json()["name"] == renamed
+    got = await settled(api, audience_id)
+    assert (got["size"], got["rule"]) == (1, {"trait": "plan", "eq": plan_b})
+    assert (await api.get(f"/v1/profiles/{on_a}/audiences", headers=READ)).json() == []
+    assert [
+        a["id"] for a in (await api.get(f"/v1/profiles/{on_b}/audiences", headers=READ)).json()
+    ] == [audience_id]
+    sizes = (
+        await api.get(f"/v1/audiences/{audience_id}/sizes", params={"step": "day"}, headers=READ)
+    ).json()
+    assert [s["size"] for s in sizes] == [1]  # one enter and one exit and one enter, today
+    minutes = await api.get(
+        f"/v1/audiences/{audience_id}/sizes", params={"step": "minute"}, headers=READ
+    )
+    assert minutes.json()[-1]["size"] == 1
+
+    # Errors at their field: the rule's problems inside "rule", a taken name, no audience.
+    r = await api.patch(
+        f"/v1/audiences/{audience_id}", json={"rule": {"trait": "plan", "eqq": 1}}, headers=WRITE
+    )
+    assert r.status_code == 422
+    assert r.json()["detail"][0]["loc"][:2] == ["body", "rule"]
+    other = await api.post("/v1/audiences", json={"name": name(), "rule": rule}, headers=WRITE)
+    await settled(api, other.json()["id"])
+    r = await api.patch(
+        f"/v1/audiences/{other.json()['id']}", json={"name": renamed}, headers=WRITE
+    )
+    assert r.status_code == 409
+    assert (
+        await api.patch(f"/v1/audiences/{uuid.uuid4()}", json={"name": name()}, headers=WRITE)
+    ).status_code == 404
+    assert (
+        await api.patch(f"/v1/audiences/{audience_id}", json={}, headers=READ)
+    ).status_code == 403
+    assert (await api.get(f"/v1/audiences/{uuid.uuid4()}/sizes", headers=READ)).status_code == 404
+    for made in (audience_id, other.json()["id"]):
+        await api.delete(f"/v1/audiences/{made}", headers=WRITE)

@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.deps import Tokens
 from cdp_stream.api.profiles import router as profiles_router
+from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles.credentials import ensure_token, hash_token
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.models import api_tokens
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 from tests.support import uid
 

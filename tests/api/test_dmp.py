@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.dmp import router
 from cdp_stream.profiles.models import audiences, dmp_audience_counts
+from cdp_stream.settings import Settings
 from tests.support import api_client
 
 READ_TOKEN = "tok_dmp_read_" + uuid.uuid4().hex
@@ -127,3 +128,19 @@ async def test_needs_a_token_with_profiles_read(api: httpx.AsyncClient) -> None:
     assert (await api.get(url, headers={"authorization": "Bearer nope"})).status_code == 401
     other = {"authorization": f"Bearer {OTHER_TOKEN}"}
     assert (await api.get(url, headers=other)).status_code == 403
+
+
+async def test_anonymization_states_k_epsilon_and_the_vocabularies(api: httpx.AsyncClient) -> None:
+    r = await api.get("/v1/dmp/anonymization", headers=AUTH)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    settings = Settings()
+    assert (body["k"], body["epsilon"], body["windows"]) == (
+        settings.dmp_k,
+        settings.dmp_epsilon,
+        settings.dmp_windows,
+    )
+    assert list(body["dimensions"]) == settings.dmp_dimensions
+    assert body["dimensions"]["device_type"] == ["desktop", "mobile", "tablet", "unknown"]
+    assert {"DE", "FR", "unknown"} <= set(body["dimensions"]["country"])
+    assert (await api.get("/v1/dmp/anonymization")).status_code == 401

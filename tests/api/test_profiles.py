@@ -18,9 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.profiles import ProfileOut
 from cdp_stream.app import Runtime, create_app
+from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 from tests.support import stored_event, uid
 
@@ -655,3 +655,95 @@ async def test_unmerge_undoes_the_last_merge_only(api: httpx.AsyncClient, db: As
     merges = await get(api, f"/v1/profiles/user_id:{user}/merges")
     assert len(merges["merges"]) == 2
     assert all(m["undone_at"] for m in merges["merges"])
+
+
+# --- what the console reads --------------------------------------------------------------
+
+
+async def test_traits_say_when_and_by_which_source(api: httpx.AsyncClient, db: AsyncEngine) -> None:
+    user = uid("u")
+    older = stored_event("src_crm", "identify", "2024-05-01T00:00:00Z", userId=user)
+    older["traits"] = {"plan": "free", "name": "Ada"}
+    newer = stored_event("src_web", "identify", "2024-05-02T00:00:00Z", userId=user)
+    newer |= {"traits": {"plan": "pro"}, "context": {"traits_set_once": {"first": "x"}}}
+    await put(db, newer)
+    await put(db, older)  # late: it sets nothing the newer one set
+    traits = await get(api, f"/v1/profiles/user_id:{user}/traits")
+    assert traits == [
+        {"name": "first", "value": "x", "set_at": "2024-05-02T00:00:00Z", "set_once": True,
+         "source_id": "src_web"},
+        {"name": "name", "value": "Ada", "set_at": "2024-05-01T00:00:00Z", "set_once": False,
+         "source_id": "src_crm"},
+        {"name": "plan", "value": "pro", "set_at": "2024-05-02T00:00:00Z", "set_once": False,
+         "source_id": "src_web"},
+    ]  # fmt: skip
+
+
+async def test_graph_groups_identifiers_by_the_profile_that_brought_them(
+    api: httpx.AsyncClient, db: AsyncEngine
+) -> None:
+    anon, user, other = uid("a"), uid("u"), uid("u")
+    await put(db, ev("page", "2024-06-01T00:00:00Z", anonymousId=anon))
+    await put(
+        db, ev("identify", "2024-06-02T00:00:00Z", userId=user, traits={"email": f"{user}@x.io"})
+    )
+    login = ev("identify", "2024-06-03T00:00:00Z", userId=user, anonymousId=anon)
+    await put(db, login)
+    await put(db, ev("identify", "2024-06-04T00:00:00Z", userId=other, anonymousId=anon))
+    graph = await get(api, f"/v1/profiles/email:{user}@x.io/graph")
+    profile = await get(api, f"/v1/profiles/user_id:{user}")
+    assert graph["canonical_id"] == profile["id"]
+    atoms = {a["id"]: {(i["type"], i["value"]) for i in a["identities"]} for a in graph["atoms"]}
+    assert graph["atoms"][0]["id"] == profile["id"]
+    assert sorted(atoms.values(), key=len) == [
+        {("anonymous_id", anon)},
+        {("user_id", user), ("email", f"{user}@x.io")},
+    ]
+    [merge] = graph["merges"]
+    assert merge["message_id"] == login["messageId"] and set(atoms) == {
+        merge["canonical_id"],
+        merge["merged_id"],
+    }
+    assert graph["refusals"] == []  # refused links show on the profile that was refused
+    [refusal] = (await get(api, f"/v1/profiles/user_id:{other}/graph"))["refusals"]
+    assert (refusal["type"], refusal["value"]) == ("anonymous_id", anon)
+    assert refusal["other_profile_id"] == profile["id"]
+
+
+async def test_search_lists_identifiers_by_prefix(api: httpx.AsyncClient, db: AsyncEngine) -> None:
+    stem = uid("typeahead")
+    for n in range(3):
+        await put(db, ev("identify", "2024-07-01T00:00:00Z", userId=f"{stem}-{n}",
+                         traits={"email": f"{stem}.{n}@Example.com"}))  # fmt: skip
+    found = await get(api, "/v1/profiles", starts_with=f"email:{stem.upper()}.", limit=2)
+    assert [f["value"] for f in found] == [f"{stem}.0@example.com", f"{stem}.1@example.com"]
+    owner = await get(api, f"/v1/profiles/user_id:{stem}-0")
+    assert found[0] == {
+        "type": "email",
+        "value": f"{stem}.0@example.com",
+        "profile_id": owner["id"],
+    }
+    last = await get(api, f"/v1/profiles/user_id:{stem}-2")
+    assert await get(api, "/v1/profiles", starts_with=f"user_id:{stem}-2") == [
+        {"type": "user_id", "value": f"{stem}-2", "profile_id": last["id"]}
+    ]
+    assert await get(api, "/v1/profiles", starts_with=f"email:{uid('nobody')}") == []
+    r = await api.get("/v1/profiles", params={"starts_with": "email:"}, headers=AUTH)
+    assert r.status_code == 422
+
+
+async def test_consent_and_whether_the_dmp_counts_the_person(
+    api: httpx.AsyncClient, db: AsyncEngine
+) -> None:
+    user = uid("u")
+    await put(db, ev("identify", "2024-08-01T00:00:00Z", userId=user))
+    ref = f"/v1/profiles/user_id:{user}/consent"
+    assert await get(api, ref) == {
+        "trait": None, "context": None, "context_at": None, "opted_out": False,
+    }  # fmt: skip
+    choice = {"categoryPreferences": {"marketing": False}}
+    await put(db, ev("track", "2024-08-02T00:00:00Z", event="Consent", userId=user,
+                     context={"consent": choice}))  # fmt: skip
+    assert await get(api, ref) == {
+        "trait": None, "context": choice, "context_at": "2024-08-02T00:00:00Z", "opted_out": True,
+    }  # fmt: skip

@@ -1,7 +1,7 @@
 """Fixtures of the collector's tests: a collector app whose source lists one origin (on
 real Postgres, with a memory bus that records what was published); for the browser tests,
-a browser and the collector on a socket behind a ``Gate`` (over the ``runtime`` each
-browser test module starts)."""
+the collector on a socket behind a ``Gate`` (over the ``runtime`` each browser test module
+starts)."""
 
 from __future__ import annotations
 
@@ -16,18 +16,9 @@ from cdp_stream.bus.base import Record
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.profiles.credentials import ensure_source
 from cdp_stream.settings import Settings
-from tests.collector.chromium import Chromium
 from tests.support import Gate, Server, free_port, gate_of, gated_collector, uid
 
 SHOP = "https://shop.example.com"
-
-
-@pytest.fixture(scope="module")
-async def browser() -> AsyncIterator[Chromium]:
-    """One headless Chromium per test module."""
-    chromium = await Chromium.launch()
-    yield chromium
-    await chromium.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,8 @@ import orjson
 import pytest
 
 from cdp_stream.bus.base import BusUnavailable, Record
-from cdp_stream.collector.cors import origin_allowed, origin_pattern
+from cdp_stream.collector.cors import origin_allowed
+from cdp_stream.origins import origin_pattern
 from tests.collector.conftest import SHOP
 from tests.support import uid
 

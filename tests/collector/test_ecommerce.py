@@ -129,7 +129,7 @@ def test_the_intake_rejects_an_order_that_breaks_the_spec() -> None:
     from datetime import UTC, datetime
 
     from cdp_stream.collector.intake import intake
-    from cdp_stream.resolver.identity import IdentityRules
+    from cdp_stream.identity import IdentityRules
     from cdp_stream.settings import Settings
 
     good = {

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from cdp_stream.collector._json import BadRequest
 from cdp_stream.collector.intake import IntakeResult, body_write_key, channel_of, intake
 from cdp_stream.events import Event, Rejection
-from cdp_stream.resolver.identity import IdentityRules
+from cdp_stream.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 NOW = datetime(2026, 5, 1, 12, 0, 0, tzinfo=UTC)

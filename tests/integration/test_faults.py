@@ -24,11 +24,11 @@ import pytest
 from sqlalchemy import Text, any_, bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 
+from cdp_stream.identity import Identifier
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.models import crm_contacts
 from cdp_stream.profiles.models import events as events_table
-from cdp_stream.resolver.identity import Identifier
 from tests.support import eventually, free_port, kafka_pid, kafka_sh, postgres_sh, uid
 
 KAFKA_PORT = int(os.environ.get("CDP_TEST_FAULT_KAFKA_PORT", "19392"))

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import retrying
-from cdp_stream.profiles.suppression import SuppressionKeys
+from cdp_stream.sealing import SuppressionKeys
 
 NOWAIT = "SELECT id FROM profiles WHERE id = :id FOR UPDATE NOWAIT"
 

@@ -12,17 +12,17 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.identity import EMAIL, Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import suppressed_identifiers
 from cdp_stream.profiles.suppression import (
     KEY_FILE,
     MissingSuppressionKey,
-    SuppressionKeys,
     rekey,
     with_suppression_key,
 )
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import EMAIL, Identifier, IdentityRules
+from cdp_stream.sealing import SuppressionKeys
 from cdp_stream.settings import Settings
 from tests.support import stored_event, uid
 

@@ -2,11 +2,11 @@
 hold the real resolver to it.
 
 Why: the real resolver is batched, concurrent and written in SQL round trips; this is the
-same specification (the docstrings of ``cdp_stream/resolver/__init__.py`` and
-``computed.py``) as a plain sequential union-find over the events in arrival order, small
-enough to be checked by reading. It imports nothing from ``cdp_stream.resolver``; the only
-project code it uses is the collector's ``intake`` (to turn raw Segment calls into the
-enriched records the resolver really consumes). Pure Python, no I/O.
+same specification (docs/identity-resolution.md and docs/computed-traits.md) as a plain
+sequential union-find over the events in arrival order, small enough to be checked by
+reading. It imports nothing from ``cdp_stream.resolver``; the only project code it uses is
+the collector's ``intake``, with the identity rules it routes by (to turn raw Segment
+calls into the enriched records the resolver really consumes). Pure Python, no I/O.
 
 * :func:`generate` - a seeded history of a few people with ground truth: anonymous
   browsing, sign-ins, email-platform events known only by email address, purchases,
@@ -31,7 +31,7 @@ import orjson
 import phonenumbers
 
 from cdp_stream.collector.intake import intake
-from cdp_stream.resolver.identity import IdentityRules
+from cdp_stream.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 Ref = str  # "type:value", normalized

@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.bus.base import BusUnavailable, Record, next_offsets
 from cdp_stream.bus.memory import MemoryBus
+from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import profile_update_outbox
@@ -27,7 +28,6 @@ from cdp_stream.resolver.consumer import (
     run_resolver,
     vacuum_outbox,
 )
-from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
 from cdp_stream.topics import Topics
 from tests.support import eventually, running_pipeline

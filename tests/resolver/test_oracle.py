@@ -37,12 +37,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.bus.base import Record
 from cdp_stream.bus.kafka import KafkaBus
+from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import identities, identity_refusals, profiles
 from cdp_stream.resolver.consumer import apply_with_retry
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 from cdp_stream.topics import Topics
 from tests.resolver.oracle import (

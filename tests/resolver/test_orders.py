@@ -13,11 +13,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import orders as orders_table
 from cdp_stream.resolver import computed, orders
 from cdp_stream.resolver.batch import apply_batch
-from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
 
 RULES = IdentityRules.from_settings(Settings())

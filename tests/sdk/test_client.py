@@ -16,42 +16,17 @@ import contextlib
 import math
 import socket
 import time
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.app import Runtime
 from cdp_stream.profiles.credentials import ensure_source, update_source
-from cdp_stream.resolver.consumer import run_resolver
-from cdp_stream.sdk import AsyncClient, Client
-from tests.support import Gate, Server, eventually, gate_of, gated_collector, running_pipeline, uid
-
-WRITE_KEY = "wk_sdk_" + uuid.uuid4().hex[:8]
-API_TOKEN = "tok_sdk_" + uuid.uuid4().hex[:8]
-
-
-@pytest.fixture(scope="module")
-async def runtime(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
-    async with running_pipeline(
-        kafka_bootstrap, pg_url, write_key=WRITE_KEY, api_token=API_TOKEN, loops=[run_resolver]
-    ) as rt:
-        yield rt
-
-
-@pytest.fixture(scope="module")
-async def server(runtime: Runtime) -> AsyncIterator[Server]:
-    async with gated_collector(runtime) as srv:
-        yield srv
-
-
-@pytest.fixture
-def gate(server: Server) -> Gate:
-    return gate_of(server)
+from cdp_stream_sdk import AsyncClient, Client
+from tests.sdk.conftest import API_TOKEN, WRITE_KEY
+from tests.support import Gate, Server, eventually, uid
 
 
 @contextlib.asynccontextmanager
@@ -277,7 +252,7 @@ def test_retry_after_parsing() -> None:
     from datetime import UTC, datetime, timedelta
     from email.utils import format_datetime
 
-    from cdp_stream.sdk.client import backoff, is_retryable, retry_after
+    from cdp_stream_sdk.client import backoff, is_retryable, retry_after
 
     assert retry_after(httpx.Headers({"retry-after": "3"})) == 3.0
     assert retry_after(httpx.Headers({})) is None

@@ -30,7 +30,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
-from sqlalchemy import DateTime, Interval, delete, func, insert, literal, select, tuple_, update
+from sqlalchemy import (
+    DateTime,
+    Integer,
+    Interval,
+    delete,
+    func,
+    insert,
+    literal,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -352,6 +363,55 @@ async def delete_audience(conn: AsyncConnection, audience_id: uuid.UUID) -> bool
         delete(audiences).where(audiences.c.id == audience_id).returning(audiences.c.id)
     )
     return gone.first() is not None
+
+
+async def update_audience(
+    conn: AsyncConnection, audience_id: uuid.UUID, name: str | None, rule: Rule | None
+) -> bool | None:
+    """Rename it and/or give it a new rule (its back-fill pending again: the caller starts
+    it once this commits, and it re-evaluates every profile, so members the new rule no
+    longer admits exit). None if there is no such audience, False if the name is taken."""
+    values: dict[str, Any] = {}
+    if name is not None:
+        taken = await conn.execute(
+            select(audiences.c.id).where(audiences.c.name == name, audiences.c.id != audience_id)
+        )
+        if taken.first() is not None:
+            return False
+        values["name"] = name
+    if rule is not None:
+        values["rule"] = dump_rule(rule)
+        values["backfill"] = {"status": "pending", "processed": 0, "total": None}
+    stmt = update(audiences).where(audiences.c.id == audience_id).returning(audiences.c.id)
+    changed = await conn.execute(stmt.values(values or {"name": audiences.c.name}))
+    return None if changed.first() is None else True
+
+
+async def size_history(
+    conn: AsyncConnection, audience_id: uuid.UUID, step: str, points: int
+) -> list[dict[str, Any]]:
+    """The audience's size at the end of each ``step`` (minute / hour / day) in which it
+    changed, from its enter / exit history: the last ``points`` of them, oldest first."""
+    t = audience_changes.c
+    at = func.date_trunc(step, t.at).label("at")
+    delta = func.sum(func.cast(t.change == "enter", Integer) * 2 - 1).label("delta")
+    per_step = select(at, delta).where(t.audience_id == audience_id).group_by(at).subquery()
+    size = func.sum(per_step.c.delta).over(order_by=per_step.c.at)
+    rows = await conn.execute(
+        select(per_step.c.at, size.label("size")).order_by(per_step.c.at.desc()).limit(points)
+    )
+    return [{"at": r.at, "size": int(r.size)} for r in reversed(rows.all())]
+
+
+async def audiences_of(conn: AsyncConnection, profile_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The audiences the profile is a member of now, with when it entered, by name."""
+    rows = await conn.execute(
+        select(audiences.c.id, audiences.c.name, audience_members.c.entered_at)
+        .join(audience_members, audience_members.c.audience_id == audiences.c.id)
+        .where(audience_members.c.profile_id == profile_id)
+        .order_by(audiences.c.name)
+    )
+    return [{**r._mapping, "id": str(r.id)} for r in rows]
 
 
 async def _progress(conn: AsyncConnection, audience_id: uuid.UUID, **progress: Any) -> None:

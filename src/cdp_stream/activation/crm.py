@@ -2,51 +2,10 @@
 salesperson wants to see, kept from ``cdp.profile-updates`` inside the activation
 consumer's transaction.
 
-Idempotent by construction, because ``cdp.profile-updates`` is at-least-once:
-
-* a contact is re-derived from the profile as it is *now* in Postgres (traits, computed
-  traits, identities, stored events), never from the update's deltas, and written only
-  when a field differs: a redelivered or late update rewrites nothing;
-* an interaction is unique per source event (``source_id``, ``message_id``);
-* an update whose profile has since been merged lands on the canonical profile, and one
-  whose profile has been deleted is ignored (the tombstone did the forgetting).
-
-Contacts (:func:`contact_of`): email / phone / user id from the profile's identities (the
-email or phone the traits currently name when it is one of them, else the oldest), names
-from ``firstName`` / ``first_name`` / ``lastName`` / ``last_name`` or a split ``name``,
-``company`` (a string or ``company.name``), ``title`` / ``job_title`` / ``jobTitle``, the
-first touch's source (else its referrer) and ``computed.last_seen``. The lifecycle stage
-is ``subscriber``, ``lead`` once the person submitted a form or signed up (a stored track
-event ``Form Submitted`` / ``Signed Up``, any case), ``customer`` once they ordered
-(``computed.order_count > 0``); it never goes down. A profile that loses its last email
-and user id (an unmerge) loses its contact.
-
-Interactions (:func:`interaction_of`): the Segment email events, ``Order Completed`` /
-``Order Refunded``, ``Form Submitted``, ``Signed Up``, and page views of the key pages
-(``CDP_CRM_KEY_PAGES``: a prefix matches the path itself and what lies below it, by whole
-segments and ignoring case: ``/pricing`` matches ``/pricing`` and ``/Pricing/teams``, not
-``/pricing-old``; a prefix ending in ``/`` matches anything under it).
-
-Interactions of anonymous profiles are kept too: the anonymous visitor who read the
-pricing page and later fills in a form becomes a contact *with* that history. They are
-invisible (API, webhook) until the profile has a contact; when it gets one, its whole
-history goes out on the webhook with it. A merge folds the merged-away contact into the
-canonical one: its row goes, its interactions move.
-
-Webhook deliveries (``CDP_CRM_WEBHOOK_URL`` set), queued in the same transaction and sent
-by :mod:`cdp_stream.activation.webhook`; every payload names its ``profile_id``:
-
-* kind ``contact``: ``{"type": "contact.upserted", "profile_id", "created", "contact"}``,
-  ``{"type": "contact.merged", "profile_id", "merged_into"}`` (move its interactions),
-  ``{"type": "contact.deleted", "profile_id", "merged_ids", "reason"}`` (``erased``: a
-  data-rights deletion, or ``no_identifier``);
-* kind ``interaction``: ``{"type": "interaction.created", "profile_id", "interaction"}``;
-  ``interaction.id`` is stable (a merge moves an interaction, never re-creates it).
-
-Each is queued once per change; the webhook itself is at least once (see its module).
-
-A deletion tombstone also drops every queued or sent delivery about the person (they hold
-their personal data) except the ``contact.deleted`` that tells the CRM to forget them.
+Idempotent, since the topic is at-least-once: a contact is re-derived from the profile as
+it is now (never from an update's deltas), an interaction is unique per source event. The
+rules (contact fields, lifecycle stages, interactions, webhook payloads, erasure) are
+specified in docs/crm.md.
 """
 
 from __future__ import annotations
@@ -63,6 +22,23 @@ from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.activation._sql import among
+from cdp_stream.event_names import (
+    EMAIL_BOUNCED,
+    EMAIL_DELIVERED,
+    EMAIL_EVENTS,
+    EMAIL_LINK_CLICKED,
+    EMAIL_MARKED_AS_SPAM,
+    EMAIL_OPENED,
+    EMAIL_SENT,
+    FORM_SUBMITTED,
+    ORDER_COMPLETED,
+    ORDER_REFUNDED,
+    SIGNED_UP,
+    UNSUBSCRIBED,
+    name_key,
+)
+from cdp_stream.identity import EMAIL, PHONE, USER_ID, IdentityRules
+from cdp_stream.payload import as_mapping
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import (
     crm_contacts,
@@ -72,10 +48,8 @@ from cdp_stream.profiles.models import (
     identities,
     profiles,
 )
-from cdp_stream.resolver import as_mapping
-from cdp_stream.resolver.batch import event_time
-from cdp_stream.resolver.identity import EMAIL, PHONE, USER_ID, IdentityRules
 from cdp_stream.settings import Settings
+from cdp_stream.timestamps import event_time
 
 log = logging.getLogger(__name__)
 
@@ -93,19 +67,20 @@ CONTACT_FIELDS = (
     "last_activity_at",
 )
 
-_EMAIL_KINDS = {  # Segment's email spec, with the "Email " prefix optional where it varies
-    "email sent": "email_sent",
-    "email delivered": "email_delivered",
-    "email opened": "email_opened",
-    "email link clicked": "email_link_clicked",
-    "email bounced": "email_bounced",
-    "unsubscribed": "email_unsubscribed",
-    "email unsubscribed": "email_unsubscribed",
-    "email marked as spam": "email_marked_as_spam",
-    "marked as spam": "email_marked_as_spam",
+_EMAIL_KINDS = {  # the spec's name (event_names.EMAIL_EVENTS) -> the interaction kind
+    EMAIL_SENT: "email_sent",
+    EMAIL_DELIVERED: "email_delivered",
+    EMAIL_OPENED: "email_opened",
+    EMAIL_LINK_CLICKED: "email_link_clicked",
+    EMAIL_BOUNCED: "email_bounced",
+    UNSUBSCRIBED: "email_unsubscribed",
+    EMAIL_MARKED_AS_SPAM: "email_marked_as_spam",
 }
-_ORDER_KINDS = {"order completed": "order_completed", "order refunded": "order_refunded"}
-_LEAD_EVENTS = {"form submitted": "form_submitted", "signed up": "signed_up"}
+_ORDER_KINDS = {
+    name_key(ORDER_COMPLETED): "order_completed",
+    name_key(ORDER_REFUNDED): "order_refunded",
+}
+_LEAD_KINDS = {name_key(FORM_SUBMITTED): "form_submitted", name_key(SIGNED_UP): "signed_up"}
 _PAGE_KIND = "page_viewed"
 
 
@@ -186,9 +161,9 @@ def interaction_of(event: Mapping[str, Any], key_pages: Sequence[str]) -> Intera
             "referrer": _first(props, "referrer") or _scalar(page.get("referrer")),
         }
     elif event.get("type") == "track" and isinstance(event.get("event"), str):
-        name = event["event"].strip().lower()
-        if name in _EMAIL_KINDS:
-            kind = _EMAIL_KINDS[name]
+        name = name_key(event["event"])
+        if name in EMAIL_EVENTS:
+            kind = _EMAIL_KINDS[EMAIL_EVENTS[name]]
             details = {
                 "campaign": _first(props, "campaign_name", "campaign"),
                 "campaign_id": _first(props, "campaign_id"),
@@ -210,8 +185,8 @@ def interaction_of(event: Mapping[str, Any], key_pages: Sequence[str]) -> Intera
                 "currency": currency.upper() if currency else ("USD" if amount else None),
                 "items": [as_mapping(p) for p in products] if isinstance(products, list) else None,
             }
-        elif name in _LEAD_EVENTS:
-            kind = _LEAD_EVENTS[name]
+        elif name in _LEAD_KINDS:
+            kind = _LEAD_KINDS[name]
             details = {
                 "form_id": _first(props, "form_id", "formId"),
                 "form_name": _first(props, "form_name", "formName", "form"),
@@ -591,7 +566,7 @@ async def _leads(conn: AsyncConnection, pids: list[uuid.UUID]) -> set[uuid.UUID]
         .where(
             among(events.c.profile_id, pids),
             events.c.type == "track",
-            func.lower(func.btrim(events.c.event)).in_(list(_LEAD_EVENTS)),
+            func.lower(func.btrim(events.c.event)).in_(list(_LEAD_KINDS)),
         )
         .distinct()
     )

@@ -1,49 +1,9 @@
 """The DMP feed: per audience, anonymized member counts per time window and coarse bucket.
 
-What leaves the CDP here is counts and nothing else. A message on
-``cdp.dmp.audience-counts`` (keyed by audience id) and a row of ``dmp_audience_counts``
-hold exactly ``audience_id, window, window_start, dimension, bucket, count, epsilon``:
-
-* ``audience_id`` is the audience's UUID. Its name is left out on purpose: it is free text
-  a marketer types (``"ada@example.com lookalikes"`` happens), and the feed promises that
-  no identifier or trait value ever appears in it. The DMP maps ids to names itself.
-* ``window`` is ``hour`` or ``day`` (``CDP_DMP_WINDOWS``) and ``window_start`` the UTC start
-  of the window the count was taken in. Each run re-measures the audience as it is now and
-  overwrites the rows of the current windows, so a window's rows end as the audience's
-  size at the window's last run; past windows are never touched again.
-* ``dimension`` is ``overall`` (bucket ``all``) or one of ``CDP_DMP_DIMENSIONS``; every
-  ``bucket`` comes from that dimension's fixed, public vocabulary (see the extractors
-  below), never copied from the data: a trait value can only show up as one of these
-  labels.
-* ``count`` is the number of consenting canonical profiles, Laplace-noised when
-  ``CDP_DMP_EPSILON`` is set; ``null`` in a message withdraws a bucket published earlier
-  in the same window that may no longer be shown (the latest message per key wins).
-* ``epsilon`` is the noise's epsilon per published count, or ``null`` for exact counts.
-
-Who is counted: the audience's current members, merged profiles counted once, minus those
-who opted out of marketing or advertising (see :func:`opted_out`).
-
-Anonymization, in this order, on the exact counts of one audience at one moment:
-
-1. k-anonymity: a bucket, or the overall count, of fewer than ``CDP_DMP_K`` profiles is not
-   published (an audience under k publishes nothing at all).
-2. Complementary disclosure: a dimension partitions the audience, so the overall count minus
-   the published buckets is the sum of the suppressed ones. That residual must be 0 or at
-   least k: while it is between, the smallest published bucket is suppressed as well.
-   Otherwise one suppressed bucket would be published by subtraction, and several small
-   ones would reveal a group of fewer than k people ("the 5 who are not in DE").
-3. Laplace noise (optional): scale 1/epsilon (one person changes a count by at most 1),
-   rounded, clamped at 0. It is what protects against differencing across time and across
-   overlapping audiences, which suppression alone cannot. The noise of a count is a keyed
-   hash of (audience, dimension, bucket, exact count): re-publishing an unchanged count,
-   every minute or in every hourly window, repeats the same value instead of handing out
-   fresh samples to average away. The key is ``CDP_DMP_NOISE_KEY`` (the same for every
-   activation process and across restarts: epsilon is spent once per distinct exact value
-   per cell); unset, each process draws its own, and a restart spends epsilon again. Suppression is
-   decided on the exact counts, so a noised count may read a little under k.
-
-Not here: audience membership itself (``audiences.py``) and deletion (a deleted person's
-membership rows are gone, so the next run no longer counts them).
+Counts and nothing else leave the CDP here: buckets under k are suppressed, so is one whose
+value a residual would reveal, and counts may carry keyed Laplace noise. The message shape,
+who is counted and the anonymization steps in order are specified in docs/dmp.md (what
+"the module docstring" below refers to).
 """
 
 from __future__ import annotations
@@ -69,6 +29,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
+from cdp_stream.payload import as_mapping
 from cdp_stream.profiles.db import retrying, stopped_within
 from cdp_stream.profiles.models import (
     audience_members,
@@ -78,7 +39,6 @@ from cdp_stream.profiles.models import (
     profiles,
 )
 from cdp_stream.profiles.repository import lock_key
-from cdp_stream.resolver import as_mapping
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -1,38 +1,8 @@
 """Audience rules: a small JSON language, parsed into pydantic models, evaluated purely.
 
-A rule is one JSON object with exactly one of these keys::
-
-    {"and": [rule, ...]}            every rule holds (at least one rule)
-    {"or": [rule, ...]}             some rule holds (at least one rule)
-    {"not": rule}
-    {"trait": "plan", "eq": "pro"}  a trait (``profiles.traits``), operators beside it
-    {"computed": "order_count", "gte": 1}   a computed trait (``resolver/computed.py``)
-    {"event": {"type": "page", "name": "Pricing", "where": {"path": {"starts_with": "/pricing"}},
-               "within": "7d", "count": {"gte": 1}}}
-
-Operators (several in one condition must all hold): ``eq``, ``ne``, ``in`` (a list) take a
-string, number or boolean; ``gt``, ``gte``, ``lt``, ``lte`` a number or a string (strings
-compare as text, so the computed fixed-width UTC timestamps compare as times); ``exists`` a
-boolean; ``starts_with`` a string. Booleans never equal numbers. A missing value (or JSON
-null) satisfies only ``exists: false`` and ``ne``. A name with dots (``first_touch.source``)
-walks into nested objects when no key has that exact name. Computed counters a profile has
-not seen yet (``order_count``, ``page_views``...) read as 0, so ``order_count eq 0`` holds
-for someone who never ordered.
-
-An event condition counts the profile's events of ``type`` (and, given, ``name``: the track
-event or page/screen name, compared trimmed and case-insensitively as computed traits do)
-whose ``where`` conditions hold and whose timestamp is after ``now - within`` (``within``:
-a whole number of s, m, h or d); ``count`` (default ``{"gte": 1}``) constrains how many.
-A ``where`` key is looked up in ``properties``, then ``context.page``; a dotted key
-(``context.campaign.source``) is a path from the event's root.
-
-Example, "visited a pricing page in the last 7 days and never ordered"::
-
-    {"and": [{"event": {"type": "page", "where": {"path": {"starts_with": "/pricing"}},
-                        "within": "7d"}},
-             {"computed": "order_count", "eq": 0}]}
-
-Invalid rules raise :class:`RuleError`, listing each problem with its JSON path.
+The language (and / or / not; trait, computed and event conditions; operators; how
+missing values compare) is specified in docs/audience-rules.md. Invalid rules raise
+:class:`RuleError`, listing each problem with its JSON path.
 """
 
 from __future__ import annotations

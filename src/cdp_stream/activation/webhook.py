@@ -2,32 +2,9 @@
 and a dead-letter; a task of its own beside the activation consumer, so a slow or broken
 receiver never holds up the feed (the queue just grows).
 
-What a receiver gets, per delivery: ``POST <CDP_CRM_WEBHOOK_URL>`` with a JSON body (the
-payloads described in :mod:`cdp_stream.activation.crm`) and the headers
-
-* ``X-CDP-Delivery``: the delivery id. Delivery is at least once (a timeout after the
-  receiver answered, a crash before the answer was recorded, a redrive): dedupe on it;
-* ``X-CDP-Kind``: ``contact`` or ``interaction`` (the body's ``type`` says more);
-* ``X-CDP-Timestamp``: when it was signed, in Unix seconds;
-* ``X-CDP-Signature``: ``sha256=`` + the hex HMAC-SHA256, keyed with
-  ``CDP_CRM_WEBHOOK_SECRET``, of ``f"{timestamp}.".encode() + raw_body``. Verify it on the
-  raw bytes before parsing, with a constant-time comparison, and refuse timestamps more
-  than a few minutes off (a replayed request): :func:`verify` does exactly that. Without a
-  secret configured requests go out unsigned (and a warning says so at start).
-
-Any 2xx marks the delivery delivered. Anything else (another status, a refused
-connection, a timeout) counts an attempt and schedules the next one after an exponential
-backoff (``base_delay_s * 2**(attempts - 1)``, at most an hour); after
-``CDP_CRM_WEBHOOK_MAX_ATTEMPTS`` attempts the delivery is ``dead``: it stays in the table
-(the dead-letter) until :func:`redrive` queues it again.
-
-Delivered rows are kept ``CDP_CRM_WEBHOOK_KEEP_DELIVERED_DAYS`` (7) for audit, then pruned by
-the delivery task (dead ones stay until redriven).
-
-Rows are claimed with ``FOR UPDATE SKIP LOCKED`` and leased (``next_attempt_at`` pushed past
-the time the batch can take) in a short transaction, and no transaction stays open across
-HTTP: several activation processes deliver side by side, and rows of one that dies come
-back when their lease runs out.
+What a receiver gets (headers, the signature and :func:`verify`), the retry schedule, the
+dead-letter and :func:`redrive`, and how several processes share the queue are specified
+in docs/crm-webhook.md.
 """
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""``/v1/audiences``: define audiences by rule (see ``activation/rules.py``), read their
-size and back-fill progress, delete them.
+"""``/v1/audiences``: define audiences by rule (see ``activation/rules.py``), change
+them, read their size (now and over time) and back-fill progress, delete them; and
+``/v1/profiles/{ref}/audiences``, the audiences a person is in.
 
 Creating one commits it first and then back-fills it in the background (existing
 profiles), while the activation consumer keeps it current from then on (profiles that
@@ -10,22 +11,27 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import audiences
-from cdp_stream.activation.rules import RuleError, parse_rule
-from cdp_stream.api.deps import Conn
-from cdp_stream.openapi import bearer
+from cdp_stream.activation.rules import Rule, RuleError, parse_rule
+from cdp_stream.api.deps import Conn, bearer
+from cdp_stream.api.profiles import Profile
 
 router = APIRouter(prefix="/v1/audiences", tags=["audiences"])
+# The audiences a person is in, beside the person's other reads.
+profile_router = APIRouter(prefix="/v1/profiles", tags=["audiences"])
+
+
+Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
 class AudienceIn(BaseModel):
-    name: Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
+    name: Name
     rule: dict[str, Any] = Field(description="the rule, in the language of activation/rules.py")
 
 
@@ -42,12 +48,10 @@ class AudienceOut(BaseModel):
     created_at: datetime
 
 
-@router.post(
-    "", status_code=201, response_model=Created, **bearer("audiences:write", 400, 409, 422)
-)
-async def create(request: Request, body: AudienceIn) -> dict[str, str]:
+def _parsed(rule: dict[str, Any]) -> Rule:
+    """The rule, or a 422 listing each problem at its place inside ``rule``."""
     try:
-        rule = parse_rule(body.rule)
+        return parse_rule(rule)
     except RuleError as exc:
         raise HTTPException(
             422,
@@ -61,6 +65,13 @@ async def create(request: Request, body: AudienceIn) -> dict[str, str]:
                 for p in exc.problems
             ],
         ) from None
+
+
+@router.post(
+    "", status_code=201, response_model=Created, **bearer("audiences:write", 400, 409, 422)
+)
+async def create(request: Request, body: AudienceIn) -> dict[str, str]:
+    rule = _parsed(body.rule)
     engine: AsyncEngine = request.app.state.engine
     async with engine.begin() as conn:  # committed before the back-fill looks for it
         audience_id = await audiences.create_audience(conn, body.name, rule)
@@ -68,6 +79,35 @@ async def create(request: Request, body: AudienceIn) -> dict[str, str]:
         raise HTTPException(409, f"an audience named {body.name!r} exists")
     audiences.start_backfill(engine, audience_id)
     return {"id": str(audience_id)}
+
+
+class AudienceChange(BaseModel):
+    """What to change; a new rule back-fills the audience again (members it no longer
+    admits exit)."""
+
+    name: Name | None = None
+    rule: dict[str, Any] | None = None
+
+
+@router.patch(
+    "/{audience_id}", response_model=AudienceOut, **bearer("audiences:write", 400, 404, 409, 422)
+)
+async def change(request: Request, audience_id: uuid.UUID, body: AudienceChange) -> dict[str, Any]:
+    rule = None if body.rule is None else _parsed(body.rule)
+    engine: AsyncEngine = request.app.state.engine
+    async with engine.begin() as conn:  # committed before the back-fill looks for it
+        done = await audiences.update_audience(conn, audience_id, body.name, rule)
+    if done is None:
+        raise HTTPException(404, f"no audience {audience_id}")
+    if done is False:
+        raise HTTPException(409, f"an audience named {body.name!r} exists")
+    if rule is not None:
+        audiences.start_backfill(engine, audience_id)
+    async with engine.connect() as conn:
+        found = await audiences.read_audience(conn, audience_id)
+    if found is None:  # deleted in between
+        raise HTTPException(404, f"no audience {audience_id}")
+    return found
 
 
 @router.get("", response_model=list[AudienceOut], **bearer("profiles:read"))
@@ -87,3 +127,37 @@ async def get_one(audience_id: uuid.UUID, conn: Conn) -> dict[str, Any]:
 async def delete(audience_id: uuid.UUID, conn: Conn) -> None:
     if not await audiences.delete_audience(conn, audience_id):
         raise HTTPException(404, f"no audience {audience_id}")
+
+
+class SizeAt(BaseModel):
+    at: datetime = Field(description="the start of the step")
+    size: int = Field(description="members at the end of the step")
+
+
+@router.get(
+    "/{audience_id}/sizes", response_model=list[SizeAt], **bearer("profiles:read", 404, 422)
+)
+async def get_sizes(
+    audience_id: uuid.UUID,
+    conn: Conn,
+    step: Literal["minute", "hour", "day"] = "hour",
+    points: Annotated[int, Query(ge=1, le=1000)] = 200,
+) -> list[dict[str, Any]]:
+    """Its size over time, from its enter / exit history: one point per step it changed in."""
+    if await audiences.read_audience(conn, audience_id) is None:
+        raise HTTPException(404, f"no audience {audience_id}")
+    return await audiences.size_history(conn, audience_id, step, points)
+
+
+class Membership(BaseModel):
+    id: str
+    name: str
+    entered_at: datetime
+
+
+@profile_router.get(
+    "/{ref}/audiences", response_model=list[Membership], **bearer("profiles:read", 400, 404, 422)
+)
+async def get_profile_audiences(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
+    """The audiences the person is in now."""
+    return await audiences.audiences_of(conn, profile_id)

@@ -17,9 +17,8 @@ from pydantic import BaseModel
 from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_stream.api.deps import Conn, cursor_at, position
+from cdp_stream.api.deps import Conn, bearer, cursor_at, position
 from cdp_stream.api.profiles import Profile
-from cdp_stream.openapi import bearer
 from cdp_stream.profiles.models import crm_contacts, crm_interactions
 
 router = APIRouter(prefix="/v1/crm", tags=["crm"])

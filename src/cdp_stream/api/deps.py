@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from cdp_stream.openapi import responses
 from cdp_stream.profiles.credentials import Token, token_for_secret
 
 _MAX_TOKENS = 10_000  # bound memory under a flood of random secrets
@@ -109,3 +110,13 @@ def position(cursor: str) -> tuple[datetime, int]:
 def in_utc(when: datetime) -> datetime:
     """``when`` in UTC (naive means UTC); OverflowError for a time Postgres cannot compare."""
     return when.astimezone(UTC) if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def bearer(scope: str, *codes: int) -> dict[str, Any]:
+    """Route keywords for an API operation that needs a token with ``scope``: the check,
+    its security requirement and its answers (401, 403, 503 and ``codes``)."""
+    return {
+        "dependencies": [Depends(require_scope(scope))],
+        "openapi_extra": {"security": [{"bearerAuth": [scope]}]},
+        "responses": responses(*sorted({401, 403, 503, *codes})),
+    }

@@ -1,4 +1,5 @@
-"""``/v1/dmp/audience-counts``: the anonymized audience counts, as published to the DMP.
+"""``/v1/dmp/audience-counts``: the anonymized audience counts, as published to the DMP;
+``/v1/dmp/anonymization``: the k, epsilon and bucket vocabularies they were made with.
 
 It serves the ``dmp_audience_counts`` rows, which hold only what the feed publishes
 (see :mod:`cdp_stream.activation.dmp`): counts already suppressed and noised, never a
@@ -12,12 +13,12 @@ import uuid
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, HTTPException, Query
-from pydantic import BaseModel
+from fastapi import APIRouter, HTTPException, Query, Request
+from pydantic import BaseModel, Field
 
 from cdp_stream.activation import dmp
-from cdp_stream.api.deps import Conn
-from cdp_stream.openapi import bearer
+from cdp_stream.api.deps import Conn, bearer
+from cdp_stream.settings import Settings
 
 router = APIRouter(prefix="/v1/dmp", tags=["dmp"])
 READ = bearer("profiles:read", 400, 404, 422)
@@ -56,3 +57,26 @@ async def get_audience_counts(
         conn, audience_id=audience, window=window, since=since, limit=limit
     )
     return {"items": items}
+
+
+class AnonymizationOut(BaseModel):
+    k: int = Field(description="buckets (and audiences) under k profiles are not published")
+    epsilon: float | None = Field(description="the Laplace noise's epsilon; null: exact counts")
+    windows: list[str]
+    dimensions: dict[str, list[str]] = Field(
+        description="each dimension's fixed vocabulary of buckets: a bucket of it missing "
+        "from a window's counts was suppressed"
+    )
+
+
+@router.get("/anonymization", response_model=AnonymizationOut, **bearer("profiles:read"))
+async def get_anonymization(request: Request) -> dict[str, Any]:
+    """How the counts are anonymized (this process's settings), so a reader can tell a
+    suppressed bucket (absent) from a small one, and knows the noise."""
+    settings: Settings = request.app.state.settings
+    return {
+        "k": settings.dmp_k,
+        "epsilon": settings.dmp_epsilon,
+        "windows": settings.dmp_windows,
+        "dimensions": {d: sorted(dmp.DIMENSIONS[d][1]) for d in settings.dmp_dimensions},
+    }

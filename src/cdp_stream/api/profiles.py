@@ -2,7 +2,9 @@
 
 ``ref`` is a profile id (a merged-away one lands on its canonical profile) or
 ``type:value`` with the value normalized as on ingestion (``email:Ada@Example.com`` finds
-``ada@example.com``).
+``ada@example.com``). Beside the profile, its timeline, identities and merges: what the
+console shows of a person (traits with when and by which source each was set, the
+identity graph, consent), and ``GET /v1/profiles?starts_with=email:ad`` for type-ahead.
 """
 
 from __future__ import annotations
@@ -14,16 +16,16 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_stream.api.deps import Conn, cursor_at, in_utc, position
+from cdp_stream.activation import dmp
+from cdp_stream.api.deps import Conn, bearer, cursor_at, in_utc, position
 from cdp_stream.bus.base import BusUnavailable
-from cdp_stream.openapi import bearer
+from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import read_only
 from cdp_stream.resolver.consumer import relay_outbox
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.resolver.unmerge import unmerge_last
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,32 @@ async def get_profile(request: Request, ref: str) -> Response:
     if profile is None:
         raise HTTPException(404, f"no profile for {ref!r}")
     return Response(orjson.dumps(profile, option=orjson.OPT_UTC_Z), media_type="application/json")
+
+
+class IdentifierMatch(IdentityOut):
+    profile_id: str
+
+
+@router.get("", response_model=list[IdentifierMatch], **bearer("profiles:read", 400, 422))
+async def search(
+    request: Request,
+    conn: Conn,
+    starts_with: Annotated[str, Query(min_length=3, description="type:prefix, e.g. email:ad")],
+    limit: Annotated[int, Query(ge=1, le=50)] = 10,
+) -> list[dict[str, Any]]:
+    """Identifiers of one type starting with a prefix (the console's type-ahead), in value
+    order; the prefix is normalized as the type's values are (lower-case for emails)."""
+    type_, _, prefix = starts_with.partition(":")
+    type_ = type_.strip().lower()
+    if not prefix or not type_:
+        raise HTTPException(422, "starts_with: type:prefix, e.g. email:ad")
+    rules: IdentityRules = request.app.state.rules
+    # Normalizing a prefix as a whole value works for the types whose normalization is
+    # per character (trimming, lower-case); others (phone numbers) are matched as typed.
+    normal = rules.normalize(type_, prefix) if type_ != "phone" else prefix.strip()
+    if not normal:
+        return []
+    return await repo.search_identifiers(conn, type_, normal, limit)
 
 
 class EventOut(BaseModel):
@@ -170,6 +198,60 @@ class MergesOut(BaseModel):
 async def get_merges(profile_id: Profile, conn: Conn) -> dict[str, Any]:
     """The merges that built this profile (undone ones too) and the links it refused."""
     return await repo.read_merges(conn, profile_id)
+
+
+class TraitOut(BaseModel):
+    name: str
+    value: Any
+    set_at: datetime = Field(description="the timestamp of the event that set it")
+    set_once: bool = Field(description="from context.traits_set_once: the oldest value wins")
+    source_id: str | None = Field(description="the source of that event (null: not found)")
+
+
+@router.get("/{ref}/traits", response_model=list[TraitOut], **READ)
+async def get_traits(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
+    """Each trait with when it was last set and by which source."""
+    return await repo.read_trait_sources(conn, profile_id)
+
+
+class Atom(BaseModel):
+    id: str = Field(description="a profile of the group (the canonical one first)")
+    created_at: datetime
+    identities: list[IdentityDetail] = Field(description="the identifiers it claimed first")
+
+
+class GraphOut(MergesOut):
+    canonical_id: str
+    atoms: list[Atom]
+
+
+@router.get("/{ref}/graph", response_model=GraphOut, **READ)
+async def get_graph(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+    """The identity graph: the profiles merged into this one with the identifiers each
+    brought, the merges that joined them, and the links refused."""
+    return await repo.read_identity_graph(conn, profile_id)
+
+
+class ConsentOut(BaseModel):
+    trait: Any = Field(description="the profile's `consent` trait (null: none)")
+    context: Any = Field(description="`context.consent` of its latest event carrying one")
+    context_at: datetime | None
+    opted_out: bool = Field(description="refused marketing or advertising: left out of the DMP")
+
+
+@router.get("/{ref}/consent", response_model=ConsentOut, **READ)
+async def get_consent(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+    """The person's consent choices, and whether the DMP feed leaves them out."""
+    profile = await repo.read_profile(conn, profile_id)
+    trait = (profile or {}).get("traits", {}).get("consent")
+    latest = await repo.latest_consent(conn, profile_id) or {"consent": None, "at": None}
+    facts = dmp.Facts(traits={"consent": trait}, context={"consent": latest["consent"]})
+    return {
+        "trait": trait,
+        "context": latest["consent"],
+        "context_at": latest["at"],
+        "opted_out": dmp.opted_out(facts),
+    }
 
 
 class UnmergeOut(BaseModel):

@@ -13,9 +13,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
-from cdp_stream.api.deps import Conn
-from cdp_stream.collector.cors import origin_pattern
-from cdp_stream.openapi import bearer
+from cdp_stream.api.deps import Conn, bearer
+from cdp_stream.origins import origin_pattern
 from cdp_stream.profiles import credentials
 
 router = APIRouter(prefix="/v1/sources", tags=["sources"])

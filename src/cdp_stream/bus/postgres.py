@@ -1,38 +1,9 @@
 """The Postgres bus: a Kafka-shaped log on tables, the durable one-box default.
 
 ``cdp-stream up`` without ``CDP_KAFKA_BOOTSTRAP`` publishes here, on the database it
-already runs (the embedded one by default). It keeps the contract of
-:mod:`cdp_stream.bus.base`, checked with the other buses by ``tests/bus/test_contract.py``:
-
-* **Acknowledged = committed.** A write is one statement (for the publishes of one
-  moment): it moves the offset counter of every partition it writes in
-  ``bus_partitions`` and inserts the records at the offsets it took. The counter's row
-  lock is held until the commit, so offsets are handed out in commit order without gaps:
-  a reader never passes an offset that a transaction still in flight will fill later.
-  ``publish`` returns only after the commit (``synchronous_commit``: on disk), so a kill
-  -9 loses nothing it acknowledged.
-* **Partitions by key** with Kafka's murmur2 (:func:`~cdp_stream.bus.memory.partition_for_key`).
-* **Consumer groups.** Membership is Postgres session advisory locks, held on each
-  member's own connection: a member takes the lowest free *slot* of its group, deals the
-  subscribed partitions round-robin over the live slots (by rank) and locks the partitions
-  that fall to it. A member that stops, crashes or is killed loses its connection, and
-  Postgres releases its locks at once: the others take its partitions over on their next
-  look (every ``rebalance_interval_s``). A member that is alive but stuck keeps its
-  partitions (there is no poll deadline as in Kafka).
-* **Commits** are ``bus_offsets`` rows, written on the member's connection and only for
-  partitions it holds; anything else is refused with a warning, and a new owner starts at
-  the committed offset, so uncommitted records are delivered again.
-* **Bounded.** Records every group reading a topic has committed past are deleted (by a
-  housekeeping task in each bus), once they are older than ``retention_s``. A topic no
-  group reads keeps its records for ``retention_s`` only. Past ``max_backlog`` records
-  that some group has not committed yet, ``publish`` raises :class:`BusUnavailable` (the
-  collector answers 503 with Retry-After); the figure is refreshed every housekeeping
-  round, so it may be passed by what arrives within one round.
-
-Consumers are woken by ``NOTIFY`` at every publish, with a short poll as a safety net.
-A record is kept at least ``retention_s`` after it was appended (for records older than
-this process, counted from its start). Not promised: Kafka's rates (see
-``benchmarks/embedded.py`` for when to move to Kafka).
+already runs; it keeps the contract of :mod:`cdp_stream.bus.base`. How acknowledgement,
+partitions, consumer groups, commits and the bounds work on Postgres (what "the module
+docstring" below refers to) is specified in docs/postgres-bus.md.
 """
 
 from __future__ import annotations

@@ -13,11 +13,8 @@ origin; the request that follows is judged by its own source.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
-
-_PATTERN = re.compile(r"^(\*|https?://(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?(:\d{1,5})?)$")
 
 # The request headers the web libraries send, by name: a ``*`` would not cover
 # ``Authorization``. analytics.js 2.0 adds X-Retry-Count on retries; RudderStack's SDK v3
@@ -41,17 +38,6 @@ PREFLIGHT_HEADERS = {
     "Access-Control-Allow-Headers": ", ".join(ALLOWED_REQUEST_HEADERS),
     "Access-Control-Max-Age": "600",
 }
-
-
-def origin_pattern(value: str) -> str:
-    """``value`` normalized (lower case, no trailing slash), or ValueError saying why."""
-    pattern = value.strip().lower().rstrip("/")
-    if not _PATTERN.match(pattern):
-        raise ValueError(
-            f"{value!r} is not an origin pattern: use scheme://host[:port], "
-            "scheme://*.domain[:port] or *"
-        )
-    return pattern
 
 
 def _split(origin: str) -> tuple[str, str, int | None] | None:

@@ -24,8 +24,8 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-ORDER_EVENTS = frozenset({"order completed", "order refunded", "checkout started"})
-PRODUCT_EVENTS = frozenset({"product viewed", "product added"})
+from cdp_stream.event_names import ORDER_EVENTS, PRODUCT_EVENTS, name_key
+
 MONEY_FIELDS = ("revenue", "total", "subtotal", "shipping", "tax", "discount")
 MAX_REASONS = 5
 
@@ -38,7 +38,7 @@ def ecommerce_violation(event: Mapping[str, Any]) -> str | None:
     name = event.get("event")
     if event.get("type") != "track" or not isinstance(name, str):
         return None
-    lowered = name.strip().lower()
+    lowered = name_key(name)
     if lowered not in ORDER_EVENTS and lowered not in PRODUCT_EVENTS:
         return None
     properties = event.get("properties")

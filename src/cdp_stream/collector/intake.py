@@ -24,41 +24,15 @@ from pydantic import ValidationError
 
 from cdp_stream.collector._json import BadRequest
 from cdp_stream.collector.ecommerce import ecommerce_violation
+from cdp_stream.event_names import EMAIL_EVENTS, PURCHASE_EVENTS, name_key
 from cdp_stream.events import EVENT_TYPES, MODELS, Batch, Channel
-from cdp_stream.resolver.identity import ANONYMOUS_ID, USER_ID, IdentityRules
+from cdp_stream.identity import ANONYMOUS_ID, USER_ID, IdentityRules
 from cdp_stream.settings import Settings
+from cdp_stream.timestamps import utc_text
 
 # A client clock this far ahead, or a time before this, is not believed.
 FUTURE_TOLERANCE = timedelta(days=1)
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
-
-# Segment's e-commerce and email spec event names (lower-cased) that set the channel.
-PURCHASE_EVENTS = frozenset(
-    {
-        "order completed",
-        "order updated",
-        "order refunded",
-        "order cancelled",
-        "checkout started",
-        "checkout step completed",
-        "payment info entered",
-        "product viewed",
-        "product added",
-        "product removed",
-        "cart viewed",
-    }
-)
-EMAIL_EVENTS = frozenset(
-    {
-        "email sent",
-        "email delivered",
-        "email opened",
-        "email link clicked",
-        "email bounced",
-        "email marked as spam",
-        "unsubscribed",
-    }
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,7 +89,7 @@ def intake(
         items, defaults = [body], {}
 
     result = IntakeResult()
-    server = _Server(source_id, received_at, _iso(received_at), ip, user_agent)
+    server = _Server(source_id, received_at, utc_text(received_at), ip, user_agent)
     for index, raw in enumerate(items):
         event = _with_defaults(raw, defaults)
         try:
@@ -200,10 +174,10 @@ def _enrich(event: Any, endpoint: str, server: _Server) -> dict[str, Any]:
     timestamp, untrusted = _event_time(
         model.timestamp, model.originalTimestamp, model.sentAt, server.received_at
     )
-    out["timestamp"] = _iso(timestamp)
+    out["timestamp"] = utc_text(timestamp)
     out["receivedAt"] = server.received_iso
     if model.sentAt is not None:
-        out["sentAt"] = _iso(_utc(model.sentAt))
+        out["sentAt"] = utc_text(_utc(model.sentAt))
     original = event.get("originalTimestamp", event.get("timestamp"))
     if original is not None:
         out["originalTimestamp"] = original
@@ -256,22 +230,6 @@ def _event_time(
     return when, False
 
 
-def _iso(value: datetime) -> str:
-    """Fixed-width UTC, sortable as text: ``2026-01-02T03:04:05.000006Z``. (Formatted by
-    hand: twice as fast as ``isoformat``, and it runs for every event.)"""
-    if value.tzinfo is not UTC:
-        value = value.astimezone(UTC)
-    return "%04d-%02d-%02dT%02d:%02d:%02d.%06dZ" % (  # noqa: UP031 (faster than format)
-        value.year,
-        value.month,
-        value.day,
-        value.hour,
-        value.minute,
-        value.second,
-        value.microsecond,
-    )
-
-
 def _generated_message_id(source_id: str, event: Mapping[str, Any]) -> str:
     """A messageId for an event that has none.
 
@@ -290,7 +248,7 @@ def channel_of(event: Mapping[str, Any]) -> Channel:
     """website / email / purchase / other, from the event's type, name and context."""
     name = event.get("event")
     if event.get("type") == "track" and isinstance(name, str):
-        lowered = name.strip().lower()
+        lowered = name_key(name)
         if lowered in PURCHASE_EVENTS:
             return "purchase"
         if lowered in EMAIL_EVENTS:
@@ -377,7 +335,7 @@ def rejection_record(
     return _dumps_any(
         {
             "sourceId": source_id,
-            "receivedAt": _iso(received_at),
+            "receivedAt": utc_text(received_at),
             "endpoint": endpoint,
             "index": index,
             "messageId": _message_id(raw),

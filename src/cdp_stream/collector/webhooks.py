@@ -1,40 +1,10 @@
 """Email provider event webhooks: ``POST /v1/webhooks/{sendgrid,mailgun}/{write_key}``.
 
 The provider's events become Segment email spec ``track`` events and then take the
-collector's own path: the same validation and enrichment (:func:`intake`), the same
-topics, the same answer rules (200 only after the broker acknowledged every record; 503 with
-Retry-After, which both providers retry, when it could not).
-
-A request goes: bounded read -> signature check (403 and nothing published when it fails
-or no key is configured) -> strict JSON -> the path's write key (401 when unknown) ->
-translate each provider event -> ``intake`` -> publish.
-
-Decisions:
-
-* **Who.** The recipient's address goes to ``context.traits.email`` (the resolver's email
-  identifier). The collector requires a userId or an anonymousId and a provider does not
-  know our userIds, so ``anonymousId`` is ``"email-sha256:" + sha256(lower(trim(email)))``:
-  one stable pseudonymous id per recipient, the same for both providers. A per-message id
-  (``sg_message_id``, Mailgun's Message-Id) was rejected: every email sent would add one
-  more anonymous id to the recipient's profile, soon over the per-type identifier limit.
-* **messageId** is the provider's event id (``sg_event_id``, ``event-data.id``), so a
-  provider's retry of the same event is deduplicated by the resolver. ``timestamp`` is the
-  provider's event time.
-* **Mapping.** SendGrid: delivered, open, click, bounce, spamreport, unsubscribe and
-  group_unsubscribe. Mailgun: delivered, opened, clicked, failed with severity
-  ``permanent``, complained, unsubscribed. Everything else -- provider-internal steps
-  (SendGrid processed/deferred/dropped, Mailgun accepted/stored/temporary failures) and
-  event types unknown to us -- is published to ``cdp.events.rejected`` with its reason,
-  never silently dropped; the request still answers 200 (the provider must not retry).
-* The whole provider event is kept under ``properties.sendgrid`` / ``properties.mailgun``.
-* **Replays.** Mailgun: a signature older than :data:`MAILGUN_MAX_AGE_S` (or as far in the
-  future) is refused, and a token is accepted once: the tokens seen are remembered in
-  memory per process (an LRU bounded by count and by the age window), so a replay to
-  another collector replica within the window is not caught there -- it is then still
-  harmless, the messageId dedupe makes the copy a no-op. A token is only remembered once
-  its events were published, so the provider's retry after our 503 goes through. SendGrid
-  signs the timestamp too but documents no freshness rule; its replays are caught by the
-  messageId dedupe alone.
+collector's own path (:func:`intake`, the same topics and answer rules). A request goes:
+bounded read -> signature check -> strict JSON -> the path's write key -> translate each
+provider event -> ``intake`` -> publish. The decisions (who the recipient is, messageIds,
+the mapping, replays) are specified in docs/email-webhooks.md.
 """
 
 from __future__ import annotations
@@ -62,6 +32,14 @@ from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.intake import intake, rejection_record
 from cdp_stream.collector.routes import bus_unavailable, error_response, read_body
+from cdp_stream.event_names import (
+    EMAIL_BOUNCED,
+    EMAIL_DELIVERED,
+    EMAIL_LINK_CLICKED,
+    EMAIL_MARKED_AS_SPAM,
+    EMAIL_OPENED,
+    UNSUBSCRIBED,
+)
 from cdp_stream.openapi import Error, WebhookAccepted, responses
 from cdp_stream.settings import Settings
 
@@ -73,21 +51,21 @@ MAILGUN_MAX_AGE_S = 300.0
 MAILGUN_TOKENS_KEPT = 100_000
 
 SENDGRID_EVENTS = {
-    "delivered": "Email Delivered",
-    "open": "Email Opened",
-    "click": "Email Link Clicked",
-    "bounce": "Email Bounced",
-    "spamreport": "Email Marked as Spam",
-    "unsubscribe": "Unsubscribed",
-    "group_unsubscribe": "Unsubscribed",
+    "delivered": EMAIL_DELIVERED,
+    "open": EMAIL_OPENED,
+    "click": EMAIL_LINK_CLICKED,
+    "bounce": EMAIL_BOUNCED,
+    "spamreport": EMAIL_MARKED_AS_SPAM,
+    "unsubscribe": UNSUBSCRIBED,
+    "group_unsubscribe": UNSUBSCRIBED,
 }
 SENDGRID_NOT_TRACKED = frozenset({"processed", "deferred", "dropped"})
 MAILGUN_EVENTS = {
-    "delivered": "Email Delivered",
-    "opened": "Email Opened",
-    "clicked": "Email Link Clicked",
-    "complained": "Email Marked as Spam",
-    "unsubscribed": "Unsubscribed",
+    "delivered": EMAIL_DELIVERED,
+    "opened": EMAIL_OPENED,
+    "clicked": EMAIL_LINK_CLICKED,
+    "complained": EMAIL_MARKED_AS_SPAM,
+    "unsubscribed": UNSUBSCRIBED,
 }
 MAILGUN_NOT_TRACKED = frozenset({"accepted", "rejected", "stored", "list_member_uploaded"})
 
@@ -253,7 +231,7 @@ def mailgun_event(data: Any) -> dict[str, Any]:
             raise _Untracked(
                 f"Mailgun failure of severity {data.get('severity')!r} is not a bounce"
             )
-        name: str | None = "Email Bounced"
+        name: str | None = EMAIL_BOUNCED
     else:
         name = MAILGUN_EVENTS.get(kind) if isinstance(kind, str) else None
     if name is None:

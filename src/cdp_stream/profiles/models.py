@@ -161,6 +161,8 @@ events = Table(
     Column("origin_profile_id", UUID(as_uuid=True), nullable=False),
     UniqueConstraint("source_id", "message_id", name="events_source_message_key"),
     Index("events_profile_timeline_idx", "profile_id", "timestamp", "id"),
+    # The last hour's events (GET /v1/status): rows arrive in this order (migration 0012).
+    Index("events_received_at_brin", "received_at", postgresql_using="brin"),
 )
 
 # Every order report (Order Completed / Order Refunded event) once, attached to a profile

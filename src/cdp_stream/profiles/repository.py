@@ -32,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql import Subquery
 from sqlalchemy.types import TypeEngine
 
+from cdp_stream.identity import Identifier
 from cdp_stream.profiles.models import (
     audience_changes,
     audience_members,
@@ -46,10 +47,10 @@ from cdp_stream.profiles.models import (
     profiles,
     suppressed_identifiers,
 )
-from cdp_stream.profiles.suppression import SuppressionKeys, sealed_rows
-from cdp_stream.resolver.identity import Identifier
+from cdp_stream.profiles.suppression import sealed_rows
 from cdp_stream.resolver.orders import Fact, fields
 from cdp_stream.resolver.traits import view as trait_view
+from cdp_stream.sealing import SuppressionKeys
 
 T = TypeVar("T")
 
@@ -838,3 +839,116 @@ async def identity_counters(conn: AsyncConnection) -> dict[str, int]:
         )
     ).one()
     return dict(row._mapping)
+
+
+# --- reads, for the console ------------------------------------------------------------
+
+
+async def read_trait_sources(conn: AsyncConnection, profile_id: uuid.UUID) -> list[dict[str, Any]]:
+    """Each trait the profile shows, with when it was last set (the timestamp of the event
+    that set it, as ``trait_state`` keeps it) and the source of that event: the profile's
+    event at that timestamp that carries the trait (its timeline index finds them)."""
+    state = (
+        await conn.execute(select(profiles.c.trait_state).where(profiles.c.id == profile_id))
+    ).scalar_one_or_none() or {}
+    shown: dict[str, tuple[str, Any, bool]] = {
+        name: (ts, value, True) for name, (ts, value) in state.get("once", {}).items()
+    }
+    shown.update({name: (ts, value, False) for name, (ts, value) in state.get("set", {}).items()})
+    stamps = {ts: datetime.fromisoformat(ts.replace("Z", "+00:00")) for ts, _, _ in shown.values()}
+    rows = await conn.execute(
+        select(events.c.timestamp, events.c.source_id, events.c.payload).where(
+            events.c.profile_id == profile_id, events.c.timestamp.in_(set(stamps.values()))
+        )
+    )
+    carried: dict[tuple[datetime, str], str] = {}
+    for row in rows:
+        context = row.payload.get("context") or {}
+        names = {
+            *(row.payload.get("traits") or {}),
+            *(context.get("traits") or {}),
+            *(context.get("traits_set_once") or {}),
+        }
+        for name in names:
+            carried.setdefault((row.timestamp, name), row.source_id)
+    return [
+        {
+            "name": name,
+            "value": value,
+            "set_at": stamps[ts],
+            "set_once": once,
+            "source_id": carried.get((stamps[ts], name)),
+        }
+        for name, (ts, value, once) in sorted(shown.items())
+    ]
+
+
+async def read_identity_graph(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any]:
+    """The canonical profile's group as a graph: each profile merged into it (and itself)
+    with the identifiers it first claimed, the merges that joined them, the refused links."""
+    members = await conn.execute(
+        select(profiles.c.id, profiles.c.created_at)
+        .where((profiles.c.id == profile_id) | (profiles.c.merged_into == profile_id))
+        .order_by(profiles.c.created_at, profiles.c.id)
+    )
+    claimed = await conn.execute(
+        select(
+            identities.c.type, identities.c.value, identities.c.claimed_by, identities.c.created_at
+        )
+        .where(identities.c.profile_id == profile_id)
+        .order_by(identities.c.type, identities.c.value)
+    )
+    by_atom: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    for r in claimed:
+        by_atom.setdefault(r.claimed_by, []).append(
+            {"type": r.type, "value": r.value, "created_at": r.created_at}
+        )
+    atoms = [
+        {"id": str(r.id), "created_at": r.created_at, "identities": by_atom.pop(r.id, [])}
+        for r in members
+    ]
+    # Identifiers claimed by a profile no longer in the group (an unmerge moved it away
+    # and an event brought the identifier back) are shown on the canonical one.
+    atoms[0]["identities"] += [i for rest in by_atom.values() for i in rest]
+    return {"canonical_id": str(profile_id), "atoms": atoms, **await read_merges(conn, profile_id)}
+
+
+async def search_identifiers(
+    conn: AsyncConnection, type_: str, prefix: str, limit: int
+) -> list[dict[str, Any]]:
+    """Identifiers of ``type_`` starting with ``prefix`` (the type-ahead), in value order:
+    a range scan of the identities primary key, so it costs ``limit`` rows, not a scan."""
+    rows = await conn.execute(
+        select(identities.c.type, identities.c.value, identities.c.profile_id)
+        .where(
+            identities.c.type == type_,
+            identities.c.value >= prefix,
+            identities.c.value < prefix + "\U0010ffff",
+            func.starts_with(identities.c.value, prefix),
+        )
+        .order_by(identities.c.value)
+        .limit(limit)
+    )
+    return [{**r._mapping, "profile_id": str(r.profile_id)} for r in rows]
+
+
+async def events_received_since(conn: AsyncConnection, since: datetime) -> int:
+    """Events stored whose collector received them at or after ``since``."""
+    count: int = (
+        await conn.execute(select(func.count()).where(events.c.received_at >= since))
+    ).scalar_one()
+    return count
+
+
+async def latest_consent(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any] | None:
+    """``context.consent`` of the profile's latest event carrying one, with its time."""
+    consent = events.c.payload[("context", "consent")]
+    row = (
+        await conn.execute(
+            select(consent.label("consent"), events.c.timestamp)
+            .where(events.c.profile_id == profile_id, consent.is_not(None))
+            .order_by(events.c.timestamp.desc(), events.c.id.desc())
+            .limit(1)
+        )
+    ).one_or_none()
+    return None if row is None else {"consent": row.consent, "at": row.timestamp}

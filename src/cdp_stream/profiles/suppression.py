@@ -22,83 +22,23 @@ by each process would not match the others' and no key at all leaves the table r
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESSIV
 from pydantic import SecretStr
 from sqlalchemy import delete, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.profiles.models import suppressed_identifiers
+from cdp_stream.sealing import SuppressionKeys
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
 
 KEY_FILE = "suppression.key"
-
-
-@dataclass(frozen=True)
-class _Key:
-    id: str
-    siv: AESSIV
-
-    @classmethod
-    def of(cls, secret: str) -> _Key:
-        material = secret.encode()
-        key_id = hmac.new(material, b"cdp-suppression-key-id", hashlib.sha256).hexdigest()[:12]
-        return cls(key_id, AESSIV(hashlib.sha512(material).digest()))
-
-    def seal(self, inner: bytes) -> str:
-        return self.siv.encrypt(inner, None).hex()
-
-    def open(self, sealed: str) -> bytes | None:
-        try:
-            return self.siv.decrypt(bytes.fromhex(sealed), None)
-        except (InvalidTag, ValueError):
-            return None
-
-
-def _inner(type_: str, value: str) -> bytes:
-    return hashlib.sha256(f"{type_}\x1f{value}".encode()).digest()
-
-
-@dataclass(frozen=True)
-class SuppressionKeys:
-    """The current key (None: unkeyed, plain SHA-256) and the keys being rotated out."""
-
-    current: _Key | None = None
-    old: tuple[_Key, ...] = field(default=())
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> SuppressionKeys:
-        current = settings.suppression_key
-        return cls(
-            _Key.of(current.get_secret_value()) if current else None,
-            tuple(_Key.of(k.get_secret_value()) for k in settings.suppression_old_keys),
-        )
-
-    @property
-    def key_id(self) -> str | None:
-        return self.current.id if self.current else None
-
-    def seal(self, type_: str, value: str) -> str:
-        """How a deletion stores the identifier now."""
-        inner = _inner(type_, value)
-        return self.current.seal(inner) if self.current else inner.hex()
-
-    def candidates(self, type_: str, value: str) -> list[str]:
-        """Every form a stored row for the identifier may have (see the module docstring)."""
-        inner = _inner(type_, value)
-        keys = [self.current] if self.current else []
-        return [k.seal(inner) for k in [*keys, *self.old]] + [inner.hex()]
 
 
 async def rekey(conn: AsyncConnection, keys: SuppressionKeys, batch: int = 1000) -> int:

@@ -55,11 +55,12 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import RetryTransaction
 from cdp_stream.profiles.repository import EventRow, OrderRow, ProfileState, Refusal, Update
 from cdp_stream.resolver import computed, orders, traits
-from cdp_stream.resolver.identity import Identifier, IdentityRules
+from cdp_stream.timestamps import event_time
 
 
 class StaleRead(RetryTransaction):
@@ -80,15 +81,6 @@ class BatchResult:
 # updates; Postgres's text of an event is a little longer than its JSON here): far under
 # Kafka's default 1 MiB message limit whatever a batch holds.
 UPDATE_EVENTS_BYTES = 256 * 1024
-
-
-def event_time(value: str) -> tuple[datetime, str]:
-    """The event time as a datetime and as a fixed-width UTC string that sorts correctly
-    (the collector writes that form already: then it is kept, not formatted again)."""
-    dt = datetime.fromisoformat(value.replace("Z", "+00:00")).astimezone(UTC)
-    if len(value) == 27 and value[26] == "Z" and value[19] == ".":
-        return dt, value
-    return dt, dt.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 @dataclass

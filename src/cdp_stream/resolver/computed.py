@@ -1,27 +1,9 @@
 """Computed traits: a commutative, associative merge, so arrival order never matters.
 
 ``of_event`` turns one event into the computed value of a profile that saw only it;
-``merge`` combines two computed values and ``fold`` adds one into another in place (the
-resolver folds a batch's events once per profile). Folding an event and merging two
-profiles are one rule: a profile built from any interleaving of its events, and of
-merges, ends the same. Pure, no I/O.
-
-Fields (timestamps are fixed-width UTC strings, so they compare as text):
-
-* ``event_count``; ``first_seen`` / ``last_seen`` (min / max event timestamp)
-* ``page_views`` (``page`` events); ``email_opens``, ``email_clicks``, ``email_bounces``
-  (track ``Email Opened`` / ``Email Link Clicked`` / ``Email Bounced``, any case)
-* ``last_order_at``: the latest ``Order Completed`` event
-* ``first_touch`` / ``last_touch``: ``{"at", "source", "medium", "campaign", "referrer"}``
-  of the earliest / latest event carrying a campaign (``context.campaign``) or a referrer
-  (``context.page.referrer``); ties broken by messageId, then content.
-* ``channels``: the sorted set of channels seen.
-
-The money fields (``orders``, ``order_count``, ``currency``, ``total_revenue``,
-``average_order_value``: :data:`ORDER_FIELDS`) are not folded here: every order report is
-a row of its own (``orders.py``) and the profile holds only their totals, so a profile
-with thousands of orders stays small. ``merge`` and ``fold`` leave those fields as the
-first argument has them; the resolver recomputes them from the order rows.
+``merge`` combines two and ``fold`` adds one into another in place (the resolver folds a
+batch's events once per profile). Pure, no I/O. Each field and its rule:
+docs/computed-traits.md.
 """
 
 from __future__ import annotations
@@ -31,13 +13,20 @@ from typing import Any
 
 import orjson
 
-from cdp_stream.resolver import as_mapping
+from cdp_stream.event_names import (
+    EMAIL_BOUNCED,
+    EMAIL_LINK_CLICKED,
+    EMAIL_OPENED,
+    ORDER_COMPLETED,
+    name_key,
+)
+from cdp_stream.payload import as_mapping
 
 _COUNTERS = ("event_count", "page_views", "email_opens", "email_clicks", "email_bounces")
-_EMAIL_EVENTS = {
-    "email opened": "email_opens",
-    "email link clicked": "email_clicks",
-    "email bounced": "email_bounces",
+_EMAIL_COUNTERS = {
+    name_key(EMAIL_OPENED): "email_opens",
+    name_key(EMAIL_LINK_CLICKED): "email_clicks",
+    name_key(EMAIL_BOUNCED): "email_bounces",
 }
 
 
@@ -51,10 +40,10 @@ def of_event(event: Mapping[str, Any], ts: str) -> dict[str, Any]:
     if event.get("type") == "page":
         out["page_views"] = 1
     name = event.get("event")
-    lowered = name.strip().lower() if event.get("type") == "track" and isinstance(name, str) else ""
-    if lowered in _EMAIL_EVENTS:
-        out[_EMAIL_EVENTS[lowered]] = 1
-    elif lowered == "order completed":
+    lowered = name_key(name) if event.get("type") == "track" and isinstance(name, str) else ""
+    if lowered in _EMAIL_COUNTERS:
+        out[_EMAIL_COUNTERS[lowered]] = 1
+    elif lowered == name_key(ORDER_COMPLETED):
         out["last_order_at"] = ts
     touch = _touch(event, ts)
     if touch is not None:

@@ -42,12 +42,12 @@ from cdp_stream.bus.base import (
     rejoin,
 )
 from cdp_stream.events import Event
+from cdp_stream.identity import IdentityRules
 from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import Stopping, retrying
 from cdp_stream.profiles.suppression import rekey
 from cdp_stream.resolver.batch import BatchResult, Prepared, apply_prepared, prepare
-from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -32,9 +32,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from cdp_stream.resolver import as_mapping
+from cdp_stream.event_names import ORDER_COMPLETED, ORDER_REFUNDED, name_key
+from cdp_stream.payload import as_mapping
 
 _MICROS = 1_000_000
+_COMPLETED = name_key(ORDER_COMPLETED)
+_REPORTS = (_COMPLETED, name_key(ORDER_REFUNDED))
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,14 +57,14 @@ def fact_of(event: Mapping[str, Any]) -> Fact | None:
     name = event.get("event")
     if event.get("type") != "track" or not isinstance(name, str):
         return None
-    lowered = name.strip().lower()
-    if lowered not in ("order completed", "order refunded"):
+    lowered = name_key(name)
+    if lowered not in _REPORTS:
         return None
     properties = as_mapping(event.get("properties"))
     amount = properties.get("revenue", properties.get("total"))
     currency = _currency(properties.get("currency"))
     order_id = _order_id(properties.get("order_id"))
-    if lowered == "order completed":
+    if lowered == _COMPLETED:
         return Fact("order", order_id, currency, _money(amount))
     if _is_number(amount):
         return Fact("refund", order_id, currency, abs(_money(amount)))

@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from cdp_stream.resolver import as_mapping
+from cdp_stream.payload import as_mapping
 
 # {"set": {name: [ts, value]}, "once": {name: [ts, value]}}
 TraitState = dict[str, dict[str, list[Any]]]

@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.repository import ProfileState
 from cdp_stream.resolver import computed, traits
-from cdp_stream.resolver.batch import event_time
+from cdp_stream.timestamps import event_time
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,12 @@
 // Drives Debian's Chromium with playwright-core for the Python tests (tests/collector/chromium.py).
 // One JSON command per stdin line, one JSON answer per stdout line: {id, value} or {id, error}.
+import { readFileSync } from "node:fs";
+import { createRequire } from "node:module";
 import { createInterface } from "node:readline";
 import { chromium } from "playwright-core";
+
+// axe-core (npm), run inside a page for the console's accessibility checks.
+const AXE = readFileSync(createRequire(import.meta.url).resolve("axe-core/axe.min.js"), "utf8");
 
 const browser = await chromium.launch({
   executablePath: process.env.CDP_CHROMIUM || "/usr/bin/chromium",
@@ -36,7 +41,10 @@ const ops = {
   async page({ context }) {
     const id = `p${next++}`;
     const page = await contexts.get(context).newPage();
-    page.on("console", (m) => log.push(`[${id}] ${m.type()}: ${m.text()}`));
+    page.on("console", (m) => {
+      const where = m.location().url; // which request, for the browser's own failed-load lines
+      log.push(`[${id}] ${m.type()}: ${m.text()}${where ? ` <${where}>` : ""}`);
+    });
     page.on("pageerror", (e) => log.push(`[${id}] pageerror: ${e.message}`));
     requests.set(id, []);
     const ended = (status, r) => requests.get(id).push(`${status} ${r.method()} ${r.url()}`);
@@ -62,6 +70,45 @@ const ops = {
     await pages.get(page).close({ runBeforeUnload: true });
     pages.delete(page);
     return true;
+  },
+  // As a user does it: wait for the element, then click / type into it / pick an option.
+  async click({ page, selector }) {
+    await pages.get(page).locator(selector).click();
+    return true;
+  },
+  async fill({ page, selector, value }) {
+    await pages.get(page).locator(selector).fill(value);
+    return true;
+  },
+  async select({ page, selector, value }) {
+    await pages.get(page).locator(selector).selectOption(value);
+    return true;
+  },
+  async press({ page, key }) {
+    await pages.get(page).keyboard.press(key);
+    return true;
+  },
+  // The text of the first element matching, once it is visible (or only in the document:
+  // state "attached") and holds ``text``, if given.
+  async text({ page, selector, text, timeout, state }) {
+    const found = pages.get(page).locator(selector, text ? { hasText: text } : {}).first();
+    await found.waitFor({ state: state || "visible", timeout: timeout || 15000 });
+    return await found.textContent();
+  },
+  async screenshot({ page, path }) {
+    await pages.get(page).screenshot({ path, fullPage: true });
+    return path;
+  },
+  // axe-core's violations of the given rule tags on the page as it is now.
+  async axe({ page, tags }) {
+    const p = pages.get(page);
+    if (!(await p.evaluate("typeof window.axe === 'object'"))) await p.evaluate(AXE);
+    const result = await p.evaluate((only) => window.axe.run(document, { runOnly: only }), tags);
+    return result.violations.map((v) => ({
+      id: v.id,
+      help: v.help,
+      nodes: v.nodes.map((n) => n.target.join(" ")),
+    }));
   },
   async cookies({ context }) {
     return await contexts.get(context).cookies();

@@ -13,8 +13,8 @@ from typing import Any, NamedTuple
 
 import phonenumbers
 
-from cdp_stream.profiles.suppression import SuppressionKeys
-from cdp_stream.resolver import as_mapping
+from cdp_stream.payload import as_mapping
+from cdp_stream.sealing import SuppressionKeys
 from cdp_stream.settings import Settings
 
 USER_ID = "user_id"

@@ -4,7 +4,7 @@
 task. Neither raises into the caller: problems are logged and counted in ``stats``.
 """
 
-from cdp_stream.sdk.aio import AsyncClient
-from cdp_stream.sdk.client import Client, Stats
+from cdp_stream_sdk.aio import AsyncClient
+from cdp_stream_sdk.client import Client, Stats
 
 __all__ = ["AsyncClient", "Client", "Stats"]

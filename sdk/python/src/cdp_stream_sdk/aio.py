@@ -1,4 +1,4 @@
-"""The asyncio variant of :class:`cdp_stream.sdk.Client`: same batching, limits, retries
+"""The asyncio variant of :class:`cdp_stream_sdk.Client`: same batching, limits, retries
 and counters, on a task of the running loop instead of a thread.
 
 ``await client.track(...)`` only queues (it never waits for the network and never raises);
@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from cdp_stream.sdk.client import (
+from cdp_stream_sdk.client import (
     DEFAULT_BATCH_BYTES,
     MAX_EVENT_BYTES,
     _Messages,
@@ -27,7 +27,7 @@ from cdp_stream.sdk.client import (
     handle_response,
 )
 
-log = logging.getLogger("cdp_stream.sdk")
+log = logging.getLogger("cdp_stream_sdk")
 
 
 class AsyncClient(_Messages):

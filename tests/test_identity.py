@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdp_stream.resolver.identity import Identifier, IdentityRules
+from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
 
 RULES = IdentityRules.from_settings(Settings())

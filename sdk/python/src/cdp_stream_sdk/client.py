@@ -33,7 +33,7 @@ from typing import Any
 
 import httpx
 
-log = logging.getLogger("cdp_stream.sdk")
+log = logging.getLogger("cdp_stream_sdk")
 
 LIBRARY = {"name": "cdp-stream-python", "version": "0.1.0"}
 
