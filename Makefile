@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml sdk/python/pyproject.toml
 
 install: $(STAMP)
 
-## browser: Debian's Chromium, playwright-core and the web libraries the drop-in tests run (npm)
+## browser: Debian's Chromium and, from npm, playwright-core, axe-core (console) and the web libraries the drop-in tests run
 browser: $(BROWSER_STAMP)
 
 $(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json
