@@ -321,7 +321,11 @@ async def test_refused_merge(api: httpx.AsyncClient, db: AsyncEngine) -> None:
     assert refusal["other_profile_id"] == p1["id"]
     assert "at most 1" in refusal["reason"]
     assert (refusal["source_id"], refusal["message_id"]) == (SOURCE, second["messageId"])
-    assert (await get(api, f"/v1/profiles/user_id:{u1}/merges")) == {"merges": [], "refusals": []}
+    assert (await get(api, f"/v1/profiles/user_id:{u1}/merges")) == {
+        "merges": [],
+        "refusals": [],
+        "splits": [],
+    }
 
     metrics = await counters(api)
     assert metrics["cdp_identity_refusals_total"] >= 1

@@ -76,6 +76,9 @@ class BatchResult:
     refusals: int = 0
 
 
+# Why a link between two groups an operator split is refused (``repo.record_split``).
+SPLIT_REASON = "split by an operator (DELETE /v1/profiles/{ref}/splits/{other} allows the link)"
+
 # A profile update carries its events up to this many bytes of them (the rest go in more
 # updates; Postgres's text of an event is a little longer than its JSON here): far under
 # Kafka's default 1 MiB message limit whatever a batch holds.
@@ -100,6 +103,7 @@ class _Graph:
     members: dict[uuid.UUID, set[Identifier]]
     states: dict[uuid.UUID, ProfileState]
     created: dict[uuid.UUID, datetime]
+    splits: list[tuple[uuid.UUID, uuid.UUID]] = field(default_factory=list)
     redirect: dict[uuid.UUID, uuid.UUID] = field(default_factory=dict)
     new_profiles: list[uuid.UUID] = field(default_factory=list)
     claims: list[tuple[Identifier, uuid.UUID]] = field(default_factory=list)
@@ -124,6 +128,25 @@ class _Graph:
             if counts[type_] > self.rules.limit(type_):
                 return type_
         return None
+
+    def split(self, a: uuid.UUID, b: uuid.UUID) -> bool:
+        """Whether an operator split the groups of canonical profiles ``a`` and ``b``."""
+        return any({self.find(x), self.find(y)} == {a, b} for x, y in self.splits)
+
+    def refusal(
+        self,
+        group: uuid.UUID | None,
+        other: uuid.UUID | None,
+        current: set[Identifier],
+        ident: Identifier,
+    ) -> str | None:
+        """Why the group may not take ``ident`` (with ``other``'s profile), or None."""
+        if group is not None and other is not None and self.split(group, other):
+            return SPLIT_REASON
+        broken = self.exceeded(current, self.members[other] if other else {ident})
+        if broken is None:
+            return None
+        return f"a profile may hold at most {self.rules.limit(broken)} {broken} value(s)"
 
     def new_profile(self, now: datetime) -> uuid.UUID:
         pid = uuid.uuid4()
@@ -169,9 +192,9 @@ class _Graph:
             current = self.members[group] if group else set()
             if pending:
                 current = current.union(pending)
-            broken = self.exceeded(current, self.members[other] if other else {ident})
-            if broken is not None:
-                refused.append((ident, other, broken))
+            reason = self.refusal(group, other, current, ident)
+            if reason is not None:
+                refused.append((ident, other, reason))
             elif other is None:
                 pending.append(ident)
             elif group is None:
@@ -182,9 +205,7 @@ class _Graph:
             group = self.new_profile(now)
         for ident in pending:
             self.claim(ident, group)
-        for ident, other, broken in refused:
-            limit = self.rules.limit(broken)
-            reason = f"a profile may hold at most {limit} {broken} value(s)"
+        for ident, other, reason in refused:
             self.refusals.append(Refusal(group, ident, other, reason, *key))
         return group
 
@@ -244,7 +265,8 @@ async def apply_prepared(
     read = await repo.batch_reads(conn, [p.key for p in batch], every_id, rules.suppression)
     seen, owner, gone = read.stored, read.owners, read.suppressed
     loaded = await repo.lock_profiles(conn, set(owner.values()))
-    members = await repo.identities_of(conn, list(loaded))  # now that the rows are ours
+    held = await repo.groups_of(conn, list(loaded))  # now that the rows are ours
+    members = held.members
     if any(pid not in members or ident not in members[pid] for ident, pid in owner.items()):
         raise StaleRead("identities moved (a merge or unmerge) while the batch was locking")
     graph = _Graph(
@@ -253,6 +275,7 @@ async def apply_prepared(
         members,
         {pid: p.state for pid, p in loaded.items()},
         {pid: p.created_at for pid, p in loaded.items()},
+        held.splits,
     )
 
     now = datetime.now(UTC)
@@ -346,24 +369,28 @@ def updates(
     before: ProfileState,
     after: ProfileState,
     events: Sequence[EventRow],
+    split_from: uuid.UUID | None = None,
 ) -> list[Update]:
     """The profile updates of one profile for one batch: what changed over the batch, the
     profiles merged into it, and its events (named here, added by the relay), at most
     :data:`UPDATE_EVENTS_BYTES` of them per update (so an update stays small however busy
     the profile is); a profile merged without events of its own gets one without any.
 
-    ``{"profile_id", "merged_ids", "changed_traits", "changed_computed", "events": [...]}``
+    ``{"profile_id", "merged_ids", "changed_traits", "changed_computed", "events": [...]}``,
+    and, from an unmerge, ``"split_from"``: the other profile of the two it made (whose
+    events and identities may have been this one's a moment ago).
     """
-    payload = orjson.dumps(
-        {
-            "profile_id": str(pid),
-            "merged_ids": [str(m) for m in merged],
-            "changed_traits": traits.changed(before.trait_state, after.trait_state),
-            "changed_computed": {
-                k: v for k, v in after.computed.items() if before.computed.get(k) != v
-            },
-        }
-    )
+    fields = {
+        "profile_id": str(pid),
+        "merged_ids": [str(m) for m in merged],
+        "changed_traits": traits.changed(before.trait_state, after.trait_state),
+        "changed_computed": {
+            k: v for k, v in after.computed.items() if before.computed.get(k) != v
+        },
+    }
+    if split_from is not None:
+        fields["split_from"] = str(split_from)
+    payload = orjson.dumps(fields)
     chunks: list[list[tuple[str, str]]] = [[]]
     size = 0
     for row in events:
