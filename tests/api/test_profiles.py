@@ -659,3 +659,34 @@ async def test_unmerge_undoes_the_last_merge_only(api: httpx.AsyncClient, db: As
     merges = await get(api, f"/v1/profiles/user_id:{user}/merges")
     assert len(merges["merges"]) == 2
     assert all(m["undone_at"] for m in merges["merges"])
+
+
+async def test_an_unmerge_sticks_until_its_split_is_removed(
+    api: httpx.AsyncClient, db: AsyncEngine
+) -> None:
+    """After an unmerge, the event that linked the two profiles arriving again is refused
+    (shown under ``refusals`` with the split under ``splits`` in ``/merges``); removing
+    the split needs ``profiles:write``, and then the next such event merges them."""
+    anon_side, email_side, merging, ref = await merge_two(api, db, new_user_id=False)
+    r = await api.post(f"/v1/profiles/{ref}/unmerge", headers=AUTH)
+    assert r.status_code == 200, r.text
+    kept, restored = anon_side["id"], email_side["id"]
+    again = {k: v for k, v in merging.items() if k not in ("messageId", "timestamp")}
+    await put(db, ev("identify", "2024-06-04T00:00:00Z", **again))
+    assert (await get(api, f"/v1/profiles/{kept}"))["merged_from"] == []
+
+    merges = await get(api, f"/v1/profiles/{kept}/merges")
+    [split] = merges["splits"]
+    assert (split["profile_id"], split["other_id"]) == (kept, restored)
+    assert split["merge_id"] == r.json()["undone_merge"]
+    refused = merges["refusals"] + (await get(api, f"/v1/profiles/{restored}/merges"))["refusals"]
+    assert refused and all("split" in x["reason"] for x in refused)
+    assert {x["other_profile_id"] for x in refused} <= {kept, restored}
+
+    path = f"/v1/profiles/{kept}/splits/{ref}"
+    assert (await api.delete(path, headers=READ_ONLY)).status_code == 403
+    assert (await api.delete(path, headers=AUTH)).status_code == 204
+    assert (await api.delete(path, headers=AUTH)).status_code == 404  # not split any more
+    assert (await get(api, f"/v1/profiles/{kept}/merges"))["splits"] == []
+    await put(db, ev("identify", "2024-06-05T00:00:00Z", **again))
+    assert (await get(api, f"/v1/profiles/{kept}"))["merged_from"] == [restored]
