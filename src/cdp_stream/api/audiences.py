@@ -1,5 +1,8 @@
 """``/v1/audiences``: define audiences by rule (see ``activation/rules.py``), read their
-size and back-fill progress, delete them.
+size and back-fill progress, list and export their members, delete them.
+
+Sizes need ``profiles:read``; members (who, with their identifiers: personal data in bulk)
+need ``audiences:members``, which a token for counts alone does not carry.
 
 Creating one commits it first and then back-fills it in the background (existing
 profiles), while the activation consumer keeps it current from then on (profiles that
@@ -8,13 +11,15 @@ change). A bad rule is a 422 listing each problem with its JSON path inside ``ru
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StringConstraints
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.activation import audiences
 from cdp_stream.activation.rules import RuleError, parse_rule
@@ -81,6 +86,79 @@ async def get_one(audience_id: uuid.UUID, conn: Conn) -> dict[str, Any]:
     if found is None:
         raise HTTPException(404, f"no audience {audience_id}")
     return found
+
+
+class MemberOut(BaseModel):
+    profile_id: str
+    entered_at: datetime
+    identifiers: dict[str, str] = Field(
+        description="per identifier type the value linked most recently (user_id, email, "
+        "phone, anonymous_id, device_id, advertising_id; absent types left out)"
+    )
+
+
+class MemberPage(BaseModel):
+    items: list[MemberOut]
+    next: str | None = Field(description="the cursor of the next page; null on the last")
+
+
+MEMBERS = "audiences:members"  # personal data: not the scope of sizes and DMP counts
+
+
+async def _existing(conn: AsyncConnection, audience_id: uuid.UUID) -> None:
+    if await audiences.read_audience(conn, audience_id) is None:
+        raise HTTPException(404, f"no audience {audience_id}")
+
+
+@router.get("/{audience_id}/members", response_model=MemberPage, **bearer(MEMBERS, 400, 404, 422))
+async def members(
+    audience_id: uuid.UUID,
+    conn: Conn,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Who is in the audience, in a stable order, ``limit`` at a time; ``next`` pages on."""
+    await _existing(conn, audience_id)
+    page = await audiences.read_members(
+        conn, audience_id, after=_after(cursor) if cursor else None, limit=limit + 1
+    )
+    more = len(page) > limit
+    return {"items": page[:limit], "next": _cursor(page[limit - 1]) if more else None}
+
+
+def _cursor(member: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(uuid.UUID(member["profile_id"]).bytes).decode()
+
+
+def _after(cursor: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(bytes=base64.urlsafe_b64decode(cursor.encode()))
+    except ValueError as exc:  # binascii.Error is one
+        raise HTTPException(400, "invalid cursor") from exc
+
+
+_CSV = bearer(MEMBERS, 404, 422)
+_CSV["responses"] = {
+    **_CSV["responses"],
+    200: {
+        "description": "a header line, then one line per member: "
+        + ",".join(audiences.MEMBER_COLUMNS),
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    },
+}
+
+
+@router.get("/{audience_id}/members.csv", response_class=StreamingResponse, **_CSV)
+async def export(request: Request, audience_id: uuid.UUID) -> StreamingResponse:
+    """Every member as CSV, streamed from a cursor: any size, in flat memory."""
+    engine: AsyncEngine = request.app.state.engine
+    async with engine.connect() as conn:
+        await _existing(conn, audience_id)
+    return StreamingResponse(
+        audiences.members_csv(engine, audience_id),
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="audience-{audience_id}.csv"'},
+    )
 
 
 @router.delete("/{audience_id}", status_code=204, **bearer("audiences:write", 404, 422))

@@ -17,6 +17,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_stream.activation import audiences
 from cdp_stream.api.deps import Conn, cursor_at, in_utc, position
 from cdp_stream.bus.base import BusUnavailable
 from cdp_stream.openapi import bearer
@@ -139,6 +140,18 @@ class IdentityDetail(IdentityOut):
 @router.get("/{ref}/identities", response_model=list[IdentityDetail], **READ)
 async def get_identities(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
     return await repo.read_identities(conn, profile_id)
+
+
+class MembershipOut(BaseModel):
+    id: str
+    name: str
+    entered_at: datetime
+
+
+@router.get("/{ref}/audiences", response_model=list[MembershipOut], **READ)
+async def get_audiences(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
+    """The audiences the profile is in now, by name, with when it entered each."""
+    return await audiences.audiences_of(conn, profile_id)
 
 
 class MergeOut(BaseModel):
