@@ -17,7 +17,9 @@ parked on the rejected topic with that reason.
 One event, in order (``batch.py``): walk its identifiers in priority order, building the
 event's group: the first identifier's profile (or a new one). Each further identifier
 owned by another profile merges that profile in, unless the union would hold more values
-of one type than its limit (``CDP_IDENTITY_LIMITS``, default ``user_id`` 1, others 5):
+of one type than its limit (``CDP_IDENTITY_LIMITS``, default ``user_id`` 1, others 5),
+or an operator split the two groups (an unmerge records a split between the two profiles
+it makes; it binds their groups whatever they merge with later, until it is removed):
 then that merge is refused and recorded. An unowned identifier is claimed by the group
 unless that breaks its type's limit (refused and recorded likewise). The canonical profile
 of a merge is the oldest (created first, then lowest id); merged-away profiles keep their

@@ -11,16 +11,17 @@ The steps, in the order they must run:
             keeps its partition) meet on the events' unique key: the later one's
             transaction fails with a unique violation and is retried, and dedupes.
 3. load   - the profiles owning the batch's identifiers, row-locked in id order, with all
-            their identities. If an identity moved between reading and locking (another
-            resolver merged, an operator unmerged, a person was erased: the identities
-            read after the lock no longer hold it) :class:`StaleRead` makes the caller
-            retry the batch; once the rows are locked nothing can move them.
+            their identities and the splits between their groups. If an identity moved
+            between reading and locking (another resolver merged, an operator unmerged,
+            a person was erased: the identities read after the lock no longer hold it)
+            :class:`StaleRead` makes the caller retry the batch; once the rows are
+            locked nothing can move them.
    An event carrying an identifier of a deleted person is set aside (suppressed).
    The dedupe, the owners and the suppressed identifiers are one statement (after the
    locks: a claim committed while we waited is seen), the row locks and the identities
    one each: four round trips before the writes.
 4. place  - each event, in order, by the rules in :mod:`cdp_stream.resolver`: claims,
-            merges and refused links, in memory (:class:`_Graph`).
+            merges and refused links (limits, splits), in memory (:class:`_Graph`).
 5. fold   - once per profile, after placing every event: the prepared traits and
             computed traits of its events into its state (the merges are
             order-independent, so folding a profile's events together equals folding
