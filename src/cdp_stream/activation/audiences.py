@@ -330,6 +330,12 @@ async def create_audience(conn: AsyncConnection, name: str, rule: Rule) -> uuid.
     return created
 
 
+async def audience_exists(conn: AsyncConnection, audience_id: uuid.UUID) -> bool:
+    """Whether it exists, without counting its members as ``read_audience`` does."""
+    found = await conn.execute(select(audiences.c.id).where(audiences.c.id == audience_id))
+    return found.first() is not None
+
+
 def _with_size() -> Any:
     size = (
         select(func.count())

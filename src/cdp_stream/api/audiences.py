@@ -106,7 +106,7 @@ MEMBERS = "audiences:members"  # personal data: not the scope of sizes and DMP c
 
 
 async def _existing(conn: AsyncConnection, audience_id: uuid.UUID) -> None:
-    if await audiences.read_audience(conn, audience_id) is None:
+    if not await audiences.audience_exists(conn, audience_id):
         raise HTTPException(404, f"no audience {audience_id}")
 
 
