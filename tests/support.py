@@ -100,11 +100,10 @@ async def outbox_updates(
     return updates
 
 
-@asynccontextmanager
-async def api_client(
+async def api_app(
     engine: AsyncEngine, router: APIRouter, tokens: Mapping[str, tuple[str, ...]]
-) -> AsyncIterator[httpx.AsyncClient]:
-    """One router on its own app over httpx, with API tokens (secret -> scopes) created."""
+) -> FastAPI:
+    """One router on its own app, with API tokens (secret -> scopes) created."""
     async with engine.begin() as conn:
         for secret, scopes in tokens.items():
             await ensure_token(conn, uid("tok"), "test", secret, scopes)
@@ -115,7 +114,15 @@ async def api_client(
     app.state.lookups = engine
     app.state.rules = IdentityRules.from_settings(Settings())
     app.include_router(router)
-    transport = httpx.ASGITransport(app=app)
+    return app
+
+
+@asynccontextmanager
+async def api_client(
+    engine: AsyncEngine, router: APIRouter, tokens: Mapping[str, tuple[str, ...]]
+) -> AsyncIterator[httpx.AsyncClient]:
+    """One router on its own app over httpx, with API tokens (secret -> scopes) created."""
+    transport = httpx.ASGITransport(app=await api_app(engine, router, tokens))
     async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
         yield client
 

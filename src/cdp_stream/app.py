@@ -26,7 +26,6 @@ from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from cdp_stream.api.audiences import profile_router as profile_audiences_router
 from cdp_stream.api.audiences import router as audiences_router
 from cdp_stream.api.crm import router as crm_router
 from cdp_stream.api.deps import Tokens
@@ -206,7 +205,6 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         app.include_router(dmp_router)
         app.include_router(metrics_router)
         app.include_router(sources_router)
-        app.include_router(profile_audiences_router)
         app.include_router(status_router)
         app.include_router(console_router)
 

@@ -153,6 +153,12 @@ class Settings(BaseSettings):
     dmp_dimensions: list[str] = ["country", "device_type", "first_touch_channel"]
     dmp_windows: list[str] = ["hour", "day"]
     dmp_interval_s: float = Field(default=60.0, gt=0, description="how often counts are computed")
+    audience_expiry_interval_s: float = Field(
+        default=5.0,
+        gt=0,
+        description="how often time-window audiences drop (or, for 'did not' rules, admit) "
+        "the profiles whose events left the window: a member leaves at most this long late",
+    )
     suppression_key: SecretStr | None = Field(
         default=None,
         description="seals deleted people's identifiers in the suppression list (see "

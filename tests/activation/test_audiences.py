@@ -26,7 +26,7 @@ from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import audience_changes, audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.settings import Settings
-from tests.support import outbox_updates
+from tests.support import eventually, outbox_updates
 
 RULES = IdentityRules.from_settings(Settings())
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -372,3 +372,32 @@ async def test_interrupted_backfills_resume(engine: AsyncEngine, audience: Make)
         await asyncio.sleep(0.05)
     assert info["backfill"]["status"] == "done"
     assert info["size"] == 0
+
+
+async def test_a_member_leaves_within_the_documented_expiry_interval(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    """At the default ``CDP_AUDIENCE_EXPIRY_INTERVAL_S`` (what the README states), a member
+    whose only event leaves a 1 s window is gone within that interval of it leaving."""
+    interval = Settings().audience_expiry_interval_s
+    assert interval == 5.0  # the README's figure
+    name = uid("Pulse ")
+    aid = await audience({"event": {"type": "track", "name": name, "within": "1s"}})
+    anon, now = uid("a-"), datetime.now(UTC)
+    await apply(engine, await put(engine, ev("track", now, anonymousId=anon, event=name)), now)
+    assert len(await members(engine, aid)) == 1
+    stop = asyncio.Event()
+    task = asyncio.create_task(aud.run_expiry(engine, stop, interval))
+    try:
+
+        async def gone() -> bool:
+            return not await members(engine, aid)
+
+        assert await eventually(gone, within_s=3 * interval, interval=0.05)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 10)
+    [(_, change, at)] = (await changes(engine, aid))[1:]
+    left_window = now + timedelta(seconds=1)
+    assert change == "exit"
+    assert at - left_window <= timedelta(seconds=interval + 0.5)  # + a run's own time

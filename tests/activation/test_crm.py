@@ -13,8 +13,9 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import crm
@@ -25,8 +26,10 @@ from cdp_stream.profiles.models import (
     crm_contacts,
     crm_interactions,
     crm_webhook_deliveries,
+    profile_update_outbox,
 )
 from cdp_stream.resolver.consumer import apply_with_retry
+from cdp_stream.resolver.unmerge import unmerge_last
 from cdp_stream.settings import Settings
 from tests.support import outbox_updates, stored_event, uid
 
@@ -657,3 +660,54 @@ async def test_concurrent_consumers_on_one_person(engine: AsyncEngine) -> None:
         "interaction.created",
         "interaction.created",
     ]
+
+
+async def test_an_unmerge_moves_interactions_back_and_splits_the_contact(
+    engine: AsyncEngine,
+) -> None:
+    """identify(u, x1); x2 signs up with email m@; identify(u, x2); unmerge: the sign-up
+    goes back to x2's profile with its events, which gets a contact (m@, a lead, its
+    history announced, the interaction's id kept), and u's contact loses m@."""
+    x1, x2, user, email = uid("x1"), uid("x2"), uid("u"), f"{uid('m')}@example.com"
+    await feed(
+        engine,
+        await resolve(engine, ev("identify", "2024-05-01T00:00:00Z", userId=user, anonymousId=x1)),
+    )
+    signup = track(
+        "Signed Up", "2024-05-02T00:00:00Z", anonymousId=x2, context={"traits": {"email": email}}
+    )
+    await feed(engine, await resolve(engine, signup))
+    await feed(
+        engine,
+        await resolve(engine, ev("identify", "2024-05-03T00:00:00Z", userId=user, anonymousId=x2)),
+    )
+    kept = await owner(engine, "user_id", user)
+    [moved] = await interactions(engine, kept)
+    assert ((await contact(engine, kept)) or {}).get("email") == email
+
+    async with engine.begin() as conn:
+        done = await unmerge_last(conn, kept)
+    assert done is not None and done.kept == kept
+    keys = [str(done.kept), str(done.restored)]
+    async with engine.begin() as conn:
+        rows = await conn.execute(
+            delete(profile_update_outbox)
+            .where(profile_update_outbox.c.key.in_(keys))
+            .returning(profile_update_outbox.c.payload)
+        )
+        updates = [orjson.loads(r.payload) for r in rows]
+    assert sorted(u["split_from"] for u in updates) == sorted(keys)
+    await feed(engine, updates)
+
+    assert await interactions(engine, kept) == []
+    [back] = await interactions(engine, done.restored)
+    assert (back["id"], back["message_id"]) == (moved["id"], signup["messageId"])
+    mine, theirs = await contact(engine, kept), await contact(engine, done.restored)
+    assert mine is not None and (mine["email"], mine["user_id"]) == (None, user)
+    assert theirs is not None and (theirs["email"], theirs["lifecycle_stage"]) == (email, "lead")
+    told = [d["payload"] for d in await deliveries(engine, done.restored)]
+    assert [p["type"] for p in told][-2:] == ["contact.upserted", "interaction.created"]
+    assert told[-1]["interaction"]["id"] == moved["id"]
+    before = await snapshot(engine, kept, done.restored)
+    await feed(engine, updates)  # redelivered: nothing changes
+    assert await snapshot(engine, kept, done.restored) == before

@@ -321,7 +321,11 @@ async def test_refused_merge(api: httpx.AsyncClient, db: AsyncEngine) -> None:
     assert refusal["other_profile_id"] == p1["id"]
     assert "at most 1" in refusal["reason"]
     assert (refusal["source_id"], refusal["message_id"]) == (SOURCE, second["messageId"])
-    assert (await get(api, f"/v1/profiles/user_id:{u1}/merges")) == {"merges": [], "refusals": []}
+    assert (await get(api, f"/v1/profiles/user_id:{u1}/merges")) == {
+        "merges": [],
+        "refusals": [],
+        "splits": [],
+    }
 
     metrics = await counters(api)
     assert metrics["cdp_identity_refusals_total"] >= 1
@@ -747,3 +751,34 @@ async def test_consent_and_whether_the_dmp_counts_the_person(
     assert await get(api, ref) == {
         "trait": None, "context": choice, "context_at": "2024-08-02T00:00:00Z", "opted_out": True,
     }  # fmt: skip
+
+
+async def test_an_unmerge_sticks_until_its_split_is_removed(
+    api: httpx.AsyncClient, db: AsyncEngine
+) -> None:
+    """After an unmerge, the event that linked the two profiles arriving again is refused
+    (shown under ``refusals`` with the split under ``splits`` in ``/merges``); removing
+    the split needs ``profiles:write``, and then the next such event merges them."""
+    anon_side, email_side, merging, ref = await merge_two(api, db, new_user_id=False)
+    r = await api.post(f"/v1/profiles/{ref}/unmerge", headers=AUTH)
+    assert r.status_code == 200, r.text
+    kept, restored = anon_side["id"], email_side["id"]
+    again = {k: v for k, v in merging.items() if k not in ("messageId", "timestamp")}
+    await put(db, ev("identify", "2024-06-04T00:00:00Z", **again))
+    assert (await get(api, f"/v1/profiles/{kept}"))["merged_from"] == []
+
+    merges = await get(api, f"/v1/profiles/{kept}/merges")
+    [split] = merges["splits"]
+    assert (split["profile_id"], split["other_id"]) == (kept, restored)
+    assert split["merge_id"] == r.json()["undone_merge"]
+    refused = merges["refusals"] + (await get(api, f"/v1/profiles/{restored}/merges"))["refusals"]
+    assert refused and all("split" in x["reason"] for x in refused)
+    assert {x["other_profile_id"] for x in refused} <= {kept, restored}
+
+    path = f"/v1/profiles/{kept}/splits/{ref}"
+    assert (await api.delete(path, headers=READ_ONLY)).status_code == 403
+    assert (await api.delete(path, headers=AUTH)).status_code == 204
+    assert (await api.delete(path, headers=AUTH)).status_code == 404  # not split any more
+    assert (await get(api, f"/v1/profiles/{kept}/merges"))["splits"] == []
+    await put(db, ev("identify", "2024-06-05T00:00:00Z", **again))
+    assert (await get(api, f"/v1/profiles/{kept}"))["merged_from"] == [restored]

@@ -13,7 +13,8 @@ calls into the enriched records the resolver really consumes). Pure Python, no I
   campaign pages, shared devices, blocked ids; shuffled (or delayed), with duplicates.
 * :func:`enrich` - the (key, value) records the collector would publish for it.
 * :func:`expected_state` - what the database must hold afterwards: identity groups, and
-  per group traits, computed traits and which events it owns.
+  per group traits, computed traits and which events it owns; optionally with splits an
+  operator made part-way (links across them refused, as per-type limits refuse).
 """
 
 from __future__ import annotations
@@ -323,15 +324,31 @@ def within_limits(refs: Iterable[Ref]) -> bool:
     return all(n <= LIMITS.get(t, DEFAULT_LIMIT) for t, n in counts.items())
 
 
-def expected_state(events: Iterable[Mapping[str, Any]]) -> Expected:
+def expected_state(
+    events: Iterable[Mapping[str, Any]],
+    splits: Mapping[int, Sequence[tuple[Ref, Ref]]] | None = None,
+) -> Expected:
     """Run the identity rules over ``events`` (enriched, in arrival order, duplicates
-    included) one at a time, then derive each final group's state from its events."""
+    included) one at a time, then derive each final group's state from its events.
+
+    ``splits``: just before the event at arrival index ``i``, an operator splits the
+    profiles holding each pair of identifiers (what an unmerge records): from then on a
+    link between their groups, whatever else either merges with, is refused."""
     uf = _UnionFind()
     home: dict[Key, int] = {}
     stored: dict[Key, Mapping[str, Any]] = {}
     parked: list[Key] = []
     refused: list[tuple[Key, Ref]] = []
-    for event in events:
+    apart: list[tuple[int, int]] = []
+
+    def split(a: int, b: int) -> bool:
+        return any({uf.find(x), uf.find(y)} == {a, b} for x, y in apart)
+
+    for i, event in enumerate(events):
+        for ref_a, ref_b in (splits or {}).get(i, ()):
+            node_a, node_b = uf.owner_of(ref_a), uf.owner_of(ref_b)
+            if node_a is not None and node_b is not None and node_a != node_b:
+                apart.append((node_a, node_b))
         key = (str(event["sourceId"]), str(event["messageId"]))
         if key in stored or key in parked:
             continue  # a duplicate: the resolver dedupes on (sourceId, messageId)
@@ -349,7 +366,7 @@ def expected_state(events: Iterable[Mapping[str, Any]]) -> Expected:
             elif owner == group:
                 continue
             elif owner is not None:
-                if within_limits(uf.ids[group] | uf.ids[owner]):
+                if not split(group, owner) and within_limits(uf.ids[group] | uf.ids[owner]):
                     uf.union(group, owner)
                 else:
                     refused.append((key, ref))

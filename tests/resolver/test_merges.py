@@ -254,3 +254,66 @@ async def test_unmerge_restores_both_profiles(engine: AsyncEngine) -> None:
     assert kept["computed"]["event_count"] == 2
     async with engine.begin() as conn:
         assert await unmerge_last(conn, canonical) is None  # nothing left to undo
+
+
+async def test_an_unmerged_pair_stays_split_until_the_split_is_removed(
+    engine: AsyncEngine,
+) -> None:
+    """The split binds the two groups whatever they merge with later: a link between them
+    is refused and recorded (with the split's reason), the event going to the first
+    identifier's profile; once the split is removed, the next link merges them."""
+    run = uid()
+    a, b, c, user = f"a-{run}", f"b-{run}", f"c-{run}", f"u-{run}"
+    await apply(engine, ev(f"{run}-1", "2024-01-01T00:00:00Z", anonymousId=a, type="page"))
+    await apply(engine, ev(f"{run}-2", "2024-01-02T00:00:00Z", anonymousId=b, type="page"))
+    await apply(engine, ev(f"{run}-3", "2024-01-03T00:00:00Z", userId=user, anonymousId=a))
+    await apply(engine, ev(f"{run}-4", "2024-01-04T00:00:00Z", userId=user, anonymousId=b))
+    async with engine.begin() as conn:
+        done = await unmerge_last(conn, await owner(engine, "user_id", user))
+    assert done is not None
+    kept, restored = done.kept, done.restored
+    assert await owner(engine, "anonymous_id", b) == restored
+
+    # the same link again, and through a third profile merged into the kept side later
+    await apply(engine, ev(f"{run}-5", "2024-01-05T00:00:00Z", userId=user, anonymousId=b))
+    await apply(engine, ev(f"{run}-6", "2024-01-06T00:00:00Z", anonymousId=c, type="page"))
+    await apply(engine, ev(f"{run}-7", "2024-01-07T00:00:00Z", userId=user, anonymousId=c))
+    await apply(
+        engine,
+        ev(f"{run}-8", "2024-01-08T00:00:00Z", anonymousId=c, type="track", event="X"),
+        ev(
+            f"{run}-9",
+            "2024-01-09T00:00:00Z",
+            anonymousId=c,
+            type="track",
+            event="Y",
+            context={"device": {"id": f"d-{run}"}},
+        ),
+        ev(
+            f"{run}-10",
+            "2024-01-10T00:00:00Z",
+            anonymousId=b,
+            context={"device": {"id": f"d-{run}"}},
+        ),
+    )
+    assert await owner(engine, "anonymous_id", c) == kept
+    assert await owner(engine, "anonymous_id", b) == restored
+    async with engine.connect() as conn:
+        log = await repo.read_merges(conn, kept)
+        kept_events = [e["messageId"] for e in await repo.event_payloads(conn, kept)]
+    refused = [(r["message_id"], r["type"], r["value"]) for r in log["refusals"]]
+    assert (f"{run}-5", "anonymous_id", b) in refused
+    assert all("split" in r["reason"] for r in log["refusals"])
+    assert f"{run}-5" in kept_events  # the event went to its first identifier's profile
+    [split] = log["splits"]
+    assert (split["profile_id"], split["other_canonical_id"]) == (str(kept), str(restored))
+    async with engine.connect() as conn:
+        other_side = await repo.read_merges(conn, restored)
+    refused_there = {(r["message_id"], r["value"]) for r in other_side["refusals"]}
+    assert (f"{run}-10", f"d-{run}") in refused_there  # d-run is the kept side's now
+
+    async with engine.begin() as conn:
+        assert await repo.remove_splits(conn, restored, kept) == 1
+        assert await repo.remove_splits(conn, restored, kept) == 0
+    await apply(engine, ev(f"{run}-11", "2024-01-11T00:00:00Z", userId=user, anonymousId=b))
+    assert await owner(engine, "anonymous_id", b) == await owner(engine, "user_id", user) == kept

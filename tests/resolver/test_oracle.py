@@ -37,7 +37,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.bus.base import Record
 from cdp_stream.bus.kafka import KafkaBus
-from cdp_stream.identity import IdentityRules
+from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.profiles.models import events as events_table
@@ -93,6 +94,27 @@ def test_oracle_refuses_a_second_user_id_and_keeps_the_first_claim() -> None:
     }
     assert state.refused == [((WEB, "2"), "anonymous_id:shared")]
     assert state.event_group[(WEB, "2")] == frozenset({"user_id:u2", "email:a@x.io"})
+
+
+def test_oracle_keeps_split_groups_apart_whatever_they_merge_with() -> None:
+    events = [
+        _ev("1", T1, anonymousId="a"),
+        _ev("2", T1, userId="u"),
+        _ev("3", T1, userId="u", anonymousId="a"),  # split before it: refused
+        _ev("4", T1, userId="u", anonymousId="c"),  # c joins u's group
+        _ev("5", T2, anonymousId="c", context={"device": {"id": "d"}}),
+        _ev("6", T2, anonymousId="a", context={"device": {"id": "d"}}),  # refused: d is u's
+    ]
+    state = expected_state(events, {2: [("user_id:u", "anonymous_id:a")]})
+    assert state.groups == {
+        frozenset({"anonymous_id:a"}),
+        frozenset({"user_id:u", "anonymous_id:c", "device_id:d"}),
+    }
+    assert state.refused == [((WEB, "3"), "anonymous_id:a"), ((WEB, "6"), "device_id:d")]
+    assert state.event_group[(WEB, "3")] == frozenset(
+        {"user_id:u", "anonymous_id:c", "device_id:d"}
+    )
+    assert len(expected_state(events).groups) == 1  # without the split: one person
 
 
 def test_oracle_traits_and_computed_follow_the_spec() -> None:
@@ -335,6 +357,85 @@ async def test_small_histories_end_as_the_oracle_says(
     problems = compare(expected, actual, history, strict=True)
     sizes = [len(c) for c in chunks]
     assert not problems, f"{report(problems)}\nbatches {sizes}\n{describe(events)}"
+
+
+def split_pairs(history: History, state: Expected, rng: random.Random) -> list[tuple[Ref, Ref]]:
+    """Up to two pairs of identifiers of one person that sit on different profiles in
+    ``state`` (a person's devices before they sign in): what an operator might split."""
+    shared = history.shared.keys()
+    pairs = []
+    for p in rng.sample(history.people, len(history.people)):
+        mine = sorted(
+            {min(g - shared) for g in state.groups if g - shared and (g - shared) <= p.refs()}
+        )
+        if len(mine) >= 2:
+            pairs.append((mine[0], mine[-1]))
+    return pairs[:2]
+
+
+async def split_run(
+    engine: AsyncEngine, history: History, at: int, pairs: list[tuple[Ref, Ref]], largest: int
+) -> list[str]:
+    """The events before ``at`` in random batches, then the profiles holding each pair
+    split (``repo.record_split``, as an unmerge does), then the rest: the differences
+    from the oracle's state with those splits, strictly."""
+    events = enriched_events(history)
+    rng = random.Random(at)
+    for chunk in batches(events[:at], rng, largest):
+        await apply_with_retry(engine, chunk, RULES)
+    async with engine.begin() as conn:
+        for a, b in pairs:
+            found = [
+                await repo.profile_for_identifier(conn, Identifier(*r.split(":", 1)))
+                for r in (a, b)
+            ]
+            pa, pb = found
+            assert pa is not None and pb is not None and pa != pb
+            await repo.record_split(conn, pa, pb, None)
+    for chunk in batches(events[at:], rng, largest):
+        await apply_with_retry(engine, chunk, RULES)
+    refs = {r for e in events for r in identifiers(e)}
+    keys = {(e["sourceId"], e["messageId"]) for e in events}
+    async with engine.connect() as conn:
+        actual = await read_actual(conn, refs, keys)
+    return compare(expected_state(events, {at: pairs}), actual, history, strict=True)
+
+
+@pytest.mark.postgres
+@settings(max_examples=20, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    people=st.integers(2, 6),
+    n_events=st.integers(10, 60),
+    largest=st.integers(1, 12),
+)
+async def test_split_profiles_stay_apart_as_the_oracle_says(
+    engine: AsyncEngine, seed: int, people: int, n_events: int, largest: int
+) -> None:
+    """Part of a history, then splits between profiles of one person, then the rest:
+    every link across a split refused, in random batches, exactly where the oracle
+    refuses it."""
+    history = generate(seed, f"s{uuid.uuid4().hex[:10]}", people=people, events=n_events)
+    events = enriched_events(history)
+    rng = random.Random(seed)
+    at = rng.randint(1, len(events) - 1)
+    pairs = split_pairs(history, expected_state(events[:at]), rng)
+    problems = await split_run(engine, history, at, pairs, largest)
+    assert not problems, f"{report(problems)}\nsplit at {at}: {pairs}\n{describe(events)}"
+
+
+@pytest.mark.postgres
+async def test_a_split_history_refuses_links_the_unsplit_one_makes(engine: AsyncEngine) -> None:
+    """The same on a larger history, with splits that matter (checked: the oracle refuses
+    links with them that it makes without)."""
+    history = generate(11, f"S{uuid.uuid4().hex[:10]}", people=12, events=400)
+    events = enriched_events(history)
+    at = len(events) // 3
+    pairs = split_pairs(history, expected_state(events[:at]), random.Random(11))
+    with_splits = expected_state(events, {at: pairs})
+    assert len(with_splits.refused) > len(expected_state(events).refused), pairs
+    problems = await split_run(engine, history, at, pairs, 50)
+    assert not problems, report(problems)
 
 
 # -- b), c) end to end: Kafka and cdp-stream resolver processes ----------------------------

@@ -20,17 +20,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import csv
 import functools
+import io
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import orjson
 from sqlalchemy import (
+    JSON,
     DateTime,
     Integer,
     Interval,
@@ -39,9 +42,11 @@ from sqlalchemy import (
     insert,
     literal,
     select,
+    text,
     tuple_,
     update,
 )
+from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
@@ -58,6 +63,7 @@ from cdp_stream.activation.rules import (
     parse_rule,
     time_may_admit,
 )
+from cdp_stream.identity import BUILT_IN
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import Stopping, retrying, stopped_within
 from cdp_stream.profiles.models import audience_changes, audience_members, audiences, events
@@ -325,6 +331,12 @@ async def create_audience(conn: AsyncConnection, name: str, rule: Rule) -> uuid.
     return created
 
 
+async def audience_exists(conn: AsyncConnection, audience_id: uuid.UUID) -> bool:
+    """Whether it exists, without counting its members as ``read_audience`` does."""
+    found = await conn.execute(select(audiences.c.id).where(audiences.c.id == audience_id))
+    return found.first() is not None
+
+
 def _with_size() -> Any:
     size = (
         select(func.count())
@@ -355,6 +367,84 @@ async def read_audience(conn: AsyncConnection, audience_id: uuid.UUID) -> dict[s
 async def list_audiences(conn: AsyncConnection) -> list[dict[str, Any]]:
     rows = await conn.execute(_with_size().order_by(audiences.c.name))
     return [_info(r) for r in rows]
+
+
+# A member with its main identifiers: per built-in type the value linked most recently
+# (a person's current email, their latest device), from the identities index.
+MEMBER_COLUMNS = ("profile_id", "entered_at", *BUILT_IN)
+_MEMBERS = text(
+    """
+SELECT m.profile_id, m.entered_at, (
+  SELECT json_object_agg(f.type, f.value) FROM (
+    SELECT DISTINCT ON (i.type) i.type, i.value FROM identities i
+    WHERE i.profile_id = m.profile_id AND i.type = ANY(CAST(:types AS text[]))
+    ORDER BY i.type, i.created_at DESC, i.value
+  ) f
+) AS identifiers
+FROM audience_members m
+WHERE m.audience_id = :audience AND m.profile_id > :after
+ORDER BY m.profile_id LIMIT :limit
+"""
+).columns(profile_id=UUID(as_uuid=True), entered_at=DateTime(timezone=True), identifiers=JSON)
+_FIRST = uuid.UUID(int=0)
+EXPORT_CHUNK = 1000  # members per CSV chunk (and per fetch from the cursor)
+
+
+def _member(row: Any) -> dict[str, Any]:
+    return {
+        "profile_id": str(row.profile_id),
+        "entered_at": row.entered_at,
+        "identifiers": row.identifiers or {},
+    }
+
+
+async def read_members(
+    conn: AsyncConnection, audience_id: uuid.UUID, *, after: uuid.UUID | None, limit: int
+) -> list[dict[str, Any]]:
+    """A page of an audience's members in profile id order, after ``after``."""
+    params = {"audience": audience_id, "after": after or _FIRST, "limit": limit}
+    rows = await conn.execute(_MEMBERS, {**params, "types": list(BUILT_IN)})
+    return [_member(r) for r in rows]
+
+
+async def members_csv(engine: AsyncEngine, audience_id: uuid.UUID) -> AsyncIterator[bytes]:
+    """Every member as CSV (:data:`MEMBER_COLUMNS`), a header then one chunk per
+    :data:`EXPORT_CHUNK` members: a server-side cursor in one snapshot, so memory holds one
+    chunk whatever the audience's size."""
+    yield _csv_lines([MEMBER_COLUMNS])
+    async with engine.connect() as conn:
+        query = _MEMBERS.bindparams(
+            audience=audience_id, after=_FIRST, limit=None, types=list(BUILT_IN)
+        )
+        result = await conn.stream(query, execution_options={"yield_per": EXPORT_CHUNK})
+        async for rows in result.partitions():
+            yield _csv_lines(
+                [
+                    [
+                        str(r.profile_id),
+                        r.entered_at.isoformat(),
+                        *((r.identifiers or {}).get(t, "") for t in BUILT_IN),
+                    ]
+                    for r in rows
+                ]
+            )
+
+
+def _csv_lines(rows: Iterable[Sequence[str]]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out, lineterminator="\r\n").writerows(rows)
+    return out.getvalue().encode()
+
+
+async def audiences_of(conn: AsyncConnection, profile_id: uuid.UUID) -> list[dict[str, Any]]:
+    """The audiences a canonical profile is in, with when it entered each."""
+    rows = await conn.execute(
+        select(audiences.c.id, audiences.c.name, audience_members.c.entered_at)
+        .join(audience_members, audience_members.c.audience_id == audiences.c.id)
+        .where(audience_members.c.profile_id == profile_id)
+        .order_by(audiences.c.name)
+    )
+    return [{"id": str(r.id), "name": r.name, "entered_at": r.entered_at} for r in rows]
 
 
 async def delete_audience(conn: AsyncConnection, audience_id: uuid.UUID) -> bool:
@@ -401,17 +491,6 @@ async def size_history(
         select(per_step.c.at, size.label("size")).order_by(per_step.c.at.desc()).limit(points)
     )
     return [{"at": r.at, "size": int(r.size)} for r in reversed(rows.all())]
-
-
-async def audiences_of(conn: AsyncConnection, profile_id: uuid.UUID) -> list[dict[str, Any]]:
-    """The audiences the profile is a member of now, with when it entered, by name."""
-    rows = await conn.execute(
-        select(audiences.c.id, audiences.c.name, audience_members.c.entered_at)
-        .join(audience_members, audience_members.c.audience_id == audiences.c.id)
-        .where(audience_members.c.profile_id == profile_id)
-        .order_by(audiences.c.name)
-    )
-    return [{**r._mapping, "id": str(r.id)} for r in rows]
 
 
 async def _progress(conn: AsyncConnection, audience_id: uuid.UUID, **progress: Any) -> None:

@@ -51,7 +51,9 @@ async def run_activation(
     dead = DeadLetters(bus, engine, names.dead_letters, "activation", stop)
     timers = [
         asyncio.create_task(webhook.run_deliveries(engine, settings, done)),
-        asyncio.create_task(audiences.run_expiry(engine, done, settings.dmp_interval_s)),
+        asyncio.create_task(
+            audiences.run_expiry(engine, done, settings.audience_expiry_interval_s)
+        ),
         asyncio.create_task(dmp.run_counts(engine, bus, settings, done)),
     ]
 

@@ -303,6 +303,12 @@ def _ids_of(update: Mapping[str, Any]) -> list[uuid.UUID]:
     return [u for u in map(_uuid, raw) if u is not None]
 
 
+def _split_of(update: Mapping[str, Any]) -> list[uuid.UUID]:
+    """Both profiles an unmerge made, from the update of one (``split_from``), else none."""
+    other = _uuid(update["split_from"]) if "split_from" in update else None
+    return [] if other is None else [*_ids_of(update)[:1], other]
+
+
 def _events_of(update: Mapping[str, Any]) -> list[Any]:
     """The events an update carries: ``events`` (one update per profile per resolver
     batch), or the single ``event`` of updates written before that."""
@@ -360,7 +366,8 @@ async def apply_updates(
     updates (redelivery) and concurrently with other activation consumers."""
     tombstones = [u for u in updates if u.get("type") == "deleted"]
     changes = [u for u in updates if u.get("type") != "deleted"]
-    atoms = {i for u in changes for i in _ids_of(u)}
+    split = {i for u in changes for i in _split_of(u)}
+    atoms = {i for u in changes for i in _ids_of(u)} | split
     erased = [ids for u in tombstones if (ids := _ids_of(u))]
     canonical = await _canonical(conn, atoms)
     # Activation consumers on different partitions can meet on one person (an update keyed
@@ -407,6 +414,22 @@ async def apply_updates(
                     "merged_into": str(folds[merged]),
                 },
             )
+
+    # An unmerge moved events between two profiles: their interactions follow them (and
+    # are announced again under their new profile, with the same id: a move).
+    if split:
+        back = await conn.execute(
+            update(crm_interactions)
+            .where(
+                crm_interactions.c.profile_id.in_(sorted(split)),
+                crm_interactions.c.source_id == events.c.source_id,
+                crm_interactions.c.message_id == events.c.message_id,
+                events.c.profile_id != crm_interactions.c.profile_id,
+            )
+            .values(profile_id=events.c.profile_id)
+            .returning(crm_interactions.c.id)
+        )
+        announce |= set(back.scalars())
 
     # Interactions, each once per source event.
     new_rows = []

@@ -1,6 +1,9 @@
 """``/v1/audiences``: define audiences by rule (see ``activation/rules.py``), change
-them, read their size (now and over time) and back-fill progress, delete them; and
-``/v1/profiles/{ref}/audiences``, the audiences a person is in.
+them, read their size (now and over time) and back-fill progress, list and export their
+members, delete them (the audiences a person is in: ``api/profiles.py``).
+
+Sizes need ``profiles:read``; members (who, with their identifiers: personal data in bulk)
+need ``audiences:members``, which a token for counts alone does not carry.
 
 Creating one commits it first and then back-fills it in the background (existing
 profiles), while the activation consumer keeps it current from then on (profiles that
@@ -9,22 +12,22 @@ change). A bad rule is a 422 listing each problem with its JSON path inside ``ru
 
 from __future__ import annotations
 
+import base64
 import uuid
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, Field, StringConstraints
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.activation import audiences
 from cdp_stream.activation.rules import Rule, RuleError, parse_rule
 from cdp_stream.api.deps import Conn, bearer
-from cdp_stream.api.profiles import Profile
 
 router = APIRouter(prefix="/v1/audiences", tags=["audiences"])
 # The audiences a person is in, beside the person's other reads.
-profile_router = APIRouter(prefix="/v1/profiles", tags=["audiences"])
 
 
 Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
@@ -123,6 +126,79 @@ async def get_one(audience_id: uuid.UUID, conn: Conn) -> dict[str, Any]:
     return found
 
 
+class MemberOut(BaseModel):
+    profile_id: str
+    entered_at: datetime
+    identifiers: dict[str, str] = Field(
+        description="per identifier type the value linked most recently (user_id, email, "
+        "phone, anonymous_id, device_id, advertising_id; absent types left out)"
+    )
+
+
+class MemberPage(BaseModel):
+    items: list[MemberOut]
+    next: str | None = Field(description="the cursor of the next page; null on the last")
+
+
+MEMBERS = "audiences:members"  # personal data: not the scope of sizes and DMP counts
+
+
+async def _existing(conn: AsyncConnection, audience_id: uuid.UUID) -> None:
+    if not await audiences.audience_exists(conn, audience_id):
+        raise HTTPException(404, f"no audience {audience_id}")
+
+
+@router.get("/{audience_id}/members", response_model=MemberPage, **bearer(MEMBERS, 400, 404, 422))
+async def members(
+    audience_id: uuid.UUID,
+    conn: Conn,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    cursor: str | None = None,
+) -> dict[str, Any]:
+    """Who is in the audience, in a stable order, ``limit`` at a time; ``next`` pages on."""
+    await _existing(conn, audience_id)
+    page = await audiences.read_members(
+        conn, audience_id, after=_after(cursor) if cursor else None, limit=limit + 1
+    )
+    more = len(page) > limit
+    return {"items": page[:limit], "next": _cursor(page[limit - 1]) if more else None}
+
+
+def _cursor(member: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(uuid.UUID(member["profile_id"]).bytes).decode()
+
+
+def _after(cursor: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(bytes=base64.urlsafe_b64decode(cursor.encode()))
+    except ValueError as exc:  # binascii.Error is one
+        raise HTTPException(400, "invalid cursor") from exc
+
+
+_CSV = bearer(MEMBERS, 404, 422)
+_CSV["responses"] = {
+    **_CSV["responses"],
+    200: {
+        "description": "a header line, then one line per member: "
+        + ",".join(audiences.MEMBER_COLUMNS),
+        "content": {"text/csv": {"schema": {"type": "string"}}},
+    },
+}
+
+
+@router.get("/{audience_id}/members.csv", response_class=StreamingResponse, **_CSV)
+async def export(request: Request, audience_id: uuid.UUID) -> StreamingResponse:
+    """Every member as CSV, streamed from a cursor: any size, in flat memory."""
+    engine: AsyncEngine = request.app.state.engine
+    async with engine.connect() as conn:
+        await _existing(conn, audience_id)
+    return StreamingResponse(
+        audiences.members_csv(engine, audience_id),
+        media_type="text/csv; charset=utf-8",
+        headers={"content-disposition": f'attachment; filename="audience-{audience_id}.csv"'},
+    )
+
+
 @router.delete("/{audience_id}", status_code=204, **bearer("audiences:write", 404, 422))
 async def delete(audience_id: uuid.UUID, conn: Conn) -> None:
     if not await audiences.delete_audience(conn, audience_id):
@@ -147,17 +223,3 @@ async def get_sizes(
     if await audiences.read_audience(conn, audience_id) is None:
         raise HTTPException(404, f"no audience {audience_id}")
     return await audiences.size_history(conn, audience_id, step, points)
-
-
-class Membership(BaseModel):
-    id: str
-    name: str
-    entered_at: datetime
-
-
-@profile_router.get(
-    "/{ref}/audiences", response_model=list[Membership], **bearer("profiles:read", 400, 404, 422)
-)
-async def get_profile_audiences(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
-    """The audiences the person is in now."""
-    return await audiences.audiences_of(conn, profile_id)

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_stream.activation import dmp
+from cdp_stream.activation import audiences, dmp
 from cdp_stream.api.deps import Conn, bearer, cursor_at, in_utc, position
 from cdp_stream.bus.base import BusUnavailable
 from cdp_stream.identity import IdentityRules
@@ -169,6 +169,18 @@ async def get_identities(profile_id: Profile, conn: Conn) -> list[dict[str, Any]
     return await repo.read_identities(conn, profile_id)
 
 
+class MembershipOut(BaseModel):
+    id: str
+    name: str
+    entered_at: datetime
+
+
+@router.get("/{ref}/audiences", response_model=list[MembershipOut], **READ)
+async def get_audiences(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
+    """The audiences the profile is in now, by name, with when it entered each."""
+    return await audiences.audiences_of(conn, profile_id)
+
+
 class MergeOut(BaseModel):
     id: int
     canonical_id: str
@@ -189,14 +201,24 @@ class RefusalOut(BaseModel):
     created_at: datetime
 
 
+class SplitOut(BaseModel):
+    profile_id: str = Field(description="this group's profile the split names")
+    other_id: str = Field(description="the profile it is split from")
+    other_canonical_id: str = Field(description="the canonical profile holding other_id now")
+    merge_id: int | None = Field(description="the merge whose undoing made the split")
+    created_at: datetime
+
+
 class MergesOut(BaseModel):
     merges: list[MergeOut]
     refusals: list[RefusalOut]
+    splits: list[SplitOut]
 
 
 @router.get("/{ref}/merges", response_model=MergesOut, **READ)
 async def get_merges(profile_id: Profile, conn: Conn) -> dict[str, Any]:
-    """The merges that built this profile (undone ones too) and the links it refused."""
+    """The merges that built this profile (undone ones too), the links it refused, and
+    the splits that keep it apart from other profiles."""
     return await repo.read_merges(conn, profile_id)
 
 
@@ -265,16 +287,29 @@ class UnmergeOut(BaseModel):
     response_model=UnmergeOut,
     **bearer("profiles:write", 400, 404, 409, 422),
 )
-async def post_unmerge(profile_id: Profile, conn: Conn) -> dict[str, Any]:
-    """Reverse the profile's last merge (see :mod:`cdp_stream.resolver.unmerge`)."""
-    done = await unmerge_last(conn, profile_id)
-    if done is None:
-        raise HTTPException(409, "this profile has no merge to undo")
-    return {
-        "undone_merge": done.merge_id,
-        "profile": await repo.read_profile(conn, done.kept),
-        "restored": await repo.read_profile(conn, done.restored),
-    }
+async def post_unmerge(request: Request, profile_id: Profile) -> dict[str, Any]:
+    """Reverse the profile's last merge and split the two profiles for good (see
+    :mod:`cdp_stream.resolver.unmerge`); their updates go out at once."""
+    async with request.app.state.engine.begin() as conn:  # committed before the relay
+        done = await unmerge_last(conn, profile_id)
+        if done is None:
+            raise HTTPException(409, "this profile has no merge to undo")
+        answer = {
+            "undone_merge": done.merge_id,
+            "profile": await repo.read_profile(conn, done.kept),
+            "restored": await repo.read_profile(conn, done.restored),
+        }
+    await _relay(request, f"the unmerge of {profile_id}")
+    return answer
+
+
+@router.delete("/{ref}/splits/{other}", status_code=204, **bearer("profiles:write", 400, 404, 422))
+async def delete_split(request: Request, profile_id: Profile, other: str, conn: Conn) -> None:
+    """Remove the split an unmerge recorded between the two profiles' groups: a later
+    event that links them merges them again. 404 when they are not split."""
+    other_id = await resolve_ref(request, conn, other)
+    if not await repo.remove_splits(conn, profile_id, other_id):
+        raise HTTPException(404, f"{profile_id} and {other_id} are not split")
 
 
 @router.delete("/{ref}", status_code=204, **bearer("profiles:delete", 400, 404, 422))
@@ -291,7 +326,14 @@ async def delete_profile(request: Request, profile_id: Profile) -> None:
         merged = [str(i) for i in ids if i != profile_id]
         tombstone = {"type": "deleted", "profile_id": str(profile_id), "merged_ids": merged}
         await repo.insert_outbox(conn, [repo.Update(str(profile_id), orjson.dumps(tombstone))])
+    await _relay(request, f"the tombstone of {profile_id}")
+
+
+async def _relay(request: Request, what: str) -> None:
+    """Publish the outbox now (what a change just committed there), not at the next batch
+    a resolver happens to apply."""
+    state = request.app.state
     try:
         await relay_outbox(state.engine, state.bus, state.settings.topics.profile_updates)
-    except BusUnavailable:  # the row stays in the outbox: the resolver relays it later
-        log.warning("tombstone for %s left in the outbox: the bus is unavailable", profile_id)
+    except BusUnavailable:  # the rows stay in the outbox: the resolver relays them later
+        log.warning("profile updates of %s left in the outbox: the bus is unavailable", what)

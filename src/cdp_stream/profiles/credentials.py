@@ -16,7 +16,16 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.profiles.models import api_tokens, sources
 
-ALL_SCOPES = ("profiles:read", "profiles:write", "profiles:delete", "audiences:write", "admin")
+# ``audiences:members`` lists who is in an audience, with their identifiers: personal
+# data in bulk, so a token for audience sizes and counts (the DMP's) need not carry it.
+ALL_SCOPES = (
+    "profiles:read",
+    "profiles:write",
+    "profiles:delete",
+    "audiences:write",
+    "audiences:members",
+    "admin",
+)
 
 
 @dataclass(frozen=True)

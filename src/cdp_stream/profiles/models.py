@@ -107,7 +107,31 @@ profile_merges = Table(
     Index("profile_merges_merged_idx", "merged_id"),
 )
 
-# A link an event asked for and the identity rules refused (a per-type limit): which
+# Pairs of profiles an operator split (an unmerge) and the resolver must not merge again,
+# stored both ways round (profile_id, other_id) and (other_id, profile_id): a batch finds
+# the splits of its profiles' groups by the primary key. A split binds the groups the two
+# profiles belong to, whatever merges happen later; removing it (the API) allows the link.
+profile_splits = Table(
+    "profile_splits",
+    metadata,
+    Column(
+        "profile_id",
+        UUID(as_uuid=True),
+        ForeignKey("profiles.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column(
+        "other_id",
+        UUID(as_uuid=True),
+        ForeignKey("profiles.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("merge_id", BigInteger, nullable=True),  # the merge whose undoing made it
+    Column("created_at", DateTime(timezone=True), nullable=False, server_default=_now),
+    PrimaryKeyConstraint("profile_id", "other_id", name="profile_splits_pkey"),
+)
+
+# A link an event asked for and the identity rules refused (a per-type limit, a split): which
 # identifier, which profile got the event, which profile held the identifier.
 identity_refusals = Table(
     "identity_refusals",

@@ -43,6 +43,7 @@ from cdp_stream.profiles.models import (
     identity_refusals,
     orders,
     profile_merges,
+    profile_splits,
     profile_update_outbox,
     profiles,
     suppressed_identifiers,
@@ -191,21 +192,37 @@ async def lock_profiles(
     }
 
 
-async def identities_of(
-    conn: AsyncConnection, ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, set[Identifier]]:
-    """Every identity each profile holds (the per-type limits count them all)."""
-    out: dict[uuid.UUID, set[Identifier]] = {pid: set() for pid in ids}
+# The identities of the profiles, and the splits between their groups as pairs of
+# canonical ids (merged_into points straight at the canonical profile). Driven from
+# profile_splits, which holds only what operators split: a few rows, two key lookups each.
+_GROUPS_OF = """
+SELECT i.type, i.value, i.profile_id, NULL::uuid FROM identities i
+WHERE i.profile_id = ANY($1::uuid[])
+UNION ALL
+SELECT NULL, NULL, coalesce(a.merged_into, a.id), coalesce(o.merged_into, o.id)
+FROM profile_splits s JOIN profiles a ON a.id = s.profile_id JOIN profiles o ON o.id = s.other_id
+WHERE coalesce(a.merged_into, a.id) = ANY($1::uuid[])
+  AND coalesce(o.merged_into, o.id) = ANY($1::uuid[])
+"""
+
+
+@dataclass(slots=True)
+class Groups:
+    members: dict[uuid.UUID, set[Identifier]]  # every identity of each profile
+    splits: list[tuple[uuid.UUID, uuid.UUID]]  # pairs of them an operator split
+
+
+async def groups_of(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> Groups:
+    """Every identity each profile holds (the per-type limits count them all) and the
+    splits between them, in one statement."""
+    out = Groups({pid: set() for pid in ids}, [])
     if ids:
-        rows = await _driver(
-            conn,
-            lambda db: db.fetch(
-                "SELECT type, value, profile_id FROM identities WHERE profile_id = ANY($1::uuid[])",
-                list(ids),
-            ),
-        )
-        for type_, value, pid in rows:
-            out[pid].add(Identifier(type_, value))
+        rows = await _driver(conn, lambda db: db.fetch(_GROUPS_OF, list(ids)))
+        for type_, value, pid, other in rows:
+            if other is None:
+                out.members[pid].add(Identifier(type_, value))
+            elif pid != other:
+                out.splits.append((pid, other))
     return out
 
 
@@ -558,14 +575,18 @@ async def vacuum_outbox(conn: AsyncConnection) -> bool:
 # --- unmerge ---------------------------------------------------------------------------
 
 
-async def lock_group(conn: AsyncConnection, canonical: uuid.UUID) -> dict[uuid.UUID, datetime]:
-    """Lock a canonical profile's row; its atoms (itself and every profile merged into it)
-    with their creation times."""
-    await conn.execute(select(profiles.c.id).where(profiles.c.id == canonical).with_for_update())
+def _atoms(canonical: uuid.UUID) -> Any:
+    """The ids of a canonical profile and of every profile merged into it."""
+    return select(profiles.c.id).where(
+        (profiles.c.id == canonical) | (profiles.c.merged_into == canonical)
+    )
+
+
+async def group_atoms(conn: AsyncConnection, canonical: uuid.UUID) -> dict[uuid.UUID, datetime]:
+    """A canonical profile's atoms (itself and every profile merged into it) with their
+    creation times; the caller holds the canonical row's lock."""
     rows = await conn.execute(
-        select(profiles.c.id, profiles.c.created_at).where(
-            (profiles.c.id == canonical) | (profiles.c.merged_into == canonical)
-        )
+        select(profiles.c.id, profiles.c.created_at).where(profiles.c.id.in_(_atoms(canonical)))
     )
     return {r.id: r.created_at for r in rows}
 
@@ -625,6 +646,36 @@ async def mark_undone(conn: AsyncConnection, merge_id: int) -> None:
     )
 
 
+async def record_split(
+    conn: AsyncConnection, a: uuid.UUID, b: uuid.UUID, merge_id: int | None
+) -> None:
+    """Forbid merging the groups of ``a`` and ``b`` again (both ways round)."""
+    await conn.execute(
+        insert(profile_splits).on_conflict_do_nothing(),
+        [
+            {"profile_id": a, "other_id": b, "merge_id": merge_id},
+            {"profile_id": b, "other_id": a, "merge_id": merge_id},
+        ],
+    )
+
+
+async def remove_splits(conn: AsyncConnection, a: uuid.UUID, b: uuid.UUID) -> int:
+    """Allow the groups of canonical profiles ``a`` and ``b`` to merge again: delete every
+    split between them; how many pairs there were."""
+    gone = await conn.execute(
+        delete(profile_splits)
+        .where(
+            (profile_splits.c.profile_id.in_(_atoms(a)) & profile_splits.c.other_id.in_(_atoms(b)))
+            | (
+                profile_splits.c.profile_id.in_(_atoms(b))
+                & profile_splits.c.other_id.in_(_atoms(a))
+            )
+        )
+        .returning(profile_splits.c.profile_id)
+    )
+    return len(gone.all()) // 2
+
+
 # --- deletion ----------------------------------------------------------------------------
 
 
@@ -635,15 +686,7 @@ async def delete_group(
     identities (remembered sealed in the suppression list), events, merges, refusals,
     pending updates, CRM contact and interactions, audience membership. Returns the ids."""
     await conn.execute(select(profiles.c.id).where(profiles.c.id == canonical).with_for_update())
-    ids = list(
-        (
-            await conn.execute(
-                select(profiles.c.id).where(
-                    (profiles.c.id == canonical) | (profiles.c.merged_into == canonical)
-                )
-            )
-        ).scalars()
-    )
+    ids = list((await conn.execute(_atoms(canonical))).scalars())
     held = await conn.execute(
         select(identities.c.type, identities.c.value).where(identities.c.profile_id.in_(ids))
     )
@@ -798,10 +841,9 @@ async def read_identities(conn: AsyncConnection, profile_id: uuid.UUID) -> list[
 
 
 async def read_merges(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any]:
-    """The merge log of a profile's group, and the links refused for it."""
-    atoms = select(profiles.c.id).where(
-        (profiles.c.id == profile_id) | (profiles.c.merged_into == profile_id)
-    )
+    """The merge log of a profile's group, the links refused for it, and the splits that
+    keep it apart from other profiles (each with the canonical profile holding it now)."""
+    atoms = _atoms(profile_id)
     merges = await conn.execute(
         select(profile_merges)
         .where(
@@ -814,10 +856,32 @@ async def read_merges(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str,
         .where(identity_refusals.c.profile_id == profile_id)
         .order_by(identity_refusals.c.id)
     )
+    other = profiles.alias("o")
+    splits = await conn.execute(
+        select(
+            profile_splits.c.profile_id,
+            profile_splits.c.other_id,
+            func.coalesce(other.c.merged_into, other.c.id).label("other_canonical_id"),
+            profile_splits.c.merge_id,
+            profile_splits.c.created_at,
+        )
+        .join(other, other.c.id == profile_splits.c.other_id)
+        .where(profile_splits.c.profile_id.in_(atoms))
+        .order_by(profile_splits.c.created_at, profile_splits.c.other_id)
+    )
     return {
         "merges": [
             {**r._mapping, "canonical_id": str(r.canonical_id), "merged_id": str(r.merged_id)}
             for r in merges
+        ],
+        "splits": [
+            {
+                **r._mapping,
+                "profile_id": str(r.profile_id),
+                "other_id": str(r.other_id),
+                "other_canonical_id": str(r.other_canonical_id),
+            }
+            for r in splits
         ],
         "refusals": [
             {**r._mapping, "other_profile_id": r.other_profile_id and str(r.other_profile_id)}

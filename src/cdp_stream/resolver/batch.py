@@ -11,16 +11,17 @@ The steps, in the order they must run:
             keeps its partition) meet on the events' unique key: the later one's
             transaction fails with a unique violation and is retried, and dedupes.
 3. load   - the profiles owning the batch's identifiers, row-locked in id order, with all
-            their identities. If an identity moved between reading and locking (another
-            resolver merged, an operator unmerged, a person was erased: the identities
-            read after the lock no longer hold it) :class:`StaleRead` makes the caller
-            retry the batch; once the rows are locked nothing can move them.
+            their identities and the splits between their groups. If an identity moved
+            between reading and locking (another resolver merged, an operator unmerged,
+            a person was erased: the identities read after the lock no longer hold it)
+            :class:`StaleRead` makes the caller retry the batch; once the rows are
+            locked nothing can move them.
    An event carrying an identifier of a deleted person is set aside (suppressed).
    The dedupe, the owners and the suppressed identifiers are one statement (after the
    locks: a claim committed while we waited is seen), the row locks and the identities
    one each: four round trips before the writes.
 4. place  - each event, in order, by the rules in :mod:`cdp_stream.resolver`: claims,
-            merges and refused links, in memory (:class:`_Graph`).
+            merges and refused links (limits, splits), in memory (:class:`_Graph`).
 5. fold   - once per profile, after placing every event: the prepared traits and
             computed traits of its events into its state (the merges are
             order-independent, so folding a profile's events together equals folding
@@ -77,6 +78,9 @@ class BatchResult:
     refusals: int = 0
 
 
+# Why a link between two groups an operator split is refused (``repo.record_split``).
+SPLIT_REASON = "split by an operator (DELETE /v1/profiles/{ref}/splits/{other} allows the link)"
+
 # A profile update carries its events up to this many bytes of them (the rest go in more
 # updates; Postgres's text of an event is a little longer than its JSON here): far under
 # Kafka's default 1 MiB message limit whatever a batch holds.
@@ -92,6 +96,7 @@ class _Graph:
     members: dict[uuid.UUID, set[Identifier]]
     states: dict[uuid.UUID, ProfileState]
     created: dict[uuid.UUID, datetime]
+    splits: list[tuple[uuid.UUID, uuid.UUID]] = field(default_factory=list)
     redirect: dict[uuid.UUID, uuid.UUID] = field(default_factory=dict)
     new_profiles: list[uuid.UUID] = field(default_factory=list)
     claims: list[tuple[Identifier, uuid.UUID]] = field(default_factory=list)
@@ -116,6 +121,25 @@ class _Graph:
             if counts[type_] > self.rules.limit(type_):
                 return type_
         return None
+
+    def split(self, a: uuid.UUID, b: uuid.UUID) -> bool:
+        """Whether an operator split the groups of canonical profiles ``a`` and ``b``."""
+        return any({self.find(x), self.find(y)} == {a, b} for x, y in self.splits)
+
+    def refusal(
+        self,
+        group: uuid.UUID | None,
+        other: uuid.UUID | None,
+        current: set[Identifier],
+        ident: Identifier,
+    ) -> str | None:
+        """Why the group may not take ``ident`` (with ``other``'s profile), or None."""
+        if group is not None and other is not None and self.split(group, other):
+            return SPLIT_REASON
+        broken = self.exceeded(current, self.members[other] if other else {ident})
+        if broken is None:
+            return None
+        return f"a profile may hold at most {self.rules.limit(broken)} {broken} value(s)"
 
     def new_profile(self, now: datetime) -> uuid.UUID:
         pid = uuid.uuid4()
@@ -161,9 +185,9 @@ class _Graph:
             current = self.members[group] if group else set()
             if pending:
                 current = current.union(pending)
-            broken = self.exceeded(current, self.members[other] if other else {ident})
-            if broken is not None:
-                refused.append((ident, other, broken))
+            reason = self.refusal(group, other, current, ident)
+            if reason is not None:
+                refused.append((ident, other, reason))
             elif other is None:
                 pending.append(ident)
             elif group is None:
@@ -174,9 +198,7 @@ class _Graph:
             group = self.new_profile(now)
         for ident in pending:
             self.claim(ident, group)
-        for ident, other, broken in refused:
-            limit = self.rules.limit(broken)
-            reason = f"a profile may hold at most {limit} {broken} value(s)"
+        for ident, other, reason in refused:
             self.refusals.append(Refusal(group, ident, other, reason, *key))
         return group
 
@@ -236,7 +258,8 @@ async def apply_prepared(
     read = await repo.batch_reads(conn, [p.key for p in batch], every_id, rules.suppression)
     seen, owner, gone = read.stored, read.owners, read.suppressed
     loaded = await repo.lock_profiles(conn, set(owner.values()))
-    members = await repo.identities_of(conn, list(loaded))  # now that the rows are ours
+    held = await repo.groups_of(conn, list(loaded))  # now that the rows are ours
+    members = held.members
     if any(pid not in members or ident not in members[pid] for ident, pid in owner.items()):
         raise StaleRead("identities moved (a merge or unmerge) while the batch was locking")
     graph = _Graph(
@@ -245,6 +268,7 @@ async def apply_prepared(
         members,
         {pid: p.state for pid, p in loaded.items()},
         {pid: p.created_at for pid, p in loaded.items()},
+        held.splits,
     )
 
     now = datetime.now(UTC)
@@ -338,24 +362,28 @@ def updates(
     before: ProfileState,
     after: ProfileState,
     events: Sequence[EventRow],
+    split_from: uuid.UUID | None = None,
 ) -> list[Update]:
     """The profile updates of one profile for one batch: what changed over the batch, the
     profiles merged into it, and its events (named here, added by the relay), at most
     :data:`UPDATE_EVENTS_BYTES` of them per update (so an update stays small however busy
     the profile is); a profile merged without events of its own gets one without any.
 
-    ``{"profile_id", "merged_ids", "changed_traits", "changed_computed", "events": [...]}``
+    ``{"profile_id", "merged_ids", "changed_traits", "changed_computed", "events": [...]}``,
+    and, from an unmerge, ``"split_from"``: the other profile of the two it made (whose
+    events and identities may have been this one's a moment ago).
     """
-    payload = orjson.dumps(
-        {
-            "profile_id": str(pid),
-            "merged_ids": [str(m) for m in merged],
-            "changed_traits": traits.changed(before.trait_state, after.trait_state),
-            "changed_computed": {
-                k: v for k, v in after.computed.items() if before.computed.get(k) != v
-            },
-        }
-    )
+    fields = {
+        "profile_id": str(pid),
+        "merged_ids": [str(m) for m in merged],
+        "changed_traits": traits.changed(before.trait_state, after.trait_state),
+        "changed_computed": {
+            k: v for k, v in after.computed.items() if before.computed.get(k) != v
+        },
+    }
+    if split_from is not None:
+        fields["split_from"] = str(split_from)
+    payload = orjson.dumps(fields)
     chunks: list[list[tuple[str, str]]] = [[]]
     size = 0
     for row in events:

@@ -9,8 +9,16 @@ are folded again from its events (both folds are order-independent), its money f
 summed again from its order rows, which regroup with the events.
 
 The canonical profile's row is locked first, so resolvers touching it wait, and see the
-moved identities when they get the lock (``batch.StaleRead``). A later event linking the
-two parts again merges them again: an unmerge repairs a wrong link, it does not forbid one.
+moved identities when they get the lock (``batch.StaleRead``).
+
+An unmerge sticks: it records a split between the two profiles it makes
+(``repo.record_split``), and the resolver refuses a later event's link between their
+groups (logged as a refusal, like a per-type limit) until the split is removed
+(``repo.remove_splits``, ``DELETE /v1/profiles/{ref}/splits/{other}``).
+
+Both profiles get a profile update in the outbox, in the same transaction, so the CRM and
+audiences follow as they follow a batch (the caller relays it after the commit): each
+names the other as ``split_from``, and ``changed_*`` are relative to the merged profile.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.repository import ProfileState
 from cdp_stream.resolver import computed, traits
+from cdp_stream.resolver.batch import updates
 from cdp_stream.timestamps import event_time
 
 
@@ -36,7 +45,11 @@ class Unmerged:
 
 async def unmerge_last(conn: AsyncConnection, canonical: uuid.UUID) -> Unmerged | None:
     """Reverse the newest merge into ``canonical``; None when it has none left."""
-    atoms = await repo.lock_group(conn, canonical)
+    locked = await repo.lock_profiles(conn, [canonical])
+    if canonical not in locked:  # erased meanwhile
+        return None
+    merged = locked[canonical].state
+    atoms = await repo.group_atoms(conn, canonical)
     log = await repo.merge_log(conn, list(atoms))
     if not log:
         return None
@@ -73,4 +86,14 @@ async def unmerge_last(conn: AsyncConnection, canonical: uuid.UUID) -> Unmerged 
         states[profile_id] = ProfileState(trait_state, values | money.get(profile_id, {}))
     await repo.save_states(conn, states)
     await repo.mark_undone(conn, last.id)
-    return Unmerged(last.id, head[last.canonical_id], head[last.merged_id])
+    kept, restored = head[last.canonical_id], head[last.merged_id]
+    await repo.record_split(conn, kept, restored, last.id)
+    await repo.insert_outbox(
+        conn,
+        [
+            update
+            for pid, other in ((kept, restored), (restored, kept))
+            for update in updates(pid, [], merged, states[pid], [], split_from=other)
+        ],
+    )
+    return Unmerged(last.id, kept, restored)

@@ -6,7 +6,7 @@ last hour's pages; the index is a few kB per GB of events, and the resolver's CO
 ``events`` showed no measurable cost from it (300,000 rows, with and without).
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from alembic import op
 
 revision = "0012"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
