@@ -27,6 +27,7 @@ from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.profiles.models import events, profile_update_outbox
 from cdp_stream.resolver.identity import IdentityRules
 from cdp_stream.settings import Settings
+from cdp_stream.updates import ProfileUpdate
 
 
 async def eventually(
@@ -94,6 +95,11 @@ async def outbox_updates(
         ]
         updates.append(update)
     return updates
+
+
+def typed(updates: Sequence[dict[str, Any]]) -> list[ProfileUpdate]:
+    """Updates as the activation consumer decodes them off ``cdp.profile-updates``."""
+    return [ProfileUpdate.model_validate(u) for u in updates]
 
 
 @asynccontextmanager

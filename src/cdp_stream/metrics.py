@@ -20,6 +20,7 @@ happens), and counting from tables (a scrape never runs a query).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -29,14 +30,15 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
     generate_latest,
+    start_http_server,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["CONTENT_TYPE_LATEST", "REGISTRY", "exposition", "metric_names"]
+__all__ = ["CONTENT_TYPE_LATEST", "REGISTRY", "exposition", "metric_names", "serve"]
 
 # The ``*_created`` series double every counter's and histogram's series for a timestamp
 # no dashboard here reads.
-disable_created_metrics()
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -194,14 +196,32 @@ dmp_buckets = Counter(
 )
 
 
+def _scraped() -> CollectorRegistry:
+    """This process's metrics, or, in multiprocess mode, every process's that writes to
+    ``PROMETHEUS_MULTIPROC_DIR``."""
+    if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return REGISTRY
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    return registry
+
+
 def exposition() -> bytes:
-    """The text a scrape gets: this process's metrics, or, in multiprocess mode, every
-    process's that writes to ``PROMETHEUS_MULTIPROC_DIR``."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        registry = CollectorRegistry()
-        MultiProcessCollector(registry)
-        return generate_latest(registry)
-    return generate_latest(REGISTRY)
+    """The text a scrape of ``/metrics`` gets."""
+    return generate_latest(_scraped())
+
+
+def serve(host: str, port: int) -> Callable[[], None]:
+    """Serve ``/metrics`` on ``host:port`` from a thread (a consumer process has no HTTP
+    server of its own); returns what stops it."""
+    server, thread = start_http_server(port, host, registry=_scraped())
+
+    def stop() -> None:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+    return stop
 
 
 _SERIES = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_count", "_sum")}

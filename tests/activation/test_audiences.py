@@ -26,7 +26,7 @@ from cdp_stream.profiles.models import audience_changes, audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.resolver.identity import Identifier, IdentityRules
 from cdp_stream.settings import Settings
-from tests.support import outbox_updates
+from tests.support import outbox_updates, typed
 
 RULES = IdentityRules.from_settings(Settings())
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -86,7 +86,7 @@ async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:
 
 async def apply(engine: AsyncEngine, updates: list[dict[str, Any]], now: datetime) -> None:
     async with engine.begin() as conn:
-        await aud.apply_updates(conn, updates, now)
+        await aud.apply_updates(conn, typed(updates), now)
 
 
 async def expire(engine: AsyncEngine, now: datetime, since: datetime | None = None) -> int:

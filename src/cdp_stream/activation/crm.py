@@ -76,6 +76,7 @@ from cdp_stream.resolver import as_mapping
 from cdp_stream.resolver.batch import event_time
 from cdp_stream.resolver.identity import EMAIL, PHONE, USER_ID, IdentityRules
 from cdp_stream.settings import Settings
+from cdp_stream.updates import ProfileUpdate
 
 log = logging.getLogger(__name__)
 
@@ -321,18 +322,9 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return None
 
 
-def _ids_of(update: Mapping[str, Any]) -> list[uuid.UUID]:
+def _ids_of(update: ProfileUpdate) -> list[uuid.UUID]:
     """The update's profile id first, then its merged ids; malformed ones are dropped."""
-    merged = update.get("merged_ids")
-    raw = [update.get("profile_id"), *(merged if isinstance(merged, list) else [])]
-    return [u for u in map(_uuid, raw) if u is not None]
-
-
-def _events_of(update: Mapping[str, Any]) -> list[Any]:
-    """The events an update carries: ``events`` (one update per profile per resolver
-    batch), or the single ``event`` of updates written before that."""
-    events = update.get("events")
-    return events if isinstance(events, list) else [update.get("event")]
+    return [u for u in map(_uuid, [update.profile_id, *update.merged_ids]) if u is not None]
 
 
 async def _canonical(conn: AsyncConnection, ids: set[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
@@ -378,13 +370,13 @@ class _Outgoing:
 
 
 async def apply_updates(
-    conn: AsyncConnection, updates: Sequence[Mapping[str, Any]], settings: Settings
+    conn: AsyncConnection, updates: Sequence[ProfileUpdate], settings: Settings
 ) -> None:
     """Bring contacts, interactions and the webhook queue up to date with a micro-batch of
     ``cdp.profile-updates``, inside the caller's transaction. Safe to run again on the same
     updates (redelivery) and concurrently with other activation consumers."""
-    tombstones = [u for u in updates if u.get("type") == "deleted"]
-    changes = [u for u in updates if u.get("type") != "deleted"]
+    tombstones = [u for u in updates if u.type == "deleted"]
+    changes = [u for u in updates if u.type != "deleted"]
     atoms = {i for u in changes for i in _ids_of(u)}
     erased = [ids for u in tombstones if (ids := _ids_of(u))]
     canonical = await _canonical(conn, atoms)
@@ -435,7 +427,7 @@ async def apply_updates(
 
     # Interactions, each once per source event.
     new_rows = []
-    for u, raw in [(change, raw) for change in changes for raw in _events_of(change)]:
+    for u, raw in [(change, raw) for change in changes for raw in change.events]:
         ids = _ids_of(u)
         event = as_mapping(raw)
         home = canonical.get(ids[0]) if ids else None

@@ -44,6 +44,7 @@ import httpx
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream import metrics
 from cdp_stream.profiles.db import stopped_within
 from cdp_stream.settings import Settings
 
@@ -145,6 +146,9 @@ async def _record(
         )
     async with engine.begin() as conn:
         await conn.execute(text(sql), params)
+    metrics.webhook_deliveries.labels(
+        "delivered" if error is None else params["status"].replace("pending", "retry")
+    ).inc()
 
 
 async def _release(engine: AsyncEngine, ids: list[int]) -> None:

@@ -295,6 +295,13 @@ class MemoryConsumer:
         self._turn += 1
         return out
 
+    async def lag(self) -> dict[TopicPartition, int]:
+        committed = self._bus._groups[self.group].committed
+        return {
+            tp: self._bus._topics[tp[0]].logs[tp[1]].end - committed.get(tp, 0)
+            for tp in self.assignment()
+        }
+
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         if not offsets:
             return

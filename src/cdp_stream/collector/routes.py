@@ -22,6 +22,7 @@ documents them in the app's OpenAPI document.
 
 from __future__ import annotations
 
+import time
 import zlib
 from datetime import UTC, datetime
 from typing import Any
@@ -32,6 +33,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cdp_stream import metrics
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import Sources, basic_username
@@ -133,6 +135,9 @@ async def _collect(request: Request, endpoint: str) -> Response:
     except DATABASE_UNAVAILABLE:
         return database_unavailable(settings)
     if result is None:  # nothing published: the client sends it again after Retry-After
+        metrics.events_rejected.labels("collector", source.id, "rate_limited").inc(
+            _events_in(body, endpoint)
+        )
         response = error_response(429, "rate limit of this write key exceeded, retry later")
         response.headers["Retry-After"] = str(wait)
     else:
@@ -149,6 +154,9 @@ def _events_in(body: Any, endpoint: str) -> int:
     return 1
 
 
+_PRODUCE = metrics.produce_duration.labels("collector")
+
+
 async def _publish(
     bus: Bus, settings: Settings, source_id: str, endpoint: str, result: IntakeResult
 ) -> JSONResponse:
@@ -160,10 +168,18 @@ async def _publish(
         for r in result.rejected
         if r.record is not None  # an oversize event is refused, never published
     ]
+    started = time.perf_counter()
     try:
         await bus.publish_many(records)
     except BusUnavailable as exc:
+        metrics.produce_failures.labels("collector").inc()
         return bus_unavailable(exc, settings)
+    _PRODUCE.observe(time.perf_counter() - started)
+    if result.accepted:
+        metrics.events_accepted.labels(source_id).inc(len(result.accepted))
+    for r in result.rejected:  # no published record: refused for its size alone
+        why = "invalid" if r.record is not None else "too_large"
+        metrics.events_rejected.labels("collector", source_id, why).inc()
     rejected = [
         {"index": r.index, "messageId": r.message_id, "reason": r.reason} for r in result.rejected
     ]
