@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.migrate import upgrade_to_head
+from tests.operated import Stages, operated
 
 PG_URL = os.environ.get(
     "CDP_TEST_DATABASE_URL", "postgresql+asyncpg://postgres@127.0.0.1:55432/cdp_test"
@@ -82,3 +83,12 @@ async def engine(pg_url: str) -> AsyncIterator[AsyncEngine]:
     eng = make_engine(pg_url, "test")
     yield eng
     await eng.dispose()
+
+
+@pytest.fixture(scope="session")
+async def stages(
+    kafka_bootstrap: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stages]:
+    """Every stage a ``cdp-stream`` process, after real traffic (``tests/operated.py``)."""
+    async with operated(kafka_bootstrap, pg_url, tmp_path_factory.mktemp("stages")) as s:
+        yield s

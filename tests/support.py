@@ -18,6 +18,7 @@ import httpx
 import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -233,6 +234,24 @@ class Gate:
 
         await self.app(scope, replay, capture)
         self.requests.append((status_seen[0] if status_seen else 0, ids))
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """name + labels -> value of every sample of a Prometheus text exposition."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over the samples of ``name`` whose labels include ``labels`` (0: none)."""
+    want = set(labels.items())
+    return sum(v for (n, got), v in samples.items() if n == name and want <= got)
 
 
 def free_port() -> int:

@@ -415,6 +415,8 @@ def schemas(
 
 def main() -> None:
     logs.configure("info", "auto")  # until a command reads its settings
+    # Every line names its stage: the command's until a stage starts (``_serve``).
+    logs.set_stage(next((a for a in sys.argv[1:] if not a.startswith("-")), "cli"))
     cli(prog_name="cdp-stream")
 
 

@@ -124,7 +124,8 @@ class _Timed:
 
 async def _track_lag(consumer: Consumer, group: str, stop: asyncio.Event) -> None:
     """Refresh ``cdp_consumer_lag`` for the partitions this member owns, every
-    :data:`LAG_EVERY_S`; partitions it no longer owns are dropped from the gauge."""
+    :data:`LAG_EVERY_S`; partitions it no longer owns are dropped from the gauge.
+    ``group`` is the stage's name (as every ``group`` label), not the namespaced one."""
     shown: set[tuple[str, int]] = set()
     while not stop.is_set():
         try:
@@ -171,13 +172,11 @@ async def run_consumer(
             return messages, await stage.decode(messages)
 
     async def park(item: tuple[Message, T], exc: Exception) -> None:
-        message = item[0]
-        with logs.bind(topic=message.topic, partition=message.partition, offset=message.offset):
-            await dead.park_message(message, exc)
+        await dead.park_message(item[0], exc)
 
     await consumer.start()
     ahead: _Ahead[T] = _Ahead(take)
-    lag = asyncio.create_task(_track_lag(consumer, group, stop))
+    lag = asyncio.create_task(_track_lag(consumer, name, stop))
     try:
         while not stop.is_set():
             await stage.between()

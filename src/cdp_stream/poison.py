@@ -29,7 +29,7 @@ from typing import TypeVar
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cdp_stream import metrics
+from cdp_stream import logs, metrics
 from cdp_stream.bus.base import Bus, BusUnavailable, Message
 from cdp_stream.profiles import dead_letters
 from cdp_stream.profiles.db import Stopping, is_outage, retrying
@@ -107,4 +107,5 @@ class DeadLetters:
 
     async def park_message(self, message: Message, exc: Exception) -> None:
         origin = f"{message.topic}[{message.partition}]@{message.offset}"
-        await self.park(origin, message.key, message.value, exc)
+        with logs.bind(topic=message.topic, partition=message.partition, offset=message.offset):
+            await self.park(origin, message.key, message.value, exc)

@@ -303,7 +303,7 @@ async def test_unknown_and_malformed_ids_are_skipped(engine: AsyncEngine, audien
     await audience(PRICING)
     await apply(
         engine,
-        [{"profile_id": "not-a-uuid", "merged_ids": [None]}, {"profile_id": str(uuid.uuid4())}],
+        [{"profile_id": "not-a-uuid", "merged_ids": ["nope"]}, {"profile_id": str(uuid.uuid4())}],
         T0,
     )
 

@@ -62,6 +62,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_stream import logs
 from cdp_stream.activation._sql import among
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import (
@@ -436,7 +437,8 @@ async def apply_updates(
         try:
             found = interaction_of(event, settings.crm_key_pages)
         except (KeyError, TypeError, ValueError) as exc:  # no usable timestamp
-            log.warning("no CRM interaction for %s: %r", event.get("messageId"), exc)
+            with logs.bind(messageId=event.get("messageId"), profile_id=str(home)):
+                log.warning("no CRM interaction for this event: %r", exc)
             continue
         if found is not None:
             new_rows.append(

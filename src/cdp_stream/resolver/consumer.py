@@ -70,7 +70,9 @@ async def _apply(
     rules: IdentityRules,
     stop: asyncio.Event | None,
 ) -> BatchResult:
-    return await retrying(engine, lambda conn: apply_prepared(conn, batch, rules), stop)
+    result = await retrying(engine, lambda conn: apply_prepared(conn, batch, rules), stop)
+    _count(result)
+    return result
 
 
 async def relay_outbox(
@@ -153,6 +155,8 @@ async def _decode(
             record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
             await bus.publish(rejected, m.key, orjson.dumps(record))
             metrics.events_rejected.labels("resolver", "", "not_an_event").inc()
+            with logs.bind(topic=m.topic, partition=m.partition, offset=m.offset):
+                log.warning("a record that is not an event: set aside on %s", rejected)
     return events
 
 
@@ -272,7 +276,6 @@ class _Resolver:
         prepared = [p if p is not None else prepare([e], rules)[0] for _, (e, p) in batch]
         result = await _apply(self._engine, prepared, rules, self._stop)
         await self._bus.publish_many(_set_aside(self._names.rejected, result))
-        _count(result)
         log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
 
     async def between(self) -> None:
@@ -287,6 +290,7 @@ class _Resolver:
 
 
 def _count(result: BatchResult) -> None:
+    """A committed batch in the resolver's metrics."""
     metrics.resolver_events.labels("stored").inc(result.stored)
     metrics.resolver_events.labels("duplicate").inc(result.duplicates)
     metrics.profile_merges.inc(result.merges)
