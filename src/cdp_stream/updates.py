@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 VERSION: Literal[1] = 1
@@ -52,3 +53,25 @@ class ProfileUpdate(BaseModel):
     def payload(self, *, without_events: bool = False) -> bytes:
         """The record's JSON; ``without_events`` leaves ``events`` for the relay to add."""
         return self.model_dump_json(exclude={"events"} if without_events else None).encode()
+
+
+def updated_payload(
+    profile_id: str,
+    merged_ids: list[str],
+    changed_traits: dict[str, Any],
+    changed_computed: dict[str, Any],
+) -> bytes:
+    """``ProfileUpdate(...).payload(without_events=True)`` of an ``updated`` update, the
+    same bytes, without building the model: the resolver writes one per profile per batch
+    from values of its own, and validating them cost ~10 µs an update against ~1 µs here
+    (a test keeps the two equal)."""
+    return orjson.dumps(
+        {
+            "version": VERSION,
+            "type": "updated",
+            "profile_id": profile_id,
+            "merged_ids": merged_ids,
+            "changed_traits": changed_traits,
+            "changed_computed": changed_computed,
+        }
+    )

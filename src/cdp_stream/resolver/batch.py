@@ -62,7 +62,7 @@ from cdp_stream.profiles.db import RetryTransaction
 from cdp_stream.profiles.repository import EventRow, OrderRow, ProfileState, Refusal, Update
 from cdp_stream.resolver import computed, orders, traits
 from cdp_stream.resolver.identity import Identifier, IdentityRules
-from cdp_stream.updates import ProfileUpdate
+from cdp_stream.updates import updated_payload
 
 
 class StaleRead(RetryTransaction):
@@ -362,12 +362,12 @@ def updates(
     the profile is); a profile merged without events of its own gets one without any.
 
     (a :class:`cdp_stream.updates.ProfileUpdate`)."""
-    payload = ProfileUpdate(
-        profile_id=str(pid),
-        merged_ids=[str(m) for m in merged],
-        changed_traits=traits.changed(before.trait_state, after.trait_state),
-        changed_computed={k: v for k, v in after.computed.items() if before.computed.get(k) != v},
-    ).payload(without_events=True)
+    payload = updated_payload(
+        str(pid),
+        [str(m) for m in merged],
+        traits.changed(before.trait_state, after.trait_state),
+        {k: v for k, v in after.computed.items() if before.computed.get(k) != v},
+    )
     chunks: list[list[tuple[str, str]]] = [[]]
     size = 0
     for row in events:
