@@ -228,7 +228,8 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         if isinstance(exc, DataError) or is_invalid_value(exc):
             orig = getattr(exc, "orig", exc)
             return JSONResponse({"detail": f"invalid value: {orig}"}, status_code=400)
-        log.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
+        route = getattr(request.scope.get("route"), "path", "")  # the path may name a person
+        log.warning("%s %s: database unavailable: %r", request.method, route, exc)
         return database_unavailable(runtime.settings)
 
     for unavailable in DATABASE_UNAVAILABLE:

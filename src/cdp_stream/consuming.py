@@ -133,6 +133,9 @@ async def _track_lag(consumer: Consumer, group: str, stop: asyncio.Event) -> Non
         except (BusUnavailable, RuntimeError) as exc:  # away, or between a leave and a join
             log.debug("lag not measured: %s", exc)
             lag = {}
+        except Exception:  # a metric must never stop the consumer; say why it is missing
+            log.warning("lag not measured", exc_info=True)
+            lag = {}
         for topic, partition in shown - set(lag):
             metrics.consumer_lag.remove(group, topic, str(partition))
         for (topic, partition), behind in lag.items():

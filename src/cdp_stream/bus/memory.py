@@ -296,11 +296,9 @@ class MemoryConsumer:
         return out
 
     async def lag(self) -> dict[TopicPartition, int]:
-        committed = self._bus._groups[self.group].committed
-        return {
-            tp: self._bus._topics[tp[0]].logs[tp[1]].end - committed.get(tp, 0)
-            for tp in self.assignment()
-        }
+        owned = self.assignment()
+        committed = self._bus._groups[self.group].committed if owned else {}
+        return {tp: self._bus._topics[tp[0]].logs[tp[1]].end - committed.get(tp, 0) for tp in owned}
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         if not offsets:
