@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -178,6 +179,11 @@ async def run_consumer(
         await dead.park_message(item[0], exc)
 
     await consumer.start()
+    # What exists now (modules, the stage, the consumer and its client, SQLAlchemy's
+    # caches) lives as long as the process: out of the garbage collector's walks, which
+    # would otherwise visit it all at each full collection (measured: most of the time
+    # spent decoding a batch; benchmarks/pipeline.py and resolve.py).
+    gc.freeze()
     ahead: _Ahead[T] = _Ahead(take)
     lag = asyncio.create_task(_track_lag(consumer, name, stop))
     try:

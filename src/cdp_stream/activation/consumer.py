@@ -13,7 +13,6 @@ a count never holds up the feed.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -86,11 +85,6 @@ async def run_activation(
         settings.activation_poll_timeout_ms,
         settings.consumer_linger_ms,
     )
-    # Everything made so far (modules, SQLAlchemy's tables and caches, clients) lives as
-    # long as the process: out of the collector's sight, the thousands of objects a batch
-    # allocates no longer make each full collection walk ~140,000 of them (measured: GC
-    # was most of the time spent decoding updates; benchmarks/pipeline.py, catch-up).
-    gc.freeze()
     try:
         await audiences.resume_backfills(engine, stop)  # what a restart interrupted
         stage = _Activation(engine, settings, dead, stop)

@@ -233,10 +233,10 @@ def _collect_garbage_less() -> None:
     """Fewer, cheaper garbage collections: a batch decodes thousands of events into
     hundreds of thousands of containers, and with CPython's default thresholds a full
     collection ran every few hundred events, walking every object the process holds (a
-    fifth of the resolver's time under py-spy). What exists at start-up is frozen out of
-    the collector's walks; the youngest generation is collected every 20,000 allocations
-    instead of 700. (Process-wide: in ``cdp-stream up`` the other stages share it.)"""
-    gc.freeze()
+    fifth of the resolver's time under py-spy). The youngest generation is collected
+    every 20,000 allocations instead of 700, and what exists once the consumer has joined
+    is frozen out of the walks (by the runtime). (Process-wide: in ``cdp-stream up`` the
+    other stages share it.)"""
     gc.set_threshold(20_000, 20, 20)
 
 
