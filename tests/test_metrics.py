@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 from prometheus_client.metrics import MetricWrapperBase
 
 from cdp_stream import metrics
@@ -92,21 +93,28 @@ async def test_resolver_counts_what_it_stored_merged_and_set_aside(stages: Stage
 
 
 async def test_activation_counts_its_feed_audiences_webhooks_and_dmp(stages: Stages) -> None:
-    async def settled() -> Samples | None:
-        got = await stages.scrape("activation")
-        ready = (
-            value(got, "cdp_audience_transitions_total", direction="enter") >= 8
-            and value(got, "cdp_webhook_deliveries_total", outcome="retry") >= 1
-            and value(got, "cdp_dmp_buckets_total", outcome="suppressed") >= 1
-            and _idle(got, "activation")
-        )
-        return got if ready else None
+    def wanted(got: Samples) -> dict[str, bool]:
+        return {
+            "enter": value(got, "cdp_audience_transitions_total", direction="enter") >= 8,
+            "webhook retry": value(got, "cdp_webhook_deliveries_total", outcome="retry") >= 1,
+            "suppressed": value(got, "cdp_dmp_buckets_total", outcome="suppressed") >= 1,
+            "idle": _idle(got, "activation"),
+        }
 
-    got = await eventually(settled, within_s=60, interval=0.5)
-    assert value(got, "cdp_consumer_records_total", group="activation") >= 1
-    assert value(got, "cdp_webhook_deliveries_total", outcome="delivered") == 0
+    last: Samples = {}
+
+    async def settled() -> bool:
+        nonlocal last
+        last = await stages.scrape("activation")
+        return all(wanted(last).values())
+
+    if not await eventually(settled, within_s=90, interval=0.5):
+        tail = "\n".join(stages.log_lines("activation")[-20:])
+        pytest.fail(f"{wanted(last)}; lag {_lag(last, 'activation')}\n{tail}")
+    assert value(last, "cdp_consumer_records_total", group="activation") >= 1
+    assert value(last, "cdp_webhook_deliveries_total", outcome="delivered") == 0
     # 8 visitors is far under k = 100: nothing published, every bucket suppressed
-    assert value(got, "cdp_dmp_buckets_total", outcome="published") == 0
+    assert value(last, "cdp_dmp_buckets_total", outcome="published") == 0
 
 
 async def test_api_counts_its_routes_and_the_unmerge(stages: Stages) -> None:
@@ -117,13 +125,17 @@ async def test_api_counts_its_routes_and_the_unmerge(stages: Stages) -> None:
     assert value(got, "cdp_profile_unmerges_total") == 1
 
 
-def _idle(samples: Samples, group: str) -> bool:
-    """The group's lag is measured on every partition of its topic (6), and is 0."""
-    lag = [
+def _lag(samples: Samples, group: str) -> list[float]:
+    return [
         v
         for (n, labels), v in samples.items()
         if n == "cdp_consumer_lag" and ("group", group) in labels
     ]
+
+
+def _idle(samples: Samples, group: str) -> bool:
+    """The group's lag is measured on every partition of its topic (6), and is 0."""
+    lag = _lag(samples, group)
     return len(lag) == 6 and not any(lag)
 
 
