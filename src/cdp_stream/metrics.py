@@ -56,7 +56,7 @@ http_requests = Counter(
 )
 http_request_duration = Histogram(
     "cdp_http_request_duration_seconds",
-    "time from a request's arrival to the start of its answer, by route template",
+    "time to answer a request (its body sent), by route template",
     ["route"],
     buckets=_LATENCY,
     registry=REGISTRY,
@@ -95,7 +95,7 @@ produce_failures = Counter(
 consumer_lag = Gauge(
     "cdp_consumer_lag",
     "records behind: log end offset minus the group's committed offset, per partition "
-    "this process owns",
+    "this process owns (group: the stage's name)",
     ["group", "topic", "partition"],
     multiprocess_mode="max",
     registry=REGISTRY,
