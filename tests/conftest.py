@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.migrate import upgrade_to_head
+from tests.operated import Stages, operated
 
 if TYPE_CHECKING:
     from tests.collector.chromium import Chromium
@@ -96,3 +97,12 @@ async def browser() -> AsyncIterator[Chromium]:
     chromium = await Chromium.launch()
     yield chromium
     await chromium.close()
+
+
+@pytest.fixture(scope="session")
+async def stages(
+    kafka_bootstrap: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stages]:
+    """Every stage a ``cdp-stream`` process, after real traffic (``tests/operated.py``)."""
+    async with operated(kafka_bootstrap, pg_url, tmp_path_factory.mktemp("stages")) as s:
+        yield s

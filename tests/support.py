@@ -21,6 +21,7 @@ import orjson
 import pytest
 import uvicorn
 from fastapi import APIRouter, FastAPI
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -31,6 +32,7 @@ from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.profiles.models import events, profile_update_outbox
 from cdp_stream.settings import Settings
+from cdp_stream.updates import ProfileUpdate
 
 
 async def eventually(
@@ -98,6 +100,11 @@ async def outbox_updates(
         ]
         updates.append(update)
     return updates
+
+
+def typed(updates: Sequence[dict[str, Any]]) -> list[ProfileUpdate]:
+    """Updates as the activation consumer decodes them off ``cdp.profile-updates``."""
+    return [ProfileUpdate.model_validate(u) for u in updates]
 
 
 async def api_app(
@@ -261,6 +268,24 @@ async def profile_events(
         items = await eventually(probe, within_s)
     assert len(items) == count, f"expected {count} events for {ref}, got {len(items)}"
     return [item["payload"] for item in reversed(items)]
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def parse(text: str) -> Samples:
+    """name + labels -> value of every sample of a Prometheus text exposition."""
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over the samples of ``name`` whose labels include ``labels`` (0: none)."""
+    want = set(labels.items())
+    return sum(v for (n, got), v in samples.items() if n == name and want <= got)
 
 
 def free_port() -> int:

@@ -14,23 +14,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import text
 from sqlalchemy.exc import DataError, InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from cdp_stream import metrics
 from cdp_stream.api.audiences import router as audiences_router
 from cdp_stream.api.crm import router as crm_router
 from cdp_stream.api.deps import Tokens
 from cdp_stream.api.dmp import router as dmp_router
-from cdp_stream.api.metrics import router as metrics_router
 from cdp_stream.api.profiles import router as profiles_router
 from cdp_stream.api.sources import router as sources_router
 from cdp_stream.api.status import router as status_router
@@ -134,18 +135,43 @@ async def _when_reachable(what: str, deadline: float, attempt: Callable[[], Awai
 
 class App(FastAPI):
     """FastAPI, with some paths served by plain ASGI apps before its middleware and
-    routing (the collector's tracking endpoints: see ``cdp_stream.collector.routes``)."""
+    routing (the collector's tracking endpoints: see ``cdp_stream.collector.routes``).
+    Every HTTP request is counted and timed here (``cdp_http_*``), by its route template:
+    for a plain endpoint its path without the trailing slash, for a FastAPI route its
+    path as declared (``/v1/profiles/{ref}``), ``unmatched`` for any other path."""
 
     def __init__(self, plain: dict[str, ASGIApp], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.plain = plain
+        self._counted = _Counted()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and (endpoint := self.plain.get(scope["path"])) is not None:
-            scope["app"] = self
-            await endpoint(scope, receive, send)
-        else:
+        if scope["type"] != "http":
             await super().__call__(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the server answers if the app raises before answering
+
+        async def answer(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        path = scope["path"]
+        endpoint = self.plain.get(path)
+        try:
+            if endpoint is not None:
+                scope["app"] = self
+                await endpoint(scope, receive, answer)
+            else:
+                await super().__call__(scope, receive, answer)
+        finally:
+            if endpoint is not None:
+                route = path.rstrip("/")
+            else:
+                route = getattr(scope.get("route"), "path", "unmatched")
+            self._counted(route, scope["method"], status, time.perf_counter() - started)
 
     def openapi(self) -> dict[str, Any]:
         """FastAPI's document, plus the plain endpoints when they are served, and the
@@ -157,6 +183,24 @@ class App(FastAPI):
                 schema["paths"] = {**paths, **schema.get("paths", {})}
                 schema.setdefault("components", {}).setdefault("schemas", {}).update(components)
         return super().openapi()
+
+
+class _Counted:
+    """``cdp_http_*`` for one answered request; the label children are looked up once
+    per (route, method, status), not per request (the collector's hot path)."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str, int], Any] = {}
+        self._durations: dict[str, Any] = {}
+
+    def __call__(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        if (requests := self._requests.get(key)) is None:
+            requests = self._requests[key] = metrics.http_requests.labels(route, method, status)
+        if (duration := self._durations.get(route)) is None:
+            duration = self._durations[route] = metrics.http_request_duration.labels(route)
+        requests.inc()
+        duration.observe(seconds)
 
 
 class Readiness(BaseModel):
@@ -188,7 +232,8 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         if isinstance(exc, DataError) or is_invalid_value(exc):
             orig = getattr(exc, "orig", exc)
             return JSONResponse({"detail": f"invalid value: {orig}"}, status_code=400)
-        log.warning("%s %s: database unavailable: %r", request.method, request.url.path, exc)
+        route = getattr(request.scope.get("route"), "path", "")  # the path may name a person
+        log.warning("%s %s: database unavailable: %r", request.method, route, exc)
         return database_unavailable(runtime.settings)
 
     for unavailable in DATABASE_UNAVAILABLE:
@@ -203,10 +248,15 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
         app.include_router(crm_router)
         app.include_router(audiences_router)
         app.include_router(dmp_router)
-        app.include_router(metrics_router)
         app.include_router(sources_router)
         app.include_router(status_router)
         app.include_router(console_router)
+
+    @app.get("/metrics", tags=["health"], response_class=PlainTextResponse)
+    async def prometheus_metrics() -> Response:
+        """This process's Prometheus metrics (every collector worker's, when several
+        share the port): see ``cdp_stream.metrics``."""
+        return Response(metrics.exposition(), media_type=metrics.CONTENT_TYPE_LATEST)
 
     @app.get("/healthz", tags=["health"])
     async def healthz() -> dict[str, str]:

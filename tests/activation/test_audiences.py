@@ -26,7 +26,7 @@ from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import audience_changes, audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.settings import Settings
-from tests.support import eventually, outbox_updates
+from tests.support import eventually, outbox_updates, typed
 
 RULES = IdentityRules.from_settings(Settings())
 T0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -86,7 +86,7 @@ async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:
 
 async def apply(engine: AsyncEngine, updates: list[dict[str, Any]], now: datetime) -> None:
     async with engine.begin() as conn:
-        await aud.apply_updates(conn, updates, now)
+        await aud.apply_updates(conn, typed(updates), now)
 
 
 async def expire(engine: AsyncEngine, now: datetime, since: datetime | None = None) -> int:
@@ -303,7 +303,7 @@ async def test_unknown_and_malformed_ids_are_skipped(engine: AsyncEngine, audien
     await audience(PRICING)
     await apply(
         engine,
-        [{"profile_id": "not-a-uuid", "merged_ids": [None]}, {"profile_id": str(uuid.uuid4())}],
+        [{"profile_id": "not-a-uuid", "merged_ids": ["nope"]}, {"profile_id": str(uuid.uuid4())}],
         T0,
     )
 

@@ -29,7 +29,7 @@ from cdp_stream.activation import crm, webhook
 from cdp_stream.profiles.models import crm_webhook_deliveries
 from cdp_stream.settings import Settings
 from tests.activation.test_crm import ev, owner, resolve, track, uid
-from tests.support import eventually
+from tests.support import eventually, typed
 
 SECRET = "whsec-" + uuid.uuid4().hex
 BASE_DELAY = 0.1  # seconds: the first retry waits this, the second twice as long
@@ -275,7 +275,7 @@ async def test_crm_feed_to_receiver(engine: AsyncEngine, receiver: Receiver) -> 
         track("Form Submitted", "2024-03-01T10:01:00Z", context={"traits": {"email": email}}),
     )
     async with engine.begin() as conn:
-        await crm.apply_updates(conn, updates, settings)
+        await crm.apply_updates(conn, typed(updates), settings)
     pid = str(await owner(engine, "email", email))
 
     async def all_sent() -> bool:

@@ -22,6 +22,7 @@ from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles.credentials import ensure_token
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.settings import Settings
+from tests import support
 from tests.support import stored_event, uid
 
 RULES = IdentityRules.from_settings(Settings())
@@ -106,16 +107,13 @@ def idents(profile: dict[str, Any]) -> set[tuple[str, str]]:
     return {(i["type"], i["value"]) for i in profile["identities"]}
 
 
-async def counters(api: httpx.AsyncClient) -> dict[str, int]:
+async def counters(api: httpx.AsyncClient) -> dict[str, float]:
+    """The process's metrics (the resolver's batches run in this process here)."""
     r = await api.get("/metrics")
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("text/plain")
-    values = {}
-    for line in r.text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.split()
-            values[name] = int(value)
-    return values
+    samples = support.parse(r.text)
+    return {name: support.value(samples, name) for name, _ in samples}
 
 
 # --- lookup ----------------------------------------------------------------------------
@@ -327,11 +325,7 @@ async def test_refused_merge(api: httpx.AsyncClient, db: AsyncEngine) -> None:
         "splits": [],
     }
 
-    metrics = await counters(api)
-    assert metrics["cdp_identity_refusals_total"] >= 1
-    assert metrics["cdp_profile_merges_total"] >= 0
-    assert metrics["cdp_profile_unmerges_total"] >= 0
-    assert metrics["cdp_profile_updates_pending"] >= 0
+    assert (await counters(api))["cdp_identity_refusals_total"] >= 1
     text = (await api.get("/metrics")).text
     assert "# TYPE cdp_profile_merges_total counter" in text
     assert "# TYPE cdp_identity_refusals_total counter" in text
@@ -628,7 +622,7 @@ async def test_unmerge_bookkeeping(api: httpx.AsyncClient, db: AsyncEngine) -> N
 
     after = await counters(api)
     assert after["cdp_profile_unmerges_total"] == before["cdp_profile_unmerges_total"] + 1
-    assert after["cdp_profile_merges_total"] == before["cdp_profile_merges_total"] - 1
+    assert after["cdp_profile_merges_total"] == before["cdp_profile_merges_total"]  # happened
 
 
 async def test_unmerge_undoes_the_last_merge_only(api: httpx.AsyncClient, db: AsyncEngine) -> None:

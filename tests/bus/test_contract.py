@@ -403,6 +403,27 @@ async def test_fill_lingers_for_the_rest_of_a_batch(bus: Bus, member: MakeConsum
     assert [m.value for m in got] == [b"v0", b"v1", b"v2"]
 
 
+async def test_lag_is_log_end_minus_committed_per_owned_partition(
+    bus: Bus, member: MakeConsumer
+) -> None:
+    """``lag`` (``cdp_consumer_lag``): per partition the member owns, the records published
+    minus those its group committed; reading without committing changes nothing."""
+    topic = await new_topic(bus, 2)
+    consumer = await member(group(), [topic])
+    await bus.publish_many([Record(topic, None, f"v{i}".encode()) for i in range(10)])
+    got = await drain(consumer, 10)
+    per_partition = {p: len(msgs) for p, msgs in by_partition(got).items()}
+    assert await consumer.lag() == {(topic, p): n for p, n in per_partition.items()} | {
+        (topic, p): 0 for p in range(2) if p not in per_partition
+    }
+    first = got[0]
+    await consumer.commit({(topic, first.partition): first.offset + 1})
+    lag = await consumer.lag()
+    assert lag[(topic, first.partition)] == per_partition[first.partition] - first.offset - 1
+    await consumer.commit(next_offsets(got))
+    assert await consumer.lag() == {(topic, p): 0 for p in range(2)}
+
+
 # -- one implementation ----------------------------------------------------------------
 
 

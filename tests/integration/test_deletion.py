@@ -14,6 +14,7 @@ from sqlalchemy import text
 from cdp_stream.app import Runtime
 from cdp_stream.bus.base import next_offsets
 from cdp_stream.profiles.models import metadata
+from cdp_stream.updates import ProfileUpdate
 from tests.integration.conftest import AUTH, WRITE_KEY
 from tests.support import eventually
 
@@ -98,11 +99,9 @@ async def test_deleted_person_is_gone_and_stays_gone(
     await updates.stop()
     # the batch's events sit in two partitions (browser: anonymousId; server: userId): in
     # one order of processing the person had two profiles before a merge, in the other one
-    tombstone = {
-        "type": "deleted",
-        "profile_id": profile["id"],
-        "merged_ids": profile["merged_from"],
-    }
+    tombstone = ProfileUpdate(
+        type="deleted", profile_id=profile["id"], merged_ids=profile["merged_from"]
+    ).model_dump()
     assert tombstone in seen
     # An update relayed just before the deletion may still arrive after the drains above;
     # the person's updates share the tombstone's key, hence its partition and its order:

@@ -51,6 +51,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
+from cdp_stream import metrics
 from cdp_stream.activation._sql import among
 from cdp_stream.activation.rules import (
     EventSpec,
@@ -68,6 +69,7 @@ from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import Stopping, retrying, stopped_within
 from cdp_stream.profiles.models import audience_changes, audience_members, audiences, events
 from cdp_stream.profiles.models import profiles as profiles_table
+from cdp_stream.updates import ProfileUpdate
 
 log = logging.getLogger(__name__)
 
@@ -188,15 +190,17 @@ async def _reconcile(
         changes += [{"audience_id": a, "profile_id": p, "change": "exit"} for a, p in left]
     if changes:
         await conn.execute(insert(audience_changes), [{**c, "at": now} for c in changes])
+        for c in changes:
+            metrics.audience_transitions.labels(c["change"]).inc()
     return len(changes)
 
 
-def _profile_ids(updates: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
+def _profile_ids(updates: Sequence[ProfileUpdate]) -> set[uuid.UUID]:
     """Every profile an update names: the profile, and those merged into it (or, for a
     deletion tombstone, erased with it)."""
     ids: set[uuid.UUID] = set()
     for update_ in updates:
-        for raw in [update_.get("profile_id"), *(update_.get("merged_ids") or [])]:
+        for raw in [update_.profile_id, *update_.merged_ids]:
             try:
                 ids.add(uuid.UUID(str(raw)))
             except ValueError:
@@ -205,7 +209,7 @@ def _profile_ids(updates: Sequence[dict[str, Any]]) -> set[uuid.UUID]:
 
 
 async def apply_updates(
-    conn: AsyncConnection, updates: Sequence[dict[str, Any]], now: datetime
+    conn: AsyncConnection, updates: Sequence[ProfileUpdate], now: datetime
 ) -> None:
     """Re-evaluate every audience for the profiles a micro-batch of profile updates names,
     inside the caller's transaction. Merged-away and deleted profiles leave everything."""

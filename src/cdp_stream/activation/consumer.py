@@ -1,45 +1,70 @@
-"""The activation process: the consumer loop on ``cdp.profile-updates`` and its timers.
+"""The activation process: its stage on the consumer runtime (:mod:`cdp_stream.consuming`)
+over ``cdp.profile-updates``, and its timers.
 
 Per micro-batch, one transaction: the CRM feed and audience membership are brought up to
 date from the profiles as they are now in Postgres (so a redelivered update changes
-nothing), then the offsets are committed. Beside the loop run the CRM webhook deliveries,
-the expiry of time-window audience members, and the DMP counts: each its own task, so a
-slow webhook or a count never holds up the feed.
+nothing), then the offsets are committed. A record that is not a
+:class:`cdp_stream.updates.ProfileUpdate` (of a version this code knows) is parked on the
+dead-letter topic. Beside the loop run the CRM webhook deliveries, the expiry of
+time-window audience members, and the DMP counts: each its own task, so a slow webhook or
+a count never holds up the feed.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
 
-import orjson
+from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from cdp_stream import logs
 from cdp_stream.activation import audiences, crm, dmp, webhook
-from cdp_stream.bus.base import Bus, BusUnavailable, Message, fill, next_offsets, rejoin
-from cdp_stream.poison import DeadLetters, apply_isolating
+from cdp_stream.bus.base import Bus, Message
+from cdp_stream.consuming import Polling, run_consumer
+from cdp_stream.poison import DeadLetters
 from cdp_stream.profiles.db import Stopping, retrying
 from cdp_stream.settings import Settings
+from cdp_stream.updates import ProfileUpdate
 
 log = logging.getLogger(__name__)
 
+_Update = tuple[Message, ProfileUpdate]
 
-def _decode(messages: list[Message]) -> list[tuple[Message, dict[str, Any]]]:
-    updates = []
-    for m in messages:
-        try:
-            update = orjson.loads(m.value)
-        except orjson.JSONDecodeError:
-            update = None
-        if isinstance(update, dict) and "profile_id" in update:
-            updates.append((m, update))
-        else:  # not ours to understand (the resolver writes every update): skip, say so
-            log.warning("skipping a record that is not a profile update at %s", m)
-    return updates
+
+class _Activation:
+    """Activation's :class:`cdp_stream.consuming.Stage`."""
+
+    def __init__(
+        self, engine: AsyncEngine, settings: Settings, dead: DeadLetters, stop: asyncio.Event
+    ) -> None:
+        self._engine, self._settings, self._dead, self._stop = engine, settings, dead, stop
+
+    async def decode(self, messages: Sequence[Message]) -> list[_Update]:
+        updates = []
+        for m in messages:
+            try:
+                updates.append((m, ProfileUpdate.model_validate_json(m.value)))
+            except ValidationError as exc:  # the resolver writes every update: never valid
+                await self._dead.park_message(m, exc)
+        return updates
+
+    async def apply(self, batch: Sequence[_Update]) -> None:
+        updates = [u for _, u in batch]
+
+        async def work(conn: AsyncConnection) -> None:
+            await crm.apply_updates(conn, updates, self._settings)
+            await audiences.apply_updates(conn, updates, datetime.now(UTC))
+
+        await retrying(self._engine, work, self._stop)
+
+    async def between(self) -> None:
+        return None
+
+    async def applied(self) -> None:
+        return None
 
 
 async def run_activation(
@@ -47,6 +72,7 @@ async def run_activation(
 ) -> None:
     """poll a batch -> one transaction (a poison update bisected out and dead-lettered)
     -> commit offsets; the timers beside it."""
+    logs.set_stage("activation")
     names, done = settings.topics, asyncio.Event()  # ``done`` stops the timers with us
     dead = DeadLetters(bus, engine, names.dead_letters, "activation", stop)
     timers = [
@@ -56,49 +82,20 @@ async def run_activation(
         ),
         asyncio.create_task(dmp.run_counts(engine, bus, settings, done)),
     ]
-
-    async def apply(batch: Sequence[tuple[Message, dict[str, Any]]]) -> None:
-        updates = [u for _, u in batch]
-
-        async def work(conn: AsyncConnection) -> None:
-            await crm.apply_updates(conn, updates, settings)
-            await audiences.apply_updates(conn, updates, datetime.now(UTC))
-
-        await retrying(engine, work, stop)
-
-    async def park(item: tuple[Message, dict[str, Any]], exc: Exception) -> None:
-        await dead.park_message(item[0], exc)
-
-    consumer = bus.consumer(names.activation_group, [names.profile_updates])
-    # Everything made so far (modules, SQLAlchemy's tables and caches, clients) lives as
-    # long as the process: out of the collector's sight, the thousands of objects a batch
-    # allocates no longer make each full collection walk ~140,000 of them (measured: GC
-    # was most of the time spent decoding updates; benchmarks/pipeline.py, catch-up).
-    gc.freeze()
+    polling = Polling(
+        settings.activation_batch_size,
+        settings.activation_poll_timeout_ms,
+        settings.consumer_linger_ms,
+    )
     try:
         await audiences.resume_backfills(engine, stop)  # what a restart interrupted
-        await consumer.start()
-        while not stop.is_set():
-            try:
-                messages = await fill(
-                    consumer,
-                    settings.activation_batch_size,
-                    settings.resolver_poll_timeout_ms,
-                    settings.consumer_linger_ms,
-                )
-                if not messages:
-                    continue
-                await apply_isolating(_decode(messages), apply, park)
-                await consumer.commit(next_offsets(messages))
-            except BusUnavailable as exc:
-                log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
-                await rejoin(consumer, stop)
-            except Stopping:
-                log.info("stopping with the database away: the batch is redelivered later")
+        stage = _Activation(engine, settings, dead, stop)
+        await run_consumer(
+            bus, names.activation_group, [names.profile_updates], stage, polling, dead, stop
+        )
     except Stopping:
         log.info("stopped with the database away, before consuming")
     finally:
         done.set()
         await audiences.stop_backfills()
-        await consumer.stop()
         await asyncio.gather(*timers, return_exceptions=True)

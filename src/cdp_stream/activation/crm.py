@@ -21,6 +21,7 @@ from sqlalchemy import delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_stream import logs
 from cdp_stream.activation._sql import among
 from cdp_stream.event_names import (
     EMAIL_BOUNCED,
@@ -50,6 +51,7 @@ from cdp_stream.profiles.models import (
 )
 from cdp_stream.settings import Settings
 from cdp_stream.timestamps import event_time
+from cdp_stream.updates import ProfileUpdate
 
 log = logging.getLogger(__name__)
 
@@ -296,24 +298,15 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return None
 
 
-def _ids_of(update: Mapping[str, Any]) -> list[uuid.UUID]:
+def _ids_of(update: ProfileUpdate) -> list[uuid.UUID]:
     """The update's profile id first, then its merged ids; malformed ones are dropped."""
-    merged = update.get("merged_ids")
-    raw = [update.get("profile_id"), *(merged if isinstance(merged, list) else [])]
-    return [u for u in map(_uuid, raw) if u is not None]
+    return [u for u in map(_uuid, [update.profile_id, *update.merged_ids]) if u is not None]
 
 
-def _split_of(update: Mapping[str, Any]) -> list[uuid.UUID]:
+def _split_of(update: ProfileUpdate) -> list[uuid.UUID]:
     """Both profiles an unmerge made, from the update of one (``split_from``), else none."""
-    other = _uuid(update["split_from"]) if "split_from" in update else None
+    other = _uuid(update.split_from)
     return [] if other is None else [*_ids_of(update)[:1], other]
-
-
-def _events_of(update: Mapping[str, Any]) -> list[Any]:
-    """The events an update carries: ``events`` (one update per profile per resolver
-    batch), or the single ``event`` of updates written before that."""
-    events = update.get("events")
-    return events if isinstance(events, list) else [update.get("event")]
 
 
 async def _canonical(conn: AsyncConnection, ids: set[uuid.UUID]) -> dict[uuid.UUID, uuid.UUID]:
@@ -359,13 +352,13 @@ class _Outgoing:
 
 
 async def apply_updates(
-    conn: AsyncConnection, updates: Sequence[Mapping[str, Any]], settings: Settings
+    conn: AsyncConnection, updates: Sequence[ProfileUpdate], settings: Settings
 ) -> None:
     """Bring contacts, interactions and the webhook queue up to date with a micro-batch of
     ``cdp.profile-updates``, inside the caller's transaction. Safe to run again on the same
     updates (redelivery) and concurrently with other activation consumers."""
-    tombstones = [u for u in updates if u.get("type") == "deleted"]
-    changes = [u for u in updates if u.get("type") != "deleted"]
+    tombstones = [u for u in updates if u.type == "deleted"]
+    changes = [u for u in updates if u.type != "deleted"]
     split = {i for u in changes for i in _split_of(u)}
     atoms = {i for u in changes for i in _ids_of(u)} | split
     erased = [ids for u in tombstones if (ids := _ids_of(u))]
@@ -433,7 +426,7 @@ async def apply_updates(
 
     # Interactions, each once per source event.
     new_rows = []
-    for u, raw in [(change, raw) for change in changes for raw in _events_of(change)]:
+    for u, raw in [(change, raw) for change in changes for raw in change.events]:
         ids = _ids_of(u)
         event = as_mapping(raw)
         home = canonical.get(ids[0]) if ids else None
@@ -442,7 +435,8 @@ async def apply_updates(
         try:
             found = interaction_of(event, settings.crm_key_pages)
         except (KeyError, TypeError, ValueError) as exc:  # no usable timestamp
-            log.warning("no CRM interaction for %s: %r", event.get("messageId"), exc)
+            with logs.bind(messageId=event.get("messageId"), profile_id=str(home)):
+                log.warning("no CRM interaction for this event: %r", exc)
             continue
         if found is not None:
             new_rows.append(

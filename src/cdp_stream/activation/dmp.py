@@ -28,6 +28,7 @@ from sqlalchemy import Select, delete, func, or_, select, text, true
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from cdp_stream import metrics
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.payload import as_mapping
 from cdp_stream.profiles.db import retrying, stopped_within
@@ -506,7 +507,9 @@ async def _count_audience(
     lock = text("SELECT pg_try_advisory_xact_lock(:key)")
     if not (await conn.execute(lock, {"key": lock_key("dmp", str(audience_id))})).scalar():
         return []  # another activation process is counting it right now
-    exact = anonymize(await tally(conn, audience_id, settings.dmp_dimensions), settings.dmp_k)
+    tallied = await tally(conn, audience_id, settings.dmp_dimensions)
+    exact = anonymize(tallied, settings.dmp_k)
+    metrics.dmp_buckets.labels("suppressed").inc(_suppressed(tallied, exact))
     eps = noise.epsilon if noise is not None else None
     counts = {
         cell: noise.noisy((str(audience_id), *cell), n) if noise is not None else n
@@ -554,6 +557,14 @@ async def _count_audience(
     return records
 
 
+def _suppressed(tallied: Tally, published: Mapping[Cell, int]) -> int:
+    """How many of the tally's non-empty cells (the overall one too) anonymization held
+    back."""
+    cells = [(OVERALL, ALL)] if tallied.overall else []
+    cells += [(d, b) for d, counts in tallied.buckets.items() for b, n in counts.items() if n]
+    return sum(cell not in published for cell in cells)
+
+
 async def count_once(
     engine: AsyncEngine,
     bus: Bus,
@@ -585,7 +596,9 @@ async def count_once(
                 await bus.publish_many(records)
             return len(records)
 
-        published += await retrying(engine, work)
+        n = await retrying(engine, work)
+        metrics.dmp_buckets.labels("published").inc(n)
+        published += n
     return published
 
 

@@ -18,9 +18,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import orjson
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream import logs, metrics
 from cdp_stream.profiles.db import stopped_within
 from cdp_stream.settings import Settings
 
@@ -88,6 +90,15 @@ async def claim(engine: AsyncEngine, limit: int, lease_s: float) -> list[Due]:
     return sorted(found, key=lambda d: d.id)
 
 
+def _profile_of(due: Due) -> str | None:
+    """The profile a delivery is about (every payload names it), for its log lines."""
+    try:
+        payload = orjson.loads(due.body)
+    except orjson.JSONDecodeError:
+        return None
+    return str(payload.get("profile_id")) if isinstance(payload, dict) else None
+
+
 async def _record(
     engine: AsyncEngine, due: Due, error: str | None, max_attempts: int, base_delay_s: float
 ) -> None:
@@ -113,15 +124,19 @@ async def _record(
             "wait": 0.0 if dead else backoff_s(attempts, base_delay_s),
         }
         log_ = log.warning if dead else log.info
-        log_(
-            "CRM webhook delivery %s attempt %s failed%s: %s",
-            due.id,
-            attempts,
-            " (dead)" if dead else "",
-            error[:200],
-        )
+        with logs.bind(profile_id=_profile_of(due)):
+            log_(
+                "CRM webhook delivery %s attempt %s failed%s: %s",
+                due.id,
+                attempts,
+                " (dead)" if dead else "",
+                error[:200],
+            )
     async with engine.begin() as conn:
         await conn.execute(text(sql), params)
+    metrics.webhook_deliveries.labels(
+        "delivered" if error is None else params["status"].replace("pending", "retry")
+    ).inc()
 
 
 async def _release(engine: AsyncEngine, ids: list[int]) -> None:

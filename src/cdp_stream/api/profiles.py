@@ -19,6 +19,7 @@ from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_stream import metrics
 from cdp_stream.activation import audiences, dmp
 from cdp_stream.api.deps import Conn, bearer, cursor_at, in_utc, position
 from cdp_stream.bus.base import BusUnavailable
@@ -27,6 +28,7 @@ from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import read_only
 from cdp_stream.resolver.consumer import relay_outbox
 from cdp_stream.resolver.unmerge import unmerge_last
+from cdp_stream.updates import ProfileUpdate
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/profiles", tags=["profiles"])
@@ -294,6 +296,7 @@ async def post_unmerge(request: Request, profile_id: Profile) -> dict[str, Any]:
         done = await unmerge_last(conn, profile_id)
         if done is None:
             raise HTTPException(409, "this profile has no merge to undo")
+        metrics.profile_unmerges.inc()
         answer = {
             "undone_merge": done.merge_id,
             "profile": await repo.read_profile(conn, done.kept),
@@ -324,8 +327,8 @@ async def delete_profile(request: Request, profile_id: Profile) -> None:
     async with state.engine.begin() as conn:
         ids = await repo.delete_group(conn, profile_id, state.rules.suppression)
         merged = [str(i) for i in ids if i != profile_id]
-        tombstone = {"type": "deleted", "profile_id": str(profile_id), "merged_ids": merged}
-        await repo.insert_outbox(conn, [repo.Update(str(profile_id), orjson.dumps(tombstone))])
+        tombstone = ProfileUpdate(type="deleted", profile_id=str(profile_id), merged_ids=merged)
+        await repo.insert_outbox(conn, [repo.Update(str(profile_id), tombstone.payload())])
     await _relay(request, f"the tombstone of {profile_id}")
 
 

@@ -79,6 +79,11 @@ class Consumer(Protocol):
     def assignment(self) -> frozenset[TopicPartition]:
         """The partitions this member owns now; empty until it has joined the group."""
 
+    async def lag(self) -> dict[TopicPartition, int]:
+        """Per partition this member owns, how many records the group is behind: the log
+        end offset minus the group's committed offset (its metric, ``cdp_consumer_lag``).
+        Raises :class:`BusUnavailable` when the broker does not answer."""
+
 
 class Bus(Protocol):
     """Publish with acks, consume as a group, commit after work."""

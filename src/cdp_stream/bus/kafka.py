@@ -384,6 +384,21 @@ class KafkaConsumer:
             self._in_flight = asyncio.Event()
         return messages
 
+    async def lag(self) -> dict[TopicPartition, int]:
+        consumer = self._require()
+        owned = sorted(consumer.assignment())
+        if not owned:
+            return {}
+        try:
+            async with asyncio.timeout(self._commit_timeout):
+                ends = await consumer.end_offsets(owned)
+                committed = {tp: await consumer.committed(tp) for tp in owned}
+        except _FAILURES as exc:
+            raise BusUnavailable(f"group {self.group}: offsets not answered: {exc!r}") from exc
+        return {
+            (tp.topic, tp.partition): ends[tp] - (committed[tp] or 0) for tp in owned if tp in ends
+        }
+
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         consumer = self._require()
         try:

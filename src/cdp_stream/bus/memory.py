@@ -295,6 +295,11 @@ class MemoryConsumer:
         self._turn += 1
         return out
 
+    async def lag(self) -> dict[TopicPartition, int]:
+        owned = self.assignment()
+        committed = self._bus._groups[self.group].committed if owned else {}
+        return {tp: self._bus._topics[tp[0]].logs[tp[1]].end - committed.get(tp, 0) for tp in owned}
+
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         if not offsets:
             return

@@ -100,6 +100,14 @@ CROSS JOIN LATERAL (
 ORDER BY o.turn, r."offset"
 LIMIT $4
 """
+# Per partition of the group's topics: its end minus the group's committed offset.
+_LAG = """
+SELECT p.topic_id, p.partition, p.next_offset - coalesce(o.next_offset, 0) AS lag
+FROM bus_partitions p
+LEFT JOIN bus_offsets o
+  ON o.group_id = $1 AND o.topic_id = p.topic_id AND o.partition = p.partition
+WHERE p.topic_id = ANY($2::int[])
+"""
 _COMMIT = """
 INSERT INTO bus_offsets (group_id, topic_id, partition, next_offset)
 SELECT $1, * FROM unnest($2::int[], $3::int[], $4::bigint[])
@@ -572,6 +580,20 @@ class PostgresConsumer:
                 out.append(Message(self._topics[tp[0]], tp[1], r["offset"], r["key"], r["value"]))
                 self._positions[tp] = r["offset"] + 1
             return out
+
+    async def lag(self) -> dict[TopicPartition, int]:
+        async with self._lock:
+            if self._conn is None or not self._positions:
+                return {}
+            try:
+                rows = await self._live().fetch(_LAG, self._group_id, list(self._topics))
+            except _FAILURES as exc:
+                raise BusUnavailable(f"group {self.group}: lag query failed: {exc!r}") from exc
+            return {
+                (self._topics[r["topic_id"]], r["partition"]): r["lag"]
+                for r in rows
+                if (r["topic_id"], r["partition"]) in self._positions
+            }
 
     async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
         if not offsets:

@@ -29,6 +29,7 @@ documents them in the app's OpenAPI document.
 
 from __future__ import annotations
 
+import time
 import zlib
 from datetime import UTC, datetime
 from typing import Any
@@ -39,6 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from cdp_stream import metrics
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import Sources, basic_username
@@ -142,6 +144,9 @@ async def _collect(request: Request, endpoint: str, key_in_query: bool) -> Respo
     except DATABASE_UNAVAILABLE:
         return database_unavailable(settings)
     if result is None:  # nothing published: the client sends it again after Retry-After
+        metrics.events_rejected.labels("collector", source.id, "rate_limited").inc(
+            _events_in(body, endpoint)
+        )
         response = error_response(429, "rate limit of this write key exceeded, retry later")
         response.headers["Retry-After"] = str(wait)
     else:
@@ -158,6 +163,11 @@ def _events_in(body: Any, endpoint: str) -> int:
     return 1
 
 
+# The hot path's metric children, looked up once (a lookup costs as much as the count).
+_PRODUCE = metrics.produce_duration.labels("collector")
+_ACCEPTED: dict[str, Any] = {}
+
+
 async def _publish(
     bus: Bus, settings: Settings, source_id: str, endpoint: str, result: IntakeResult
 ) -> JSONResponse:
@@ -169,10 +179,20 @@ async def _publish(
         for r in result.rejected
         if r.record is not None  # an oversize event is refused, never published
     ]
+    started = time.perf_counter()
     try:
         await bus.publish_many(records)
     except BusUnavailable as exc:
+        metrics.produce_failures.labels("collector").inc()
         return bus_unavailable(exc, settings)
+    _PRODUCE.observe(time.perf_counter() - started)
+    if result.accepted:
+        if (accepted := _ACCEPTED.get(source_id)) is None:
+            accepted = _ACCEPTED[source_id] = metrics.events_accepted.labels(source_id)
+        accepted.inc(len(result.accepted))
+    for r in result.rejected:  # no published record: refused for its size alone
+        why = "invalid" if r.record is not None else "too_large"
+        metrics.events_rejected.labels("collector", source_id, why).inc()
     rejected = [
         {"index": r.index, "messageId": r.message_id, "reason": r.reason} for r in result.rejected
     ]

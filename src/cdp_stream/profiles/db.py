@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
+from cdp_stream import metrics
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ def make_engine(url: str, role: str, pool_size: int = 5, *, pre_ping: bool = Tru
         max_overflow=pool_size,
         pool_pre_ping=pre_ping,
         pool_timeout=10,
+        # An error's text must not quote the values (identifiers, traits): it is logged.
+        hide_parameters=True,
         # jsonb columns through orjson: several times faster than the stdlib both ways.
         json_serializer=lambda value: orjson.dumps(value).decode(),
         json_deserializer=orjson.loads,
@@ -88,7 +91,10 @@ async def read_only(engine: AsyncEngine, work: Callable[[AsyncConnection], Await
 
 
 class RetryTransaction(Exception):
-    """Raised inside ``retrying``'s work: roll back and run it again (a lost race)."""
+    """Raised inside ``retrying``'s work: roll back and run it again (a lost race).
+    ``cause`` names the race in ``cdp_transaction_retries_total``."""
+
+    cause = "race"
 
 
 # serialization_failure, deadlock_detected, unique_violation (a racing insert): the work
@@ -156,14 +162,17 @@ async def retrying(
                 return await work(conn)
         except RetryTransaction as exc:
             log.info("transaction raced another one (%s), retrying", exc)
+            metrics.retries.labels(exc.cause).inc()
         except (DBAPIError, OSError) as exc:
             if is_outage(exc):
                 log.warning("database unavailable, retrying in %.1fs: %s", delay, exc)
+                metrics.retries.labels("outage").inc()
                 # Connections the pool holds are likely dead too (a restart ends them all):
                 # start over with fresh ones rather than meet each broken one in turn.
                 await engine.dispose()
             elif isinstance(exc, DBAPIError) and _sqlstate(exc) in _RETRYABLE_SQLSTATES:
                 log.info("transaction conflict (%s), retrying", _sqlstate(exc))
+                metrics.retries.labels("conflict").inc()
             else:
                 raise
         if stop is None:

@@ -890,19 +890,11 @@ async def read_merges(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str,
     }
 
 
-async def identity_counters(conn: AsyncConnection) -> dict[str, int]:
-    """Totals for ``/metrics`` (read from the tables, so every resolver process counts)."""
-    row = (
-        await conn.execute(
-            text(
-                "SELECT (SELECT count(*) FROM profile_merges WHERE undone_at IS NULL) AS merges,"
-                " (SELECT count(*) FROM profile_merges WHERE undone_at IS NOT NULL) AS unmerges,"
-                " (SELECT count(*) FROM identity_refusals) AS refusals,"
-                " (SELECT count(*) FROM profile_update_outbox) AS outbox"
-            )
-        )
-    ).one()
-    return dict(row._mapping)
+async def outbox_depth(conn: AsyncConnection, cap: int = 1_000_000) -> int:
+    """Profile updates waiting in the outbox, counted up to ``cap`` (so a count of a
+    backlog stays cheap): ``cdp_profile_updates_outbox_rows``."""
+    query = text("SELECT count(*) FROM (SELECT 1 FROM profile_update_outbox LIMIT :cap) o")
+    return int((await conn.execute(query, {"cap": cap})).scalar_one())
 
 
 # --- reads, for the console ------------------------------------------------------------

@@ -47,6 +47,7 @@ each per batch) and not on the resolver benchmark's default history, where every
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -56,16 +57,20 @@ from typing import Any
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_stream import metrics
 from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import RetryTransaction
 from cdp_stream.profiles.repository import EventRow, OrderRow, ProfileState, Refusal, Update
 from cdp_stream.resolver import computed, orders, traits
 from cdp_stream.timestamps import event_time
+from cdp_stream.updates import updated_payload
 
 
 class StaleRead(RetryTransaction):
     """A profile changed under us between reading and locking it: retry the batch."""
+
+    cause = "stale_read"
 
 
 @dataclass
@@ -254,10 +259,14 @@ async def apply_prepared(
     result = BatchResult()
     every_id = sorted({i for p in batch for i in p.ids})
 
+    started = time.perf_counter()
     await repo.lock_keys(conn, [repo.lock_key(i.type, i.value) for i in every_id])
+    metrics.lock_wait.labels("identifiers").observe(time.perf_counter() - started)
     read = await repo.batch_reads(conn, [p.key for p in batch], every_id, rules.suppression)
     seen, owner, gone = read.stored, read.owners, read.suppressed
+    started = time.perf_counter()
     loaded = await repo.lock_profiles(conn, set(owner.values()))
+    metrics.lock_wait.labels("profiles").observe(time.perf_counter() - started)
     held = await repo.groups_of(conn, list(loaded))  # now that the rows are ours
     members = held.members
     if any(pid not in members or ident not in members[pid] for ident, pid in owner.items()):
@@ -369,21 +378,16 @@ def updates(
     :data:`UPDATE_EVENTS_BYTES` of them per update (so an update stays small however busy
     the profile is); a profile merged without events of its own gets one without any.
 
-    ``{"profile_id", "merged_ids", "changed_traits", "changed_computed", "events": [...]}``,
-    and, from an unmerge, ``"split_from"``: the other profile of the two it made (whose
-    events and identities may have been this one's a moment ago).
-    """
-    fields = {
-        "profile_id": str(pid),
-        "merged_ids": [str(m) for m in merged],
-        "changed_traits": traits.changed(before.trait_state, after.trait_state),
-        "changed_computed": {
-            k: v for k, v in after.computed.items() if before.computed.get(k) != v
-        },
-    }
-    if split_from is not None:
-        fields["split_from"] = str(split_from)
-    payload = orjson.dumps(fields)
+    (a :class:`cdp_stream.updates.ProfileUpdate`); from an unmerge, ``split_from`` names
+    the other profile of the two it made (whose events and identities may have been this
+    one's a moment ago)."""
+    payload = updated_payload(
+        str(pid),
+        [str(m) for m in merged],
+        traits.changed(before.trait_state, after.trait_state),
+        {k: v for k, v in after.computed.items() if before.computed.get(k) != v},
+        None if split_from is None else str(split_from),
+    )
     chunks: list[list[tuple[str, str]]] = [[]]
     size = 0
     for row in events:

@@ -1,6 +1,7 @@
-"""The resolver loop: poll a batch -> one transaction -> commit offsets, the outbox relayed
-beside it (after each commit, and at start-up), the next batch polled, decoded and
-prepared while one's transaction runs (:class:`_Ahead`: Python and Postgres overlap).
+"""The resolver stage on the consumer runtime (:mod:`cdp_stream.consuming`): poll a batch
+-> one transaction -> commit offsets, the outbox relayed beside it (after each commit, and
+at start-up), the next batch polled, decoded and prepared while one's transaction runs
+(the runtime's poll ahead: Python and Postgres overlap).
 
 Offsets are committed only after the database commit, batch after batch in order, so a
 crash anywhere before it redelivers the batch (and the one taken ahead), and
@@ -20,10 +21,10 @@ blocking its partition forever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
-from collections.abc import Callable, Coroutine, Sequence
+import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -31,16 +32,9 @@ from pydantic import ConfigDict
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cdp_stream.bus.base import (
-    Bus,
-    BusUnavailable,
-    Consumer,
-    Message,
-    Record,
-    fill,
-    next_offsets,
-    rejoin,
-)
+from cdp_stream import logs, metrics
+from cdp_stream.bus.base import Bus, BusUnavailable, Message, Record
+from cdp_stream.consuming import Polling, run_consumer
 from cdp_stream.events import Event
 from cdp_stream.identity import IdentityRules
 from cdp_stream.poison import DeadLetters, apply_isolating
@@ -76,7 +70,9 @@ async def _apply(
     rules: IdentityRules,
     stop: asyncio.Event | None,
 ) -> BatchResult:
-    return await retrying(engine, lambda conn: apply_prepared(conn, batch, rules), stop)
+    result = await retrying(engine, lambda conn: apply_prepared(conn, batch, rules), stop)
+    _count(result)
+    return result
 
 
 async def relay_outbox(
@@ -96,7 +92,10 @@ async def relay_outbox(
     relayed = 0
 
     async def publish(rows: Sequence[tuple[str, bytes]]) -> None:
+        started = time.perf_counter()
         await bus.publish_many([Record(topic, key.encode(), value) for key, value in rows])
+        metrics.produce_duration.labels("resolver").observe(time.perf_counter() - started)
+        metrics.profile_updates_relayed.inc(len(rows))
 
     async def park(row: tuple[str, bytes], exc: Exception) -> None:
         if dead is None:
@@ -121,11 +120,14 @@ class _Checked(Event):
 
 
 async def vacuum_outbox(engine: AsyncEngine) -> None:
-    """Reclaim the relayed outbox rows now (see ``repo.vacuum_outbox``). Best effort: a
-    failure is logged and the next interval tries again."""
+    """Reclaim the relayed outbox rows now (see ``repo.vacuum_outbox``), and count the
+    ones left (``cdp_profile_updates_outbox_rows``). Best effort: a failure is logged and
+    the next interval tries again."""
     try:
         async with engine.connect() as conn:
-            await repo.vacuum_outbox(await conn.execution_options(isolation_level="AUTOCOMMIT"))
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await repo.vacuum_outbox(conn)
+            metrics.outbox_rows.set(await repo.outbox_depth(conn))
     except (DBAPIError, OSError) as exc:
         log.warning("could not vacuum the outbox, trying again later: %s", exc)
 
@@ -152,12 +154,14 @@ async def _decode(
             reason = f"not an event at {m.topic}[{m.partition}]@{m.offset}: {exc}"
             record = {"reason": reason, "raw": m.value.decode("utf-8", "replace")}
             await bus.publish(rejected, m.key, orjson.dumps(record))
+            metrics.events_rejected.labels("resolver", "", "not_an_event").inc()
+            with logs.bind(topic=m.topic, partition=m.partition, offset=m.offset):
+                log.warning("a record that is not an event: set aside on %s", rejected)
     return events
 
 
-# An event with its record and, when it could be worked out ahead, its prepared form.
-_Item = tuple[Message, dict[str, Any], Prepared | None]
-_Taken = tuple[list[Message], list[_Item]]
+# An event and, when it could be worked out ahead, its prepared form.
+_Item = tuple[dict[str, Any], Prepared | None]
 
 
 def _prepared(events: Sequence[dict[str, Any]], rules: IdentityRules) -> list[Prepared | None]:
@@ -169,58 +173,21 @@ def _prepared(events: Sequence[dict[str, Any]], rules: IdentityRules) -> list[Pr
         return [None] * len(events)
 
 
-async def _take(
-    consumer: Consumer, bus: Bus, settings: Settings, rules: IdentityRules
-) -> _Taken | None:
-    """The next batch, decoded and prepared (None if the poll found nothing). Run while
-    the batch before it is in its transaction: the work here needs no lock, so it fills
-    the time the loop would otherwise spend waiting for Postgres, yielding every
+async def _decode_prepared(
+    bus: Bus, rejected: str, messages: Sequence[Message], rules: IdentityRules
+) -> list[tuple[Message, _Item]]:
+    """The batch decoded and prepared. Run while the batch before it is in its
+    transaction (the runtime polls ahead): the work here needs no lock, so it fills the
+    time the loop would otherwise spend waiting for Postgres, yielding every
     :data:`_CHUNK` events so that the transaction's statements are answered promptly."""
-    messages = await fill(
-        consumer,
-        settings.resolver_batch_size,
-        settings.resolver_poll_timeout_ms,
-        settings.consumer_linger_ms,
-    )
-    if not messages:
-        return None
-    events = await _decode(bus, settings.topics.rejected, messages)
-    items: list[_Item] = []
+    events = await _decode(bus, rejected, messages)
+    items: list[tuple[Message, _Item]] = []
     for i in range(0, len(events), _CHUNK):
         await asyncio.sleep(0)
         chunk = events[i : i + _CHUNK]
         prepared = _prepared([e for _, e in chunk], rules)
-        items += [(m, e, p) for (m, e), p in zip(chunk, prepared, strict=True)]
-    return messages, items
-
-
-class _Ahead:
-    """One batch taken ahead (:func:`_take`) while the current one is applied. Batches
-    are still applied, and their offsets committed, one at a time and in order, each
-    commit after its own transaction; a batch taken ahead and then dropped (a rejoin,
-    stopping) was not committed, so it is delivered again."""
-
-    def __init__(self, take: Callable[[], Coroutine[Any, Any, _Taken | None]]) -> None:
-        self._take = take
-        self._task: asyncio.Task[_Taken | None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._take())
-
-    async def next(self) -> _Taken | None:
-        """The batch taken ahead (or one taken now), and the next one started."""
-        task, self._task = self._task, None
-        taken = await (task if task is not None else self._take())
-        if taken is not None:
-            self.start()
-        return taken
-
-    async def drop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        items += [(m, (e, p)) for (m, e), p in zip(chunk, prepared, strict=True)]
+    return items
 
 
 class _Relay:
@@ -266,10 +233,10 @@ def _collect_garbage_less() -> None:
     """Fewer, cheaper garbage collections: a batch decodes thousands of events into
     hundreds of thousands of containers, and with CPython's default thresholds a full
     collection ran every few hundred events, walking every object the process holds (a
-    fifth of the resolver's time under py-spy). What exists at start-up is frozen out of
-    the collector's walks; the youngest generation is collected every 20,000 allocations
-    instead of 700. (Process-wide: in ``cdp-stream up`` the other stages share it.)"""
-    gc.freeze()
+    fifth of the resolver's time under py-spy). The youngest generation is collected
+    every 20,000 allocations instead of 700, and what exists once the consumer has joined
+    is frozen out of the walks (by the runtime). (Process-wide: in ``cdp-stream up`` the
+    other stages share it.)"""
     gc.set_threshold(20_000, 20, 20)
 
 
@@ -284,11 +251,62 @@ def _set_aside(rejected: str, result: BatchResult) -> list[Record]:
     ]
 
 
+class _Resolver:
+    """The resolver's :class:`cdp_stream.consuming.Stage`."""
+
+    def __init__(
+        self,
+        bus: Bus,
+        engine: AsyncEngine,
+        settings: Settings,
+        dead: DeadLetters,
+        stop: asyncio.Event,
+    ) -> None:
+        self._bus, self._engine, self._settings, self._stop = bus, engine, settings, stop
+        self._names, self._rules = settings.topics, IdentityRules.from_settings(settings)
+        self._clock = asyncio.get_running_loop().time
+        self._vacuumed_at = self._clock()
+        self.relay = _Relay(engine, bus, self._names.profile_updates, dead)
+
+    async def decode(self, messages: Sequence[Message]) -> list[tuple[Message, _Item]]:
+        return await _decode_prepared(self._bus, self._names.rejected, messages, self._rules)
+
+    async def apply(self, batch: Sequence[tuple[Message, _Item]]) -> None:
+        rules = self._rules
+        prepared = [p if p is not None else prepare([e], rules)[0] for _, (e, p) in batch]
+        result = await _apply(self._engine, prepared, rules, self._stop)
+        await self._bus.publish_many(_set_aside(self._names.rejected, result))
+        log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
+
+    async def between(self) -> None:
+        if self._clock() - self._vacuumed_at >= self._settings.resolver_outbox_vacuum_s:
+            await vacuum_outbox(self._engine)
+            self._vacuumed_at = self._clock()
+        if self.relay.failed:
+            self.relay.kick()
+
+    async def applied(self) -> None:
+        self.relay.kick()
+
+
+def _count(result: BatchResult) -> None:
+    """A committed batch in the resolver's metrics."""
+    metrics.resolver_events.labels("stored").inc(result.stored)
+    metrics.resolver_events.labels("duplicate").inc(result.duplicates)
+    metrics.profile_merges.inc(result.merges)
+    metrics.identity_refusals.inc(result.refusals)
+    set_aside = (("unidentified", result.unidentified), ("suppressed", result.suppressed))
+    for reason, events in set_aside:
+        for e in events:
+            metrics.events_rejected.labels("resolver", str(e.get("sourceId")), reason).inc()
+
+
 async def run_resolver(
     bus: Bus, engine: AsyncEngine, settings: Settings, stop: asyncio.Event
 ) -> None:
     """poll a batch -> one transaction (a poison event bisected out and dead-lettered) ->
     the events set aside to the rejected topic -> commit offsets; the outbox relayed beside."""
+    logs.set_stage("resolver")
     names, rules = settings.topics, IdentityRules.from_settings(settings)
     dead = DeadLetters(bus, engine, names.dead_letters, "resolver", stop)
     try:  # rows sealed by an old key, or by none (before keys existed): the current one
@@ -297,47 +315,15 @@ async def run_resolver(
         return
     if resealed:
         log.info("sealed %d suppression rows with the current key", resealed)
-    consumer = bus.consumer(names.resolver_group, [names.events])
-    await consumer.start()
     _collect_garbage_less()
-    clock = asyncio.get_running_loop().time
-    vacuumed_at = clock()
-    relay = _Relay(engine, bus, names.profile_updates, dead)
-    relay.kick()  # what a crash left behind
-
-    ahead = _Ahead(lambda: _take(consumer, bus, settings, rules))
-
-    async def apply(batch: Sequence[_Item]) -> None:
-        prepared = [p if p is not None else prepare([e], rules)[0] for _, e, p in batch]
-        result = await _apply(engine, prepared, rules, stop)
-        await bus.publish_many(_set_aside(names.rejected, result))
-        log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
-
-    async def park(item: _Item, exc: Exception) -> None:
-        await dead.park_message(item[0], exc)
-
+    resolver = _Resolver(bus, engine, settings, dead, stop)
+    resolver.relay.kick()  # what a crash left behind
+    polling = Polling(
+        settings.resolver_batch_size,
+        settings.resolver_poll_timeout_ms,
+        settings.consumer_linger_ms,
+    )
     try:
-        while not stop.is_set():
-            if clock() - vacuumed_at >= settings.resolver_outbox_vacuum_s:
-                await vacuum_outbox(engine)
-                vacuumed_at = clock()
-            if relay.failed:
-                relay.kick()
-            try:
-                taken = await ahead.next()
-                if taken is None:
-                    continue
-                messages, items = taken
-                await apply_isolating(items, apply, park)
-                relay.kick()
-                await consumer.commit(next_offsets(messages))
-            except BusUnavailable as exc:
-                log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
-                await ahead.drop()
-                await rejoin(consumer, stop)
-            except Stopping:
-                log.info("stopping with the database away: the batch is redelivered later")
+        await run_consumer(bus, names.resolver_group, [names.events], resolver, polling, dead, stop)
     finally:
-        await ahead.drop()
-        await relay.settle()
-        await consumer.stop()
+        await resolver.relay.settle()

@@ -1,0 +1,115 @@
+"""The consumer runtime (``cdp_stream.consuming``) with a stage of its own on the real
+broker and server: every record decoded and applied once, in batches, its offsets
+committed (lag 0); a record that cannot be decoded and one that cannot be applied both
+parked on the dead-letter topic while the rest go on; each step timed; ``stop`` ends it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+
+import pytest
+
+from cdp_stream.app import Runtime
+from cdp_stream.bus.base import Message, Record
+from cdp_stream.consuming import Polling, run_consumer
+from cdp_stream.metrics import REGISTRY
+from cdp_stream.poison import DeadLetters
+from cdp_stream.settings import Settings
+from tests.support import eventually, uid
+
+GROUP = "test-runtime"
+
+
+class Numbers:
+    """A stage: each record's value is a number; "13" can never be applied, "x" is not a
+    number at all."""
+
+    def __init__(self, dead: DeadLetters) -> None:
+        self.dead = dead
+        self.done: list[int] = []
+        self.batches = 0
+        self.commits_seen = 0
+
+    async def decode(self, messages: Sequence[Message]) -> list[tuple[Message, int]]:
+        out = []
+        for m in messages:
+            try:
+                out.append((m, int(m.value)))
+            except ValueError as exc:
+                await self.dead.park_message(m, exc)
+        return out
+
+    async def apply(self, batch: Sequence[tuple[Message, int]]) -> None:
+        if any(n == 13 for _, n in batch):
+            raise ValueError("13 is never applied")
+        self.done += [n for _, n in batch]
+        self.batches += 1
+
+    async def between(self) -> None:
+        return None
+
+    async def applied(self) -> None:
+        self.commits_seen += 1
+
+
+@pytest.fixture
+async def runtime(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
+    settings = Settings(
+        kafka_bootstrap=kafka_bootstrap,
+        database_url=pg_url,
+        topic_partitions=3,
+        topic_namespace=f"test-{uid()}.",
+    )
+    runtime = await Runtime.start(settings, "test-runtime")
+    yield runtime
+    await runtime.stop()
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def _lag() -> list[float]:
+    return [
+        s.value
+        for family in REGISTRY.collect()
+        if family.name == "cdp_consumer_lag"
+        for s in family.samples
+        if s.labels["group"] == GROUP
+    ]
+
+
+async def test_every_record_applied_once_and_the_bad_ones_parked(runtime: Runtime) -> None:
+    names, stop = runtime.settings.topics, asyncio.Event()
+    dead = DeadLetters(runtime.bus, runtime.engine, names.dead_letters, GROUP, stop)
+    stage = Numbers(dead)
+    values = [str(i).encode() for i in range(200) if i != 13] + [b"13", b"x"]
+    await runtime.bus.publish_many([Record(names.events, v, v) for v in values])
+    steps = ("poll", "decode", "apply", "commit")
+    timed = {
+        s: _sample("cdp_consumer_step_duration_seconds_count", group=GROUP, step=s) for s in steps
+    }
+    parked = _sample("cdp_dead_letters_total", consumer=GROUP)
+    polling = Polling(batch_size=50, timeout_ms=100, linger_ms=10)
+    group = f"{names.namespace}{GROUP}"
+    task = asyncio.create_task(
+        run_consumer(runtime.bus, group, [names.events], stage, polling, dead, stop)
+    )
+
+    async def settled() -> bool:
+        all_parked = _sample("cdp_dead_letters_total", consumer=GROUP) == parked + 2
+        lag = _lag()
+        return len(stage.done) == 199 and all_parked and len(lag) == 3 and not any(lag)
+
+    try:
+        assert await eventually(settled, within_s=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert task.result() is None  # stopped, not failed
+    assert sorted(stage.done) == [i for i in range(200) if i != 13]
+    assert stage.batches >= 4 and stage.commits_seen >= 4  # at most 50 records a batch
+    for step, count in timed.items():
+        assert _sample("cdp_consumer_step_duration_seconds_count", group=GROUP, step=step) > count
+    assert _sample("cdp_consumer_records_total", group=GROUP) >= 201
