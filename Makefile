@@ -11,7 +11,7 @@ BROWSER_DIR := tests/collector/browser
 BROWSER_STAMP := $(BROWSER_DIR)/node_modules/.installed-$(shell sha1sum $(BROWSER_DIR)/package-lock.json | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser run test services services-stop lint fmt bench schemas clean
+.PHONY: install browser k8s-tools run test services services-stop lint fmt bench schemas clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,15 @@ $(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json
 	npm ci --prefix $(BROWSER_DIR) --no-audit --no-fund
 	touch $@
 
+## k8s-tools: kustomize (Go module proxy), which renders deploy/kubernetes in its test
+KUSTOMIZE_VERSION := v5.8.1
+KUSTOMIZE := $(BIN)/kustomize-$(KUSTOMIZE_VERSION)
+k8s-tools: $(KUSTOMIZE)
+
+$(KUSTOMIZE): | $(STAMP)
+	GOBIN=$(abspath $(BIN)) GOTOOLCHAIN=local go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	mv $(BIN)/kustomize $@ && ln -sf $(notdir $@) $(BIN)/kustomize
+
 ## run: the whole pipeline in one process on the embedded default (embedded Postgres, the bus on it)
 run: install
 	$(BIN)/cdp-stream up
@@ -44,7 +53,7 @@ services-stop:
 	-bash $(POSTGRES) stop
 
 ## test: lint, start Kafka and Postgres (stopping afterwards what this run started), run every test
-test: install lint browser
+test: install lint browser k8s-tools
 	@started=""; \
 	bash $(KAFKA) status >/dev/null 2>&1 || started="$$started kafka"; \
 	bash $(POSTGRES) status >/dev/null 2>&1 || started="$$started postgres"; \
