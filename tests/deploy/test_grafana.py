@@ -1,44 +1,48 @@
-"""deploy/grafana/cdp-stream.json: every query names only series that cdp-stream exports.
+"""deploy/grafana/cdp-stream.json: every query parses and names only series cdp-stream exports.
 
-The names are read from ``cdp_stream.metrics`` (the one module that defines every metric)
-through its registry, so a renamed or removed metric fails here instead of leaving a
-dashboard panel that silently shows "No data".
+The queries are parsed with Prometheus's own PromQL grammar (the npm package
+``@prometheus-io/lezer-promql``, which Prometheus's web UI uses; ``make deploy-tools``
+installs it), which also says which words are series (a vector selector's name) rather than
+functions, labels or keywords. The exported names are read from ``cdp_stream.metrics`` (the
+one module that defines every metric) through its registry, so a renamed or removed metric
+fails here instead of leaving a panel that silently shows "No data".
 """
 
 from __future__ import annotations
 
 import json
-import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from cdp_stream import metrics
+from tests.conftest import unavailable
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "cdp-stream.json"
-
-# PromQL words that are not series: keywords and set operators (functions and
-# aggregations are recognised by the parenthesis that follows them).
-_KEYWORDS = {"by", "without", "on", "ignoring", "group_left", "group_right", "bool", "offset"}
-_KEYWORDS |= {"and", "or", "unless", "inf", "nan"}
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"|\'(?:[^\'\\]|\\.)*\'')
-_MATCHERS = re.compile(r"\{[^{}]*\}")  # label matchers, once strings are gone
-_RANGE = re.compile(r"\[[^\]]*\]")  # [5m], [$__rate_interval], subqueries' [1h:5m]
-_GROUPING = re.compile(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)")
-_WORD = re.compile(r"(?<![\w:$.])[A-Za-z_:][\w:]*")
-_CALL = re.compile(r"\s*\(")
+HERE = Path(__file__).resolve().parent
+DASHBOARD = HERE.parents[1] / "deploy" / "grafana" / "cdp-stream.json"
+PROMQL = HERE / "promql"
+# What Grafana puts in place of its interval variables before it sends a query.
+_GRAFANA = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
 
 
-def series_names(expr: str) -> set[str]:
-    """The series a PromQL expression selects: its words that are not a function, an
-    aggregation, a keyword, a label (in a matcher or a grouping) or a Grafana variable."""
-    for pattern in (_STRING, _MATCHERS, _RANGE, _GROUPING):
-        expr = pattern.sub(" ", expr)
-    return {
-        word.group()
-        for word in _WORD.finditer(expr)
-        if word.group().lower() not in _KEYWORDS and not _CALL.match(expr, word.end())
-    }
+def parse(expressions: list[str]) -> list[tuple[list[int], set[str]]]:
+    """Per expression: where the grammar fails (offsets), and the series it selects."""
+    node = shutil.which("node")
+    if node is None or not (PROMQL / "node_modules" / "@prometheus-io").is_dir():
+        unavailable("node and the PromQL grammar (`make deploy-tools` installs it)")
+    assert node is not None
+    for variable, value in _GRAFANA.items():
+        expressions = [e.replace(variable, value) for e in expressions]
+    done = subprocess.run(
+        [node, str(PROMQL / "parse.mjs")],
+        input=json.dumps(expressions),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [(r["errors"], set(r["series"])) for r in json.loads(done.stdout)]
 
 
 def _panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -60,36 +64,36 @@ def _queries() -> list[tuple[str, str]]:
     ]
 
 
-def test_series_names_reads_series_and_leaves_labels_functions_and_variables() -> None:
+def test_the_grammar_reads_series_and_refuses_what_prometheus_refuses() -> None:
     expr = (
         'histogram_quantile(0.99, sum by (le, route) (rate(cdp_x_bucket{route=~"/v1/.+", '
         'group="a b"}[$__rate_interval]))) / on (route) group_left cdp_y_total offset 5m '
         "and sum without (job) (increase(cdp:z_total[1h:5m])) > bool 0"
     )
-    assert series_names(expr) == {"cdp_x_bucket", "cdp_y_total", "cdp:z_total"}
+    (errors, series), (unbalanced, _) = parse([expr, "sum(rate(cdp_x_total[5m])"])
+    assert not errors and series == {"cdp_x_bucket", "cdp_y_total", "cdp:z_total"}
+    assert unbalanced
 
 
-def test_every_query_names_a_series_the_code_exports() -> None:
+def test_every_query_parses_and_names_series_the_code_exports() -> None:
     exported = metrics.metric_names()
     assert "cdp_events_accepted_total" in exported  # the registry was read
     assert "cdp_events_accepted_totl" not in exported
     queries = _queries()
     assert len(queries) >= 20
-    unknown = {
-        (title, name)
-        for title, expr in queries
-        for name in series_names(expr)
-        if name not in exported
-    }
-    assert not unknown, f"queries name series cdp_stream.metrics does not export: {unknown}"
-    for title, expr in queries:
-        assert series_names(expr), f"{title}: {expr} selects no series"
+    for (title, expr), (errors, series) in zip(
+        queries, parse([e for _, e in queries]), strict=True
+    ):
+        assert not errors, f"{title}: {expr} does not parse (at {errors})"
+        assert series, f"{title}: {expr} selects no series"
+        unknown = series - exported
+        assert not unknown, f"{title}: {expr} names what cdp_stream.metrics does not export"
 
 
 def test_the_dashboard_covers_each_stage() -> None:
     """Ingest rate and errors, end-to-end lag, resolver throughput and batch time, merges,
     activation and webhook health: the issue's list, each in some query."""
-    used = {name for _, expr in _queries() for name in series_names(expr)}
+    used = set().union(*(series for _, series in parse([e for _, e in _queries()])))
     for name in (
         "cdp_events_accepted_total",
         "cdp_events_rejected_total",

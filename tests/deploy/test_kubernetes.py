@@ -1,7 +1,7 @@
 """deploy/kubernetes: the README's commands render it, and every object is valid Kubernetes
 that runs what the code offers.
 
-Rendering: the ``kustomize`` binary (``make k8s-tools`` installs it from the Go module
+Rendering: the ``kustomize`` binary (``make deploy-tools`` installs it from the Go module
 proxy), the renderer ``kubectl kustomize`` embeds; the README's blocks are run as a user
 would, with ``kubectl`` replaced by a stand-in that records its arguments.
 
@@ -52,7 +52,7 @@ def _kustomize() -> str:
     path = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     found = shutil.which("kustomize", path=path)
     if found is None:
-        unavailable("kustomize (`make k8s-tools` installs it)")
+        unavailable("kustomize (`make deploy-tools` installs it)")
     assert found is not None
     return found
 
