@@ -389,3 +389,43 @@ def test_the_readme_upgrade_runs_the_migration_first(
     assert images == {"registry.example.com/cdp-stream:0.2.0"}
     # The rest is what the install applied, with the new image.
     assert len(upgraded) == len(objects)
+
+
+def test_pods_run_as_nobody_on_a_read_only_root(objects: list[Object]) -> None:
+    for workload in _workloads(objects):
+        pod = _pod(workload)["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == 65534  # the image's USER nobody
+        security = _container(workload)["securityContext"]
+        assert security["readOnlyRootFilesystem"] is True
+        assert security["allowPrivilegeEscalation"] is False
+        mounts = {m["mountPath"] for m in _container(workload)["volumeMounts"]}
+        assert mounts == {"/tmp"}  # the one writable place (prometheus_client's files)
+    assert "USER nobody" in (ROOT / "deploy" / "Dockerfile").read_text()
+    for service in _named(objects, "Service").values():
+        assert "type" not in service["spec"]  # ClusterIP: your ingress decides what is public
+
+
+def test_the_readme_states_the_numbers_the_manifests_have(objects: list[Object]) -> None:
+    deployments = _named(objects, "Deployment")
+    hpa = _named(objects, "HorizontalPodAutoscaler")["cdp-stream-collector"]["spec"]
+    cpu = hpa["metrics"][0]["resource"]["target"]["averageUtilization"]
+    resolver, api = deployments["cdp-stream-resolver"], deployments["cdp-stream-api"]
+    partitions = _environment(objects, resolver)["CDP_TOPIC_PARTITIONS"]
+    consumer_grace = _pod(resolver)["spec"]["terminationGracePeriodSeconds"]
+    pause = _container(api)["lifecycle"]["preStop"]["exec"]["command"][1]
+    metrics_port = _environment(objects, resolver)["CDP_METRICS_PORT"]
+    text = " ".join(README.split())  # as the README wraps its lines
+    for claim in (
+        f"the collector: {hpa['minReplicas']} to {hpa['maxReplicas']} pods on CPU ({cpu}% of the",
+        f"adds pods at {cpu}% of the CPU request, up to {hpa['maxReplicas']}",
+        f"{resolver['spec']['replicas']} resolvers (at most the partition count, "
+        f"`CDP_TOPIC_PARTITIONS`, {partitions})",
+        f"`CDP_TOPIC_PARTITIONS` partitions ({partitions})",
+        f"{deployments['cdp-stream-activation']['spec']['replicas']} activation consumer",
+        f"the profile API, {api['spec']['replicas']} pods",
+        f"on their metrics port ({metrics_port})",
+        f"within the {consumer_grace} s `terminationGracePeriodSeconds`",
+        f"{pause} s (`preStop`)",
+    ):
+        assert claim in text, claim
