@@ -302,6 +302,13 @@ def test_the_collector_scales_out_on_cpu_and_the_api_keeps_its_replicas(
         "1"
     )
     assert deployments["cdp-stream-api"]["spec"]["replicas"] >= 2
+    for stage in ("collector", "api"):  # a rollout never has fewer ready pods than asked
+        assert (
+            deployments[f"cdp-stream-{stage}"]["spec"]["strategy"]["rollingUpdate"][
+                "maxUnavailable"
+            ]
+            == 0
+        )
     for deployment in deployments.values():
         resources = _container(deployment)["resources"]
         assert {"cpu", "memory"} <= set(resources["requests"])
