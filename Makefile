@@ -11,7 +11,7 @@ BROWSER_DIR := tests/collector/browser
 BROWSER_STAMP := $(BROWSER_DIR)/node_modules/.installed-$(shell sha1sum $(BROWSER_DIR)/package-lock.json | cut -c1-12)
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install browser run test services services-stop lint fmt bench schemas clean
+.PHONY: install browser deploy-tools run test services services-stop lint fmt bench schemas clean
 
 $(STAMP): pyproject.toml sdk/python/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,22 @@ $(BROWSER_STAMP): $(BROWSER_DIR)/package-lock.json
 	npm ci --prefix $(BROWSER_DIR) --no-audit --no-fund
 	touch $@
 
+## deploy-tools: what tests/deploy needs: kustomize (Go module proxy), which renders
+## deploy/kubernetes, and Prometheus's PromQL grammar (npm), which parses the dashboard's queries
+KUSTOMIZE_VERSION := v5.8.1
+KUSTOMIZE := $(BIN)/kustomize-$(KUSTOMIZE_VERSION)
+PROMQL_DIR := tests/deploy/promql
+PROMQL_STAMP := $(PROMQL_DIR)/node_modules/.installed-$(shell sha1sum $(PROMQL_DIR)/package-lock.json | cut -c1-12)
+deploy-tools: $(KUSTOMIZE) $(PROMQL_STAMP)
+
+$(KUSTOMIZE): | $(STAMP)
+	GOBIN=$(abspath $(BIN)) GOTOOLCHAIN=local go install sigs.k8s.io/kustomize/kustomize/v5@$(KUSTOMIZE_VERSION)
+	mv $(BIN)/kustomize $@ && ln -sf $(notdir $@) $(BIN)/kustomize
+
+$(PROMQL_STAMP): $(PROMQL_DIR)/package-lock.json
+	npm ci --prefix $(PROMQL_DIR) --no-audit --no-fund
+	touch $@
+
 ## run: the whole pipeline in one process on the embedded default (embedded Postgres, the bus on it)
 run: install
 	$(BIN)/cdp-stream up
@@ -44,7 +60,7 @@ services-stop:
 	-bash $(POSTGRES) stop
 
 ## test: lint, start Kafka and Postgres (stopping afterwards what this run started), run every test
-test: install lint browser
+test: install lint browser deploy-tools
 	@started=""; \
 	bash $(KAFKA) status >/dev/null 2>&1 || started="$$started kafka"; \
 	bash $(POSTGRES) status >/dev/null 2>&1 || started="$$started postgres"; \

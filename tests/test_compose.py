@@ -9,6 +9,7 @@ import yaml
 from typer.main import get_command
 
 from cdp_stream.cli import cli
+from cdp_stream.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,3 +37,17 @@ def test_infrastructure_services_have_health_checks_and_stages_wait_for_them() -
     env = services["resolver"]["environment"]
     assert env["CDP_KAFKA_BOOTSTRAP"] == "kafka:9092"
     assert env["CDP_DATABASE_URL"].startswith("postgresql+asyncpg://")
+
+
+def test_every_cdp_variable_is_a_setting() -> None:
+    """pydantic-settings ignores an unknown CDP_ name silently: a misspelt one would be lost."""
+    fields = {f"CDP_{name.upper()}" for name in Settings.model_fields}
+    services = _compose()["services"]
+    for name, service in services.items():
+        if "build" in service:
+            assert set(service["environment"]) <= fields, (
+                name,
+                set(service["environment"]) - fields,
+            )
+    assert services["resolver"]["environment"]["CDP_METRICS_PORT"] == "9102"
+    assert services["activation"]["environment"]["CDP_METRICS_PORT"] == "9102"
