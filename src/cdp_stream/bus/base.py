@@ -16,10 +16,14 @@ Semantics both implementations keep (checked by ``tests/bus/test_contract.py``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from cdp_stream.retry import Stopping, retry, stopped_within
 
 log = logging.getLogger(__name__)
 
@@ -135,10 +139,16 @@ async def rejoin(consumer: Consumer, stop: asyncio.Event) -> None:
     consumer's position had moved past records that were not processed, and only a fresh
     assignment restarts at the committed offsets."""
     await consumer.stop()
-    while not stop.is_set():
-        await asyncio.sleep(1)
-        try:
-            await consumer.start()
-            return
-        except BusUnavailable as exc:
-            log.warning("cannot rejoin the group yet: %s", exc)
+
+    def not_yet(exc: Exception, _delay: float) -> None:
+        log.warning("cannot rejoin the group yet: %s", exc)
+
+    with contextlib.suppress(Stopping):
+        if not await stopped_within(stop, 1.0):
+            await retry(
+                consumer.start,
+                retry_if=lambda exc: isinstance(exc, BusUnavailable),
+                delays=itertools.repeat(1.0),
+                stop=stop,
+                on_retry=not_yet,
+            )
