@@ -123,3 +123,20 @@ async def test_cancellation_is_never_retried() -> None:
     with pytest.raises(asyncio.CancelledError):
         await retry(flaky, retry_if=lambda _: True, delays=itertools.repeat(0.0), sleep=sleeps)
     assert sleeps.slept == []
+
+
+class Busy(Exception):
+    def __init__(self, after: float | None) -> None:
+        self.after = after
+
+
+async def test_a_failure_that_says_when_to_come_back_is_waited_that_long() -> None:
+    flaky, sleeps = Flaky(Busy(7.0), Busy(None), Busy(0.5)), Sleeps()
+    await retry(
+        flaky,
+        retry_if=lambda e: isinstance(e, Busy),
+        delays=itertools.repeat(1.0),
+        after=lambda e: e.after if isinstance(e, Busy) else None,
+        sleep=sleeps,
+    )
+    assert sleeps.slept == [7.0, 1.0, 0.5]

@@ -65,12 +65,15 @@ async def retry(
     delays: Iterable[float],
     stop: asyncio.Event | None = None,
     on_retry: Callable[[Exception, float], Awaitable[None] | None] | None = None,
+    after: Callable[[Exception], float | None] | None = None,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
 ) -> T:
     """``attempt()`` until it returns. A failure that ``retry_if`` accepts is followed by
     ``on_retry(failure, delay)`` and a wait of the next delay, then another attempt; any
-    other failure, or one after the last delay, is raised as it is. ``stop`` set before or
-    during a wait raises :class:`Stopping` (from the failure). ``sleep`` is for tests."""
+    other failure, or one after the last delay, is raised as it is. A failure that says
+    when to come back (``after(failure)``, an HTTP Retry-After) is waited that long
+    instead. ``stop`` set before or during a wait raises :class:`Stopping` (from the
+    failure). ``sleep`` is for tests."""
     waits = iter(delays)
     while True:
         try:
@@ -81,6 +84,8 @@ async def retry(
             delay = next(waits, None)
             if delay is None:
                 raise
+            if after is not None and (asked := after(exc)) is not None:
+                delay = asked
             if on_retry is not None and (pending := on_retry(exc, delay)) is not None:
                 await pending
             if stop is None:
