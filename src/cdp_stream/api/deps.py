@@ -28,7 +28,8 @@ class Tokens:
     ``ttl_s`` of a first refusal. A secret not in memory is looked up once however many
     requests ask at that moment (single flight, as the collector's write keys), so an
     expiry under load costs one query, not one per request in flight; its failure reaches
-    each of them (answered 503).
+    each of them (answered 503). At most ``_MAX_TOKENS`` secrets are held, the least
+    recently used evicted first (``cdp_stream.caching``).
     """
 
     def __init__(

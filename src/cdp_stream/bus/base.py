@@ -137,7 +137,8 @@ def next_offsets(messages: Sequence[Message]) -> dict[TopicPartition, int]:
 async def rejoin(consumer: Consumer, stop: asyncio.Event) -> None:
     """Leave and join the group again, after a bus failure in the middle of a batch: the
     consumer's position had moved past records that were not processed, and only a fresh
-    assignment restarts at the committed offsets."""
+    assignment restarts at the committed offsets. A second's wait before each try, cut
+    short by ``stop`` (then it returns, left)."""
     await consumer.stop()
 
     def not_yet(exc: Exception, _delay: float) -> None:
