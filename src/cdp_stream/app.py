@@ -54,6 +54,7 @@ from cdp_stream.profiles.db import (
     resolve_database_url,
 )
 from cdp_stream.profiles.migrate import upgrade_to_head
+from cdp_stream.retry import backoff, retry, within
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,17 +121,22 @@ class StartupFailed(Exception):
 
 async def _when_reachable(what: str, deadline: float, attempt: Callable[[], Awaitable[T]]) -> T:
     """``attempt()``, retried with backoff while ``what`` is unreachable, until ``deadline``."""
-    loop = asyncio.get_running_loop()
-    delay = 0.5
-    while True:
-        try:
-            return await attempt()
-        except (OSError, TimeoutError, OperationalError, InterfaceError, BusUnavailable) as exc:
-            if loop.time() + delay > deadline:
-                raise StartupFailed(f"{what} did not answer in time ({exc})") from exc
-            log.warning("waiting for %s (retrying in %.1fs): %s", what, delay, exc)
-        await asyncio.sleep(delay)
-        delay = min(delay * 2, 5.0)
+
+    def waiting(exc: Exception, delay: float) -> None:
+        log.warning("waiting for %s (retrying in %.1fs): %s", what, delay, exc)
+
+    try:
+        return await retry(
+            attempt,
+            retry_if=lambda exc: isinstance(exc, _UNREACHABLE),
+            delays=within(backoff(0.5, 5.0), deadline, asyncio.get_running_loop().time),
+            on_retry=waiting,
+        )
+    except _UNREACHABLE as exc:
+        raise StartupFailed(f"{what} did not answer in time ({exc})") from exc
+
+
+_UNREACHABLE = (OSError, TimeoutError, OperationalError, InterfaceError, BusUnavailable)
 
 
 class App(FastAPI):

@@ -18,6 +18,8 @@ pure; ``send`` does the I/O.
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import random
 import uuid
 from collections.abc import Callable, Iterator
@@ -26,6 +28,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
+
+from cdp_stream.retry import retry
 
 FIRST = [
     "Ada",
@@ -279,6 +283,22 @@ def batches(people: list[Person], size: int = 200) -> Iterator[tuple[int, list[d
         yield len(people), batch
 
 
+async def _post_batch(http: httpx.AsyncClient, events: list[dict[str, Any]]) -> None:
+    r = await http.post("/v1/batch", json={"batch": events})
+    if r.status_code in (429, 503):
+        raise _Busy(float(r.headers.get("retry-after", "1")))
+    if r.status_code != 200 or r.json().get("rejected"):
+        raise DemoFailed(f"the collector answered {r.status_code}: {r.text[:300]}")
+
+
+class _Busy(Exception):
+    """The collector asked for the batch again in ``after`` seconds (429 or 503)."""
+
+    def __init__(self, after: float) -> None:
+        super().__init__(f"busy, retry in {after}s")
+        self.after = after
+
+
 class DemoFailed(Exception):
     """The collector or the API refused the demo: what it answered."""
 
@@ -304,14 +324,12 @@ async def send(
         nonlocal sent
         while not queue.empty():
             count, events = queue.get_nowait()
-            while True:
-                r = await http.post("/v1/batch", json={"batch": events})
-                if r.status_code in (429, 503):
-                    await asyncio.sleep(float(r.headers.get("retry-after", "1")))
-                    continue
-                if r.status_code != 200 or r.json().get("rejected"):
-                    raise DemoFailed(f"the collector answered {r.status_code}: {r.text[:300]}")
-                break
+            await retry(
+                functools.partial(_post_batch, http, events),
+                retry_if=lambda exc: isinstance(exc, _Busy),
+                delays=itertools.repeat(1.0),
+                after=lambda exc: exc.after if isinstance(exc, _Busy) else None,
+            )
             sent += len(events)
             advance(count)
 

@@ -126,3 +126,18 @@ def test_basic_username_is_the_write_key() -> None:
     assert basic_username("Basic " + base64.b64encode(b"wk_1:").decode()) == "wk_1"
     assert basic_username("Bearer x") is None
     assert basic_username("Basic !!!") is None
+
+
+async def test_a_flood_of_keys_evicts_the_least_recently_used_not_the_key_in_use(
+    engine: AsyncEngine, lookups: list[str]
+) -> None:
+    source_id, busy = await new_source(engine)
+    _, idle = await new_source(engine)
+    cache = Sources(engine, max_keys=4)
+    await cache.by_write_key(idle)
+    for _ in range(10):
+        assert await cache.by_write_key(busy) == Source(source_id, ())
+        assert await cache.by_write_key(uid("flood")) is None
+    assert len(lookups) == 1 + 1 + 10  # the busy key was never looked up again
+    await cache.by_write_key(idle)
+    assert len(lookups) == 13  # the idle one was evicted: looked up again

@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream import logs, metrics
 from cdp_stream.profiles.db import stopped_within
+from cdp_stream.retry import exponential
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def verify(
 
 def backoff_s(attempts: int, base_delay_s: float) -> float:
     """The wait before the next try after ``attempts`` failed ones."""
-    return float(min(base_delay_s * 2 ** max(attempts - 1, 0), MAX_BACKOFF_S))
+    return exponential(max(attempts - 1, 0), base_delay_s, MAX_BACKOFF_S)
 
 
 @dataclass(frozen=True, slots=True)

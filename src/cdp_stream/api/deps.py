@@ -3,7 +3,6 @@ tokens held in memory, and the opaque cursors of the newest-first listings."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -13,10 +12,11 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, HTTPException, Request
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from cdp_stream.caching import Recall
 from cdp_stream.openapi import responses
 from cdp_stream.profiles.credentials import Token, token_for_secret
 
-_MAX_TOKENS = 10_000  # bound memory under a flood of random secrets
+_MAX_TOKENS = 10_000  # bound memory under a flood of random secrets: the least recently used go
 
 
 class Tokens:
@@ -28,36 +28,26 @@ class Tokens:
     ``ttl_s`` of a first refusal. A secret not in memory is looked up once however many
     requests ask at that moment (single flight, as the collector's write keys), so an
     expiry under load costs one query, not one per request in flight; its failure reaches
-    each of them (answered 503).
+    each of them (answered 503). At most ``_MAX_TOKENS`` secrets are held, the least
+    recently used evicted first (``cdp_stream.caching``).
     """
 
     def __init__(
         self, engine: AsyncEngine, ttl_s: float = 5.0, clock: Callable[[], float] = time.monotonic
     ) -> None:
-        self._engine, self._ttl, self._clock = engine, ttl_s, clock
-        self._known: dict[str, tuple[Token | None, float]] = {}
-        self._lookups: dict[str, asyncio.Task[Token | None]] = {}
+        self._engine = engine
+        self._known: Recall[str, Token | None] = Recall(
+            self._fetch, ttl=lambda _: ttl_s, maxsize=_MAX_TOKENS, what="API token", clock=clock
+        )
         self.queries = 0  # database round trips made, for tests and the curious
 
     async def by_secret(self, secret: str) -> Token | None:
-        known = self._known.get(secret)
-        if known is not None and known[1] > self._clock():
-            return known[0]
-        task = self._lookups.get(secret)
-        if task is None:
-            task = asyncio.create_task(self._fetch(secret))
-            self._lookups[secret] = task
-            task.add_done_callback(lambda _: self._lookups.pop(secret, None))
-        return await asyncio.shield(task)
+        return await self._known.get(secret)
 
     async def _fetch(self, secret: str) -> Token | None:
         self.queries += 1
         async with self._engine.connect() as conn:
-            token = await token_for_secret(conn, secret)
-        if len(self._known) >= _MAX_TOKENS:
-            self._known.clear()
-        self._known[secret] = (token, self._clock() + self._ttl)
-        return token
+            return await token_for_secret(conn, secret)
 
 
 async def connection(request: Request) -> AsyncIterator[AsyncConnection]:

@@ -16,10 +16,14 @@ Semantics both implementations keep (checked by ``tests/bus/test_contract.py``):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
+
+from cdp_stream.retry import Stopping, retry, stopped_within
 
 log = logging.getLogger(__name__)
 
@@ -133,12 +137,19 @@ def next_offsets(messages: Sequence[Message]) -> dict[TopicPartition, int]:
 async def rejoin(consumer: Consumer, stop: asyncio.Event) -> None:
     """Leave and join the group again, after a bus failure in the middle of a batch: the
     consumer's position had moved past records that were not processed, and only a fresh
-    assignment restarts at the committed offsets."""
+    assignment restarts at the committed offsets. A second's wait before each try, cut
+    short by ``stop`` (then it returns, left)."""
     await consumer.stop()
-    while not stop.is_set():
-        await asyncio.sleep(1)
-        try:
-            await consumer.start()
-            return
-        except BusUnavailable as exc:
-            log.warning("cannot rejoin the group yet: %s", exc)
+
+    def not_yet(exc: Exception, _delay: float) -> None:
+        log.warning("cannot rejoin the group yet: %s", exc)
+
+    with contextlib.suppress(Stopping):
+        if not await stopped_within(stop, 1.0):
+            await retry(
+                consumer.start,
+                retry_if=lambda exc: isinstance(exc, BusUnavailable),
+                delays=itertools.repeat(1.0),
+                stop=stop,
+                on_retry=not_yet,
+            )

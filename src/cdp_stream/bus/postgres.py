@@ -21,6 +21,7 @@ import asyncpg
 
 from cdp_stream.bus.base import BusUnavailable, Message, Record, TopicPartition
 from cdp_stream.bus.memory import partition_for_key
+from cdp_stream.retry import retry
 
 log = logging.getLogger(__name__)
 
@@ -294,23 +295,25 @@ class PostgresBus:
     async def _append(self, placed: Sequence[tuple[int, int, Record]]) -> None:
         """Write ``placed`` in one statement; a deadlock with another process's write
         (their UPDATEs met the same partitions in another order) is retried."""
-        for attempt in itertools.count(1):
-            try:
-                async with self._connection() as conn:
-                    appended = await conn.fetchval(
-                        _APPEND,
-                        [t for t, _, _ in placed],
-                        [p for _, p, _ in placed],
-                        [r.key for _, _, r in placed],
-                        [r.value for _, _, r in placed],
-                        _CHANNEL,
-                    )
-                if appended != len(placed):  # a partition without its counter row
-                    raise RuntimeError(f"appended {appended} of {len(placed)} records")
-                return
-            except asyncpg.exceptions.DeadlockDetectedError:
-                if attempt == 3:
-                    raise
+
+        async def once() -> None:
+            async with self._connection() as conn:
+                appended = await conn.fetchval(
+                    _APPEND,
+                    [t for t, _, _ in placed],
+                    [p for _, p, _ in placed],
+                    [r.key for _, _, r in placed],
+                    [r.value for _, _, r in placed],
+                    _CHANNEL,
+                )
+            if appended != len(placed):  # a partition without its counter row
+                raise RuntimeError(f"appended {appended} of {len(placed)} records")
+
+        await retry(
+            once,
+            retry_if=lambda exc: isinstance(exc, asyncpg.exceptions.DeadlockDetectedError),
+            delays=(0.0, 0.0),  # three attempts in all, one right after the other
+        )
 
     # -- housekeeping ---------------------------------------------------------------------
 

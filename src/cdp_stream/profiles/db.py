@@ -23,6 +23,9 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from cdp_stream import metrics
+from cdp_stream.retry import Stopping as Stopping  # re-exported: stages import it here
+from cdp_stream.retry import backoff, retry
+from cdp_stream.retry import stopped_within as stopped_within  # re-exported too
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -143,10 +146,6 @@ def is_invalid_value(exc: BaseException) -> bool:
     return isinstance(exc, DBAPIError) and (_sqlstate(exc) or "").startswith("22")
 
 
-class Stopping(Exception):
-    """``retrying`` gave up waiting for the database because its process is stopping."""
-
-
 async def retrying(
     engine: AsyncEngine,
     work: Callable[[AsyncConnection], Awaitable[T]],
@@ -155,37 +154,37 @@ async def retrying(
     """``work`` in one transaction; conflicts and an unreachable database are retried with
     backoff, for as long as it takes: a consumer's offsets wait, nothing is skipped. Set,
     ``stop`` ends the wait with :class:`Stopping` (nothing was committed)."""
-    delay = 0.05
-    while True:
-        try:
-            async with engine.begin() as conn:
-                return await work(conn)
-        except RetryTransaction as exc:
+
+    async def once() -> T:
+        async with engine.begin() as conn:
+            return await work(conn)
+
+    async def counted(exc: Exception, delay: float) -> None:
+        if isinstance(exc, RetryTransaction):
             log.info("transaction raced another one (%s), retrying", exc)
             metrics.retries.labels(exc.cause).inc()
-        except (DBAPIError, OSError) as exc:
-            if is_outage(exc):
-                log.warning("database unavailable, retrying in %.1fs: %s", delay, exc)
-                metrics.retries.labels("outage").inc()
-                # Connections the pool holds are likely dead too (a restart ends them all):
-                # start over with fresh ones rather than meet each broken one in turn.
-                await engine.dispose()
-            elif isinstance(exc, DBAPIError) and _sqlstate(exc) in _RETRYABLE_SQLSTATES:
-                log.info("transaction conflict (%s), retrying", _sqlstate(exc))
-                metrics.retries.labels("conflict").inc()
-            else:
-                raise
-        if stop is None:
-            await asyncio.sleep(delay)
-        elif await stopped_within(stop, delay):
-            raise Stopping("stopped while waiting for the database")
-        delay = min(delay * 2, 5.0)
+        elif is_outage(exc):
+            log.warning("database unavailable, retrying in %.1fs: %s", delay, exc)
+            metrics.retries.labels("outage").inc()
+            # Connections the pool holds are likely dead too (a restart ends them all):
+            # start over with fresh ones rather than meet each broken one in turn.
+            await engine.dispose()
+        else:  # a conflict: ``_retryable`` lets nothing else through
+            state = _sqlstate(exc) if isinstance(exc, DBAPIError) else None
+            log.info("transaction conflict (%s), retrying", state)
+            metrics.retries.labels("conflict").inc()
+
+    return await retry(
+        once, retry_if=_retryable, delays=backoff(0.05, 5.0), stop=stop, on_retry=counted
+    )
 
 
-async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
-    """Wait up to ``seconds`` for ``stop``; whether it was set (the pause of a timer loop)."""
-    try:
-        await asyncio.wait_for(stop.wait(), seconds)
-    except TimeoutError:
+def _retryable(exc: Exception) -> bool:
+    """What ``retrying`` runs again: a lost race, an outage, a conflict."""
+    if isinstance(exc, RetryTransaction):
+        return True
+    if not isinstance(exc, DBAPIError | OSError):
         return False
-    return True
+    return is_outage(exc) or (
+        isinstance(exc, DBAPIError) and _sqlstate(exc) in _RETRYABLE_SQLSTATES
+    )

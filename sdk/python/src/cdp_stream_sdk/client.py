@@ -175,7 +175,8 @@ def retry_after(headers: httpx.Headers) -> float | None:
 
 
 def backoff(attempt: int, base: float, cap: float) -> float:
-    """Exponential backoff with full jitter for retry number ``attempt`` (0-based)."""
+    """Exponential backoff with full jitter for retry number ``attempt`` (0-based). The
+    SDK's own, not the server's ``cdp_stream.retry``: the SDK depends on httpx only."""
     return random.uniform(0, min(cap, base * 2**attempt))  # jitter, not crypto
 
 
