@@ -25,6 +25,7 @@ from sqlalchemy import Text, any_, bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from cdp_stream.identity import Identifier
+from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.models import crm_contacts
@@ -223,7 +224,7 @@ async def test_kill_9_each_stage_and_restart_kafka_and_postgres_under_load(
                 out = {}
                 for user in per_user:
                     pid = await repo.profile_for_identifier(conn, Identifier("user_id", user))
-                    out[user] = None if pid is None else await repo.read_profile(conn, pid)
+                    out[user] = None if pid is None else await reads.read_profile(conn, pid)
                 return out
 
         async def exact() -> bool:

@@ -10,6 +10,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import identities
@@ -36,7 +37,7 @@ async def _profile(engine: AsyncEngine, ident: Identifier) -> dict[str, Any]:
     async with engine.connect() as conn:
         pid = await repo.profile_for_identifier(conn, ident)
         assert pid is not None
-        profile = await repo.read_profile(conn, pid)
+        profile = await reads.read_profile(conn, pid)
         assert profile is not None
         return profile
 

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cdp_stream.bus.base import BusUnavailable, Record, next_offsets
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import profile_update_outbox
@@ -343,7 +344,7 @@ async def test_a_profile_of_20000_orders_keeps_small_updates(
         async with runtime.engine.connect() as conn:
             pid = await repo.profile_for_identifier(conn, Identifier("user_id", user))
             assert pid is not None
-            profile = await repo.read_profile(conn, pid)
+            profile = await reads.read_profile(conn, pid)
             row_bytes = await conn.scalar(
                 text("SELECT pg_column_size(computed) FROM profiles WHERE id = :id"), {"id": pid}
             )
