@@ -17,7 +17,6 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -219,7 +218,7 @@ async def test_kill_9_each_stage_and_restart_kafka_and_postgres_under_load(
 
         per_user = Counter(load.users[m] for m in ids)
 
-        async def profiles() -> dict[str, dict[str, Any] | None]:
+        async def profiles() -> dict[str, reads.ProfileRow | None]:
             async with engine.connect() as conn:
                 out = {}
                 for user in per_user:
@@ -230,8 +229,7 @@ async def test_kill_9_each_stage_and_restart_kafka_and_postgres_under_load(
         async def exact() -> bool:
             found = await profiles()
             return all(
-                p is not None and p["computed"]["event_count"] == per_user[u]
-                for u, p in found.items()
+                p is not None and p.computed["event_count"] == per_user[u] for u, p in found.items()
             )
 
         assert await eventually(exact, within_s=60), await profiles()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import func, select
@@ -39,7 +40,7 @@ async def _profile(engine: AsyncEngine, ident: Identifier) -> dict[str, Any]:
         assert pid is not None
         profile = await reads.read_profile(conn, pid)
         assert profile is not None
-        return profile
+        return asdict(profile)
 
 
 async def test_redelivered_batch_changes_nothing(engine: AsyncEngine) -> None:

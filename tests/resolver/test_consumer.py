@@ -348,8 +348,8 @@ async def test_a_profile_of_20000_orders_keeps_small_updates(
             row_bytes = await conn.scalar(
                 text("SELECT pg_column_size(computed) FROM profiles WHERE id = :id"), {"id": pid}
             )
-    assert profile is not None and profile["computed"]["order_count"] == 20_000
-    assert profile["computed"]["total_revenue"] == 30_000.0
+    assert profile is not None and profile.computed["order_count"] == 20_000
+    assert profile.computed["total_revenue"] == 30_000.0
     # the events as Postgres writes them (", " and ": ": ~10% more), and the change itself
     assert max(sizes) <= 1.25 * UPDATE_EVENTS_BYTES < 1024 * 1024
     assert row_bytes is not None and row_bytes < 1024

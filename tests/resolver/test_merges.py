@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import select
@@ -41,7 +42,7 @@ async def profile(engine: AsyncEngine, pid: uuid.UUID) -> dict[str, Any]:
     async with engine.connect() as conn:
         found = await reads.read_profile(conn, pid)
     assert found is not None
-    return found
+    return asdict(found)
 
 
 async def test_sign_in_merges_anonymous_and_email_profiles_into_the_oldest(
@@ -305,15 +306,15 @@ async def test_an_unmerged_pair_stays_split_until_the_split_is_removed(
     async with engine.connect() as conn:
         log = await reads.read_merges(conn, kept)
         kept_events = [e["messageId"] for e in await resolver_repo.event_payloads(conn, kept)]
-    refused = [(r["message_id"], r["type"], r["value"]) for r in log["refusals"]]
+    refused = [(r.message_id, r.type, r.value) for r in log.refusals]
     assert (f"{run}-5", "anonymous_id", b) in refused
-    assert all("split" in r["reason"] for r in log["refusals"])
+    assert all("split" in r.reason for r in log.refusals)
     assert f"{run}-5" in kept_events  # the event went to its first identifier's profile
-    [split] = log["splits"]
-    assert (split["profile_id"], split["other_canonical_id"]) == (str(kept), str(restored))
+    [split] = log.splits
+    assert (split.profile_id, split.other_canonical_id) == (str(kept), str(restored))
     async with engine.connect() as conn:
         other_side = await reads.read_merges(conn, restored)
-    refused_there = {(r["message_id"], r["value"]) for r in other_side["refusals"]}
+    refused_there = {(r.message_id, r.value) for r in other_side.refusals}
     assert (f"{run}-10", f"d-{run}") in refused_there  # d-run is the kept side's now
 
     async with engine.begin() as conn:

@@ -72,7 +72,7 @@ async def stored(engine: AsyncEngine, calls: list[tuple[dict[str, Any], str]]) -
             assert pid is not None
             profile = await reads.read_profile(conn, pid)
         assert profile is not None
-        results.append(profile["computed"])
+        results.append(profile.computed)
     assert results[0] == results[1]
     return results[0]
 

@@ -74,7 +74,7 @@ Profile = Annotated[uuid.UUID, Depends(resolve_ref)]
 async def get_profile(request: Request, ref: str) -> Response:
     rules: IdentityRules = request.app.state.rules
 
-    async def lookup(conn: AsyncConnection) -> dict[str, Any] | None:
+    async def lookup(conn: AsyncConnection) -> reads.ProfileRow | None:
         try:
             profile_id = uuid.UUID(ref)
         except ValueError:
@@ -99,7 +99,7 @@ async def search(
     conn: Conn,
     starts_with: Annotated[str, Query(min_length=3, description="type:prefix, e.g. email:ad")],
     limit: Annotated[int, Query(ge=1, le=50)] = 10,
-) -> list[dict[str, Any]]:
+) -> list[reads.IdentifierMatch]:
     """Identifiers of one type starting with a prefix (the console's type-ahead), in value
     order; the prefix is normalized as the type's values are (lower-case for emails)."""
     type_, _, prefix = starts_with.partition(":")
@@ -168,7 +168,7 @@ class IdentityDetail(IdentityOut):
 
 
 @router.get("/{ref}/identities", response_model=list[IdentityDetail], **READ)
-async def get_identities(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
+async def get_identities(profile_id: Profile, conn: Conn) -> list[reads.IdentityRow]:
     return await reads.read_identities(conn, profile_id)
 
 
@@ -219,7 +219,7 @@ class MergesOut(BaseModel):
 
 
 @router.get("/{ref}/merges", response_model=MergesOut, **READ)
-async def get_merges(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+async def get_merges(profile_id: Profile, conn: Conn) -> reads.Merges:
     """The merges that built this profile (undone ones too), the links it refused, and
     the splits that keep it apart from other profiles."""
     return await reads.read_merges(conn, profile_id)
@@ -234,7 +234,7 @@ class TraitOut(BaseModel):
 
 
 @router.get("/{ref}/traits", response_model=list[TraitOut], **READ)
-async def get_traits(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
+async def get_traits(profile_id: Profile, conn: Conn) -> list[reads.TraitSource]:
     """Each trait with when it was last set and by which source."""
     return await reads.read_trait_sources(conn, profile_id)
 
@@ -251,7 +251,7 @@ class GraphOut(MergesOut):
 
 
 @router.get("/{ref}/graph", response_model=GraphOut, **READ)
-async def get_graph(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+async def get_graph(profile_id: Profile, conn: Conn) -> reads.Graph:
     """The identity graph: the profiles merged into this one with the identifiers each
     brought, the merges that joined them, and the links refused."""
     return await reads.read_identity_graph(conn, profile_id)
@@ -268,13 +268,14 @@ class ConsentOut(BaseModel):
 async def get_consent(profile_id: Profile, conn: Conn) -> dict[str, Any]:
     """The person's consent choices, and whether the DMP feed leaves them out."""
     profile = await reads.read_profile(conn, profile_id)
-    trait = (profile or {}).get("traits", {}).get("consent")
-    latest = await reads.latest_consent(conn, profile_id) or {"consent": None, "at": None}
-    facts = dmp.Facts(traits={"consent": trait}, context={"consent": latest["consent"]})
+    trait = None if profile is None else profile.traits.get("consent")
+    latest = await reads.latest_consent(conn, profile_id)
+    context, at = (None, None) if latest is None else latest
+    facts = dmp.Facts(traits={"consent": trait}, context={"consent": context})
     return {
         "trait": trait,
-        "context": latest["consent"],
-        "context_at": latest["at"],
+        "context": context,
+        "context_at": at,
         "opted_out": dmp.opted_out(facts),
     }
 
@@ -318,7 +319,7 @@ async def delete_split(request: Request, profile_id: Profile, other: str, conn: 
 
 @router.delete("/{ref}", status_code=204, **bearer("profiles:delete", 400, 404, 422))
 async def delete_profile(request: Request, profile_id: Profile) -> None:
-    """Erase the person everywhere (a data-rights request); see ``erasure.delete_group``.
+    """Erase the person everywhere (a data-rights request): :mod:`cdp_stream.profiles.erasure`.
 
     Their identifiers go to the suppression list, so late events are refused instead of
     re-creating them, and a tombstone ``{"type": "deleted", "profile_id", "merged_ids"}``

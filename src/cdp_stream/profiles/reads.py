@@ -8,7 +8,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from sqlalchemy import JSON, DateTime, Row, func, select, text, tuple_
 from sqlalchemy.dialects.postgresql import JSONB, UUID
@@ -48,26 +48,39 @@ _PROFILE_BY_IDENTIFIER = text(
 ).columns(**_PROFILE_COLUMNS)
 
 
-def _profile(row: Row[Any] | None) -> dict[str, Any] | None:
+@dataclass(frozen=True, slots=True)
+class ProfileRow:
+    """A profile as the API shows it (its fields in the order of the JSON)."""
+
+    id: str
+    identities: list[dict[str, str]]  # {"type", "value"}, in that order
+    traits: dict[str, Any]
+    computed: dict[str, Any]
+    merged_from: list[str]
+    created_at: datetime
+    updated_at: datetime
+
+
+def _profile(row: Row[Any] | None) -> ProfileRow | None:
     if row is None:
         return None
-    return {
-        "id": str(row.id),
-        "identities": row.identities or [],
-        "traits": row.traits,
-        "computed": row.computed,
-        "merged_from": row.merged_from or [],
-        "created_at": row.created_at,
-        "updated_at": row.updated_at,
-    }
+    return ProfileRow(
+        str(row.id),
+        row.identities or [],
+        row.traits,
+        row.computed,
+        row.merged_from or [],
+        row.created_at,
+        row.updated_at,
+    )
 
 
-async def read_profile(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any] | None:
+async def read_profile(conn: AsyncConnection, profile_id: uuid.UUID) -> ProfileRow | None:
     """The profile ``profile_id`` (as it is: merged-away ones are not followed)."""
     return _profile((await conn.execute(_PROFILE_BY_ID, {"id": profile_id})).one_or_none())
 
 
-async def read_profile_of(conn: AsyncConnection, ident: Identifier) -> dict[str, Any] | None:
+async def read_profile_of(conn: AsyncConnection, ident: Identifier) -> ProfileRow | None:
     """The profile that holds ``ident``, or None."""
     params = {"type": ident.type, "value": ident.value}
     return _profile((await conn.execute(_PROFILE_BY_IDENTIFIER, params)).one_or_none())
@@ -110,16 +123,61 @@ async def read_events(
     ]
 
 
-async def read_identities(conn: AsyncConnection, profile_id: uuid.UUID) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class IdentityRow:
+    type: str
+    value: str
+    created_at: datetime
+
+
+async def read_identities(conn: AsyncConnection, profile_id: uuid.UUID) -> list[IdentityRow]:
     rows = await conn.execute(
         select(identities.c.type, identities.c.value, identities.c.created_at)
         .where(identities.c.profile_id == profile_id)
         .order_by(identities.c.type, identities.c.value)
     )
-    return [dict(r._mapping) for r in rows]
+    return [IdentityRow(r.type, r.value, r.created_at) for r in rows]
 
 
-async def read_merges(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class MergeRow:
+    id: int
+    canonical_id: str
+    merged_id: str
+    source_id: str | None
+    message_id: str | None
+    created_at: datetime
+    undone_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class RefusalRow:
+    type: str
+    value: str
+    other_profile_id: str | None
+    reason: str
+    source_id: str
+    message_id: str
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class SplitRow:
+    profile_id: str
+    other_id: str
+    other_canonical_id: str
+    merge_id: int | None
+    created_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Merges:
+    merges: list[MergeRow]
+    refusals: list[RefusalRow]
+    splits: list[SplitRow]
+
+
+async def read_merges(conn: AsyncConnection, profile_id: uuid.UUID) -> Merges:
     """The merge log of a profile's group, the links refused for it, and the splits that
     keep it apart from other profiles (each with the canonical profile holding it now)."""
     atoms = group_ids(profile_id)
@@ -148,28 +206,54 @@ async def read_merges(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str,
         .where(profile_splits.c.profile_id.in_(atoms))
         .order_by(profile_splits.c.created_at, profile_splits.c.other_id)
     )
-    return {
-        "merges": [
-            {**r._mapping, "canonical_id": str(r.canonical_id), "merged_id": str(r.merged_id)}
+    return Merges(
+        [
+            MergeRow(
+                r.id,
+                str(r.canonical_id),
+                str(r.merged_id),
+                r.source_id,
+                r.message_id,
+                r.created_at,
+                r.undone_at,
+            )
             for r in merges
         ],
-        "splits": [
-            {
-                **r._mapping,
-                "profile_id": str(r.profile_id),
-                "other_id": str(r.other_id),
-                "other_canonical_id": str(r.other_canonical_id),
-            }
-            for r in splits
-        ],
-        "refusals": [
-            {**r._mapping, "other_profile_id": r.other_profile_id and str(r.other_profile_id)}
+        [
+            RefusalRow(
+                r.type,
+                r.value,
+                r.other_profile_id and str(r.other_profile_id),
+                r.reason,
+                r.source_id,
+                r.message_id,
+                r.created_at,
+            )
             for r in refusals
         ],
-    }
+        [
+            SplitRow(
+                str(r.profile_id),
+                str(r.other_id),
+                str(r.other_canonical_id),
+                r.merge_id,
+                r.created_at,
+            )
+            for r in splits
+        ],
+    )
 
 
-async def read_trait_sources(conn: AsyncConnection, profile_id: uuid.UUID) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class TraitSource:
+    name: str
+    value: Any
+    set_at: datetime  # the timestamp of the event that set it
+    set_once: bool  # from context.traits_set_once: the oldest value wins
+    source_id: str | None  # the source of that event (None: not found)
+
+
+async def read_trait_sources(conn: AsyncConnection, profile_id: uuid.UUID) -> list[TraitSource]:
     """Each trait the profile shows, with when it was last set (the timestamp of the event
     that set it, as ``trait_state`` keeps it) and the source of that event: the profile's
     event at that timestamp that carries the trait (its timeline index finds them)."""
@@ -197,18 +281,28 @@ async def read_trait_sources(conn: AsyncConnection, profile_id: uuid.UUID) -> li
         for name in names:
             carried.setdefault((row.timestamp, name), row.source_id)
     return [
-        {
-            "name": name,
-            "value": value,
-            "set_at": stamps[ts],
-            "set_once": once,
-            "source_id": carried.get((stamps[ts], name)),
-        }
+        TraitSource(name, value, stamps[ts], once, carried.get((stamps[ts], name)))
         for name, (ts, value, once) in sorted(shown.items())
     ]
 
 
-async def read_identity_graph(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class Atom:
+    id: str  # a profile of the group (the canonical one first)
+    created_at: datetime
+    identities: list[IdentityRow]  # the identifiers it claimed first
+
+
+@dataclass(frozen=True, slots=True)
+class Graph:
+    canonical_id: str
+    atoms: list[Atom]
+    merges: list[MergeRow]
+    refusals: list[RefusalRow]
+    splits: list[SplitRow]
+
+
+async def read_identity_graph(conn: AsyncConnection, profile_id: uuid.UUID) -> Graph:
     """The canonical profile's group as a graph: each profile merged into it (and itself)
     with the identifiers it first claimed, the merges that joined them, the refused links."""
     members = await conn.execute(
@@ -223,24 +317,27 @@ async def read_identity_graph(conn: AsyncConnection, profile_id: uuid.UUID) -> d
         .where(identities.c.profile_id == profile_id)
         .order_by(identities.c.type, identities.c.value)
     )
-    by_atom: dict[uuid.UUID, list[dict[str, Any]]] = {}
+    by_atom: dict[uuid.UUID, list[IdentityRow]] = {}
     for r in claimed:
-        by_atom.setdefault(r.claimed_by, []).append(
-            {"type": r.type, "value": r.value, "created_at": r.created_at}
-        )
-    atoms = [
-        {"id": str(r.id), "created_at": r.created_at, "identities": by_atom.pop(r.id, [])}
-        for r in members
-    ]
+        by_atom.setdefault(r.claimed_by, []).append(IdentityRow(r.type, r.value, r.created_at))
+    atoms = [Atom(str(r.id), r.created_at, by_atom.pop(r.id, [])) for r in members]
     # Identifiers claimed by a profile no longer in the group (an unmerge moved it away
     # and an event brought the identifier back) are shown on the canonical one.
-    atoms[0]["identities"] += [i for rest in by_atom.values() for i in rest]
-    return {"canonical_id": str(profile_id), "atoms": atoms, **await read_merges(conn, profile_id)}
+    atoms[0].identities.extend(i for rest in by_atom.values() for i in rest)
+    log = await read_merges(conn, profile_id)
+    return Graph(str(profile_id), atoms, log.merges, log.refusals, log.splits)
+
+
+@dataclass(frozen=True, slots=True)
+class IdentifierMatch:
+    type: str
+    value: str
+    profile_id: str
 
 
 async def search_identifiers(
     conn: AsyncConnection, type_: str, prefix: str, limit: int
-) -> list[dict[str, Any]]:
+) -> list[IdentifierMatch]:
     """Identifiers of ``type_`` starting with ``prefix`` (the type-ahead), in value order:
     a range scan of the identities primary key, so it costs ``limit`` rows, not a scan."""
     rows = await conn.execute(
@@ -254,7 +351,7 @@ async def search_identifiers(
         .order_by(identities.c.value)
         .limit(limit)
     )
-    return [{**r._mapping, "profile_id": str(r.profile_id)} for r in rows]
+    return [IdentifierMatch(r.type, r.value, str(r.profile_id)) for r in rows]
 
 
 async def events_received_since(conn: AsyncConnection, since: datetime) -> int:
@@ -265,7 +362,12 @@ async def events_received_since(conn: AsyncConnection, since: datetime) -> int:
     return count
 
 
-async def latest_consent(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any] | None:
+class Consent(NamedTuple):
+    consent: Any  # ``context.consent`` as the event carried it
+    at: datetime  # the event's timestamp
+
+
+async def latest_consent(conn: AsyncConnection, profile_id: uuid.UUID) -> Consent | None:
     """``context.consent`` of the profile's latest event carrying one, with its time."""
     consent = events.c.payload[("context", "consent")]
     row = (
@@ -276,4 +378,4 @@ async def latest_consent(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[s
             .limit(1)
         )
     ).one_or_none()
-    return None if row is None else {"consent": row.consent, "at": row.timestamp}
+    return None if row is None else Consent(row.consent, row.timestamp)

@@ -2,7 +2,7 @@
 driver's connection and COPY, and which canonical profile holds an id or an identifier.
 
 Each domain's SQL lives with it (``resolver.repository``, ``profiles.reads``,
-``profiles.erasure``, ``profiles.outbox``, ``profiles.sources``); this module holds what
+``profiles.erasure``, ``profiles.outbox``, ``profiles.credentials``); this module holds what
 several of them need, below the stages so that any of them may import it. Callers own the
 transaction. Invariant kept by the writers: an identity always points at a canonical
 profile (``merged_into IS NULL``).
