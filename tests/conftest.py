@@ -10,6 +10,7 @@ import os
 import socket
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
 import pytest
@@ -59,11 +60,11 @@ def kafka_bootstrap() -> str:
     return KAFKA
 
 
-@pytest.fixture(scope="session")
-async def pg_url() -> AsyncIterator[str]:
-    """A fresh, migrated database for this test session on the real server."""
+@asynccontextmanager
+async def fresh_database(prefix: str = "cdp_t") -> AsyncIterator[str]:
+    """A new, migrated database on the real server, dropped afterwards."""
     admin = make_engine(PG_URL, "test-admin")
-    name = f"cdp_t_{uuid.uuid4().hex[:10]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
     try:
         async with admin.connect() as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
@@ -75,11 +76,20 @@ async def pg_url() -> AsyncIterator[str]:
     engine = make_engine(url, "test-migrate")
     await upgrade_to_head(engine)
     await engine.dispose()
-    yield url
-    async with admin.connect() as conn:
-        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-        await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    await admin.dispose()
+    try:
+        yield url
+    finally:
+        async with admin.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            await conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        await admin.dispose()
+
+
+@pytest.fixture(scope="session")
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh, migrated database for this test session on the real server."""
+    async with fresh_database() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
@@ -101,8 +111,13 @@ async def browser() -> AsyncIterator[Chromium]:
 
 @pytest.fixture(scope="session")
 async def stages(
-    kafka_bootstrap: str, pg_url: str, tmp_path_factory: pytest.TempPathFactory
+    kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Stages]:
-    """Every stage a ``cdp-stream`` process, after real traffic (``tests/operated.py``)."""
-    async with operated(kafka_bootstrap, pg_url, tmp_path_factory.mktemp("stages")) as s:
+    """Every stage a ``cdp-stream`` process, after real traffic (``tests/operated.py``), on
+    a database of their own: their counts (audience members, DMP buckets) are of that
+    traffic alone, whatever other tests stored before."""
+    async with (
+        fresh_database("cdp_ops") as url,
+        operated(kafka_bootstrap, url, tmp_path_factory.mktemp("stages")) as s,
+    ):
         yield s

@@ -166,6 +166,15 @@ async def _traffic(stages: Stages, topics: Topics, kafka_bootstrap: str, run: st
         rule = {"event": {"type": "page", "where": {"path": {"eq": path}}, "within": "7d"}}
         created = await api.post("/v1/audiences", json={"name": f"ops {run}", "rule": rule})
         assert created.status_code == 201, created.text
+        audience = created.json()["id"]
+
+        async def backfilled() -> bool:
+            """Its back-fill (in the API process) over the profiles already stored is done:
+            from here on, only activation moves members (and counts them)."""
+            got = (await api.get(f"/v1/audiences/{audience}")).json()
+            return bool(got["backfill"]["status"] == "done")
+
+        await eventually(backfilled, within_s=90, interval=0.2)
 
         async def send(events: list[dict[str, Any]]) -> dict[str, Any]:
             response = await collector.post("/v1/batch", json={"batch": events})
