@@ -61,7 +61,7 @@ import psutil
 from collect import cleanup, cpu_s, database, service_args  # the sibling's helpers
 from sqlalchemy.engine import make_url
 
-from cdp_stream.profiles.repository import EVENT_COLUMNS
+from cdp_stream.resolver.repository import EVENT_COLUMNS
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,8 +20,7 @@ from cdp_stream.app import Runtime
 from cdp_stream.bus.base import Record, next_offsets
 from cdp_stream.identity import IdentityRules
 from cdp_stream.metrics import REGISTRY
-from cdp_stream.profiles import dead_letters
-from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles import dead_letters, outbox
 from cdp_stream.profiles.models import crm_contacts
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.resolver.consumer import apply_with_retry, relay_outbox, run_resolver
@@ -166,7 +165,7 @@ async def test_a_profile_update_too_large_for_kafka_is_parked(runtime: Runtime) 
     key = str(uuid.uuid4())
     huge = orjson.dumps({"profile_id": key, "blob": "x" * 2_000_000})
     async with runtime.engine.begin() as conn:
-        await repo.insert_outbox(conn, [repo.Update(key, huge)])
+        await outbox.insert_outbox(conn, [outbox.Update(key, huge)])
     before = await parked_count(runtime, "resolver")
 
     async def relayed() -> bool:  # by this resolver or another test's: the table is shared

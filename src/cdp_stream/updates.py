@@ -4,7 +4,7 @@ producers (the resolver's batches, the API's erasure tombstones) and the consume
 
 An update says which canonical profile changed and how: the profiles merged into it, the
 traits and computed traits whose values changed, and the events that changed it (added
-by the outbox relay, see ``cdp_stream.profiles.repository.take_outbox``). A tombstone
+by the outbox relay, see ``cdp_stream.profiles.outbox.take_outbox``). A tombstone
 (``type: deleted``) says a person was erased: every profile of theirs is gone.
 
 ``version`` is the contract's version: a consumer refuses (dead-letters) an update of a

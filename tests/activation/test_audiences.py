@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cdp_stream.activation import audiences as aud
 from cdp_stream.activation.rules import parse_rule
 from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import erasure
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import audience_changes, audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
@@ -291,7 +292,7 @@ async def test_a_deleted_person_leaves_without_their_id_being_written_back(
     await apply(engine, await put(engine, visit(anon, T0)), T0)
     pid = await owner(engine, "anonymous_id", anon)
     async with engine.begin() as conn:
-        erased = await repo.delete_group(conn, pid, RULES.suppression)
+        erased = await erasure.delete_group(conn, pid, RULES.suppression)
     tombstone = {"type": "deleted", "profile_id": str(pid), "merged_ids": []}
     await apply(engine, [tombstone, tombstone], T0 + DAY)
     assert erased == [pid]

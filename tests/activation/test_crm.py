@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import crm
 from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import erasure
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import retrying
 from cdp_stream.profiles.models import (
@@ -597,7 +598,7 @@ async def test_tombstone_forgets_the_person(engine: AsyncEngine) -> None:
 
     # The API's erasure: delete_group in its transaction, then the tombstone.
     async with engine.begin() as conn:
-        ids = await repo.delete_group(conn, pid, RULES.suppression)
+        ids = await erasure.delete_group(conn, pid, RULES.suppression)
     tombstone = {
         "type": "deleted",
         "profile_id": str(pid),

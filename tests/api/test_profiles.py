@@ -9,21 +9,27 @@ from __future__ import annotations
 
 import base64
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 import httpx
+import orjson
 import pytest
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.api.profiles import ProfileOut
 from cdp_stream.app import Runtime, create_app
-from cdp_stream.identity import IdentityRules
+from cdp_stream.bus.kafka import KafkaBus
+from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import repository
 from cdp_stream.profiles.credentials import ensure_token
-from cdp_stream.resolver.consumer import apply_with_retry
+from cdp_stream.profiles.models import profile_update_outbox
+from cdp_stream.resolver.consumer import apply_with_retry, relay_outbox
 from cdp_stream.settings import Settings
 from tests import support
-from tests.support import stored_event, uid
+from tests.support import eventually, stored_event, uid
 
 RULES = IdentityRules.from_settings(Settings())
 API_TOKEN = "tok_api_" + uuid.uuid4().hex
@@ -776,3 +782,119 @@ async def test_an_unmerge_sticks_until_its_split_is_removed(
     assert (await get(api, f"/v1/profiles/{kept}/merges"))["splits"] == []
     await put(db, ev("identify", "2024-06-05T00:00:00Z", **again))
     assert (await get(api, f"/v1/profiles/{kept}"))["merged_from"] == [restored]
+
+
+# --- the updates a request writes, and only those, published by it ---------------------
+
+
+@pytest.fixture
+async def on_kafka(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
+    """A runtime on the real broker, with topics of its own."""
+    settings = Settings(
+        database_url=pg_url,
+        kafka_bootstrap=kafka_bootstrap,
+        bootstrap_api_token=API_TOKEN,
+        topic_partitions=1,
+        topic_namespace=f"test-{uid()}.",
+    )
+    rt = await Runtime.start(settings, "api-publish-test")
+    yield rt
+    await rt.stop()
+
+
+async def published(rt: Runtime, until: Callable[[dict[bytes, list[bytes]]], bool]) -> Any:
+    """The profile updates on the runtime's topic by key, read by a fresh group until
+    ``until`` holds (or a few seconds pass)."""
+    consumer = rt.bus.consumer(f"test-publish-{uid()}", [rt.settings.topics.profile_updates])
+    await consumer.start()
+    seen: dict[bytes, list[bytes]] = {}
+
+    async def probe() -> bool:
+        for m in await consumer.getmany(1000, 200):
+            seen.setdefault(m.key or b"", []).append(m.value)
+        return until(seen)
+
+    try:
+        await eventually(probe, within_s=10)
+    finally:
+        await consumer.stop()
+    return seen
+
+
+async def outbox_keys(db: AsyncEngine, keys: list[str]) -> list[str]:
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            select(profile_update_outbox.c.key).where(profile_update_outbox.c.key.in_(keys))
+        )
+        return sorted(rows.scalars())
+
+
+async def someone(db: AsyncEngine) -> str:
+    """A person whose batch left its updates in the outbox (no resolver relays here)."""
+    user = uid("pub")
+    await put(db, ev("identify", "2024-06-01T00:00:00Z", userId=user, traits={"plan": "pro"}))
+    async with db.connect() as conn:
+        pid = await repository.profile_for_identifier(conn, Identifier("user_id", user))
+    assert pid is not None
+    return str(pid)
+
+
+async def test_erasure_publishes_its_tombstone_and_nothing_else(on_kafka: Runtime) -> None:
+    """DELETE publishes the tombstone it wrote; the updates of resolver batches waiting in
+    the outbox (another person's, and the erased person's own) are the resolvers'."""
+    db = on_kafka.engine
+    erased, other = await someone(db), await someone(db)
+    assert await outbox_keys(db, [erased, other]) == sorted([erased, other])
+    transport = httpx.ASGITransport(app=create_app(on_kafka, ["api"]))
+    async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
+        r = await client.delete(f"/v1/profiles/{erased}", headers=AUTH)
+    assert r.status_code == 204, r.text
+    seen = await published(on_kafka, lambda s: erased.encode() in s)
+    assert [orjson.loads(v)["type"] for v in seen[erased.encode()]] == ["deleted"]
+    assert other.encode() not in seen
+    assert await outbox_keys(db, [erased, other]) == [other]  # the erased one's went too
+
+
+async def test_unmerge_publishes_its_two_updates(on_kafka: Runtime) -> None:
+    db = on_kafka.engine
+    bystander = await someone(db)
+    transport = httpx.ASGITransport(app=create_app(on_kafka, ["api"]))
+    async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
+        _, _, _, ref = await merge_two(client, db, new_user_id=False)
+        r = await client.post(f"/v1/profiles/{ref}/unmerge", headers=AUTH)
+    assert r.status_code == 200, r.text
+    kept, restored = r.json()["profile"]["id"], r.json()["restored"]["id"]
+    seen = await published(on_kafka, lambda s: {kept.encode(), restored.encode()} <= s.keys())
+    assert {kept, restored} <= {k.decode() for k in seen}
+    for pid, other in ((kept, restored), (restored, kept)):
+        assert orjson.loads(seen[pid.encode()][-1])["split_from"] == other
+    assert bystander.encode() not in seen
+    assert await outbox_keys(db, [bystander]) == [bystander]
+
+
+async def test_erasure_with_the_bus_down_leaves_its_tombstone_to_the_resolvers(
+    on_kafka: Runtime,
+) -> None:
+    """The bus unreachable: the person is erased all the same (204), the tombstone stays
+    in the outbox, and the resolvers' relay publishes it once the bus is back."""
+    db = on_kafka.engine
+    erased = await someone(db)
+    down = KafkaBus("127.0.0.1:1", client_id=f"down-{uid()}", publish_timeout_s=2)
+    try:
+        app = create_app(replace(on_kafka, bus=down), ["api"])
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://cdp.test") as client:
+            r = await client.delete(f"/v1/profiles/{erased}", headers=AUTH)
+            assert r.status_code == 204, r.text
+            assert (await client.get(f"/v1/profiles/{erased}", headers=AUTH)).status_code == 404
+    finally:
+        await down.stop()
+    async with db.connect() as conn:
+        rows = await conn.execute(
+            select(profile_update_outbox.c.payload).where(profile_update_outbox.c.key == erased)
+        )
+        assert [orjson.loads(p)["type"] for p in rows.scalars()] == ["deleted"]
+    await relay_outbox(db, on_kafka.bus, on_kafka.settings.topics.profile_updates)
+    seen = await published(on_kafka, lambda s: erased.encode() in s)
+    assert [orjson.loads(v)["type"] for v in seen[erased.encode()]] == ["deleted"]
+    assert await outbox_keys(db, [erased]) == []

@@ -17,7 +17,6 @@ import sys
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -25,6 +24,7 @@ from sqlalchemy import Text, any_, bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 
 from cdp_stream.identity import Identifier
+from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.models import crm_contacts
@@ -218,19 +218,18 @@ async def test_kill_9_each_stage_and_restart_kafka_and_postgres_under_load(
 
         per_user = Counter(load.users[m] for m in ids)
 
-        async def profiles() -> dict[str, dict[str, Any] | None]:
+        async def profiles() -> dict[str, reads.ProfileRow | None]:
             async with engine.connect() as conn:
                 out = {}
                 for user in per_user:
                     pid = await repo.profile_for_identifier(conn, Identifier("user_id", user))
-                    out[user] = None if pid is None else await repo.read_profile(conn, pid)
+                    out[user] = None if pid is None else await reads.read_profile(conn, pid)
                 return out
 
         async def exact() -> bool:
             found = await profiles()
             return all(
-                p is not None and p["computed"]["event_count"] == per_user[u]
-                for u, p in found.items()
+                p is not None and p.computed["event_count"] == per_user[u] for u, p in found.items()
             )
 
         assert await eventually(exact, within_s=60), await profiles()

@@ -13,6 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.identity import EMAIL, Identifier, IdentityRules
+from cdp_stream.profiles import erasure
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import suppressed_identifiers
 from cdp_stream.profiles.suppression import (
@@ -46,7 +47,7 @@ async def delete_person(engine: AsyncEngine, email: str, with_rules: IdentityRul
     async with engine.begin() as conn:
         pid = await repo.profile_for_identifier(conn, Identifier(EMAIL, email))
         assert pid is not None
-        await repo.delete_group(conn, pid, with_rules.suppression)
+        await erasure.delete_group(conn, pid, with_rules.suppression)
 
 
 async def blocked(engine: AsyncEngine, email: str, with_rules: IdentityRules) -> bool:

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import identities
@@ -36,9 +38,9 @@ async def _profile(engine: AsyncEngine, ident: Identifier) -> dict[str, Any]:
     async with engine.connect() as conn:
         pid = await repo.profile_for_identifier(conn, ident)
         assert pid is not None
-        profile = await repo.read_profile(conn, pid)
+        profile = await reads.read_profile(conn, pid)
         assert profile is not None
-        return profile
+        return asdict(profile)
 
 
 async def test_redelivered_batch_changes_nothing(engine: AsyncEngine) -> None:

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cdp_stream.bus.base import BusUnavailable, Record, next_offsets
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import profile_update_outbox
@@ -343,12 +344,12 @@ async def test_a_profile_of_20000_orders_keeps_small_updates(
         async with runtime.engine.connect() as conn:
             pid = await repo.profile_for_identifier(conn, Identifier("user_id", user))
             assert pid is not None
-            profile = await repo.read_profile(conn, pid)
+            profile = await reads.read_profile(conn, pid)
             row_bytes = await conn.scalar(
                 text("SELECT pg_column_size(computed) FROM profiles WHERE id = :id"), {"id": pid}
             )
-    assert profile is not None and profile["computed"]["order_count"] == 20_000
-    assert profile["computed"]["total_revenue"] == 30_000.0
+    assert profile is not None and profile.computed["order_count"] == 20_000
+    assert profile.computed["total_revenue"] == 30_000.0
     # the events as Postgres writes them (", " and ": ": ~10% more), and the change itself
     assert max(sizes) <= 1.25 * UPDATE_EVENTS_BYTES < 1024 * 1024
     assert row_bytes is not None and row_bytes < 1024

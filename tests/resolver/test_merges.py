@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from dataclasses import asdict
 from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import identities, identity_refusals, profile_merges, profiles
+from cdp_stream.resolver import repository as resolver_repo
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.resolver.unmerge import unmerge_last
 from cdp_stream.settings import Settings
@@ -37,9 +40,9 @@ async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:
 
 async def profile(engine: AsyncEngine, pid: uuid.UUID) -> dict[str, Any]:
     async with engine.connect() as conn:
-        found = await repo.read_profile(conn, pid)
+        found = await reads.read_profile(conn, pid)
     assert found is not None
-    return found
+    return asdict(found)
 
 
 async def test_sign_in_merges_anonymous_and_email_profiles_into_the_oldest(
@@ -90,7 +93,7 @@ async def test_sign_in_merges_anonymous_and_email_profiles_into_the_oldest(
         log = (
             await conn.execute(select(profile_merges).where(profile_merges.c.merged_id == second))
         ).one()
-        events = await repo.event_payloads(conn, canonical)
+        events = await resolver_repo.event_payloads(conn, canonical)
     assert (log.canonical_id, log.message_id) == (canonical, f"{run}-3")
     assert [e["messageId"] for e in events] == [f"{run}-1", f"{run}-2", f"{run}-3"]
 
@@ -245,8 +248,10 @@ async def test_unmerge_restores_both_profiles(engine: AsyncEngine) -> None:
     assert restored["traits"] == {"plan": "pro"}
     assert kept["merged_from"] == restored["merged_from"] == []
     async with engine.connect() as conn:
-        kept_events = [e["messageId"] for e in await repo.event_payloads(conn, done.kept)]
-        restored_events = [e["messageId"] for e in await repo.event_payloads(conn, done.restored)]
+        kept_events = [e["messageId"] for e in await resolver_repo.event_payloads(conn, done.kept)]
+        restored_events = [
+            e["messageId"] for e in await resolver_repo.event_payloads(conn, done.restored)
+        ]
     # the merging event attached to the group's canonical profile: it stays there
     assert kept_events == [f"{run}-1", f"{run}-3"]
     assert restored_events == [f"{run}-2"]
@@ -299,21 +304,21 @@ async def test_an_unmerged_pair_stays_split_until_the_split_is_removed(
     assert await owner(engine, "anonymous_id", c) == kept
     assert await owner(engine, "anonymous_id", b) == restored
     async with engine.connect() as conn:
-        log = await repo.read_merges(conn, kept)
-        kept_events = [e["messageId"] for e in await repo.event_payloads(conn, kept)]
-    refused = [(r["message_id"], r["type"], r["value"]) for r in log["refusals"]]
+        log = await reads.read_merges(conn, kept)
+        kept_events = [e["messageId"] for e in await resolver_repo.event_payloads(conn, kept)]
+    refused = [(r.message_id, r.type, r.value) for r in log.refusals]
     assert (f"{run}-5", "anonymous_id", b) in refused
-    assert all("split" in r["reason"] for r in log["refusals"])
+    assert all("split" in r.reason for r in log.refusals)
     assert f"{run}-5" in kept_events  # the event went to its first identifier's profile
-    [split] = log["splits"]
-    assert (split["profile_id"], split["other_canonical_id"]) == (str(kept), str(restored))
+    [split] = log.splits
+    assert (split.profile_id, split.other_canonical_id) == (str(kept), str(restored))
     async with engine.connect() as conn:
-        other_side = await repo.read_merges(conn, restored)
-    refused_there = {(r["message_id"], r["value"]) for r in other_side["refusals"]}
+        other_side = await reads.read_merges(conn, restored)
+    refused_there = {(r.message_id, r.value) for r in other_side.refusals}
     assert (f"{run}-10", f"d-{run}") in refused_there  # d-run is the kept side's now
 
     async with engine.begin() as conn:
-        assert await repo.remove_splits(conn, restored, kept) == 1
-        assert await repo.remove_splits(conn, restored, kept) == 0
+        assert await resolver_repo.remove_splits(conn, restored, kept) == 1
+        assert await resolver_repo.remove_splits(conn, restored, kept) == 0
     await apply(engine, ev(f"{run}-11", "2024-01-11T00:00:00Z", userId=user, anonymousId=b))
     assert await owner(engine, "anonymous_id", b) == await owner(engine, "user_id", user) == kept

@@ -43,6 +43,7 @@ from cdp_stream.profiles.db import make_engine
 from cdp_stream.profiles.migrate import upgrade_to_head
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import identities, identity_refusals, profiles
+from cdp_stream.resolver import repository as resolver_repo
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.settings import Settings
 from cdp_stream.topics import Topics
@@ -377,7 +378,7 @@ async def split_run(
     engine: AsyncEngine, history: History, at: int, pairs: list[tuple[Ref, Ref]], largest: int
 ) -> list[str]:
     """The events before ``at`` in random batches, then the profiles holding each pair
-    split (``repo.record_split``, as an unmerge does), then the rest: the differences
+    split (``resolver_repo.record_split``, as an unmerge does), then the rest: the differences
     from the oracle's state with those splits, strictly."""
     events = enriched_events(history)
     rng = random.Random(at)
@@ -391,7 +392,7 @@ async def split_run(
             ]
             pa, pb = found
             assert pa is not None and pb is not None and pa != pb
-            await repo.record_split(conn, pa, pb, None)
+            await resolver_repo.record_split(conn, pa, pb, None)
     for chunk in batches(events[at:], rng, largest):
         await apply_with_retry(engine, chunk, RULES)
     refs = {r for e in events for r in identifiers(e)}

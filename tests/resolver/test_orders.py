@@ -1,7 +1,7 @@
 """Orders: each report a row of ``orders``, the profile's money fields their totals.
 
 Against the real Postgres server, through ``apply_batch``: the totals are summed by SQL
-(``repository.order_totals``), so the rules are shown where they run. Every case is
+(``resolver.repository.order_totals``), so the rules are shown where they run. Every case is
 stored in one batch and again split over batches in reverse order, with the same result.
 """
 
@@ -14,6 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.identity import Identifier, IdentityRules
+from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import orders as orders_table
 from cdp_stream.resolver import computed, orders
@@ -69,9 +70,9 @@ async def stored(engine: AsyncEngine, calls: list[tuple[dict[str, Any], str]]) -
         async with engine.connect() as conn:
             pid = await repo.profile_for_identifier(conn, Identifier("user_id", user))
             assert pid is not None
-            profile = await repo.read_profile(conn, pid)
+            profile = await reads.read_profile(conn, pid)
         assert profile is not None
-        results.append(profile["computed"])
+        results.append(profile.computed)
     assert results[0] == results[1]
     return results[0]
 

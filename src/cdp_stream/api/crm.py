@@ -14,12 +14,11 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query
 from pydantic import BaseModel
-from sqlalchemy import select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from cdp_stream.api import crm_service
 from cdp_stream.api.deps import Conn, bearer, cursor_at, position
 from cdp_stream.api.profiles import Profile
-from cdp_stream.profiles.models import crm_contacts, crm_interactions
 
 router = APIRouter(prefix="/v1/crm", tags=["crm"])
 READ = bearer("profiles:read", 400, 404, 422)
@@ -55,17 +54,15 @@ class InteractionPage(BaseModel):
     next: str | None
 
 
-async def _contact(conn: AsyncConnection, profile_id: uuid.UUID) -> dict[str, Any]:
-    row = (
-        await conn.execute(select(crm_contacts).where(crm_contacts.c.profile_id == profile_id))
-    ).one_or_none()
-    if row is None:
+async def _contact(conn: AsyncConnection, profile_id: uuid.UUID) -> crm_service.Contact:
+    found = await crm_service.contact(conn, profile_id)
+    if found is None:
         raise HTTPException(404, f"profile {profile_id} has no CRM contact")
-    return {**row._mapping, "profile_id": str(row.profile_id)}
+    return found
 
 
 @router.get("/contacts/{ref}", response_model=ContactOut, **READ)
-async def get_contact(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+async def get_contact(profile_id: Profile, conn: Conn) -> crm_service.Contact:
     return await _contact(conn, profile_id)
 
 
@@ -78,21 +75,10 @@ async def get_interactions(
 ) -> dict[str, Any]:
     """The contact's interactions, newest first, ``limit`` at a time; ``next`` pages on."""
     await _contact(conn, profile_id)
-    query = select(crm_interactions).where(crm_interactions.c.profile_id == profile_id)
-    if cursor:
-        query = query.where(
-            tuple_(crm_interactions.c.occurred_at, crm_interactions.c.id)
-            < tuple_(*position(cursor))
-        )
-    rows = (
-        await conn.execute(
-            query.order_by(
-                crm_interactions.c.occurred_at.desc(), crm_interactions.c.id.desc()
-            ).limit(limit + 1)
-        )
-    ).all()
+    before = position(cursor) if cursor else None
+    rows = await crm_service.interactions(conn, profile_id, limit + 1, before)
     page = rows[:limit]
     return {
-        "items": [dict(r._mapping) for r in page],
+        "items": page,
         "next": cursor_at(page[-1].occurred_at, page[-1].id) if len(rows) > limit else None,
     }

@@ -24,11 +24,12 @@ from cdp_stream.activation import audiences, dmp
 from cdp_stream.api.deps import Conn, bearer, cursor_at, in_utc, position
 from cdp_stream.bus.base import BusUnavailable
 from cdp_stream.identity import IdentityRules
-from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles import reads, repository
 from cdp_stream.profiles.db import read_only
+from cdp_stream.profiles.erasure import erase
 from cdp_stream.resolver.consumer import relay_outbox
+from cdp_stream.resolver.repository import remove_splits
 from cdp_stream.resolver.unmerge import unmerge_last
-from cdp_stream.updates import ProfileUpdate
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/profiles", tags=["profiles"])
@@ -53,11 +54,11 @@ class ProfileOut(BaseModel):
 async def resolve_ref(request: Request, conn: Conn, ref: str) -> uuid.UUID:
     """A profile id or ``type:value`` -> the canonical profile id, or 404."""
     try:
-        found = await repo.canonical_id(conn, uuid.UUID(ref))
+        found = await repository.canonical_id(conn, uuid.UUID(ref))
     except ValueError:
         rules: IdentityRules = request.app.state.rules
         ident = rules.parse_ref(ref)
-        found = None if ident is None else await repo.profile_for_identifier(conn, ident)
+        found = None if ident is None else await repository.profile_for_identifier(conn, ident)
     if found is None:
         raise HTTPException(404, f"no profile for {ref!r}")
     return found
@@ -73,14 +74,14 @@ Profile = Annotated[uuid.UUID, Depends(resolve_ref)]
 async def get_profile(request: Request, ref: str) -> Response:
     rules: IdentityRules = request.app.state.rules
 
-    async def lookup(conn: AsyncConnection) -> dict[str, Any] | None:
+    async def lookup(conn: AsyncConnection) -> reads.ProfileRow | None:
         try:
             profile_id = uuid.UUID(ref)
         except ValueError:
             ident = rules.parse_ref(ref)
-            return None if ident is None else await repo.read_profile_of(conn, ident)
-        found = await repo.canonical_id(conn, profile_id)
-        return None if found is None else await repo.read_profile(conn, found)
+            return None if ident is None else await reads.read_profile_of(conn, ident)
+        found = await repository.canonical_id(conn, profile_id)
+        return None if found is None else await reads.read_profile(conn, found)
 
     profile = await read_only(request.app.state.lookups, lookup)
     if profile is None:
@@ -98,7 +99,7 @@ async def search(
     conn: Conn,
     starts_with: Annotated[str, Query(min_length=3, description="type:prefix, e.g. email:ad")],
     limit: Annotated[int, Query(ge=1, le=50)] = 10,
-) -> list[dict[str, Any]]:
+) -> list[reads.IdentifierMatch]:
     """Identifiers of one type starting with a prefix (the console's type-ahead), in value
     order; the prefix is normalized as the type's values are (lower-case for emails)."""
     type_, _, prefix = starts_with.partition(":")
@@ -111,7 +112,7 @@ async def search(
     normal = rules.normalize(type_, prefix) if type_ != "phone" else prefix.strip()
     if not normal:
         return []
-    return await repo.search_identifiers(conn, type_, normal, limit)
+    return await reads.search_identifiers(conn, type_, normal, limit)
 
 
 class EventOut(BaseModel):
@@ -145,7 +146,7 @@ async def get_events(
         since = since and in_utc(since)
     except OverflowError as exc:
         raise HTTPException(422, "since: out of range") from exc
-    rows = await repo.read_events(
+    rows = await reads.read_events(
         conn,
         profile_id,
         limit=limit + 1,
@@ -167,8 +168,8 @@ class IdentityDetail(IdentityOut):
 
 
 @router.get("/{ref}/identities", response_model=list[IdentityDetail], **READ)
-async def get_identities(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
-    return await repo.read_identities(conn, profile_id)
+async def get_identities(profile_id: Profile, conn: Conn) -> list[reads.IdentityRow]:
+    return await reads.read_identities(conn, profile_id)
 
 
 class MembershipOut(BaseModel):
@@ -218,10 +219,10 @@ class MergesOut(BaseModel):
 
 
 @router.get("/{ref}/merges", response_model=MergesOut, **READ)
-async def get_merges(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+async def get_merges(profile_id: Profile, conn: Conn) -> reads.Merges:
     """The merges that built this profile (undone ones too), the links it refused, and
     the splits that keep it apart from other profiles."""
-    return await repo.read_merges(conn, profile_id)
+    return await reads.read_merges(conn, profile_id)
 
 
 class TraitOut(BaseModel):
@@ -233,9 +234,9 @@ class TraitOut(BaseModel):
 
 
 @router.get("/{ref}/traits", response_model=list[TraitOut], **READ)
-async def get_traits(profile_id: Profile, conn: Conn) -> list[dict[str, Any]]:
+async def get_traits(profile_id: Profile, conn: Conn) -> list[reads.TraitSource]:
     """Each trait with when it was last set and by which source."""
-    return await repo.read_trait_sources(conn, profile_id)
+    return await reads.read_trait_sources(conn, profile_id)
 
 
 class Atom(BaseModel):
@@ -250,10 +251,10 @@ class GraphOut(MergesOut):
 
 
 @router.get("/{ref}/graph", response_model=GraphOut, **READ)
-async def get_graph(profile_id: Profile, conn: Conn) -> dict[str, Any]:
+async def get_graph(profile_id: Profile, conn: Conn) -> reads.Graph:
     """The identity graph: the profiles merged into this one with the identifiers each
     brought, the merges that joined them, and the links refused."""
-    return await repo.read_identity_graph(conn, profile_id)
+    return await reads.read_identity_graph(conn, profile_id)
 
 
 class ConsentOut(BaseModel):
@@ -266,14 +267,15 @@ class ConsentOut(BaseModel):
 @router.get("/{ref}/consent", response_model=ConsentOut, **READ)
 async def get_consent(profile_id: Profile, conn: Conn) -> dict[str, Any]:
     """The person's consent choices, and whether the DMP feed leaves them out."""
-    profile = await repo.read_profile(conn, profile_id)
-    trait = (profile or {}).get("traits", {}).get("consent")
-    latest = await repo.latest_consent(conn, profile_id) or {"consent": None, "at": None}
-    facts = dmp.Facts(traits={"consent": trait}, context={"consent": latest["consent"]})
+    profile = await reads.read_profile(conn, profile_id)
+    trait = None if profile is None else profile.traits.get("consent")
+    latest = await reads.latest_consent(conn, profile_id)
+    context, at = (None, None) if latest is None else latest
+    facts = dmp.Facts(traits={"consent": trait}, context={"consent": context})
     return {
         "trait": trait,
-        "context": latest["consent"],
-        "context_at": latest["at"],
+        "context": context,
+        "context_at": at,
         "opted_out": dmp.opted_out(facts),
     }
 
@@ -291,7 +293,7 @@ class UnmergeOut(BaseModel):
 )
 async def post_unmerge(request: Request, profile_id: Profile) -> dict[str, Any]:
     """Reverse the profile's last merge and split the two profiles for good (see
-    :mod:`cdp_stream.resolver.unmerge`); their updates go out at once."""
+    :mod:`cdp_stream.resolver.unmerge`); their two updates go out at once."""
     async with request.app.state.engine.begin() as conn:  # committed before the relay
         done = await unmerge_last(conn, profile_id)
         if done is None:
@@ -299,10 +301,10 @@ async def post_unmerge(request: Request, profile_id: Profile) -> dict[str, Any]:
         metrics.profile_unmerges.inc()
         answer = {
             "undone_merge": done.merge_id,
-            "profile": await repo.read_profile(conn, done.kept),
-            "restored": await repo.read_profile(conn, done.restored),
+            "profile": await reads.read_profile(conn, done.kept),
+            "restored": await reads.read_profile(conn, done.restored),
         }
-    await _relay(request, f"the unmerge of {profile_id}")
+    await _publish(request, done.outbox_ids, f"the unmerge of {profile_id}")
     return answer
 
 
@@ -311,13 +313,13 @@ async def delete_split(request: Request, profile_id: Profile, other: str, conn: 
     """Remove the split an unmerge recorded between the two profiles' groups: a later
     event that links them merges them again. 404 when they are not split."""
     other_id = await resolve_ref(request, conn, other)
-    if not await repo.remove_splits(conn, profile_id, other_id):
+    if not await remove_splits(conn, profile_id, other_id):
         raise HTTPException(404, f"{profile_id} and {other_id} are not split")
 
 
 @router.delete("/{ref}", status_code=204, **bearer("profiles:delete", 400, 404, 422))
 async def delete_profile(request: Request, profile_id: Profile) -> None:
-    """Erase the person everywhere (a data-rights request); see ``repo.delete_group``.
+    """Erase the person everywhere (a data-rights request): :mod:`cdp_stream.profiles.erasure`.
 
     Their identifiers go to the suppression list, so late events are refused instead of
     re-creating them, and a tombstone ``{"type": "deleted", "profile_id", "merged_ids"}``
@@ -325,18 +327,17 @@ async def delete_profile(request: Request, profile_id: Profile) -> None:
     """
     state = request.app.state
     async with state.engine.begin() as conn:
-        ids = await repo.delete_group(conn, profile_id, state.rules.suppression)
-        merged = [str(i) for i in ids if i != profile_id]
-        tombstone = ProfileUpdate(type="deleted", profile_id=str(profile_id), merged_ids=merged)
-        await repo.insert_outbox(conn, [repo.Update(str(profile_id), tombstone.payload())])
-    await _relay(request, f"the tombstone of {profile_id}")
+        erased = await erase(conn, profile_id, state.rules.suppression)
+    await _publish(request, erased.outbox_ids, f"the tombstone of {profile_id}")
 
 
-async def _relay(request: Request, what: str) -> None:
-    """Publish the outbox now (what a change just committed there), not at the next batch
-    a resolver happens to apply."""
+async def _publish(request: Request, ids: list[int], what: str) -> None:
+    """Publish the updates this request just committed to the outbox (``ids``) now, not
+    at the next batch a resolver happens to apply; every other row is the resolvers' to
+    relay."""
     state = request.app.state
+    topic = state.settings.topics.profile_updates
     try:
-        await relay_outbox(state.engine, state.bus, state.settings.topics.profile_updates)
-    except BusUnavailable:  # the rows stay in the outbox: the resolver relays them later
+        await relay_outbox(state.engine, state.bus, topic, ids=ids)
+    except BusUnavailable:  # the rows stay in the outbox: the resolvers relay them later
         log.warning("profile updates of %s left in the outbox: the bus is unavailable", what)

@@ -8,7 +8,7 @@ who may write events.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
@@ -66,19 +66,19 @@ class SourceOut(BaseModel):
 
 
 @router.get("", response_model=list[SourceOut], **bearer("admin"))
-async def list_all(conn: Conn) -> list[dict[str, Any]]:
+async def list_all(conn: Conn) -> list[credentials.SourceRow]:
     return await credentials.list_sources(conn)
 
 
 @router.post("", status_code=201, response_model=SourceOut, **bearer("admin", 400, 422))
-async def create(body: SourceIn, conn: Conn) -> dict[str, Any] | None:
+async def create(body: SourceIn, conn: Conn) -> credentials.SourceRow | None:
     limits = body.model_dump(include={"rate_limit_per_s", "rate_limit_burst"}, exclude_none=True)
     source_id = await credentials.create_source(conn, body.name, body.allowed_origins, **limits)
     return await credentials.read_source(conn, source_id)
 
 
 @router.patch("/{source_id}", response_model=SourceOut, **bearer("admin", 400, 404, 422))
-async def change(source_id: str, body: SourceChange, conn: Conn) -> dict[str, Any]:
+async def change(source_id: str, body: SourceChange, conn: Conn) -> credentials.SourceRow:
     changes = {
         field: value
         for field, value in body.model_dump(exclude_unset=True).items()

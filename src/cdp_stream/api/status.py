@@ -15,8 +15,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, Field
 
 from cdp_stream.api.deps import Conn, bearer
-from cdp_stream.profiles import dead_letters, health
-from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles import dead_letters, health, reads
 from cdp_stream.settings import Settings
 
 router = APIRouter(prefix="/v1", tags=["status"])
@@ -65,7 +64,7 @@ async def get_status(request: Request, conn: Conn) -> dict[str, Any]:
         lag = await health.consumer_lag(conn, settings.topic_namespace)
     return {
         "since": since,
-        "accepted_last_hour": await repo.events_received_since(conn, since),
+        "accepted_last_hour": await reads.events_received_since(conn, since),
         "rejected_last_hour": None if rejected is None else rejected[0],
         "rejections": None if rejected is None else rejected[1],
         "dead_letters": await dead_letters.counts(conn),

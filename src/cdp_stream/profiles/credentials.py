@@ -1,4 +1,6 @@
-"""Sources (public write keys) and API tokens (secret, scoped): their SQL.
+"""Sources (public write keys) and API tokens (secret, scoped): their SQL, the one home
+of it (the collector's auth, the sources API and the bootstrap at start-up all read and
+write them here).
 
 Write keys only let a client write events; API tokens read profiles and administer. A
 token is shown once when created and stored as its SHA-256.
@@ -9,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import secrets
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -68,9 +72,26 @@ async def source_for_write_key(conn: AsyncConnection, write_key: str) -> Source 
     return Source(row.id, tuple(row.allowed_origins), row.rate_limit_per_s, row.rate_limit_burst)
 
 
-async def list_sources(conn: AsyncConnection) -> list[dict[str, object]]:
+@dataclass(frozen=True, slots=True)
+class SourceRow:
+    """A source as an administrator sees it (its write key included)."""
+
+    id: str
+    name: str
+    write_key: str
+    allowed_origins: list[str]
+    rate_limit_per_s: float | None
+    rate_limit_burst: int | None
+    created_at: datetime
+
+
+def _source_row(row: Any) -> SourceRow:
+    return SourceRow(**{c.name: row._mapping[c.name] for c in sources.c})
+
+
+async def list_sources(conn: AsyncConnection) -> list[SourceRow]:
     rows = await conn.execute(select(sources).order_by(sources.c.created_at, sources.c.id))
-    return [dict(row._mapping) for row in rows]
+    return [_source_row(row) for row in rows]
 
 
 async def create_source(
@@ -85,21 +106,21 @@ async def create_source(
     return source_id
 
 
-async def read_source(conn: AsyncConnection, source_id: str) -> dict[str, object] | None:
+async def read_source(conn: AsyncConnection, source_id: str) -> SourceRow | None:
     row = (await conn.execute(select(sources).where(sources.c.id == source_id))).one_or_none()
-    return None if row is None else dict(row._mapping)
+    return None if row is None else _source_row(row)
 
 
 async def update_source(
     conn: AsyncConnection, source_id: str, changes: dict[str, object]
-) -> dict[str, object] | None:
+) -> SourceRow | None:
     """The source after ``changes`` (name, allowed_origins, rate limits), or None if there
     is none."""
     if not changes:
         return await read_source(conn, source_id)
     stmt = update(sources).where(sources.c.id == source_id).values(**changes)
     row = (await conn.execute(stmt.returning(*sources.c))).one_or_none()
-    return None if row is None else dict(row._mapping)
+    return None if row is None else _source_row(row)
 
 
 async def all_allowed_origins(conn: AsyncConnection) -> set[str]:

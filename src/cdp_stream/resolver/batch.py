@@ -59,10 +59,13 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream import metrics
 from cdp_stream.identity import Identifier, IdentityRules
-from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles import outbox
+from cdp_stream.profiles import repository as shared
 from cdp_stream.profiles.db import RetryTransaction
-from cdp_stream.profiles.repository import EventRow, OrderRow, ProfileState, Refusal, Update
+from cdp_stream.profiles.outbox import Update
 from cdp_stream.resolver import computed, orders, traits
+from cdp_stream.resolver import repository as repo
+from cdp_stream.resolver.repository import EventRow, OrderRow, ProfileState, Refusal
 from cdp_stream.timestamps import event_time
 from cdp_stream.updates import updated_payload
 
@@ -260,7 +263,7 @@ async def apply_prepared(
     every_id = sorted({i for p in batch for i in p.ids})
 
     started = time.perf_counter()
-    await repo.lock_keys(conn, [repo.lock_key(i.type, i.value) for i in every_id])
+    await shared.lock_keys(conn, [shared.lock_key(i.type, i.value) for i in every_id])
     metrics.lock_wait.labels("identifiers").observe(time.perf_counter() - started)
     read = await repo.batch_reads(conn, [p.key for p in batch], every_id, rules.suppression)
     seen, owner, gone = read.stored, read.owners, read.suppressed
@@ -345,7 +348,7 @@ async def apply_prepared(
     merged_into: dict[uuid.UUID, list[uuid.UUID]] = {}
     for _, merged, _ in graph.merges:
         merged_into.setdefault(final(merged), []).append(merged)
-    await repo.insert_outbox(
+    await outbox.insert_outbox(
         conn,
         [
             update

@@ -38,7 +38,7 @@ from cdp_stream.consuming import Polling, run_consumer
 from cdp_stream.events import Event
 from cdp_stream.identity import IdentityRules
 from cdp_stream.poison import DeadLetters, apply_isolating
-from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles import outbox
 from cdp_stream.profiles.db import Stopping, retrying
 from cdp_stream.profiles.suppression import rekey
 from cdp_stream.resolver.batch import BatchResult, Prepared, apply_prepared, prepare
@@ -81,8 +81,10 @@ async def relay_outbox(
     topic: str,
     dead: DeadLetters | None = None,
     limit: int = 5000,
+    ids: Sequence[int] | None = None,
 ) -> int:
-    """Publish pending profile updates, oldest first, and delete them once acknowledged.
+    """Publish pending profile updates, oldest first, and delete them once acknowledged;
+    with ``ids``, only those rows (the ones a request queued: the rest are the resolvers').
 
     Rows are taken with ``SKIP LOCKED``, so resolvers relay side by side; a failure before
     the delete commits leaves the rows for the next relay (at-least-once: a consumer of
@@ -103,7 +105,7 @@ async def relay_outbox(
         await dead.park("profile_update_outbox", row[0].encode(), row[1], exc)
 
     async def step(conn: AsyncConnection) -> int:
-        rows = await repo.take_outbox(conn, limit)
+        rows = await outbox.take_outbox(conn, limit, ids)
         await apply_isolating(rows, publish, park)
         return len(rows)
 
@@ -120,14 +122,14 @@ class _Checked(Event):
 
 
 async def vacuum_outbox(engine: AsyncEngine) -> None:
-    """Reclaim the relayed outbox rows now (see ``repo.vacuum_outbox``), and count the
+    """Reclaim the relayed outbox rows now (see ``outbox.vacuum_outbox``), and count the
     ones left (``cdp_profile_updates_outbox_rows``). Best effort: a failure is logged and
     the next interval tries again."""
     try:
         async with engine.connect() as conn:
             conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-            await repo.vacuum_outbox(conn)
-            metrics.outbox_rows.set(await repo.outbox_depth(conn))
+            await outbox.vacuum_outbox(conn)
+            metrics.outbox_rows.set(await outbox.outbox_depth(conn))
     except (DBAPIError, OSError) as exc:
         log.warning("could not vacuum the outbox, trying again later: %s", exc)
 

@@ -4,11 +4,11 @@ Every ``Order Completed`` / ``Order Refunded`` event is one row of the ``orders`
 (``fact_of`` reads it; amounts in integer micro-units, so sums are exact in any order;
 currency upper-cased, default USD), attached to a profile as the event is. The profile
 keeps only totals (``computed.ORDER_FIELDS``), recomputed by
-``repository.order_totals`` from its rows whenever it gets a report or a merge: a
+``resolver.repository.order_totals`` from its rows whenever it gets a report or a merge: a
 profile with thousands of orders stays a small row, and each profile update stays small.
 Pure, no I/O.
 
-The rules the totals follow (the SQL in ``repository.order_totals`` implements them):
+The rules the totals follow (the SQL in ``resolver.repository.order_totals`` implements them):
 
 * an order with an ``order_id`` (a non-empty string, stripped, or an integer) counts once
   however many times (by whatever messageIds) it is reported; reports that disagree keep

@@ -17,8 +17,9 @@ groups (logged as a refusal, like a per-type limit) until the split is removed
 (``repo.remove_splits``, ``DELETE /v1/profiles/{ref}/splits/{other}``).
 
 Both profiles get a profile update in the outbox, in the same transaction, so the CRM and
-audiences follow as they follow a batch (the caller relays it after the commit): each
-names the other as ``split_from``, and ``changed_*`` are relative to the merged profile.
+audiences follow as they follow a batch (the caller publishes those rows, by the ids
+``Unmerged.outbox_ids`` gives, after the commit): each names the other as
+``split_from``, and ``changed_*`` are relative to the merged profile.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_stream.profiles import repository as repo
-from cdp_stream.profiles.repository import ProfileState
+from cdp_stream.profiles.outbox import queue
 from cdp_stream.resolver import computed, traits
+from cdp_stream.resolver import repository as repo
 from cdp_stream.resolver.batch import updates
+from cdp_stream.resolver.repository import ProfileState
 from cdp_stream.timestamps import event_time
 
 
@@ -41,6 +43,7 @@ class Unmerged:
     merge_id: int
     kept: uuid.UUID
     restored: uuid.UUID
+    outbox_ids: list[int]  # the two profile updates, for the caller to publish
 
 
 async def unmerge_last(conn: AsyncConnection, canonical: uuid.UUID) -> Unmerged | None:
@@ -88,7 +91,7 @@ async def unmerge_last(conn: AsyncConnection, canonical: uuid.UUID) -> Unmerged 
     await repo.mark_undone(conn, last.id)
     kept, restored = head[last.canonical_id], head[last.merged_id]
     await repo.record_split(conn, kept, restored, last.id)
-    await repo.insert_outbox(
+    queued = await queue(
         conn,
         [
             update
@@ -96,4 +99,4 @@ async def unmerge_last(conn: AsyncConnection, canonical: uuid.UUID) -> Unmerged 
             for update in updates(pid, [], merged, states[pid], [], split_from=other)
         ],
     )
-    return Unmerged(last.id, kept, restored)
+    return Unmerged(last.id, kept, restored, queued)

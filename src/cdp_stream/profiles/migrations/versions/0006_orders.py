@@ -31,9 +31,9 @@ import sqlalchemy as sa
 from alembic import op
 from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
-from cdp_stream.profiles.repository import ORDER_TOTALS
 from cdp_stream.resolver.computed import ORDER_FIELDS
 from cdp_stream.resolver.orders import fact_of, fields
+from cdp_stream.resolver.repository import ORDER_TOTALS
 
 revision = "0006"
 down_revision = "0005"

@@ -11,8 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import retrying
+from cdp_stream.resolver import repository as repo
 from cdp_stream.sealing import SuppressionKeys
 
 NOWAIT = "SELECT id FROM profiles WHERE id = :id FOR UPDATE NOWAIT"

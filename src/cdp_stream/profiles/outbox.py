@@ -1,0 +1,124 @@
+"""The profile-update outbox: updates written in the transaction that made them, relayed
+to ``cdp.profile-updates`` after it commits (by the resolvers, or by the request that
+queued them), so a crash between the commit and the publish loses nothing.
+
+Shared by the resolver (a batch's updates) and the API (an unmerge's, an erasure's
+tombstone), so it sits below both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from cdp_stream.profiles.models import profile_update_outbox
+from cdp_stream.profiles.repository import copy_records, lock_key
+
+_COLUMNS = ("key", "payload", "event_sources", "event_messages")
+
+
+@dataclass(frozen=True, slots=True)
+class Update:
+    """A profile update for the outbox: its key and JSON object, and the events (source,
+    message) the relay adds to it as ``"events": [...]``; None: the payload is whole."""
+
+    key: str
+    payload: bytes
+    events: Sequence[tuple[str, str]] | None = None
+
+
+async def insert_outbox(conn: AsyncConnection, updates: Sequence[Update]) -> None:
+    """Profile updates to relay to ``cdp.profile-updates`` once this transaction commits."""
+    await copy_records(conn, "profile_update_outbox", _COLUMNS, _rows(updates))
+
+
+def _rows(updates: Sequence[Update]) -> list[tuple[Any, ...]]:
+    return [
+        (
+            u.key,
+            u.payload,
+            None if u.events is None else [s for s, _ in u.events],
+            None if u.events is None else [m for _, m in u.events],
+        )
+        for u in updates
+    ]
+
+
+async def queue(conn: AsyncConnection, updates: Sequence[Update]) -> list[int]:
+    """A few profile updates (an unmerge's, an erasure's tombstone), as ``insert_outbox``
+    writes them, returning their ids: the request that wrote them publishes those itself
+    (``take_outbox(ids=...)``) and leaves every other row to the resolvers."""
+    if not updates:
+        return []
+    rows = await conn.execute(
+        insert(profile_update_outbox).returning(profile_update_outbox.c.id),
+        [dict(zip(_COLUMNS, row, strict=True)) for row in _rows(updates)],
+    )
+    return list(rows.scalars())
+
+
+# The rows to relay: all (a resolver's relay) or those of ``ids`` (a request's own).
+_TAKE = """
+WITH taken AS (
+  DELETE FROM profile_update_outbox WHERE id IN (
+    SELECT id FROM profile_update_outbox {where} ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED)
+  RETURNING id, key, payload, event_sources, event_messages
+)
+SELECT t.id, t.key, t.payload, t.event_sources IS NOT NULL AS spliced, (
+  SELECT string_agg(e.payload::text, ',' ORDER BY k.n)
+  FROM unnest(t.event_sources, t.event_messages) WITH ORDINALITY AS k(s, m, n)
+  JOIN events e ON e.source_id = k.s AND e.message_id = k.m
+) AS events
+FROM taken t ORDER BY t.id
+"""
+_TAKE_ALL = text(_TAKE.format(where=""))
+_TAKE_IDS = text(_TAKE.format(where="WHERE id = ANY(CAST(:ids AS bigint[]))"))
+
+
+async def take_outbox(
+    conn: AsyncConnection, limit: int, ids: Sequence[int] | None = None
+) -> list[tuple[str, bytes]]:
+    """Delete and return up to ``limit`` pending updates (key, JSON), oldest first, their
+    events read from ``events`` (an event erased since is left out); rows another
+    transaction is relaying are skipped. They come back if the caller rolls back. With
+    ``ids``, only those rows (the ones a request queued)."""
+    if ids is None:
+        taken = await conn.execute(_TAKE_ALL, {"n": limit})
+    else:
+        taken = await conn.execute(_TAKE_IDS, {"n": limit, "ids": list(ids)})
+    out = []
+    for r in taken:
+        payload: bytes = r.payload
+        if r.spliced:
+            events = (r.events or "").encode()
+            payload = payload[:-1] + b',"events":[' + events + b"]}"
+        out.append((r.key, payload))
+    return out
+
+
+async def vacuum_outbox(conn: AsyncConnection) -> bool:
+    """VACUUM the outbox (``conn`` in autocommit) unless another process is doing it;
+    whether it ran. Its rows live for milliseconds, so dead ones pile up much faster than
+    autovacuum (a pass a minute at best) reclaims them."""
+    key = lock_key("vacuum", "profile_update_outbox")
+    if not await conn.scalar(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}):
+        return False
+    try:
+        # not TRUNCATE: waiting for the exclusive lock that giving pages back needs would
+        # hold up this resolver while the others insert; the pages freed are reused
+        await conn.execute(text("VACUUM (TRUNCATE false) profile_update_outbox"))
+    finally:
+        await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+    return True
+
+
+async def outbox_depth(conn: AsyncConnection, cap: int = 1_000_000) -> int:
+    """Profile updates waiting in the outbox, counted up to ``cap`` (so a count of a
+    backlog stays cheap): ``cdp_profile_updates_outbox_rows``."""
+    query = text("SELECT count(*) FROM (SELECT 1 FROM profile_update_outbox LIMIT :cap) o")
+    return int((await conn.execute(query, {"cap": cap})).scalar_one())
