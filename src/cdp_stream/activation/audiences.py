@@ -52,7 +52,6 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql.elements import ColumnElement
 
 from cdp_stream import metrics
-from cdp_stream.activation._sql import among
 from cdp_stream.activation.rules import (
     EventSpec,
     EventView,
@@ -69,6 +68,7 @@ from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import Stopping, retrying, stopped_within
 from cdp_stream.profiles.models import audience_changes, audience_members, audiences, events
 from cdp_stream.profiles.models import profiles as profiles_table
+from cdp_stream.profiles.sql import among
 from cdp_stream.updates import ProfileUpdate
 
 log = logging.getLogger(__name__)

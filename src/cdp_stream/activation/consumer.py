@@ -21,7 +21,9 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream import logs
-from cdp_stream.activation import audiences, crm, dmp, webhook
+from cdp_stream.activation import audiences, dmp
+from cdp_stream.activation.crm import feed as crm_feed
+from cdp_stream.activation.crm import webhook
 from cdp_stream.bus.base import Bus, Message
 from cdp_stream.consuming import Polling, run_consumer
 from cdp_stream.poison import DeadLetters
@@ -55,7 +57,7 @@ class _Activation:
         updates = [u for _, u in batch]
 
         async def work(conn: AsyncConnection) -> None:
-            await crm.apply_updates(conn, updates, self._settings)
+            await crm_feed.apply_updates(conn, updates, self._settings)
             await audiences.apply_updates(conn, updates, datetime.now(UTC))
 
         await retrying(self._engine, work, self._stop)
