@@ -6,7 +6,7 @@ per micro-batch in one transaction, keeps
 * the CRM feed (``crm/``): one contact per person with an email or user id, and one
   interaction record per event worth a salesperson's eye; optionally POSTed to a CRM
   webhook (``crm/webhook.py``), signed, retried, dead-lettered;
-* audience membership (``audiences.py``): JSON rules over traits, computed traits and
+* audience membership (``audiences/``): JSON rules over traits, computed traits and
   recent events, entered and exited as profiles change and as time passes;
 
 and, on a timer, the DMP feed (``dmp.py``): per audience, anonymized member counts per
