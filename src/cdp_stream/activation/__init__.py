@@ -9,7 +9,7 @@ per micro-batch in one transaction, keeps
 * audience membership (``audiences/``): JSON rules over traits, computed traits and
   recent events, entered and exited as profiles change and as time passes;
 
-and, on a timer, the DMP feed (``dmp.py``): per audience, anonymized member counts per
+and, on a timer, the DMP feed (``dmp/``): per audience, anonymized member counts per
 window and coarse bucket, published to ``cdp.dmp.audience-counts``: never an identifier.
 Everything it writes is keyed so that a redelivered update changes nothing twice.
 """

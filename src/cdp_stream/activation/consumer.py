@@ -21,10 +21,10 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream import logs
-from cdp_stream.activation import dmp
 from cdp_stream.activation.audiences import backfill, membership
 from cdp_stream.activation.crm import feed as crm_feed
 from cdp_stream.activation.crm import webhook
+from cdp_stream.activation.dmp import counts as dmp_counts
 from cdp_stream.bus.base import Bus, Message
 from cdp_stream.consuming import Polling, run_consumer
 from cdp_stream.poison import DeadLetters
@@ -83,7 +83,7 @@ async def run_activation(
         asyncio.create_task(
             membership.run_expiry(engine, done, settings.audience_expiry_interval_s)
         ),
-        asyncio.create_task(dmp.run_counts(engine, bus, settings, done)),
+        asyncio.create_task(dmp_counts.run_counts(engine, bus, settings, done)),
     ]
     polling = Polling(
         settings.activation_batch_size,

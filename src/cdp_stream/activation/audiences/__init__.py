@@ -3,13 +3,15 @@ who matches (``matching.py``, pure); membership kept as profiles change and time
 (``membership.py``), back-filled for a new audience (``backfill.py``), exported as CSV
 (``export.py``); all SQL in ``repository.py``.
 
-The names below are the package's face to the API, which imports the package.
+The names below are the package's face to the API and to the DMP feed (which counts
+audiences' members), which import the package, never its modules.
 """
 
 from cdp_stream.activation.audiences.backfill import start_backfill
 from cdp_stream.activation.audiences.export import MEMBER_COLUMNS, members_csv
 from cdp_stream.activation.audiences.repository import (
     audience_exists,
+    audience_ids,
     audiences_of,
     create_audience,
     delete_audience,
@@ -23,6 +25,7 @@ from cdp_stream.activation.audiences.repository import (
 __all__ = [
     "MEMBER_COLUMNS",
     "audience_exists",
+    "audience_ids",
     "audiences_of",
     "create_audience",
     "delete_audience",
