@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import delete, func, select, text, update
+from sqlalchemy import Interval, Text, cast, delete, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import UUID, insert
 from sqlalchemy.engine import Row
 from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
 
 from cdp_stream.activation.crm.contacts import CONTACT_FIELDS, IDENTITY_TYPES
 from cdp_stream.activation.crm.interactions import LEAD_KINDS
@@ -201,3 +203,88 @@ async def told_erased(conn: AsyncConnection, profile_ids: list[uuid.UUID]) -> se
 async def queue_deliveries(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
     """Queue webhook deliveries (``kind``, ``payload``) for ``webhook.py`` to send."""
     await conn.execute(insert(crm_webhook_deliveries), rows)
+
+
+# --- the webhook queue (``webhook.py``), each call its own short transaction --------------
+
+
+def _seconds(value: float) -> ColumnElement[timedelta]:
+    return literal(timedelta(seconds=value), Interval())
+
+
+async def claim_due(conn: AsyncConnection, limit: int, lease_s: float) -> list[Row[Any]]:
+    """Lease up to ``limit`` due pending deliveries for ``lease_s``, oldest first, skipping
+    rows another sender holds: ``id``, ``kind``, ``body`` (the payload's JSON text),
+    ``attempts``."""
+    t = crm_webhook_deliveries.c
+    due = (
+        select(t.id)
+        .where(t.status == "pending", t.next_attempt_at <= func.now())
+        .order_by(t.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(t.id.in_(due))
+        .values(next_attempt_at=func.now() + _seconds(lease_s))
+        .returning(t.id, t.kind, cast(t.payload, Text).label("body"), t.attempts)
+    )
+    return list(rows)
+
+
+async def mark_delivered(conn: AsyncConnection, delivery_id: int, attempts: int) -> None:
+    await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(crm_webhook_deliveries.c.id == delivery_id)
+        .values(status="delivered", attempts=attempts, delivered_at=func.now(), last_error=None)
+    )
+
+
+async def mark_failed(
+    conn: AsyncConnection, delivery_id: int, attempts: int, status: str, error: str, wait: float
+) -> None:
+    """Record a failed try: ``pending`` again after ``wait`` seconds, or ``dead``."""
+    await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(crm_webhook_deliveries.c.id == delivery_id)
+        .values(
+            status=status,
+            attempts=attempts,
+            last_error=error,
+            next_attempt_at=func.now() + _seconds(wait),
+        )
+    )
+
+
+async def release(conn: AsyncConnection, ids: list[int]) -> None:
+    """Make leased, still pending deliveries due now."""
+    t = crm_webhook_deliveries.c
+    await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(among(t.id, ids), t.status == "pending")
+        .values(next_attempt_at=func.now())
+    )
+
+
+async def delete_delivered(conn: AsyncConnection, keep_s: float) -> int:
+    """Delete deliveries delivered more than ``keep_s`` ago; how many."""
+    t = crm_webhook_deliveries.c
+    result = await conn.execute(
+        delete(crm_webhook_deliveries).where(
+            t.status == "delivered", t.delivered_at < func.now() - _seconds(keep_s)
+        )
+    )
+    return int(result.rowcount)
+
+
+async def requeue_dead(conn: AsyncConnection) -> int:
+    """Every dead delivery pending again, attempts from zero, due now; how many."""
+    t = crm_webhook_deliveries.c
+    rows = await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(t.status == "dead")
+        .values(status="pending", attempts=0, next_attempt_at=func.now())
+        .returning(t.id)
+    )
+    return len(rows.all())
