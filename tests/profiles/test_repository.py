@@ -7,12 +7,13 @@ import uuid
 from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import insert, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import retrying
+from cdp_stream.profiles.models import profiles
 from cdp_stream.sealing import SuppressionKeys
 
 NOWAIT = "SELECT id FROM profiles WHERE id = :id FOR UPDATE NOWAIT"
@@ -51,3 +52,17 @@ async def test_a_unique_violation_on_the_drivers_copy_is_retried(engine: AsyncEn
 
     await retrying(engine, store)
     assert attempts == [{key}, {key}]
+
+
+async def test_canonical_ids_follow_merges_for_many_at_once(engine: AsyncEngine) -> None:
+    """Each id to its canonical profile, a chain of merges too; an unknown id is absent."""
+    head, merged, older, unknown = (uuid.uuid4() for _ in range(4))
+    async with engine.connect() as conn:  # never committed: rolled back on close
+        await conn.execute(insert(profiles), [{"id": head}])
+        await conn.execute(insert(profiles), [{"id": merged, "merged_into": head}])
+        await conn.execute(insert(profiles), [{"id": older, "merged_into": merged}])
+        found = await repo.canonical_ids(conn, [head, merged, older, unknown])
+        assert found == {head: head, merged: head, older: head}
+        assert await repo.canonical_id(conn, older) == head
+        assert await repo.canonical_id(conn, unknown) is None
+        assert await repo.canonical_ids(conn, []) == {}
