@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cdp_stream.activation.crm import interaction_of
+from cdp_stream.activation.crm.interactions import interaction_of
 from cdp_stream.collector.intake import channel_of
 from cdp_stream.event_names import EMAIL_EVENTS, PURCHASE_EVENTS, UNSUBSCRIBED, name_key
 from cdp_stream.resolver import computed

@@ -39,3 +39,18 @@ def test_an_update_without_version_or_events_list_is_read_as_version_1() -> None
 def test_what_is_not_an_update_of_a_known_version_is_refused(raw: bytes) -> None:
     with pytest.raises(ValidationError):
         ProfileUpdate.model_validate_json(raw)
+
+
+def test_the_profiles_an_update_names_profile_first_malformed_left_out() -> None:
+    pid, merged = uuid.uuid4(), uuid.uuid4()
+    update = ProfileUpdate(profile_id=str(pid), merged_ids=["not-a-uuid", str(merged)])
+    assert update.profile_ids() == [pid, merged]
+    assert update.split_ids() == []
+    assert ProfileUpdate(profile_id="junk").profile_ids() == []
+
+
+def test_an_unmerge_names_both_profiles_it_made() -> None:
+    pid, other = uuid.uuid4(), uuid.uuid4()
+    update = ProfileUpdate(profile_id=str(pid), split_from=str(other))
+    assert update.split_ids() == [pid, other]
+    assert ProfileUpdate(profile_id=str(pid), split_from="junk").split_ids() == []

@@ -36,8 +36,8 @@ import uvloop
 from sqlalchemy.engine import make_url
 
 from cdp_stream import logs, metrics
-from cdp_stream.activation import webhook
 from cdp_stream.activation.consumer import run_activation
+from cdp_stream.activation.crm import webhook
 from cdp_stream.app import Runtime, StartupFailed, create_app
 from cdp_stream.profiles.db import make_engine, resolve_database_url, retrying
 from cdp_stream.profiles.migrate import upgrade_to_head

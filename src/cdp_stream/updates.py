@@ -15,10 +15,14 @@ version 1. Not here: what a consumer does with an update.
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any, Literal
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+log = logging.getLogger(__name__)
 
 VERSION: Literal[1] = 1
 
@@ -55,9 +59,34 @@ class ProfileUpdate(BaseModel):
             return {**data, "events": [data["event"]]}
         return data
 
+    def profile_ids(self) -> list[uuid.UUID]:
+        """Every profile the update names: its profile first, then those merged into it
+        (a tombstone: erased with it). One that is not a UUID is logged and left out: an
+        update from a foreign producer must not stop the consumer."""
+        ids = []
+        for raw in [self.profile_id, *self.merged_ids]:
+            found = _uuid(raw)
+            if found is None:
+                log.warning("skipping a profile id that is not a UUID: %r", raw)
+            else:
+                ids.append(found)
+        return ids
+
+    def split_ids(self) -> list[uuid.UUID]:
+        """Both profiles an unmerge made (this one and ``split_from``), else none."""
+        other = _uuid(self.split_from)
+        return [] if other is None else [*self.profile_ids()[:1], other]
+
     def payload(self, *, without_events: bool = False) -> bytes:
         """The record's JSON; ``without_events`` leaves ``events`` for the relay to add."""
         return self.model_dump_json(exclude={"events"} if without_events else None).encode()
+
+
+def _uuid(value: str | None) -> uuid.UUID | None:
+    try:
+        return uuid.UUID(str(value))
+    except ValueError:
+        return None
 
 
 def updated_payload(

@@ -19,7 +19,7 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.activation import audiences
-from cdp_stream.activation.rules import parse_rule
+from cdp_stream.activation.audiences.rules import parse_rule
 from cdp_stream.api.audiences import router
 from cdp_stream.api.profiles import router as profiles_router
 from cdp_stream.identity import BUILT_IN, Identifier, IdentityRules

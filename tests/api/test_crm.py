@@ -11,10 +11,10 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.activation import crm
+from cdp_stream.activation.crm import feed as crm_feed
 from cdp_stream.api.crm import router
 from cdp_stream.settings import Settings
-from tests.activation.test_crm import ev, owner, resolve, track, uid
+from tests.activation.crm.test_feed import ev, owner, resolve, track, uid
 from tests.support import api_client, typed
 
 READ_TOKEN = "tok_crm_read_" + uuid.uuid4().hex
@@ -34,7 +34,7 @@ async def api(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
 async def feed(engine: AsyncEngine, *events: dict[str, Any]) -> None:
     updates = await resolve(engine, *events)
     async with engine.begin() as conn:
-        await crm.apply_updates(conn, typed(updates), SETTINGS)
+        await crm_feed.apply_updates(conn, typed(updates), SETTINGS)
 
 
 async def get(api: httpx.AsyncClient, path: str, **params: Any) -> Any:

@@ -374,7 +374,9 @@ async def test_relayed_updates_leave_no_bloat(engine: AsyncEngine) -> None:
 
     first = await one_round()
     later = [await one_round() for _ in range(3)]
-    assert max(later) <= first
+    # Without the vacuum each round adds a round's pages (4x the first after 4 rounds); a
+    # vacuum held back once by another session's snapshot may leave one round's extra.
+    assert min(later) <= first and max(later) <= 2 * first, (first, later)
 
 
 @pytest.mark.parametrize(

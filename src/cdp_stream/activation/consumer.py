@@ -21,7 +21,10 @@ from pydantic import ValidationError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream import logs
-from cdp_stream.activation import audiences, crm, dmp, webhook
+from cdp_stream.activation.audiences import backfill, membership
+from cdp_stream.activation.crm import feed as crm_feed
+from cdp_stream.activation.crm import webhook
+from cdp_stream.activation.dmp import counts as dmp_counts
 from cdp_stream.bus.base import Bus, Message
 from cdp_stream.consuming import Polling, run_consumer
 from cdp_stream.poison import DeadLetters
@@ -55,8 +58,8 @@ class _Activation:
         updates = [u for _, u in batch]
 
         async def work(conn: AsyncConnection) -> None:
-            await crm.apply_updates(conn, updates, self._settings)
-            await audiences.apply_updates(conn, updates, datetime.now(UTC))
+            await crm_feed.apply_updates(conn, updates, self._settings)
+            await membership.apply_updates(conn, updates, datetime.now(UTC))
 
         await retrying(self._engine, work, self._stop)
 
@@ -78,9 +81,9 @@ async def run_activation(
     timers = [
         asyncio.create_task(webhook.run_deliveries(engine, settings, done)),
         asyncio.create_task(
-            audiences.run_expiry(engine, done, settings.audience_expiry_interval_s)
+            membership.run_expiry(engine, done, settings.audience_expiry_interval_s)
         ),
-        asyncio.create_task(dmp.run_counts(engine, bus, settings, done)),
+        asyncio.create_task(dmp_counts.run_counts(engine, bus, settings, done)),
     ]
     polling = Polling(
         settings.activation_batch_size,
@@ -88,7 +91,7 @@ async def run_activation(
         settings.consumer_linger_ms,
     )
     try:
-        await audiences.resume_backfills(engine, stop)  # what a restart interrupted
+        await backfill.resume_backfills(engine, stop)  # what a restart interrupted
         stage = _Activation(engine, settings, dead, stop)
         await run_consumer(
             bus, names.activation_group, [names.profile_updates], stage, polling, dead, stop
@@ -97,5 +100,5 @@ async def run_activation(
         log.info("stopped with the database away, before consuming")
     finally:
         done.set()
-        await audiences.stop_backfills()
+        await backfill.stop_backfills()
         await asyncio.gather(*timers, return_exceptions=True)

@@ -23,7 +23,7 @@ from pydantic import BaseModel, Field, StringConstraints
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.activation import audiences
-from cdp_stream.activation.rules import Rule, RuleError, parse_rule
+from cdp_stream.activation.audiences.rules import Rule, RuleError, parse_rule
 from cdp_stream.api.deps import Conn, bearer
 
 router = APIRouter(prefix="/v1/audiences", tags=["audiences"])

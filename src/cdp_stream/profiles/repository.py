@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cdp_stream.identity import Identifier
 from cdp_stream.profiles.models import profiles
+from cdp_stream.profiles.sql import among
 
 T = TypeVar("T")
 
@@ -101,19 +102,35 @@ def group_ids(canonical: uuid.UUID) -> Any:
 
 async def canonical_id(conn: AsyncConnection, profile_id: uuid.UUID) -> uuid.UUID | None:
     """Follow ``merged_into`` to the canonical profile; None if the id is unknown."""
-    current: uuid.UUID | None = profile_id
-    seen: set[uuid.UUID] = set()
-    while current is not None and current not in seen:
-        seen.add(current)
-        row = (
-            await conn.execute(select(profiles.c.merged_into).where(profiles.c.id == current))
-        ).one_or_none()
-        if row is None:
-            return None
-        if row.merged_into is None:
-            return current
-        current = row.merged_into
-    return None
+    return (await canonical_ids(conn, {profile_id})).get(profile_id)
+
+
+async def canonical_ids(
+    conn: AsyncConnection, ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, uuid.UUID]:
+    """Each id's canonical profile (itself when canonical), for many at once; an unknown
+    or deleted id is absent (so is one caught in a cycle, which no merge writes)."""
+    out: dict[uuid.UUID, uuid.UUID] = {}
+    pending = {i: i for i in ids}
+    for _ in range(16):  # merges point straight at the canonical profile: 1-2 rounds
+        if not pending:
+            break
+        rows = await conn.execute(
+            select(profiles.c.id, profiles.c.merged_into).where(
+                among(profiles.c.id, set(pending.values()))
+            )
+        )
+        parent = {r.id: r.merged_into for r in rows}
+        following: dict[uuid.UUID, uuid.UUID] = {}
+        for origin, current in pending.items():
+            if current not in parent:
+                continue
+            if parent[current] is None:
+                out[origin] = current
+            else:
+                following[origin] = parent[current]
+        pending = following
+    return out
 
 
 async def profile_for_identifier(conn: AsyncConnection, ident: Identifier) -> uuid.UUID | None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import orjson
 
+from cdp_stream import computed_traits
 from cdp_stream.event_names import (
     EMAIL_BOUNCED,
     EMAIL_LINK_CLICKED,
@@ -22,7 +23,7 @@ from cdp_stream.event_names import (
 )
 from cdp_stream.payload import as_mapping
 
-_COUNTERS = ("event_count", "page_views", "email_opens", "email_clicks", "email_bounces")
+_COUNTERS = computed_traits.EVENT_COUNTERS
 _EMAIL_COUNTERS = {
     name_key(EMAIL_OPENED): "email_opens",
     name_key(EMAIL_LINK_CLICKED): "email_clicks",
@@ -30,7 +31,7 @@ _EMAIL_COUNTERS = {
 }
 
 
-ORDER_FIELDS = ("orders", "order_count", "currency", "total_revenue", "average_order_value")
+ORDER_FIELDS = computed_traits.ORDER_FIELDS
 
 
 def of_event(event: Mapping[str, Any], ts: str) -> dict[str, Any]:

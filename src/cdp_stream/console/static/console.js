@@ -314,7 +314,7 @@ function computedTraits(c) {
 }
 
 async function crm(profile) {
-  // A contact exists only for a profile with an email or a user id (activation/crm.py).
+  // A contact exists only for a profile with an email or a user id (activation/crm/contacts.py).
   if (!profile.identities.some((i) => i.type === "email" || i.type === "user_id")) {
     return h("p", { class: "muted" }, "No CRM contact: the person has no email or user id yet.");
   }

@@ -1,5 +1,5 @@
-"""The DMP feed (:mod:`cdp_stream.activation.dmp`): extractors, consent, anonymization,
-noise, and count runs on the real Postgres server (memory bus; once the real Kafka).
+"""DMP count runs (:mod:`cdp_stream.activation.dmp.counts`) on the real Postgres server
+(memory bus; once the real Kafka); the pure steps have their own tests beside this one.
 
 The privacy test builds a data set through the resolver (identities, traits, events with
 context), scans every message and row the feed produces for every identifier and trait
@@ -11,7 +11,6 @@ each test reads only its own audience's rows and messages.
 from __future__ import annotations
 
 import asyncio
-import math
 import statistics
 import uuid
 from collections import Counter
@@ -22,13 +21,12 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
 from sqlalchemy import delete, insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.activation import dmp
-from cdp_stream.activation.dmp import Facts, Tally
+from cdp_stream.activation.dmp import counts as dmp
+from cdp_stream.activation.dmp.dimensions import DIMENSIONS, window_start
+from cdp_stream.activation.dmp.dimensions import WINDOWS as DMP_WINDOWS
 from cdp_stream.bus.base import Bus, BusUnavailable, Message, Record
 from cdp_stream.bus.kafka import KafkaBus
 from cdp_stream.bus.memory import MemoryBus
@@ -44,6 +42,7 @@ from cdp_stream.profiles.models import (
 )
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.settings import Settings
+from tests.activation.dmp.test_devices import IPAD, IPHONE, WINDOWS
 from tests.support import eventually, stored_event, uid
 
 RULES = IdentityRules.from_settings(Settings())
@@ -52,272 +51,10 @@ K = 5
 NOW = datetime(2024, 6, 1, 12, 34, 56, tzinfo=UTC)
 FIELDS = {"audience_id", "window", "window_start", "dimension", "bucket", "count", "epsilon"}
 
-IPHONE = "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 Mobile"
-IPAD = "Mozilla/5.0 (iPad; CPU OS 16_0 like Mac OS X) AppleWebKit/605.1.15 Safari/604.1"
-ANDROID_TABLET = "Mozilla/5.0 (Linux; Android 13; SM-X700) AppleWebKit/537.36 Safari/537.36"
-ANDROID_PHONE = "Mozilla/5.0 (Linux; Android 14; Pixel 8) AppleWebKit/537.36 Mobile Safari"
-WINDOWS = "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 Chrome/120.0 Safari"
-GOOGLEBOT = "Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)"
-
 
 def settings(**overrides: Any) -> Settings:
     values: dict[str, Any] = {"dmp_k": K, "topic_namespace": f"{uid('dmp')}."}
     return Settings(**(values | overrides))
-
-
-# --- extractors (pure) ------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("traits", "context", "bucket"),
-    [
-        ({"address": {"country": "de", "city": "Berlin"}}, {}, "DE"),
-        ({"country": " fr "}, {}, "FR"),
-        ({"country": "uk"}, {}, "GB"),
-        ({}, {"location": {"country": "IT"}}, "IT"),
-        ({"address": {"country": "Germany"}, "country": "ES"}, {}, "ES"),  # first valid wins
-        ({"country": "Neverland"}, {"location": {"country": "PT"}}, "PT"),
-        ({"country": "Germany"}, {"location": {"country": "United States"}}, "unknown"),
-        ({"country": "ZZ"}, {}, "unknown"),  # two letters, not an assigned code
-        ({"address": "Main St 1", "country": 49}, {"location": "x"}, "unknown"),
-        ({}, {}, "unknown"),
-    ],
-)
-def test_country(traits: dict[str, Any], context: dict[str, Any], bucket: str) -> None:
-    assert dmp.country(Facts(traits=traits, context=context)) == bucket
-
-
-@pytest.mark.parametrize(
-    ("context", "bucket"),
-    [
-        ({"device": {"type": "ios", "model": "iPhone15,2"}}, "mobile"),
-        ({"device": {"type": "ios", "model": "iPad13,1"}}, "tablet"),
-        ({"device": {"type": "Android"}}, "mobile"),
-        ({"device": {"type": "tablet"}}, "tablet"),
-        ({"device": {"type": "Desktop"}}, "desktop"),
-        ({"device": {"type": "fridge"}, "userAgent": WINDOWS}, "desktop"),
-        ({"userAgent": IPHONE}, "mobile"),
-        ({"userAgent": ANDROID_PHONE}, "mobile"),
-        ({"userAgent": IPAD}, "tablet"),
-        ({"userAgent": ANDROID_TABLET}, "tablet"),
-        ({"userAgent": WINDOWS}, "desktop"),
-        ({"userAgent": GOOGLEBOT}, "unknown"),
-        ({"userAgent": "curl/8.0"}, "unknown"),
-        ({"device": "phone", "userAgent": 7}, "unknown"),
-        ({}, "unknown"),
-    ],
-)
-def test_device_type(context: dict[str, Any], bucket: str) -> None:
-    assert dmp.device_type(Facts(context=context)) == bucket
-
-
-@pytest.mark.parametrize(
-    ("touch", "bucket"),
-    [
-        ({"medium": "cpc", "source": "google"}, "paid"),
-        ({"medium": "Paid_Social", "source": "facebook"}, "paid"),
-        ({"medium": "display"}, "paid"),
-        ({"medium": "email", "source": "newsletter"}, "email"),
-        ({"medium": "organic", "source": "google"}, "organic"),
-        ({"medium": "social"}, "organic"),
-        ({"medium": "referral", "referrer": "https://blog.example/post"}, "referral"),
-        ({"medium": "(none)"}, "direct"),
-        ({"medium": "print"}, "other"),
-        ({"referrer": "https://www.google.com/search?q=x"}, "organic"),
-        ({"referrer": "https://duckduckgo.com/"}, "organic"),
-        ({"referrer": "https://mail.google.com/mail/u/0/"}, "email"),
-        ({"referrer": "https://news.ycombinator.com/item?id=1"}, "referral"),
-        ({"referrer": "not a url"}, "other"),
-        ({"referrer": "http://[::1"}, "other"),  # urlsplit refuses it
-        ({"source": "Newsletter"}, "email"),
-        ({"source": "bing"}, "organic"),
-        ({"source": "partner-x", "campaign": "spring"}, "other"),
-        ({"campaign": "spring"}, "direct"),
-        (None, "direct"),
-    ],
-)
-def test_first_touch_channel(touch: dict[str, Any] | None, bucket: str) -> None:
-    computed = {} if touch is None else {"first_touch": {"at": "2024-01-01", **touch}}
-    assert dmp.first_touch_channel(Facts(computed=computed)) == bucket
-
-
-def test_every_extractor_answers_from_its_vocabulary_for_any_json() -> None:
-    """Garbage in, a vocabulary label out: no raw value can pass through."""
-    junk: list[Any] = [None, 1, 1.5, True, "x", [], ["DE"], {"a": {"b": None}}, "Mobile Safari"]
-    for value in junk:
-        facts = Facts(
-            traits={"address": value, "country": value, "consent": value},
-            computed={"first_touch": value},
-            context={"location": value, "device": value, "userAgent": value},
-        )
-        for name, (extract, vocabulary) in dmp.DIMENSIONS.items():
-            assert extract(facts) in vocabulary, (name, value)
-
-
-# --- consent (pure) ---------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("consent", "out"),
-    [
-        (None, False),
-        ({}, False),
-        ({"analytics": False}, False),  # says nothing about marketing or ads
-        ({"marketing": True, "advertising": "granted"}, False),
-        ({"marketing": False}, True),
-        ({"Advertising": "denied"}, True),
-        ({"ad_storage": "denied", "analytics_storage": "granted"}, True),
-        ({"ad_storage": "granted", "ad_user_data": "granted"}, False),
-        ({"marketingAndAnalytics": "no"}, True),
-        ({"targeting": {"status": "granted"}}, False),
-        ({"targeting": {"status": "pending"}}, True),
-        ({"targeting": {"note": "asked twice"}}, True),
-        ({"advertising": None}, True),  # not a clear yes
-        ({"categoryPreferences": {"Advertising": False, "Functional": True}}, True),
-        ({"categoryPreferences": {"Advertising": True, "Marketing": True}}, False),
-        ({"categories": {"advertising": False}}, True),
-        ({"categories": ["necessary", "marketing", "advertising"]}, False),
-        ({"categories": ["necessary", "analytics"]}, True),
-        (["marketing", "advertising"], False),
-        (["Marketing", "Targeting Cookies"], False),
-        (["marketing", "analytics"], True),  # no advertising granted
-        (["advertising"], True),  # no marketing granted
-        ([], True),
-        (True, False),
-        ("granted", False),
-        (False, True),
-        ("denied", True),
-        ("maybe", True),
-        (1, True),
-    ],
-)
-def test_consent_shapes(consent: Any, out: bool) -> None:
-    assert dmp.opted_out(Facts(traits={"consent": consent})) is out
-    assert dmp.opted_out(Facts(context={"consent": consent})) is out
-
-
-def test_either_statement_refusing_is_enough() -> None:
-    yes, no = {"marketing": True, "advertising": True}, {"marketing": False}
-    assert not dmp.opted_out(Facts(traits={"consent": yes}, context={"consent": yes}))
-    assert dmp.opted_out(Facts(traits={"consent": yes}, context={"consent": no}))
-    assert dmp.opted_out(Facts(traits={"consent": no}, context={"consent": yes}))
-
-
-# --- anonymization (pure) ---------------------------------------------------------------
-
-
-def tally(overall: int, **dimensions: dict[str, int]) -> Tally:
-    return Tally(overall, {name: Counter(b) for name, b in dimensions.items()})
-
-
-def test_anonymize_suppresses_under_k_and_the_complement() -> None:
-    shown = dmp.anonymize(
-        tally(
-            22,
-            country={"DE": 12, "FR": 7, "IT": 3},  # IT alone would be overall - DE - FR
-            device_type={"mobile": 10, "desktop": 9, "tablet": 2, "unknown": 1},
-            first_touch_channel={"paid": 8, "organic": 6, "direct": 8},
-        ),
-        K,
-    )
-    assert shown == {
-        ("overall", "all"): 22,
-        ("country", "DE"): 12,
-        ("device_type", "mobile"): 10,
-        ("first_touch_channel", "paid"): 8,
-        ("first_touch_channel", "organic"): 6,
-        ("first_touch_channel", "direct"): 8,
-    }
-
-
-def test_anonymize_residual_of_several_small_buckets_is_at_least_k() -> None:
-    # Two suppressed buckets summing to k or more already hide each other.
-    assert dmp.anonymize(tally(20, country={"DE": 10, "FR": 4, "IT": 4, "ES": 2}), K) == {
-        ("overall", "all"): 20,
-        ("country", "DE"): 10,
-    }
-    # An audience under k publishes nothing at all.
-    assert dmp.anonymize(tally(4, country={"DE": 4}), K) == {}
-    # Ties in the extra suppression break by name, so runs agree.
-    assert dmp.anonymize(tally(21, country={"DE": 9, "FR": 9, "IT": 2, "ES": 1}), K) == {
-        ("overall", "all"): 21,
-        ("country", "FR"): 9,
-    }
-
-
-@given(
-    st.dictionaries(
-        st.sampled_from(["country", "device_type", "first_touch_channel"]),
-        st.lists(st.integers(min_value=1, max_value=40), min_size=1, max_size=6),
-        min_size=1,
-    ),
-    st.integers(min_value=1, max_value=15),
-)
-def test_anonymize_never_discloses_a_group_under_k(sizes: dict[str, list[int]], k: int) -> None:
-    """Whatever the partition: every published count is >= k, and so is every count an
-    attacker can derive as overall minus a dimension's published buckets (or it is 0)."""
-    overall = sum(next(iter(sizes.values())))
-    dims = {name: {f"b{i}": n for i, n in enumerate(ns)} for name, ns in sizes.items()}
-    for name, buckets in dims.items():  # every dimension partitions the same members
-        buckets["rest"] = overall - sum(buckets.values()) + buckets.get("rest", 0)
-        if buckets["rest"] <= 0:
-            dims[name] = {"only": overall}
-    shown = dmp.anonymize(tally(overall, **dims), k)
-    assert all(n >= k for n in shown.values())
-    if overall < k:
-        assert shown == {}
-        return
-    for name, buckets in dims.items():
-        published = {b: n for (d, b), n in shown.items() if d == name}
-        residual = overall - sum(published.values())
-        assert residual == 0 or residual >= k
-        assert all(published[b] == buckets[b] for b in published)
-        if all(n >= k for n in buckets.values()):
-            assert published == buckets  # nothing hidden without a reason
-
-
-# --- noise (pure) -----------------------------------------------------------------------
-
-
-def test_laplace_noise_is_centred_with_the_stated_scale() -> None:
-    noise = dmp.LaplaceNoise(0.5, b"k" * 32)
-    samples = [noise.sample(("a", "country", "DE"), n) for n in range(20_000)]
-    assert abs(statistics.fmean(samples)) < 0.1  # scale 2: sd of the mean ~0.02
-    assert statistics.pvariance(samples) == pytest.approx(2 / 0.5**2, rel=0.1)
-    # Laplace: P(|x| > b ln 2) = 1/2
-    median_abs = statistics.median(abs(x) for x in samples)
-    assert median_abs == pytest.approx(2 * math.log(2), rel=0.05)
-
-
-def test_noise_repeats_for_an_unchanged_count_and_is_fresh_under_a_new_key() -> None:
-    """Re-publishing an unchanged count must not hand out a new sample to average."""
-    a, b = dmp.LaplaceNoise(1.0, b"a" * 32), dmp.LaplaceNoise(1.0, b"b" * 32)
-    cell = ("aud", "overall", "all")
-    assert {a.noisy(cell, 100) for _ in range(10)} == {a.noisy(cell, 100)}
-    assert len({dmp.LaplaceNoise(1.0, bytes([i]) * 32).noisy(cell, 100) for i in range(50)}) > 3
-    assert a.sample(cell, 100) != b.sample(cell, 100)
-    assert a.noisy(cell, 0) >= 0
-    assert min(a.noisy(("aud", "x", str(i)), 0) for i in range(200)) == 0  # clamped
-    with pytest.raises(ValueError):
-        dmp.LaplaceNoise(0, b"")
-
-
-def test_windows_and_settings() -> None:
-    assert dmp.window_start(NOW, "hour") == datetime(2024, 6, 1, 12, tzinfo=UTC)
-    assert dmp.window_start(NOW, "day") == datetime(2024, 6, 1, tzinfo=UTC)
-    with pytest.raises(ValueError, match=r"CDP_DMP_DIMENSIONS.*zodiac"):
-        dmp.check_settings(Settings(dmp_dimensions=["country", "zodiac"]))
-    with pytest.raises(ValueError, match=r"CDP_DMP_WINDOWS.*week"):
-        dmp.check_settings(Settings(dmp_windows=["week"]))
-
-
-def test_a_label_outside_the_vocabulary_is_a_bug_not_a_bucket(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    leaky = dict(dmp.DIMENSIONS, country=(lambda f: str(f.traits["country"]), dmp.COUNTRIES))
-    monkeypatch.setattr(dmp, "DIMENSIONS", leaky)
-    with pytest.raises(AssertionError, match="vocabulary"):
-        Tally().add(Facts(traits={"country": "Springfield"}), ["country"])
 
 
 # --- the data set -----------------------------------------------------------------------
@@ -560,7 +297,7 @@ async def rows_of(engine: AsyncEngine, audience_id: uuid.UUID) -> list[dict[str,
 
 
 def current(rows: Sequence[dict[str, Any]], window: str) -> dict[tuple[str, str], int]:
-    start = dmp.window_start(NOW, window)
+    start = window_start(NOW, window)
     return {
         (r["dimension"], r["bucket"]): r["count"]
         for r in rows
@@ -573,7 +310,7 @@ def latest(
 ) -> dict[tuple[str, str], int]:
     """What a consumer holds after the messages: the latest per key, withdrawals removed."""
     state: dict[tuple[str, str], int | None] = {}
-    start = dmp.window_start(NOW, window).strftime("%Y-%m-%dT%H:%M:%SZ")
+    start = window_start(NOW, window).strftime("%Y-%m-%dT%H:%M:%SZ")
     for m in messages:
         if m["audience_id"] == str(audience_id) and (m["window"], m["window_start"]) == (
             window,
@@ -590,13 +327,13 @@ def assert_nothing_personal(
     identifier or trait value of the data set appears: neither as a value nor inside the
     text (values of 6+ characters: shorter ones, like a country code, would match
     anywhere in a UUID and are covered by the value check)."""
-    vocabularies = {name: vocab for name, (_, vocab) in dmp.DIMENSIONS.items()}
+    vocabularies = {name: vocab for name, (_, vocab) in DIMENSIONS.items()}
     vocabularies["overall"] = frozenset({"all"})
     long = [s for s in secrets if len(s) >= 6]
     assert long
     for item in items:
         assert set(item) == FIELDS
-        assert item["window"] in dmp.WINDOWS
+        assert item["window"] in DMP_WINDOWS
         assert item["bucket"] in vocabularies[item["dimension"]]
         assert item["count"] is None or (isinstance(item["count"], int) and item["count"] >= 0)
         assert item["epsilon"] is None or isinstance(item["epsilon"], float)
@@ -630,7 +367,7 @@ async def test_privacy_of_every_message_and_row(engine: AsyncEngine, data: DataS
         data.secrets,
     )
     assert all(data.run not in r for r in raw)
-    assert all(data.audience_name not in r for r in raw)  # the name stays in (see dmp.py)
+    assert all(data.audience_name not in r for r in raw)  # the name stays in (see dmp/counts.py)
 
     published_views = [
         view

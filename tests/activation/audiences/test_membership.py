@@ -1,5 +1,5 @@
 """Audience membership on the real Postgres server: real-time updates, time passing,
-merges, deletion, redelivery and back-fill.
+merges, deletion, redelivery (back-fills: ``test_backfill.py``).
 
 Profiles and events are written by the resolver (``apply_with_retry``); the updates fed
 to ``apply_updates`` are the ones it wrote to its outbox, as the activation consumer would
@@ -11,22 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.activation import audiences as aud
-from cdp_stream.activation.rules import parse_rule
+from cdp_stream.activation.audiences import membership as aud
 from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import erasure
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import audience_changes, audience_members
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.settings import Settings
+from tests.activation.audiences.conftest import Make, uid
 from tests.support import eventually, outbox_updates, typed
 
 RULES = IdentityRules.from_settings(Settings())
@@ -44,11 +42,6 @@ PRICING: dict[str, Any] = {
         {"computed": "order_count", "eq": 0},
     ]
 }
-Make = Callable[[dict[str, Any]], Awaitable[uuid.UUID]]
-
-
-def uid(prefix: str = "") -> str:
-    return f"{prefix}{uuid.uuid4().hex[:10]}"
 
 
 def ev(type_: str, at: datetime, **fields: Any) -> dict[str, Any]:
@@ -115,25 +108,6 @@ async def changes(
             .order_by(audience_changes.c.id)
         )
         return [(r.profile_id, r.change, r.at) for r in rows]
-
-
-@pytest.fixture
-async def audience(engine: AsyncEngine) -> AsyncIterator[Make]:
-    """Create audiences for one test; deleted afterwards, so later tests' updates do not
-    keep evaluating them."""
-    made: list[uuid.UUID] = []
-
-    async def make(rule: dict[str, Any]) -> uuid.UUID:
-        async with engine.begin() as conn:
-            audience_id = await aud.create_audience(conn, uid("aud-"), parse_rule(rule))
-        assert audience_id is not None
-        made.append(audience_id)
-        return audience_id
-
-    yield make
-    async with engine.begin() as conn:
-        for audience_id in made:
-            await aud.delete_audience(conn, audience_id)
 
 
 # --- real time and time passing ----------------------------------------------------------
@@ -307,72 +281,6 @@ async def test_unknown_and_malformed_ids_are_skipped(engine: AsyncEngine, audien
         [{"profile_id": "not-a-uuid", "merged_ids": ["nope"]}, {"profile_id": str(uuid.uuid4())}],
         T0,
     )
-
-
-# --- back-fill ---------------------------------------------------------------------------
-
-
-async def test_backfill_gives_the_membership_real_time_updates_give(
-    engine: AsyncEngine, audience: Make
-) -> None:
-    now = datetime.now(UTC)
-    anons = [uid("a-") for _ in range(14)]
-    batches: list[dict[str, Any]] = []
-    for n, anon in enumerate(anons):
-        events = [visit(anon, now - (n % 4) * 3 * DAY - HOUR, "/pricing" if n % 3 else "/blog")]
-        if n % 5 == 0:
-            events.append(order(anon, now - 20 * DAY))
-        if n % 7 == 1:
-            events.append(ev("identify", now - DAY, anonymousId=anon, traits={"plan": "pro"}))
-        batches.append(events)
-    # two people become one: a merge, so the merged-away profile must not count
-    email = f"{uid('e-')}@example.com"
-    batches.append([ev("identify", now - DAY, anonymousId=anons[1], traits={"email": email})])
-    batches.append([ev("identify", now - DAY, anonymousId=anons[2], traits={"email": email})])
-
-    realtime = await audience(PRICING)
-    for events in batches:
-        await apply(engine, await put(engine, *events), datetime.now(UTC))
-    pids = {await owner(engine, "anonymous_id", a) for a in anons}
-    assert len(pids) == len(anons) - 1
-    expected = await members(engine, realtime) & pids
-    assert 0 < len(expected) < len(pids)
-
-    later = await audience(PRICING)
-    await aud.backfill(engine, later, batch=7)
-    assert await members(engine, later) & pids == expected
-    async with engine.connect() as conn:
-        info = await aud.read_audience(conn, later)
-    assert info is not None
-    progress = info["backfill"]
-    assert progress["status"] == "done"
-    assert progress["processed"] == progress["total"] >= len(pids)
-    assert info["size"] == len(await members(engine, later))
-    enters = [c for p, c, _ in await changes(engine, later) if p in pids]
-    assert enters == ["enter"] * len(expected)
-
-    await aud.backfill(engine, later, batch=50)  # again: nothing changes twice
-    assert [c for p, c, _ in await changes(engine, later) if p in pids] == enters
-
-
-async def test_backfill_of_a_missing_audience_does_nothing(engine: AsyncEngine) -> None:
-    await aud.backfill(engine, uuid.uuid4())
-
-
-async def test_interrupted_backfills_resume(engine: AsyncEngine, audience: Make) -> None:
-    aid = await audience({"trait": "plan", "eq": uid()})  # created pending, never started
-    assert await aud.resume_backfills(engine) >= 1
-    await aud.stop_backfills()  # cancelled part-way (or done already): either is fine
-    assert await aud.resume_backfills(engine) >= 0
-    for _ in range(200):
-        async with engine.connect() as conn:
-            info = await aud.read_audience(conn, aid)
-        assert info is not None
-        if info["backfill"]["status"] == "done":
-            break
-        await asyncio.sleep(0.05)
-    assert info["backfill"]["status"] == "done"
-    assert info["size"] == 0
 
 
 async def test_a_member_leaves_within_the_documented_expiry_interval(

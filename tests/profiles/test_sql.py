@@ -1,4 +1,4 @@
-"""``among`` (:mod:`cdp_stream.activation._sql`) on the real Postgres server: the rows it
+"""``among`` (:mod:`cdp_stream.profiles.sql`) on the real Postgres server: the rows it
 selects, and one statement text whatever the number of values."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.activation._sql import among
+from cdp_stream.profiles.sql import among
 
 ROWS = Table("among_rows", MetaData(), Column("id", UUID(as_uuid=True)), Column("name", Text))
 

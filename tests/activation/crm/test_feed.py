@@ -1,7 +1,7 @@
-"""The CRM feed (:mod:`cdp_stream.activation.crm`) on the real Postgres server.
+"""The CRM feed (:mod:`cdp_stream.activation.crm.feed`) on the real Postgres server.
 
 Events go through the resolver (``apply_with_retry``); the updates handed to
-``crm.apply_updates`` are the ones it wrote to its outbox, as the activation consumer
+``feed.apply_updates`` are the ones it wrote to its outbox, as the activation consumer
 would read them from ``cdp.profile-updates``. The database is shared by the session, so
 every test uses its own identifiers and reads only its own rows.
 """
@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.activation import crm
+from cdp_stream.activation.crm import contacts
+from cdp_stream.activation.crm import feed as crm_feed
 from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import erasure
 from cdp_stream.profiles import repository as repo
@@ -61,7 +61,7 @@ async def feed(
 ) -> None:
     """One activation micro-batch, committed."""
     async with engine.begin() as conn:
-        await crm.apply_updates(conn, typed(updates), settings)
+        await crm_feed.apply_updates(conn, typed(updates), settings)
 
 
 async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:
@@ -111,142 +111,6 @@ def kinds(rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 def at(ts: str) -> datetime:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).astimezone(UTC)
-
-
-# --- pure ---------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("path", "matches"),
-    [
-        ("/pricing", True),
-        ("/pricing/", True),
-        ("/Pricing/Teams", True),
-        ("/pricing?plan=pro", True),
-        ("/pricing-old", False),
-        ("/blog/pricing", False),
-        ("/demo/book", True),
-        ("/demo", False),  # "/demo/" matches what lies below it only
-        ("/", False),
-    ],
-)
-def test_key_pages_match_whole_segments(path: str, matches: bool) -> None:
-    assert crm.is_key_page(path, ["/pricing", "/demo/", ""]) is matches
-
-
-def test_interaction_of_each_kind() -> None:
-    ts = "2024-03-01T10:00:00Z"
-    email = crm.interaction_of(
-        track(
-            "EMAIL OPENED ",
-            ts,
-            properties={"campaign_name": "Spring", "email_subject": "Hi", "email_id": 7},
-        ),
-        [],
-    )
-    assert email == crm.Interaction(
-        "email_opened", at(ts), {"campaign": "Spring", "subject": "Hi", "email_id": 7}
-    )
-    for name, kind in [
-        ("Email Sent", "email_sent"),
-        ("Email Delivered", "email_delivered"),
-        ("Email Link Clicked", "email_link_clicked"),
-        ("Email Bounced", "email_bounced"),
-        ("Unsubscribed", "email_unsubscribed"),
-        ("Email Marked as Spam", "email_marked_as_spam"),
-        ("Form Submitted", "form_submitted"),
-        ("signed up", "signed_up"),
-        ("Order Completed", "order_completed"),
-        ("Order Refunded", "order_refunded"),
-    ]:
-        found = crm.interaction_of(track(name, ts), [])
-        assert found is not None and found.kind == kind, name
-    order = crm.interaction_of(
-        track(
-            "Order Completed",
-            ts,
-            properties={"order_id": "o1", "total": 20, "products": [{"sku": "s"}]},
-        ),
-        [],
-    )
-    assert order is not None
-    assert order.details == {
-        "order_id": "o1",
-        "amount": 20,
-        "currency": "USD",
-        "items": [{"sku": "s"}],
-    }
-    assert crm.interaction_of(track("Product Viewed", ts), ["/"]) is None
-    assert crm.interaction_of(ev("identify", ts), ["/"]) is None
-    assert crm.interaction_of(ev("page", ts), ["/"]) is None  # no path at all
-    page = crm.interaction_of(
-        ev("page", ts, name="Pricing", properties={"path": "/pricing", "title": "Plans"}),
-        ["/pricing"],
-    )
-    assert page == crm.Interaction(
-        "page_viewed", at(ts), {"path": "/pricing", "title": "Plans", "name": "Pricing"}
-    )
-
-
-def test_contact_of_fields_and_stages() -> None:
-    ids = {"email": ["old@example.com", "new@example.com"], "phone": ["+15550100"]}
-    c = crm.contact_of(
-        {
-            "email": " NEW@example.com",
-            "name": "Ada King Lovelace",
-            "company": {"name": "Engines Ltd"},
-            "jobTitle": "CTO",
-        },
-        {
-            "first_touch": {"referrer": "https://news.example"},
-            "last_seen": "2024-03-01T10:00:00.000000Z",
-        },
-        ids,
-        RULES,
-        lead=False,
-        stage_before=None,
-    )
-    assert c == {
-        "email": "new@example.com",  # the one the traits name
-        "phone": "+15550100",
-        "user_id": None,
-        "first_name": "Ada",
-        "last_name": "King Lovelace",
-        "company": "Engines Ltd",
-        "job_title": "CTO",
-        "lifecycle_stage": "subscriber",
-        "first_touch_source": "https://news.example",
-        "last_activity_at": at("2024-03-01T10:00:00Z"),
-    }
-    traits = {"firstName": "Grace", "name": "G Hopper", "company": "Navy", "title": " "}
-    c = crm.contact_of(
-        traits, {}, {"email": ["x@example.com"]}, RULES, lead=True, stage_before=None
-    )
-    assert c is not None
-    assert (c["first_name"], c["last_name"], c["company"], c["job_title"]) == (
-        "Grace",
-        "Hopper",
-        "Navy",
-        None,
-    )
-    assert c["lifecycle_stage"] == "lead"
-    ordered = {"order_count": 1}
-    assert (
-        crm.contact_of({}, ordered, {"user_id": ["u"]}, RULES, lead=False, stage_before=None)[
-            "lifecycle_stage"
-        ]
-        == "customer"
-    )
-    # never downgrades
-    again = crm.contact_of({}, {}, {"user_id": ["u"]}, RULES, lead=False, stage_before="customer")
-    assert again is not None and again["lifecycle_stage"] == "customer"
-    # an anonymous or phone-only profile is no contact
-    assert (
-        crm.contact_of(
-            {"email": "a@b.c"}, {}, {"phone": ["+1555"]}, RULES, lead=True, stage_before=None
-        )
-        is None
-    )
 
 
 # --- the feed on Postgres -----------------------------------------------------------------
@@ -365,7 +229,7 @@ async def test_scenario_builds_exactly_the_contact_and_its_interactions(
 
     c = await contact(engine, pid)
     assert c is not None
-    assert {f: c[f] for f in crm.CONTACT_FIELDS} == {
+    assert {f: c[f] for f in contacts.CONTACT_FIELDS} == {
         "email": email,
         "phone": "+442079460958",
         "user_id": None,
@@ -648,7 +512,7 @@ async def test_concurrent_consumers_on_one_person(engine: AsyncEngine) -> None:
     )
 
     async def consume(batch: list[dict[str, Any]]) -> None:
-        await retrying(engine, lambda conn: crm.apply_updates(conn, typed(batch), SETTINGS))
+        await retrying(engine, lambda conn: crm_feed.apply_updates(conn, typed(batch), SETTINGS))
 
     await asyncio.gather(*(consume(updates) for _ in range(4)), consume(updates[::-1]))
     pid = await owner(engine, "user_id", user)

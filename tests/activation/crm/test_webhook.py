@@ -1,4 +1,4 @@
-"""The CRM webhook (:mod:`cdp_stream.activation.webhook`): signing, retries, the
+"""The CRM webhook (:mod:`cdp_stream.activation.crm.webhook`): signing, retries, the
 dead-letter and redrive, against a real HTTP receiver on a local port and the real
 Postgres server.
 
@@ -25,10 +25,11 @@ import pytest
 from sqlalchemy import insert, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from cdp_stream.activation import crm, webhook
+from cdp_stream.activation.crm import feed as crm_feed
+from cdp_stream.activation.crm import webhook
 from cdp_stream.profiles.models import crm_webhook_deliveries
 from cdp_stream.settings import Settings
-from tests.activation.test_crm import ev, owner, resolve, track, uid
+from tests.activation.crm.test_feed import ev, owner, resolve, track, uid
 from tests.support import eventually, typed
 
 SECRET = "whsec-" + uuid.uuid4().hex
@@ -275,7 +276,7 @@ async def test_crm_feed_to_receiver(engine: AsyncEngine, receiver: Receiver) -> 
         track("Form Submitted", "2024-03-01T10:01:00Z", context={"traits": {"email": email}}),
     )
     async with engine.begin() as conn:
-        await crm.apply_updates(conn, typed(updates), settings)
+        await crm_feed.apply_updates(conn, typed(updates), settings)
     pid = str(await owner(engine, "email", email))
 
     async def all_sent() -> bool:

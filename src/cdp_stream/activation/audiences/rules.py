@@ -27,6 +27,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from cdp_stream import computed_traits
 from cdp_stream.events import EVENT_TYPES, EventType
 
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "exists", "in", "starts_with")
@@ -34,28 +35,10 @@ COUNT_OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte")
 NODE_KEYS = ("and", "or", "not", "trait", "computed", "event")
 EVENT_KEYS = ("type", "name", "where", "within", "count")
 
-# What computed.py writes; the counters read as 0 until the first event that counts.
-COMPUTED_TRAITS = (
-    "event_count",
-    "first_seen",
-    "last_seen",
-    "page_views",
-    "email_opens",
-    "email_clicks",
-    "email_bounces",
-    "orders",
-    "order_count",
-    "last_order_at",
-    "currency",
-    "total_revenue",
-    "average_order_value",
-    "first_touch",
-    "last_touch",
-    "channels",
-)
-COMPUTED_COUNTERS = frozenset(
-    {"event_count", "page_views", "email_opens", "email_clicks", "email_bounces", "order_count"}
-)
+# What the resolver writes (the shared list); the counters read as 0 until the first event
+# that counts.
+COMPUTED_TRAITS = computed_traits.NAMES
+COMPUTED_COUNTERS = computed_traits.COUNTERS
 
 _DURATION = re.compile(r"^([0-9]{1,9})([smhd])$")
 _UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}

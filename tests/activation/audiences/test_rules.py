@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cdp_stream.activation.rules import (
+from cdp_stream.activation.audiences.rules import (
     EventView,
     RuleError,
     dump_rule,

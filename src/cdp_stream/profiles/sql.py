@@ -1,4 +1,4 @@
-"""SQL shared by the activation sinks: membership tests that keep one statement text.
+"""SQL shared by the repositories: membership tests that keep one statement text.
 
 ``column.in_(values)`` renders one bind parameter per value, so every batch size is a new
 statement text: SQLAlchemy compiles it again and asyncpg prepares it again (a round trip

@@ -15,14 +15,13 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import httpx
 import orjson
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream import logs, metrics
+from cdp_stream.activation.crm import repository as crm_repo
 from cdp_stream.profiles.db import stopped_within
 from cdp_stream.retry import exponential
 from cdp_stream.settings import Settings
@@ -77,16 +76,7 @@ class Due:
 async def claim(engine: AsyncEngine, limit: int, lease_s: float) -> list[Due]:
     """Take up to ``limit`` due pending deliveries, oldest first, leased for ``lease_s``."""
     async with engine.begin() as conn:
-        rows = await conn.execute(
-            text(
-                "UPDATE crm_webhook_deliveries SET next_attempt_at = now() + make_interval("
-                "secs => :lease) WHERE id IN (SELECT id FROM crm_webhook_deliveries"
-                " WHERE status = 'pending' AND next_attempt_at <= now()"
-                " ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED)"
-                " RETURNING id, kind, payload::text AS body, attempts"
-            ),
-            {"lease": lease_s, "n": limit},
-        )
+        rows = await crm_repo.claim_due(conn, limit, lease_s)
         found = [Due(r.id, r.kind, r.body.encode(), r.attempts) for r in rows]
     return sorted(found, key=lambda d: d.id)
 
@@ -105,52 +95,32 @@ async def _record(
 ) -> None:
     attempts = due.attempts + 1
     if error is None:
-        sql = (
-            "UPDATE crm_webhook_deliveries SET status = 'delivered', attempts = :attempts,"
-            " delivered_at = now(), last_error = NULL WHERE id = :id"
+        async with engine.begin() as conn:
+            await crm_repo.mark_delivered(conn, due.id, attempts)
+        metrics.webhook_deliveries.labels("delivered").inc()
+        return
+    dead = attempts >= max_attempts
+    wait = 0.0 if dead else backoff_s(attempts, base_delay_s)
+    log_ = log.warning if dead else log.info
+    with logs.bind(profile_id=_profile_of(due)):
+        log_(
+            "CRM webhook delivery %s attempt %s failed%s: %s",
+            due.id,
+            attempts,
+            " (dead)" if dead else "",
+            error[:200],
         )
-        params: dict[str, Any] = {"id": due.id, "attempts": attempts}
-    else:
-        sql = (
-            "UPDATE crm_webhook_deliveries SET status = :status, attempts = :attempts,"
-            " last_error = :error, next_attempt_at = now() + make_interval(secs => :wait)"
-            " WHERE id = :id"
-        )
-        dead = attempts >= max_attempts
-        params = {
-            "id": due.id,
-            "attempts": attempts,
-            "status": "dead" if dead else "pending",
-            "error": error[:2000],
-            "wait": 0.0 if dead else backoff_s(attempts, base_delay_s),
-        }
-        log_ = log.warning if dead else log.info
-        with logs.bind(profile_id=_profile_of(due)):
-            log_(
-                "CRM webhook delivery %s attempt %s failed%s: %s",
-                due.id,
-                attempts,
-                " (dead)" if dead else "",
-                error[:200],
-            )
     async with engine.begin() as conn:
-        await conn.execute(text(sql), params)
-    metrics.webhook_deliveries.labels(
-        "delivered" if error is None else params["status"].replace("pending", "retry")
-    ).inc()
+        status = "dead" if dead else "pending"
+        await crm_repo.mark_failed(conn, due.id, attempts, status, error[:2000], wait)
+    metrics.webhook_deliveries.labels("dead" if dead else "retry").inc()
 
 
 async def _release(engine: AsyncEngine, ids: list[int]) -> None:
     """Hand claimed but unsent rows back at once (stopping), rather than at lease end."""
     if ids:
         async with engine.begin() as conn:
-            await conn.execute(
-                text(
-                    "UPDATE crm_webhook_deliveries SET next_attempt_at = now()"
-                    " WHERE id = ANY(CAST(:ids AS bigint[])) AND status = 'pending'"
-                ),
-                {"ids": ids},
-            )
+            await crm_repo.release(conn, ids)
 
 
 async def post(client: httpx.AsyncClient, settings: Settings, due: Due) -> str | None:
@@ -201,14 +171,7 @@ async def deliver_due(
 async def prune_delivered(engine: AsyncEngine, keep_s: float) -> int:
     """Delete the deliveries delivered more than ``keep_s`` ago; returns how many."""
     async with engine.begin() as conn:
-        result = await conn.execute(
-            text(
-                "DELETE FROM crm_webhook_deliveries WHERE status = 'delivered'"
-                " AND delivered_at < now() - make_interval(secs => :keep)"
-            ),
-            {"keep": keep_s},
-        )
-    return int(result.rowcount)
+        return await crm_repo.delete_delivered(conn, keep_s)
 
 
 async def run_deliveries(
@@ -258,10 +221,4 @@ async def run_deliveries(
 async def redrive(engine: AsyncEngine) -> int:
     """Queue every dead delivery again (attempts from zero, due now); returns how many."""
     async with engine.begin() as conn:
-        rows = await conn.execute(
-            text(
-                "UPDATE crm_webhook_deliveries SET status = 'pending', attempts = 0,"
-                " next_attempt_at = now() WHERE status = 'dead' RETURNING id"
-            )
-        )
-        return len(rows.all())
+        return await crm_repo.requeue_dead(conn)

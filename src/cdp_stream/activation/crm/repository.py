@@ -1,0 +1,290 @@
+"""The CRM feed's persistence: ``crm_contacts``, ``crm_interactions`` and the webhook
+queue ``crm_webhook_deliveries``, and the profile reads a contact is derived from. SQLAlchemy
+Core only; every function runs in the caller's transaction (the feed's, or the webhook's
+own short ones). What to write is decided in ``feed.py``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import Interval, Text, cast, delete, func, literal, select, text, update
+from sqlalchemy.dialects.postgresql import UUID, insert
+from sqlalchemy.engine import Row
+from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy.sql.elements import ColumnElement
+
+from cdp_stream.activation.crm.contacts import CONTACT_FIELDS, IDENTITY_TYPES
+from cdp_stream.activation.crm.interactions import LEAD_KINDS
+from cdp_stream.profiles.models import (
+    crm_contacts,
+    crm_interactions,
+    crm_webhook_deliveries,
+    events,
+    identities,
+    profiles,
+)
+from cdp_stream.profiles.sql import among
+
+Profiles = dict[uuid.UUID, tuple[dict[str, Any], dict[str, Any]]]  # id -> (traits, computed)
+Held = dict[uuid.UUID, dict[str, list[str]]]  # id -> identity type -> values, oldest first
+
+_MAPPING = (
+    text("SELECT * FROM unnest(CAST(:old AS uuid[]), CAST(:new AS uuid[])) AS m(old, new)")
+    .columns(old=UUID(as_uuid=True), new=UUID(as_uuid=True))
+    .subquery("m")
+)
+
+
+async def fold_contacts(conn: AsyncConnection, folds: dict[uuid.UUID, uuid.UUID]) -> set[uuid.UUID]:
+    """Delete the contacts of merged-away profiles (``folds``: merged -> canonical);
+    the ids that had one."""
+    gone = await conn.execute(
+        delete(crm_contacts)
+        .where(crm_contacts.c.profile_id.in_(list(folds)))
+        .returning(crm_contacts.c.profile_id)
+    )
+    return set(gone.scalars())
+
+
+async def fold_interactions(
+    conn: AsyncConnection, folds: dict[uuid.UUID, uuid.UUID]
+) -> list[tuple[int, uuid.UUID]]:
+    """Move the interactions of merged-away profiles to the canonical ones: each moved
+    interaction's id with the profile it came from."""
+    moved = await conn.execute(
+        update(crm_interactions)
+        .where(crm_interactions.c.profile_id == _MAPPING.c.old)
+        .values(profile_id=_MAPPING.c.new)
+        .returning(crm_interactions.c.id, _MAPPING.c.old),
+        {"old": list(folds), "new": list(folds.values())},
+    )
+    return [(r.id, r.old) for r in moved]
+
+
+async def follow_events(conn: AsyncConnection, profile_ids: Iterable[uuid.UUID]) -> set[int]:
+    """Move the interactions of ``profile_ids`` to the profile their event is on now
+    (after an unmerge moved events between two profiles); the moved ones' ids."""
+    back = await conn.execute(
+        update(crm_interactions)
+        .where(
+            crm_interactions.c.profile_id.in_(sorted(profile_ids)),
+            crm_interactions.c.source_id == events.c.source_id,
+            crm_interactions.c.message_id == events.c.message_id,
+            events.c.profile_id != crm_interactions.c.profile_id,
+        )
+        .values(profile_id=events.c.profile_id)
+        .returning(crm_interactions.c.id)
+    )
+    return set(back.scalars())
+
+
+async def insert_interactions(conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[int]:
+    """Store interactions, each once per source event; the ids of those new."""
+    inserted = await conn.execute(
+        insert(crm_interactions)
+        .on_conflict_do_nothing(constraint="crm_interactions_event_key")
+        .returning(crm_interactions.c.id),
+        rows,
+    )
+    return set(inserted.scalars())
+
+
+async def read_profiles(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> tuple[Profiles, Held]:
+    """The canonical ones among ``ids``: their traits and computed traits, and the
+    identities a contact shows."""
+    found = await conn.execute(
+        select(profiles.c.id, profiles.c.traits, profiles.c.computed).where(
+            among(profiles.c.id, ids), profiles.c.merged_into.is_(None)
+        )
+    )
+    state = {r.id: (r.traits, r.computed) for r in found}
+    held: Held = {pid: {} for pid in state}
+    rows = await conn.execute(
+        select(identities.c.profile_id, identities.c.type, identities.c.value)
+        .where(
+            among(identities.c.profile_id, state),
+            identities.c.type.in_(list(IDENTITY_TYPES)),
+        )
+        .order_by(identities.c.created_at, identities.c.value)
+    )
+    for r in rows:
+        held[r.profile_id].setdefault(r.type, []).append(r.value)
+    return state, held
+
+
+async def read_contacts(
+    conn: AsyncConnection, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """The stored contacts of ``ids``."""
+    rows = await conn.execute(select(crm_contacts).where(among(crm_contacts.c.profile_id, ids)))
+    return {r.profile_id: dict(r._mapping) for r in rows}
+
+
+async def leads(conn: AsyncConnection, pids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which profiles have a stored form submit or sign-up (the events table is the
+    truth: it also holds what happened before the CRM feed ran)."""
+    if not pids:
+        return set()
+    rows = await conn.execute(
+        select(events.c.profile_id)
+        .where(
+            among(events.c.profile_id, pids),
+            events.c.type == "track",
+            func.lower(func.btrim(events.c.event)).in_(list(LEAD_KINDS)),
+        )
+        .distinct()
+    )
+    return set(rows.scalars())
+
+
+async def upsert_contacts(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[Row[Any]]:
+    """Write contacts (``profile_id`` and :data:`CONTACT_FIELDS`); the rows as stored."""
+    stmt = insert(crm_contacts)
+    written = await conn.execute(
+        stmt.on_conflict_do_update(
+            index_elements=[crm_contacts.c.profile_id],
+            set_={**{f: stmt.excluded[f] for f in CONTACT_FIELDS}, "updated_at": func.now()},
+        ).returning(*crm_contacts.c),
+        rows,
+    )
+    return list(written)
+
+
+async def delete_contacts(conn: AsyncConnection, pids: list[uuid.UUID]) -> None:
+    await conn.execute(delete(crm_contacts).where(crm_contacts.c.profile_id.in_(pids)))
+
+
+async def unseen_interactions(
+    conn: AsyncConnection,
+    heads: list[uuid.UUID],
+    ids: set[int],
+    created: list[uuid.UUID],
+    known: set[int],
+) -> list[Row[Any]]:
+    """Interactions of profiles with a contact among ``heads``: those of ``ids`` and every
+    one of the ``created`` contacts, but for ``known`` ones; oldest first."""
+    with_contact = select(crm_contacts.c.profile_id).where(crm_contacts.c.profile_id.in_(heads))
+    rows = await conn.execute(
+        select(crm_interactions)
+        .where(
+            crm_interactions.c.id.in_(list(ids)) | crm_interactions.c.profile_id.in_(created),
+            crm_interactions.c.profile_id.in_(with_contact),
+            crm_interactions.c.id.not_in(list(known)),
+        )
+        .order_by(crm_interactions.c.occurred_at, crm_interactions.c.id)
+    )
+    return list(rows)
+
+
+async def erase(conn: AsyncConnection, everyone: list[uuid.UUID]) -> None:
+    """Forget deleted people: their contacts, interactions and webhook deliveries (but
+    the ``contact.deleted`` ones that tell the CRM so)."""
+    await conn.execute(delete(crm_contacts).where(crm_contacts.c.profile_id.in_(everyone)))
+    await conn.execute(delete(crm_interactions).where(crm_interactions.c.profile_id.in_(everyone)))
+    about = crm_webhook_deliveries.c.payload["profile_id"].astext
+    is_deletion = crm_webhook_deliveries.c.payload["type"].astext == "contact.deleted"
+    keys = [str(i) for i in everyone]
+    await conn.execute(delete(crm_webhook_deliveries).where(about.in_(keys), ~is_deletion))
+
+
+async def told_erased(conn: AsyncConnection, profile_ids: list[uuid.UUID]) -> set[uuid.UUID]:
+    """Which of them the webhook queue already has a ``contact.deleted`` (erased) for."""
+    about = crm_webhook_deliveries.c.payload["profile_id"].astext
+    erasure = crm_webhook_deliveries.c.payload["reason"].astext == "erased"
+    keys = [str(i) for i in profile_ids]
+    rows = await conn.execute(select(about).where(about.in_(keys), erasure))
+    return {uuid.UUID(r) for r in rows.scalars()}
+
+
+async def queue_deliveries(conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    """Queue webhook deliveries (``kind``, ``payload``) for ``webhook.py`` to send."""
+    await conn.execute(insert(crm_webhook_deliveries), rows)
+
+
+# --- the webhook queue (``webhook.py``), each call its own short transaction --------------
+
+
+def _seconds(value: float) -> ColumnElement[timedelta]:
+    return literal(timedelta(seconds=value), Interval())
+
+
+async def claim_due(conn: AsyncConnection, limit: int, lease_s: float) -> list[Row[Any]]:
+    """Lease up to ``limit`` due pending deliveries for ``lease_s``, oldest first, skipping
+    rows another sender holds: ``id``, ``kind``, ``body`` (the payload's JSON text),
+    ``attempts``."""
+    t = crm_webhook_deliveries.c
+    due = (
+        select(t.id)
+        .where(t.status == "pending", t.next_attempt_at <= func.now())
+        .order_by(t.id)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    rows = await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(t.id.in_(due))
+        .values(next_attempt_at=func.now() + _seconds(lease_s))
+        .returning(t.id, t.kind, cast(t.payload, Text).label("body"), t.attempts)
+    )
+    return list(rows)
+
+
+async def mark_delivered(conn: AsyncConnection, delivery_id: int, attempts: int) -> None:
+    await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(crm_webhook_deliveries.c.id == delivery_id)
+        .values(status="delivered", attempts=attempts, delivered_at=func.now(), last_error=None)
+    )
+
+
+async def mark_failed(
+    conn: AsyncConnection, delivery_id: int, attempts: int, status: str, error: str, wait: float
+) -> None:
+    """Record a failed try: ``pending`` again after ``wait`` seconds, or ``dead``."""
+    await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(crm_webhook_deliveries.c.id == delivery_id)
+        .values(
+            status=status,
+            attempts=attempts,
+            last_error=error,
+            next_attempt_at=func.now() + _seconds(wait),
+        )
+    )
+
+
+async def release(conn: AsyncConnection, ids: list[int]) -> None:
+    """Make leased, still pending deliveries due now."""
+    t = crm_webhook_deliveries.c
+    await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(among(t.id, ids), t.status == "pending")
+        .values(next_attempt_at=func.now())
+    )
+
+
+async def delete_delivered(conn: AsyncConnection, keep_s: float) -> int:
+    """Delete deliveries delivered more than ``keep_s`` ago; how many."""
+    t = crm_webhook_deliveries.c
+    result = await conn.execute(
+        delete(crm_webhook_deliveries).where(
+            t.status == "delivered", t.delivered_at < func.now() - _seconds(keep_s)
+        )
+    )
+    return int(result.rowcount)
+
+
+async def requeue_dead(conn: AsyncConnection) -> int:
+    """Every dead delivery pending again, attempts from zero, due now; how many."""
+    t = crm_webhook_deliveries.c
+    rows = await conn.execute(
+        update(crm_webhook_deliveries)
+        .where(t.status == "dead")
+        .values(status="pending", attempts=0, next_attempt_at=func.now())
+        .returning(t.id)
+    )
+    return len(rows.all())
