@@ -2,7 +2,11 @@
 # A real single-node Apache Kafka 4.3.1 broker (KRaft: broker + controller in one JVM) on
 # 127.0.0.1, for `make test` and developers. No Docker: the jars come from Maven Central.
 #
-#   deploy/kafka/kafka.sh start|stop|status
+#   deploy/kafka/kafka.sh start|stop|status|reset
+#
+# reset: stop it and delete its data (topics, offsets), for a broker as new at the next
+# start. Why: every test run leaves its topics (thousands of partitions after `make test`),
+# and such a broker spends about twice the CPU per event (benchmarks/pipeline.py, issue 10).
 #
 # env: CDP_KAFKA_PORT (9092), CDP_KAFKA_CONTROLLER_PORT (9093), CDP_CACHE_DIR (<repo>/.cache),
 #      CDP_KAFKA_START_TIMEOUT (60 s), CDP_KAFKA_HEAP (512m), CDP_PYTHON (<repo>/.venv/bin/python)
@@ -242,9 +246,16 @@ cmd_status() {
   fi
 }
 
+cmd_reset() {
+  cmd_stop
+  rm -rf "$RUN/data"
+  log "data deleted ($RUN/data): the next start formats a new one"
+}
+
 case "${1:-}" in
   start) cmd_start ;;
   stop) cmd_stop ;;
   status) cmd_status ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  reset) cmd_reset ;;
+  *) echo "usage: $0 start|stop|status|reset" >&2; exit 2 ;;
 esac
