@@ -83,12 +83,9 @@ async def delete_group(
         (events, events.c.profile_id),
         (orders, orders.c.profile_id),
         (identity_refusals, identity_refusals.c.profile_id),
-        (crm_contacts, crm_contacts.c.profile_id),
-        (crm_interactions, crm_interactions.c.profile_id),
-        (audience_members, audience_members.c.profile_id),
-        (audience_changes, audience_changes.c.profile_id),
     ):
         await conn.execute(delete(table).where(column.in_(ids)))
+    await delete_activation_rows(conn, ids)
     await conn.execute(delete(profile_update_outbox).where(profile_update_outbox.c.key.in_(keys)))
     await conn.execute(
         delete(profile_merges).where(
@@ -98,3 +95,17 @@ async def delete_group(
     await conn.execute(update(profiles).where(profiles.c.id.in_(ids)).values(merged_into=None))
     await conn.execute(delete(profiles).where(profiles.c.id.in_(ids)))
     return ids
+
+
+async def delete_activation_rows(conn: AsyncConnection, ids: list[uuid.UUID]) -> None:
+    """What activation keeps about the profiles: CRM contact and interactions, audience
+    membership and its history. The one list of them, used by ``delete_group`` (at once,
+    in the erasure's transaction) and by activation's tombstone handler (again, for what a
+    batch in flight wrote meanwhile)."""
+    for table, column in (
+        (crm_contacts, crm_contacts.c.profile_id),
+        (crm_interactions, crm_interactions.c.profile_id),
+        (audience_members, audience_members.c.profile_id),
+        (audience_changes, audience_changes.c.profile_id),
+    ):
+        await conn.execute(delete(table).where(column.in_(ids)))

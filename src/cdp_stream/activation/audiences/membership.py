@@ -12,7 +12,7 @@ consumer, the expiry timer and back-fills on the same profile; ``INSERT .. ON CO
 ``DELETE .. RETURNING`` make sure a change is recorded once even so.
 
 A deleted person's memberships and changes are erased by
-``profiles.repository.delete_group`` before the tombstone is published; the tombstone
+``profiles.erasure.delete_group`` before the tombstone is published; the tombstone
 then finds nothing to leave and records nothing, so the erased profile id is not written
 back.
 """

@@ -19,6 +19,7 @@ from sqlalchemy.sql.elements import ColumnElement
 
 from cdp_stream.activation.crm.contacts import CONTACT_FIELDS, IDENTITY_TYPES
 from cdp_stream.activation.crm.interactions import LEAD_KINDS
+from cdp_stream.profiles.erasure import delete_activation_rows
 from cdp_stream.profiles.models import (
     crm_contacts,
     crm_interactions,
@@ -181,10 +182,10 @@ async def unseen_interactions(
 
 
 async def erase(conn: AsyncConnection, everyone: list[uuid.UUID]) -> None:
-    """Forget deleted people: their contacts, interactions and webhook deliveries (but
-    the ``contact.deleted`` ones that tell the CRM so)."""
-    await conn.execute(delete(crm_contacts).where(crm_contacts.c.profile_id.in_(everyone)))
-    await conn.execute(delete(crm_interactions).where(crm_interactions.c.profile_id.in_(everyone)))
+    """Forget deleted people: what activation keeps of them (``delete_activation_rows``,
+    again: a batch in flight may have written since the erasure) and their webhook
+    deliveries (but the ``contact.deleted`` ones that tell the CRM so)."""
+    await delete_activation_rows(conn, everyone)
     about = crm_webhook_deliveries.c.payload["profile_id"].astext
     is_deletion = crm_webhook_deliveries.c.payload["type"].astext == "contact.deleted"
     keys = [str(i) for i in everyone]
