@@ -38,7 +38,7 @@ from typing import Generic, Protocol, TypeVar
 from cdp_stream import logs, metrics
 from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, fill, next_offsets, rejoin
 from cdp_stream.poison import DeadLetters, apply_isolating
-from cdp_stream.profiles.db import Stopping
+from cdp_stream.retry import Stopping
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -32,7 +32,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from cdp_stream import logs, metrics
 from cdp_stream.bus.base import Bus, BusUnavailable, Message
 from cdp_stream.profiles import dead_letters
-from cdp_stream.profiles.db import Stopping, is_outage, retrying
+from cdp_stream.profiles.db import is_outage, retrying
+from cdp_stream.retry import Stopping
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

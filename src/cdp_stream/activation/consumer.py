@@ -28,7 +28,8 @@ from cdp_stream.activation.dmp import counts as dmp_counts
 from cdp_stream.bus.base import Bus, Message
 from cdp_stream.consuming import Polling, run_consumer
 from cdp_stream.poison import DeadLetters
-from cdp_stream.profiles.db import Stopping, retrying
+from cdp_stream.profiles.db import retrying
+from cdp_stream.retry import Stopping
 from cdp_stream.settings import Settings
 from cdp_stream.updates import ProfileUpdate
 

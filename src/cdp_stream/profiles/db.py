@@ -23,9 +23,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from cdp_stream import metrics
-from cdp_stream.retry import Stopping as Stopping  # re-exported: stages import it here
 from cdp_stream.retry import backoff, retry
-from cdp_stream.retry import stopped_within as stopped_within  # re-exported too
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)

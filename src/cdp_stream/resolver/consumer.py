@@ -39,9 +39,10 @@ from cdp_stream.events import Event
 from cdp_stream.identity import IdentityRules
 from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.profiles import outbox
-from cdp_stream.profiles.db import Stopping, retrying
+from cdp_stream.profiles.db import retrying
 from cdp_stream.profiles.suppression import rekey
 from cdp_stream.resolver.batch import BatchResult, Prepared, apply_prepared, prepare
+from cdp_stream.retry import Stopping
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)

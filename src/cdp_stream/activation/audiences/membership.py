@@ -39,7 +39,8 @@ from cdp_stream.activation.audiences.rules import (
     longest_window,
     time_may_admit,
 )
-from cdp_stream.profiles.db import Stopping, retrying, stopped_within
+from cdp_stream.profiles.db import retrying
+from cdp_stream.retry import Stopping, stopped_within
 from cdp_stream.updates import ProfileUpdate
 
 log = logging.getLogger(__name__)

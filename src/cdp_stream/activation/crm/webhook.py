@@ -22,8 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream import logs, metrics
 from cdp_stream.activation.crm import repository as crm_repo
-from cdp_stream.profiles.db import stopped_within
-from cdp_stream.retry import exponential
+from cdp_stream.retry import exponential, stopped_within
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)

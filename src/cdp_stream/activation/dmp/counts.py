@@ -22,7 +22,8 @@ from cdp_stream.activation.dmp.anonymize import Cell, anonymize, suppressed
 from cdp_stream.activation.dmp.dimensions import check_settings, window_start
 from cdp_stream.activation.dmp.noise import LaplaceNoise
 from cdp_stream.bus.base import Bus, BusUnavailable, Record
-from cdp_stream.profiles.db import retrying, stopped_within
+from cdp_stream.profiles.db import retrying
+from cdp_stream.retry import stopped_within
 from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
