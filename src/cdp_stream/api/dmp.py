@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, HTTPException, Query, Request
 from pydantic import BaseModel, Field
 
-from cdp_stream.activation import dmp
+from cdp_stream.activation import audiences, dmp
 from cdp_stream.api.deps import Conn, bearer
 from cdp_stream.settings import Settings
 
@@ -51,7 +51,7 @@ async def get_audience_counts(
         since = since and (since.astimezone(UTC) if since.tzinfo else since.replace(tzinfo=UTC))
     except OverflowError as exc:  # before year 1 once in UTC: Postgres cannot compare it
         raise HTTPException(422, "since: out of range") from exc
-    if audience is not None and not await dmp.audience_exists(conn, audience):
+    if audience is not None and not await audiences.audience_exists(conn, audience):
         raise HTTPException(404, f"no audience {audience}")
     items = await dmp.read_counts(
         conn, audience_id=audience, window=window, since=since, limit=limit

@@ -10,10 +10,9 @@ Specified in docs/dmp.md.
 The names below are the package's face to the API, which imports the package.
 """
 
-from cdp_stream.activation.audiences import audience_exists
 from cdp_stream.activation.dmp.consent import opted_out
 from cdp_stream.activation.dmp.dimensions import DIMENSIONS
 from cdp_stream.activation.dmp.facts import Facts
 from cdp_stream.activation.dmp.repository import read_counts
 
-__all__ = ["DIMENSIONS", "Facts", "audience_exists", "opted_out", "read_counts"]
+__all__ = ["DIMENSIONS", "Facts", "opted_out", "read_counts"]
