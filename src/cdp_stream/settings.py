@@ -124,19 +124,31 @@ class Settings(BaseSettings):
     activation_poll_timeout_ms: int = Field(
         default=200, ge=1, description="how long an activation poll waits for the first record"
     )
-    consumer_linger_ms: int = Field(
-        default=20,
+    resolver_linger_ms: int = Field(
+        default=50,
         ge=0,
-        description="after a poll that did not fill a batch, how long resolvers and activation "
-        "wait for more records before applying it (bigger batches, fewer round trips)",
+        description="after a poll that did not fill a batch, how long a resolver waits for "
+        "more events before applying it: bigger batches, fewer round trips, this much more "
+        "event->profile latency",
     )
     resolver_outbox_vacuum_s: float = Field(
         default=1.0, gt=0, description="how often a resolver vacuums the profile-update outbox"
     )
     # Activation (cdp_stream.activation): the CRM feed, audiences, the DMP feed.
     activation_batch_size: int = Field(default=500, ge=1)
+    activation_linger_ms: int = Field(
+        default=250,
+        ge=0,
+        description="the same for activation, which is not on the event->profile path",
+    )
     crm_key_pages: list[str] = Field(
         default=["/pricing"], description="path prefixes whose page views are CRM interactions"
+    )
+    crm_activity_resolution_s: float = Field(
+        default=300.0,
+        ge=0,
+        description="a contact whose only change is its last activity is rewritten (and "
+        "sent) once that moved this far: last activity is exact to within this much",
     )
     crm_webhook_url: str | None = None
     crm_webhook_secret: str | None = Field(default=None, description="HMAC-SHA256 key")

@@ -89,7 +89,7 @@ async def run_activation(
     polling = Polling(
         settings.activation_batch_size,
         settings.activation_poll_timeout_ms,
-        settings.consumer_linger_ms,
+        settings.activation_linger_ms,
     )
     try:
         await backfill.resume_backfills(engine, stop)  # what a restart interrupted

@@ -324,7 +324,7 @@ async def run_resolver(
     polling = Polling(
         settings.resolver_batch_size,
         settings.resolver_poll_timeout_ms,
-        settings.consumer_linger_ms,
+        settings.resolver_linger_ms,
     )
     try:
         await run_consumer(bus, names.resolver_group, [names.events], resolver, polling, dead, stop)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from cdp_stream.activation.crm import contacts as crm
 from cdp_stream.identity import IdentityRules
@@ -81,10 +82,32 @@ def test_contact_of_fields_and_stages() -> None:
 def test_a_contact_is_written_only_when_a_field_changed() -> None:
     c = crm.contact_of({}, {}, {"email": ["a@example.com"]}, RULES, lead=False, stage_before=None)
     assert c is not None
-    assert not crm.unchanged(None, c)  # new
+    assert not crm.unchanged(None, c, 300)  # new
     stored = {**c, "profile_id": uuid.uuid4(), "created_at": at("2024-01-01T00:00:00Z")}
-    assert crm.unchanged(stored, c)  # bookkeeping columns do not count
-    assert not crm.unchanged({**stored, "lifecycle_stage": "lead"}, c)
+    assert crm.unchanged(stored, c, 300)  # bookkeeping columns do not count
+    assert not crm.unchanged({**stored, "lifecycle_stage": "lead"}, c, 300)
+
+
+def test_last_activity_alone_is_written_once_it_moved_the_resolution() -> None:
+    seen = {"last_seen": "2024-03-01T10:00:00Z"}
+    stored = crm.contact_of({}, seen, {"email": ["a@b.co"]}, RULES, lead=False, stage_before=None)
+    assert stored is not None
+
+    def later(at_: str, **traits: str) -> dict[str, Any]:
+        c = crm.contact_of(
+            traits, {"last_seen": at_}, {"email": ["a@b.co"]}, RULES, lead=False, stage_before=None
+        )
+        assert c is not None
+        return c
+
+    assert crm.unchanged(stored, later("2024-03-01T10:04:59Z"), 300)
+    assert not crm.unchanged(stored, later("2024-03-01T10:05:00Z"), 300)
+    assert not crm.unchanged(stored, later("2024-03-01T10:00:01Z"), 0)  # exact
+    # any other field still counts at once, and carries the newer activity with it
+    assert not crm.unchanged(stored, later("2024-03-01T10:00:01Z", firstName="Ada"), 300)
+    assert not crm.unchanged(
+        {**stored, "last_activity_at": None}, later("2024-03-01T10:00:01Z"), 300
+    )
 
 
 def test_only_an_order_makes_a_customer() -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from cdp_stream.activation.crm._values import text
@@ -104,9 +104,22 @@ def contact_of(
     }
 
 
-def unchanged(before: Mapping[str, Any] | None, contact: Mapping[str, Any]) -> bool:
-    """Whether the stored contact already has these fields (then nothing is written)."""
-    return before is not None and all(before[f] == contact[f] for f in CONTACT_FIELDS)
+def unchanged(
+    before: Mapping[str, Any] | None, contact: Mapping[str, Any], activity_resolution_s: float
+) -> bool:
+    """Whether the stored contact already has these fields (then nothing is written or
+    sent). Last activity counts as changed only once it moved ``activity_resolution_s``
+    past the stored one: it moves with every event a known person sends, and rewriting
+    (and webhooking) the contact for each was most of the CRM feed's work."""
+    if before is None:
+        return False
+    if any(before[f] != contact[f] for f in CONTACT_FIELDS if f != "last_activity_at"):
+        return False
+    was: datetime | None = before["last_activity_at"]
+    now: datetime | None = contact["last_activity_at"]
+    if was is None or now is None:
+        return was is now
+    return timedelta(0) <= now - was < timedelta(seconds=activity_resolution_s)
 
 
 def contact_json(profile_id: uuid.UUID, contact: Mapping[str, Any]) -> dict[str, Any]:

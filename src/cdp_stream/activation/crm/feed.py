@@ -172,7 +172,7 @@ async def _write_contacts(
             if before is not None and pid in state:  # lost its email and user id
                 dropped.append(pid)
             continue
-        if unchanged(before, contact):
+        if unchanged(before, contact, settings.crm_activity_resolution_s):
             continue
         upserts.append({"profile_id": pid, **contact})
         if before is None:
