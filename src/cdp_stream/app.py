@@ -23,15 +23,16 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import BaseModel, Field
 from sqlalchemy import text
-from sqlalchemy.exc import DataError, InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cdp_stream import metrics
 from cdp_stream.api.audiences import router as audiences_router
 from cdp_stream.api.crm import router as crm_router
-from cdp_stream.api.deps import Tokens
+from cdp_stream.api.deps import Tokens, database_error
 from cdp_stream.api.dmp import router as dmp_router
+from cdp_stream.api.profiles import LOOKUP_PATHS
 from cdp_stream.api.profiles import router as profiles_router
 from cdp_stream.api.sources import router as sources_router
 from cdp_stream.api.status import router as status_router
@@ -41,7 +42,7 @@ from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.dropin import router as dropin_router
 from cdp_stream.collector.library import router as library_router
 from cdp_stream.collector.ratelimit import RateLimits
-from cdp_stream.collector.routes import TRACKING_PATHS, database_unavailable, openapi_paths
+from cdp_stream.collector.routes import TRACKING_PATHS, openapi_paths
 from cdp_stream.collector.webhooks import router as webhooks_router
 from cdp_stream.console import router as console_router
 from cdp_stream.identity import IdentityRules
@@ -49,7 +50,6 @@ from cdp_stream.openapi import secure
 from cdp_stream.profiles.credentials import NewCredentials, bootstrap_credentials
 from cdp_stream.profiles.db import (
     DATABASE_UNAVAILABLE,
-    is_invalid_value,
     make_engine,
     resolve_database_url,
 )
@@ -141,14 +141,23 @@ _UNREACHABLE = (OSError, TimeoutError, OperationalError, InterfaceError, BusUnav
 
 class App(FastAPI):
     """FastAPI, with some paths served by plain ASGI apps before its middleware and
-    routing (the collector's tracking endpoints: see ``cdp_stream.collector.routes``).
+    routing: the collector's tracking endpoints (``plain``, by path: see
+    ``cdp_stream.collector.routes``) and the API's profile lookup (``plain_get``: a GET of
+    ``prefix/{one segment}``, by prefix, with its route template: see
+    ``cdp_stream.api.profiles``).
     Every HTTP request is counted and timed here (``cdp_http_*``), by its route template:
     for a plain endpoint its path without the trailing slash, for a FastAPI route its
     path as declared (``/v1/profiles/{ref}``), ``unmatched`` for any other path."""
 
-    def __init__(self, plain: dict[str, ASGIApp], **kwargs: Any) -> None:
+    def __init__(
+        self,
+        plain: dict[str, ASGIApp],
+        plain_get: dict[str, tuple[str, ASGIApp]],
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.plain = plain
+        self.plain_get = plain_get
         self._counted = _Counted()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -165,7 +174,11 @@ class App(FastAPI):
             await send(message)
 
         path = scope["path"]
-        endpoint = self.plain.get(path)
+        route, endpoint = path.rstrip("/"), self.plain.get(path)
+        if endpoint is None and scope["method"] == "GET":
+            prefix, _, last = path.rpartition("/")
+            if last and (found := self.plain_get.get(prefix)) is not None:
+                route, endpoint = found
         try:
             if endpoint is not None:
                 scope["app"] = self
@@ -173,9 +186,7 @@ class App(FastAPI):
             else:
                 await super().__call__(scope, receive, answer)
         finally:
-            if endpoint is not None:
-                route = path.rstrip("/")
-            else:
+            if endpoint is None:
                 route = getattr(scope.get("route"), "path", "unmatched")
             self._counted(route, scope["method"], status, time.perf_counter() - started)
 
@@ -221,7 +232,11 @@ _NOT_READY: dict[int | str, dict[str, Any]] = {
 
 
 def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) -> App:
-    app = App(TRACKING_PATHS if "collector" in parts else {}, title="cdp-stream")
+    app = App(
+        TRACKING_PATHS if "collector" in parts else {},
+        LOOKUP_PATHS if "api" in parts else {},
+        title="cdp-stream",
+    )
     app.state.settings = runtime.settings
     app.state.engine = runtime.engine
     app.state.bus = runtime.bus
@@ -232,15 +247,12 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     app.state.rules = IdentityRules.from_settings(runtime.settings)
 
     async def database_down(request: Request, exc: Exception) -> JSONResponse:
-        """Postgres down, too slow or its pool exhausted: a retryable 503, never a 500
-        with a stack trace; but a value from the request that Postgres refuses is the
-        client's error (400), not an outage."""
-        if isinstance(exc, DataError) or is_invalid_value(exc):
-            orig = getattr(exc, "orig", exc)
-            return JSONResponse({"detail": f"invalid value: {orig}"}, status_code=400)
-        route = getattr(request.scope.get("route"), "path", "")  # the path may name a person
-        log.warning("%s %s: database unavailable: %r", request.method, route, exc)
-        return database_unavailable(runtime.settings)
+        """See ``database_error``; an outage is logged by route (the path may name a person)."""
+        answer = database_error(exc, runtime.settings)
+        if answer.status_code == 503:
+            route = getattr(request.scope.get("route"), "path", "")
+            log.warning("%s %s: database unavailable: %r", request.method, route, exc)
+        return answer
 
     for unavailable in DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, database_down)

@@ -10,11 +10,16 @@ from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, Header, HTTPException, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DataError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.caching import Recall
+from cdp_stream.collector.routes import database_unavailable
 from cdp_stream.openapi import responses
 from cdp_stream.profiles.credentials import Token, token_for_secret
+from cdp_stream.profiles.db import is_invalid_value
+from cdp_stream.settings import Settings
 
 _MAX_TOKENS = 10_000  # bound memory under a flood of random secrets: the least recently used go
 
@@ -60,24 +65,41 @@ async def connection(request: Request) -> AsyncIterator[AsyncConnection]:
 Conn = Annotated[AsyncConnection, Depends(connection)]
 
 
-def require_scope(scope: str) -> Callable[..., Coroutine[Any, Any, Token]]:
+async def refusal(tokens: Tokens, authorization: str | None, scope: str) -> HTTPException | None:
+    """Why a request with this ``Authorization`` header may not do ``scope`` (401, 403),
+    or None when it may."""
+    scheme, _, secret = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not secret:
+        return HTTPException(
+            401, "Bearer API token required", headers={"WWW-Authenticate": "Bearer"}
+        )
+    token = await tokens.by_secret(secret.strip())
+    if token is None:
+        return HTTPException(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
+    if scope not in token.scopes:
+        return HTTPException(403, f"token lacks scope {scope!r}")
+    return None
+
+
+def require_scope(scope: str) -> Callable[..., Coroutine[Any, Any, None]]:
     async def check(
         request: Request, authorization: Annotated[str | None, Header()] = None
-    ) -> Token:
-        scheme, _, secret = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not secret:
-            raise HTTPException(
-                401, "Bearer API token required", headers={"WWW-Authenticate": "Bearer"}
-            )
-        tokens: Tokens = request.app.state.tokens
-        token = await tokens.by_secret(secret.strip())
-        if token is None:
-            raise HTTPException(401, "unknown API token", headers={"WWW-Authenticate": "Bearer"})
-        if scope not in token.scopes:
-            raise HTTPException(403, f"token lacks scope {scope!r}")
-        return token
+    ) -> None:
+        refused = await refusal(request.app.state.tokens, authorization, scope)
+        if refused is not None:
+            raise refused
 
     return check
+
+
+def database_error(exc: Exception, settings: Settings) -> JSONResponse:
+    """Postgres down, too slow or its pool exhausted: a retryable 503, never a 500 with a
+    stack trace; but a value from the request that Postgres refuses is the client's error
+    (400), not an outage."""
+    if isinstance(exc, DataError) or is_invalid_value(exc):
+        orig = getattr(exc, "orig", exc)
+        return JSONResponse({"detail": f"invalid value: {orig}"}, status_code=400)
+    return database_unavailable(settings)
 
 
 def cursor_at(when: datetime, row_id: int) -> str:

@@ -16,16 +16,18 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from sqlalchemy.ext.asyncio import AsyncConnection
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cdp_stream import metrics
 from cdp_stream.activation import audiences, dmp
-from cdp_stream.api.deps import Conn, bearer, cursor_at, in_utc, position
+from cdp_stream.api.deps import Conn, bearer, cursor_at, database_error, in_utc, position, refusal
 from cdp_stream.bus.base import BusUnavailable
 from cdp_stream.identity import IdentityRules
 from cdp_stream.profiles import reads, repository
-from cdp_stream.profiles.db import read_only
+from cdp_stream.profiles.db import DATABASE_UNAVAILABLE, read_only
 from cdp_stream.profiles.erasure import erase
 from cdp_stream.resolver.consumer import relay_outbox
 from cdp_stream.resolver.repository import remove_splits
@@ -33,7 +35,8 @@ from cdp_stream.resolver.unmerge import unmerge_last
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/profiles", tags=["profiles"])
-READ = bearer("profiles:read", 400, 404, 422)
+LOOKUP_SCOPE = "profiles:read"
+READ = bearer(LOOKUP_SCOPE, 400, 404, 422)
 
 
 class IdentityOut(BaseModel):
@@ -67,11 +70,19 @@ async def resolve_ref(request: Request, conn: Conn, ref: str) -> uuid.UUID:
 Profile = Annotated[uuid.UUID, Depends(resolve_ref)]
 
 
-# The hot path of the API (lookups by identifier): one statement, on a pooled connection
-# outside a transaction, and the answer encoded once by orjson (the JSON ``ProfileOut``
-# gives). No docstring: it would become the route's description in the OpenAPI document.
+# The hot path of the API (lookups by identifier). A GET is answered by ``lookup_endpoint``,
+# a plain ASGI app the app serves before FastAPI's middleware, routing and dependency
+# solving (``benchmarks/lookup.py``: they cost more API CPU than the lookup itself); this
+# route declares the operation in the OpenAPI document and gives the same answer. No
+# docstring: it would become the route's description there.
 @router.get("/{ref}", response_model=ProfileOut, **READ)
 async def get_profile(request: Request, ref: str) -> Response:
+    return await _lookup(request, ref)
+
+
+async def _lookup(request: Request, ref: str) -> Response:
+    """One statement, on a pooled connection outside a transaction, and the answer
+    encoded once by orjson (the JSON ``ProfileOut`` gives)."""
     rules: IdentityRules = request.app.state.rules
 
     async def lookup(conn: AsyncConnection) -> reads.ProfileRow | None:
@@ -87,6 +98,31 @@ async def get_profile(request: Request, ref: str) -> Response:
     if profile is None:
         raise HTTPException(404, f"no profile for {ref!r}")
     return Response(orjson.dumps(profile, option=orjson.OPT_UTC_Z), media_type="application/json")
+
+
+async def lookup_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    """``GET /v1/profiles/{ref}`` as a plain ASGI app: the token check, the database's
+    errors and the refusals answered as the FastAPI route would."""
+    request = Request(scope, receive)
+    state = request.app.state
+    try:
+        refused = await refusal(state.tokens, request.headers.get("authorization"), LOOKUP_SCOPE)
+        if refused is not None:
+            raise refused
+        response = await _lookup(request, scope["path"].rpartition("/")[2])
+    except HTTPException as exc:
+        response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
+    except DATABASE_UNAVAILABLE as exc:
+        response = database_error(exc, state.settings)
+        if response.status_code == 503:
+            log.warning("GET /v1/profiles/{ref}: database unavailable: %r", exc)
+    await response(scope, receive, send)
+
+
+# prefix -> (route template, endpoint): the app serves a GET of ``prefix/{ref}`` here.
+LOOKUP_PATHS: dict[str, tuple[str, ASGIApp]] = {
+    "/v1/profiles": ("/v1/profiles/{ref}", lookup_endpoint)
+}
 
 
 class IdentifierMatch(IdentityOut):
