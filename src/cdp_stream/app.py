@@ -247,12 +247,9 @@ def create_app(runtime: Runtime, parts: Collection[str] = ("collector", "api")) 
     app.state.rules = IdentityRules.from_settings(runtime.settings)
 
     async def database_down(request: Request, exc: Exception) -> JSONResponse:
-        """See ``database_error``; an outage is logged by route (the path may name a person)."""
-        answer = database_error(exc, runtime.settings)
-        if answer.status_code == 503:
-            route = getattr(request.scope.get("route"), "path", "")
-            log.warning("%s %s: database unavailable: %r", request.method, route, exc)
-        return answer
+        """See ``database_error``."""
+        route = getattr(request.scope.get("route"), "path", "")
+        return database_error(exc, runtime.settings, f"{request.method} {route}")
 
     for unavailable in DATABASE_UNAVAILABLE:
         app.add_exception_handler(unavailable, database_down)

@@ -4,6 +4,7 @@ tokens held in memory, and the opaque cursors of the newest-first listings."""
 from __future__ import annotations
 
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from datetime import UTC, datetime
@@ -21,6 +22,7 @@ from cdp_stream.profiles.credentials import Token, token_for_secret
 from cdp_stream.profiles.db import is_invalid_value
 from cdp_stream.settings import Settings
 
+log = logging.getLogger(__name__)
 _MAX_TOKENS = 10_000  # bound memory under a flood of random secrets: the least recently used go
 
 
@@ -92,13 +94,15 @@ def require_scope(scope: str) -> Callable[..., Coroutine[Any, Any, None]]:
     return check
 
 
-def database_error(exc: Exception, settings: Settings) -> JSONResponse:
+def database_error(exc: Exception, settings: Settings, where: str) -> JSONResponse:
     """Postgres down, too slow or its pool exhausted: a retryable 503, never a 500 with a
-    stack trace; but a value from the request that Postgres refuses is the client's error
-    (400), not an outage."""
+    stack trace, and a warning naming ``where`` (method and route template: the path may
+    name a person); but a value from the request that Postgres refuses is the client's
+    error (400), not an outage."""
     if isinstance(exc, DataError) or is_invalid_value(exc):
         orig = getattr(exc, "orig", exc)
         return JSONResponse({"detail": f"invalid value: {orig}"}, status_code=400)
+    log.warning("%s: database unavailable: %r", where, exc)
     return database_unavailable(settings)
 
 

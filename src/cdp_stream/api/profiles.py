@@ -113,9 +113,7 @@ async def lookup_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     except HTTPException as exc:
         response = JSONResponse({"detail": exc.detail}, exc.status_code, exc.headers)
     except DATABASE_UNAVAILABLE as exc:
-        response = database_error(exc, state.settings)
-        if response.status_code == 503:
-            log.warning("GET /v1/profiles/{ref}: database unavailable: %r", exc)
+        response = database_error(exc, state.settings, "GET /v1/profiles/{ref}")
     await response(scope, receive, send)
 
 
