@@ -157,7 +157,9 @@ async def test_a_poison_update_is_parked_and_activation_goes_on(runtime: Runtime
     assert letter["reason"].startswith("ValidationError") and "merged_ids" in letter["reason"]
     [letter] = await letters(runtime, f"{run}-newer")
     assert "version" in letter["reason"]
-    assert await parked_count(runtime, "activation") == before + 2
+    [letter] = await letters(runtime, f"{run}-garbled")
+    assert letter["reason"].startswith("JSONDecodeError")
+    assert await parked_count(runtime, "activation") == before + 3
 
 
 async def test_a_profile_update_too_large_for_kafka_is_parked(runtime: Runtime) -> None:

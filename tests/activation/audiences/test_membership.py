@@ -133,6 +133,54 @@ async def test_enters_on_an_event_and_exits_when_it_leaves_the_window(
     assert len(await changes(engine, aid)) == 2
 
 
+async def test_named_events_count_however_the_name_is_written(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    """Only the rules' event names are read from the timeline: the same name in another
+    case, with spaces around it or with SQL wildcards in it still counts; a longer name
+    that contains it does not."""
+    name = uid("Cart_Add 100% ")
+    aid = await audience(
+        {"event": {"type": "track", "name": name, "within": "7d", "count": {"gte": 2}}}
+    )
+    counted, near, other = uid("a-"), uid("a-"), uid("a-")
+    updates = await put(
+        engine,
+        ev("track", T0, anonymousId=counted, event=f"  {name.upper()}\t"),
+        ev("track", T0 + HOUR, anonymousId=counted, event=name.lower()),
+        ev("track", T0, anonymousId=near, event=name),
+        ev("track", T0 + HOUR, anonymousId=near, event=f"{name} twice"),
+        ev("track", T0, anonymousId=other, event=name.replace("%", "x")),
+        ev("track", T0 + HOUR, anonymousId=other, event=name.replace("_", "x")),
+    )
+    await apply(engine, updates, T0 + 2 * HOUR)
+    assert await members(engine, aid) == {await owner(engine, "anonymous_id", counted)}
+
+
+async def test_event_properties_are_read_only_for_rules_that_look_into_them(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    named = uid("Plan Chosen ")
+    aid = await audience(
+        {
+            "event": {
+                "type": "track",
+                "name": named,
+                "where": {"plan": {"eq": "pro"}},
+                "within": "7d",
+            }
+        }
+    )
+    pro, free = uid("a-"), uid("a-")
+    updates = await put(
+        engine,
+        ev("track", T0, anonymousId=pro, event=named, properties={"plan": "pro"}),
+        ev("track", T0, anonymousId=free, event=named, properties={"plan": "free"}),
+    )
+    await apply(engine, updates, T0 + HOUR)
+    assert await members(engine, aid) == {await owner(engine, "anonymous_id", pro)}
+
+
 async def test_expiry_with_since_looks_at_what_crossed_since_the_last_run(
     engine: AsyncEngine, audience: Make
 ) -> None:

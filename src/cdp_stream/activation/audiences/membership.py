@@ -49,13 +49,24 @@ log = logging.getLogger(__name__)
 async def _timeline(
     conn: AsyncConnection, profile_ids: Sequence[uuid.UUID], rules: Sequence[Rule], now: datetime
 ) -> dict[uuid.UUID, list[EventView]]:
-    """The profiles' events the rules may count: the event types they name, within the
-    longest window."""
+    """The profiles' events the rules may count: within the longest window, of the types
+    they name and, where every condition on a type names the event, of those names;
+    payloads only if a condition looks into them (a busy person's week of events is read
+    for every update of theirs)."""
     windows = [w for w in map(longest_window, rules) if w is not None]
-    types = sorted({spec.type for r in rules for spec, _ in event_specs(r)})
     if not windows or not profile_ids:
         return {}
-    return await aud_repo.load_events(conn, profile_ids, types, now - max(windows))
+    specs = [spec for r in rules for spec, _ in event_specs(r)]
+    unnamed = {s.type for s in specs if s.name is None}
+    named = {(s.type, s.name.strip().lower()) for s in specs if s.name and s.type not in unnamed}
+    return await aud_repo.load_events(
+        conn,
+        profile_ids,
+        since=now - max(windows),
+        types=sorted(unnamed),
+        names=sorted(named),
+        payloads=any(s.where for s in specs),
+    )
 
 
 async def reconcile(

@@ -6,6 +6,7 @@ runs in the caller's transaction. What to write is decided in ``membership.py`` 
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterable, Sequence
@@ -18,16 +19,20 @@ from sqlalchemy import (
     Integer,
     Interval,
     Row,
+    Text,
+    any_,
+    bindparam,
     delete,
     func,
     insert,
     literal,
+    literal_column,
     select,
     text,
     tuple_,
     update,
 )
-from sqlalchemy.dialects.postgresql import UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.sql.elements import ColumnElement
@@ -77,24 +82,31 @@ async def canonical_profiles(
 async def load_events(
     conn: AsyncConnection,
     profile_ids: Sequence[uuid.UUID],
-    types: Sequence[str],
+    *,
     since: datetime,
+    types: Sequence[str],
+    names: Sequence[tuple[str, str]],
+    payloads: bool,
 ) -> dict[uuid.UUID, list[EventView]]:
-    """The profiles' events of ``types`` after ``since`` (events always sit on the
-    canonical profile)."""
+    """The profiles' events after ``since`` of ``types`` (any name) or of ``names``
+    (type, stripped lower-case event name), and maybe a few more (a name within a longer
+    one, or another condition's): the rules count only what they match. Events always
+    sit on the canonical profile. Without ``payloads`` every payload is read as empty."""
+    patterns = sorted({"%" + re.sub(r"([\\%_])", r"\\\1", n) + "%" for _, n in names})
+    kinds = among(events.c.type, types) | (
+        among(events.c.type, sorted({t for t, _ in names}))
+        & func.lower(events.c.event).like(any_(bindparam(None, patterns, type_=ARRAY(Text))))
+    )
+    payload = events.c.payload if payloads else literal_column("'{}'::jsonb", JSONB)
     out: dict[uuid.UUID, list[EventView]] = defaultdict(list)
     rows = await conn.execute(
         select(
-            events.c.profile_id, events.c.type, events.c.event, events.c.timestamp, events.c.payload
-        ).where(
-            among(events.c.profile_id, profile_ids),
-            events.c.timestamp > since,
-            events.c.type.in_(types),
-        )
+            events.c.profile_id, events.c.type, events.c.event, events.c.timestamp, payload
+        ).where(among(events.c.profile_id, profile_ids), events.c.timestamp > since, kinds)
     )
     for r in rows:
         out[r.profile_id].append(
-            EventView(type=r.type, event=r.event, timestamp=r.timestamp, payload=r.payload)
+            EventView(type=r.type, event=r.event, timestamp=r.timestamp, payload=r[4])
         )
     return out
 
