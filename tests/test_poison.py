@@ -136,21 +136,23 @@ async def test_a_poison_update_is_parked_and_activation_goes_on(runtime: Runtime
     await apply_with_retry(runtime.engine, people[:2], RULES)
     await relay_outbox(runtime.engine, runtime.bus, topic)
     # merged_ids that are not a list: what no resolver writes, and what broke the loop;
-    # and an update of a contract version this code does not know
+    # an update of a contract version this code does not know; bytes that are not JSON
     poison = {"profile_id": str(uuid.uuid4()), "merged_ids": 5, "marker": f"{run}-poison"}
     newer = {"version": 2, "profile_id": str(uuid.uuid4()), "marker": f"{run}-newer"}
     await runtime.bus.publish(topic, b"k", orjson.dumps(poison))
     await runtime.bus.publish(topic, b"k", orjson.dumps(newer))
+    await runtime.bus.publish(topic, b"k", f'{{"profile_id": "{run}-garbled'.encode())
     await apply_with_retry(runtime.engine, people[2:], RULES)
     await relay_outbox(runtime.engine, runtime.bus, topic)
     before = await parked_count(runtime, "activation")
 
-    async def contacts() -> bool:
+    async def contacts_and_letters() -> bool:
         query = select(func.count()).where(crm_contacts.c.email.in_(emails))
         async with runtime.engine.connect() as conn:
-            return (await conn.execute(query)).scalar_one() == len(emails)
+            written = (await conn.execute(query)).scalar_one() == len(emails)
+        return written and await parked_count(runtime, "activation") == before + 3
 
-    await running(runtime, run_activation, contacts)
+    await running(runtime, run_activation, contacts_and_letters)
 
     [letter] = await letters(runtime, f"{run}-poison")
     assert letter["consumer"] == "activation"
