@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from cdp_stream.bus.base import BusUnavailable, Record, next_offsets
 from cdp_stream.bus.memory import MemoryBus
 from cdp_stream.identity import Identifier, IdentityRules
-from cdp_stream.profiles import reads
+from cdp_stream.profiles import outbox, reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import profile_update_outbox
@@ -178,6 +178,37 @@ async def test_updates_committed_before_a_crash_are_relayed_at_start_up(
             .where(profile_update_outbox.c.key == updates[0]["profile_id"])
         )
     assert left == 0
+
+
+async def test_a_relay_goes_round_until_a_take_comes_back_short(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Five updates, two a take: three takes publish them all, in order, and none is
+    left; the short third take ends the relay (no fourth to find nothing)."""
+    takes: list[int] = []
+    take = outbox.take_outbox
+
+    async def counted(*args: Any) -> list[tuple[str, bytes]]:
+        taken = await take(*args)
+        takes.append(len(taken))
+        return taken
+
+    monkeypatch.setattr(outbox, "take_outbox", counted)
+    run = uuid.uuid4().hex[:10]
+    keys = [f"{run}-{i}" for i in range(5)]
+    async with engine.begin() as conn:
+        ids = await outbox.queue(conn, [outbox.Update(k, orjson.dumps({"k": k})) for k in keys])
+    bus = MemoryBus(default_partitions=1)
+    await bus.ensure_topics(Topics().all(1))
+    assert await relay_outbox(engine, bus, Topics().profile_updates, limit=2, ids=ids) == 5
+    assert takes == [2, 2, 1]
+    reader = bus.consumer(f"test-{run}", [Topics().profile_updates])
+    await reader.start()
+    got = [m.key for m in await reader.getmany(100, 100)]
+    await reader.stop()
+    assert got == [k.encode() for k in keys]
+    async with engine.connect() as conn:
+        assert await take(conn, 10, ids) == []
 
 
 class FailingRelayBus(MemoryBus):

@@ -110,9 +110,13 @@ async def relay_outbox(
         await apply_isolating(rows, publish, park)
         return len(rows)
 
-    while n := await retrying(engine, step, dead.stop if dead else None):
+    # A take short of ``limit`` found all there was: another round would cost a
+    # transaction per batch to find nothing (rows others hold, they relay themselves).
+    while True:
+        n = await retrying(engine, step, dead.stop if dead else None)
         relayed += n
-    return relayed
+        if n < limit:
+            return relayed
 
 
 class _Checked(Event):
