@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -11,11 +12,13 @@ from hypothesis import strategies as st
 
 from cdp_stream.activation.audiences.rules import (
     EventView,
+    Rule,
     RuleError,
     dump_rule,
     evaluate,
+    event_specs,
     longest_window,
-    next_expiry,
+    matches,
     parse_rule,
     time_may_admit,
 )
@@ -380,6 +383,22 @@ ages = st.lists(st.integers(0, 20 * 24), max_size=8).map(
 count_ops = st.dictionaries(
     st.sampled_from(["eq", "ne", "gt", "gte", "lt", "lte"]), st.integers(0, 4), min_size=1
 )
+
+
+def next_expiry(rule: Rule, events: Sequence[EventView], now: datetime) -> datetime | None:
+    """When time alone may next change the rule's answer: the first moment after ``now``
+    an event it counts leaves its window (a member of an "in the last 7 days" audience
+    drops out then unless another event keeps it in). None if no counted event will. The
+    oracle of the expiry timer's shortcut: only events leaving a window change answers."""
+    return min(
+        (
+            e["timestamp"] + spec.window
+            for spec, _ in event_specs(rule)
+            for e in events
+            if e["timestamp"] + spec.window > now and matches(spec, e)
+        ),
+        default=None,
+    )
 
 
 @given(ages, count_ops, st.booleans(), st.integers(0, 30 * 24))

@@ -552,21 +552,6 @@ def longest_window(rule: Rule) -> timedelta | None:
     return max((spec.window for spec, _ in event_specs(rule)), default=None)
 
 
-def next_expiry(rule: Rule, events: Sequence[EventView], now: datetime) -> datetime | None:
-    """When time alone may next change the rule's answer: the first moment after ``now``
-    an event it counts leaves its window (a member of an "in the last 7 days" audience
-    drops out then unless another event keeps it in). None if no counted event will."""
-    return min(
-        (
-            e["timestamp"] + spec.window
-            for spec, _ in event_specs(rule)
-            for e in events
-            if e["timestamp"] + spec.window > now and matches(spec, e)
-        ),
-        default=None,
-    )
-
-
 def time_may_admit(rule: Rule) -> bool:
     """Can time passing (events leaving windows) turn the rule from false to true? Only
     through an event condition that fewer events can make true: under a ``not``, or with
