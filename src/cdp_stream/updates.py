@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from functools import cached_property
 from typing import Any, Literal
 
 import orjson
@@ -63,6 +64,11 @@ class ProfileUpdate(BaseModel):
         """Every profile the update names: its profile first, then those merged into it
         (a tombstone: erased with it). One that is not a UUID is logged and left out: an
         update from a foreign producer must not stop the consumer."""
+        return list(self._ids)
+
+    @cached_property
+    def _ids(self) -> tuple[uuid.UUID, ...]:
+        """Parsed once: activation asks for them several times per update."""
         ids = []
         for raw in [self.profile_id, *self.merged_ids]:
             found = _uuid(raw)
@@ -70,7 +76,7 @@ class ProfileUpdate(BaseModel):
                 log.warning("skipping a profile id that is not a UUID: %r", raw)
             else:
                 ids.append(found)
-        return ids
+        return tuple(ids)
 
     def split_ids(self) -> list[uuid.UUID]:
         """Both profiles an unmerge made (this one and ``split_from``), else none."""

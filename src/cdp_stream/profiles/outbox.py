@@ -63,11 +63,14 @@ async def queue(conn: AsyncConnection, updates: Sequence[Update]) -> list[int]:
 
 
 # The rows to relay: all (a resolver's relay) or those of ``ids`` (a request's own).
+# ``picked`` is materialized: as ``DELETE .. WHERE id IN (SELECT .. LIMIT)`` the planner
+# may rescan the subquery (a nested loop) and take more than ``:n`` rows.
 _TAKE = """
-WITH taken AS (
-  DELETE FROM profile_update_outbox WHERE id IN (
-    SELECT id FROM profile_update_outbox {where} ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED)
-  RETURNING id, key, payload, event_sources, event_messages
+WITH picked AS MATERIALIZED (
+  SELECT id FROM profile_update_outbox {where} ORDER BY id LIMIT :n FOR UPDATE SKIP LOCKED
+), taken AS (
+  DELETE FROM profile_update_outbox o USING picked WHERE o.id = picked.id
+  RETURNING o.id, o.key, o.payload, o.event_sources, o.event_messages
 )
 SELECT t.id, t.key, t.payload, t.event_sources IS NOT NULL AS spliced, (
   SELECT string_agg(e.payload::text, ',' ORDER BY k.n)
