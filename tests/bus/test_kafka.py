@@ -12,9 +12,10 @@ import os
 import signal
 from typing import Any
 
+import aiokafka
 import pytest
 
-from cdp_stream.bus.base import BusUnavailable, Record, RecordTooLarge
+from cdp_stream.bus.base import BusUnavailable, Record, RecordTooLarge, rejoin
 from cdp_stream.bus.confluent import ConfluentKafkaBus
 from cdp_stream.bus.kafka import KafkaBus
 from tests.support import eventually, kafka_pid, kafka_sh, uid
@@ -86,4 +87,41 @@ async def test_a_record_too_large_is_refused_as_such_and_the_bus_goes_on(
             await bus.publish_many([Record(topic, b"k", b"x" * 2_000_000)])
         await bus.publish_many([Record(topic, b"k", b"fits")])
     finally:
+        await bus.stop()
+
+
+async def test_a_cancellation_the_kafka_client_lets_escape_is_the_bus_failing(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiokafka can raise a CancelledError of its own from ``start`` (a consumer rejoining
+    after the broker came back did): that is :class:`BusUnavailable`, which ``rejoin``
+    tries again, not a stop, which ended the consumer process. A cancel asked of the
+    task still cancels it."""
+    bus = KafkaBus(kafka_bootstrap)
+    topic = f"test-cancel-{uid()}"
+    await bus.start()
+    await bus.ensure_topics({topic: 1})
+    consumer = bus.consumer(f"test-cancel-{uid()}", [topic])
+    start, failures = aiokafka.AIOKafkaConsumer.start, [1, 1]
+
+    async def cancelled_once(self: aiokafka.AIOKafkaConsumer) -> None:
+        if failures:
+            failures.pop()
+            raise asyncio.CancelledError
+        await start(self)
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "start", cancelled_once)
+    try:
+        with pytest.raises(BusUnavailable, match="CancelledError"):
+            await consumer.start()
+        await rejoin(consumer, asyncio.Event())  # its first try meets the second one
+        assert consumer.assignment() == {(topic, 0)}
+
+        polling = asyncio.create_task(consumer.getmany(10, 30_000))
+        await asyncio.sleep(0.5)
+        polling.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await polling
+    finally:
+        await consumer.stop()
         await bus.stop()

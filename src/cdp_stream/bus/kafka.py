@@ -50,6 +50,14 @@ log = logging.getLogger(__name__)
 _FAILURES = (KafkaError, OSError, TimeoutError)
 
 
+def _unasked() -> bool:
+    """Whether a CancelledError caught now was not asked of this task: aiokafka lets its
+    own internal ones escape (while a consumer rejoins after the broker came back), and
+    those are the bus failing, not a stop; let through, one ended the consumer process."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
+
+
 def _retrieve(future: asyncio.Future[Any]) -> None:
     """Mark an abandoned future's outcome as seen (no "exception never retrieved")."""
     if not future.cancelled():
@@ -344,7 +352,9 @@ class KafkaConsumer:
         try:
             async with asyncio.timeout(self._start_timeout):
                 await consumer.start()
-        except _FAILURES as exc:
+        except (*_FAILURES, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not _unasked():
+                raise
             await self._close(consumer)
             raise BusUnavailable(f"cannot join group {self.group}: {exc!r}") from exc
         self._consumer = consumer
@@ -360,7 +370,9 @@ class KafkaConsumer:
         try:
             async with asyncio.timeout(self._commit_timeout):
                 await consumer.stop()
-        except _FAILURES as exc:
+        except (*_FAILURES, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not _unasked():
+                raise
             log.warning("group %s: consumer did not close cleanly: %r", self.group, exc)
 
     def assignment(self) -> frozenset[TopicPartition]:
@@ -373,7 +385,9 @@ class KafkaConsumer:
         self._batch_done()  # asking for more: the previous batch is finished either way
         try:
             data = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
-        except KafkaError as exc:
+        except (KafkaError, asyncio.CancelledError) as exc:
+            if isinstance(exc, asyncio.CancelledError) and not _unasked():
+                raise
             raise BusUnavailable(f"group {self.group}: fetch failed: {exc!r}") from exc
         messages = [
             Message(r.topic, r.partition, r.offset, r.key, r.value or b"")
@@ -424,7 +438,9 @@ class KafkaConsumer:
                     self.group,
                     self._commit_timeout,
                 )
-            except KafkaError as exc:
+            except (KafkaError, asyncio.CancelledError) as exc:
+                if isinstance(exc, asyncio.CancelledError) and not _unasked():
+                    raise
                 raise BusUnavailable(f"group {self.group}: commit failed: {exc!r}") from exc
         finally:
             self._batch_done()
