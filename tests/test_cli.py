@@ -13,6 +13,7 @@ import random
 import signal
 import sys
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -174,6 +175,7 @@ async def test_a_stage_that_ends_on_its_own_exits_non_zero(
     kafka_bootstrap: str,
     pg_url: str,
     monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
     loop: object,
     parts: tuple[str, ...],
 ) -> None:
@@ -181,6 +183,10 @@ async def test_a_stage_that_ends_on_its_own_exits_non_zero(
     with pytest.raises(typer.Exit) as exit_:
         await cli._serve(_settings(kafka_bootstrap, pg_url), "resolver", parts, ("resolver",))
     assert exit_.value.exit_code == 1
+    if loop is _cancelled:  # where the CancelledError came from is logged
+        [where] = [r for r in caplog.records if "cancelled from inside" in r.getMessage()]
+        assert where.exc_info is not None
+        assert "in _cancelled" in "".join(traceback.format_exception(*where.exc_info))
 
 
 def _postgres_of(data_dir: Path) -> int | None:

@@ -24,7 +24,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Awaitable, Callable, Collection, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Annotated
@@ -176,7 +176,9 @@ async def _run_stages(
     if sock is None:
         _describe(runtime, parts, loops)
     stages = {
-        asyncio.create_task(_WORKERS[name](runtime.bus, runtime.engine, settings, stop)): name
+        asyncio.create_task(
+            _where_cancelled(_WORKERS[name](runtime.bus, runtime.engine, settings, stop))
+        ): name
         for name in loops
     }
     stop_metrics = None
@@ -217,6 +219,18 @@ async def _run_stages(
         log.error("cdp-stream %s: %s %s on its own", role, stages[task], how, exc_info=error)
     if failed:
         raise typer.Exit(1)
+
+
+async def _where_cancelled(stage: Awaitable[None]) -> None:
+    """Run a consumer loop; if a CancelledError nobody asked for ends it (one escaping a
+    client library), log where it came from: a cancelled task keeps no traceback."""
+    try:
+        await stage
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and not task.cancelling():
+            log.exception("a consumer loop was cancelled from inside; where")
+        raise
 
 
 @cli.command()
