@@ -125,3 +125,33 @@ async def test_a_cancellation_the_kafka_client_lets_escape_is_the_bus_failing(
     finally:
         await consumer.stop()
         await bus.stop()
+
+
+async def test_a_consumer_the_broker_left_broken_still_closes(
+    kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Leaving the group after the broker dropped the connection: aiokafka's close raised
+    uvloop's RuntimeError from its metadata task, which ended a resolver (test_faults).
+    The consumer is closed anyway, and joins again."""
+    bus = KafkaBus(kafka_bootstrap)
+    topic = f"test-close-{uid()}"
+    await bus.start()
+    await bus.ensure_topics({topic: 1})
+    consumer = bus.consumer(f"test-close-{uid()}", [topic])
+    stop, broken = aiokafka.AIOKafkaConsumer.stop, [1]
+
+    async def closed_handler(self: aiokafka.AIOKafkaConsumer) -> None:
+        await stop(self)
+        if broken:
+            broken.pop()
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+    monkeypatch.setattr(aiokafka.AIOKafkaConsumer, "stop", closed_handler)
+    try:
+        await consumer.start()
+        await rejoin(consumer, asyncio.Event())
+        assert consumer.assignment() == {(topic, 0)}
+        assert any("did not close cleanly" in r.getMessage() for r in caplog.records)
+    finally:
+        await consumer.stop()
+        await bus.stop()

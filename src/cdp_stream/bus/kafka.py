@@ -367,10 +367,13 @@ class KafkaConsumer:
             await self._close(consumer)
 
     async def _close(self, consumer: AIOKafkaConsumer) -> None:
+        """Close it, whatever state the broker left it in: closing a client whose
+        connection the broker dropped can raise uvloop's RuntimeError ("the handler is
+        closed") from aiokafka's metadata task (test_faults: a resolver ended there)."""
         try:
             async with asyncio.timeout(self._commit_timeout):
                 await consumer.stop()
-        except (*_FAILURES, asyncio.CancelledError) as exc:
+        except (*_FAILURES, RuntimeError, asyncio.CancelledError) as exc:
             if isinstance(exc, asyncio.CancelledError) and not _unasked():
                 raise
             log.warning("group %s: consumer did not close cleanly: %r", self.group, exc)
