@@ -39,21 +39,18 @@ ensure_tools() {
 # the server's dir moves to a postgres-owned one under /tmp. Sets BASE, DATA, LOG.
 pick_dirs() {
   mkdir -p "$CACHE/postgres-15" && chmod 755 "$CACHE/postgres-15"
-  local cached fallback="/tmp/cdp-postgres-$PORT"
+  local cached fallback="/tmp/cdp-postgres-$PORT" dir
   cached="$(cd "$CACHE/postgres-15" && pwd -P)/port-$PORT"
   BASE="$cached"
   id postgres &>/dev/null && as_pg test -x "${BASE%/*}" || BASE="$fallback"
-  # A server this script started in the other dir is still ours: the path's permissions
-  # may have changed since (a fresh clone under a directory made by mktemp -d, opened up
-  # later), and a stop that looked only here left that server running.
-  DATA="$BASE/data"
-  if ! our_pid >/dev/null; then
-    for BASE in "$cached" "$fallback" "$BASE"; do
-      DATA="$BASE/data"
-      our_pid >/dev/null && break
-    done
-  fi
-  LOG="$BASE/postgres.log"
+  # A server this script started in either dir is ours: the path's permissions may have
+  # changed since (a fresh clone under a directory made by mktemp -d, opened up later),
+  # and a stop that looked only in the dir chosen now left that server running.
+  for dir in "$cached" "$fallback"; do
+    DATA="$dir/data"
+    if our_pid >/dev/null; then BASE="$dir"; break; fi
+  done
+  DATA="$BASE/data" LOG="$BASE/postgres.log"
 }
 
 # Our postmaster's pid if it is alive: the pid file could be stale and its pid reused, so

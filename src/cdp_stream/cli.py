@@ -47,6 +47,7 @@ from cdp_stream.profiles.suppression import (
     with_suppression_key,
 )
 from cdp_stream.resolver.consumer import run_resolver
+from cdp_stream.retry import cancel_asked
 from cdp_stream.sealing import SuppressionKeys
 from cdp_stream.settings import Settings
 
@@ -227,8 +228,7 @@ async def _where_cancelled(stage: Awaitable[None]) -> None:
     try:
         await stage
     except asyncio.CancelledError:
-        task = asyncio.current_task()
-        if task is not None and not task.cancelling():
+        if not cancel_asked():
             log.exception("a consumer loop was cancelled from inside; where")
         raise
 

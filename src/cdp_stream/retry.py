@@ -49,6 +49,13 @@ def within(delays: Iterable[float], deadline: float, clock: Callable[[], float])
         yield delay
 
 
+def cancel_asked() -> bool:
+    """Whether a CancelledError caught now was asked of the running task (its ``cancel``,
+    a timeout), rather than one a client library let escape from tasks of its own."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 async def stopped_within(stop: asyncio.Event, seconds: float) -> bool:
     """Wait up to ``seconds`` for ``stop``; whether it was set (the pause of a timer loop)."""
     try:

@@ -43,6 +43,7 @@ from aiokafka.errors import (
 )
 
 from cdp_stream.bus.base import BusUnavailable, Message, Record, RecordTooLarge, TopicPartition
+from cdp_stream.retry import cancel_asked
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +51,11 @@ log = logging.getLogger(__name__)
 _FAILURES = (KafkaError, OSError, TimeoutError)
 
 
-def _unasked() -> bool:
-    """Whether a CancelledError caught now was not asked of this task: aiokafka lets its
-    own internal ones escape (while a consumer rejoins after the broker came back), and
+def _stop_asked(exc: BaseException) -> bool:
+    """Whether ``exc`` is a cancel asked of this task, to let through. aiokafka lets its
+    own CancelledErrors escape (while a consumer rejoins after the broker came back):
     those are the bus failing, not a stop; let through, one ended the consumer process."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() == 0
+    return isinstance(exc, asyncio.CancelledError) and cancel_asked()
 
 
 def _retrieve(future: asyncio.Future[Any]) -> None:
@@ -353,7 +353,7 @@ class KafkaConsumer:
             async with asyncio.timeout(self._start_timeout):
                 await consumer.start()
         except (*_FAILURES, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and not _unasked():
+            if _stop_asked(exc):
                 raise
             await self._close(consumer)
             raise BusUnavailable(f"cannot join group {self.group}: {exc!r}") from exc
@@ -374,7 +374,7 @@ class KafkaConsumer:
             async with asyncio.timeout(self._commit_timeout):
                 await consumer.stop()
         except (*_FAILURES, RuntimeError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and not _unasked():
+            if _stop_asked(exc):
                 raise
             log.warning("group %s: consumer did not close cleanly: %r", self.group, exc)
 
@@ -389,7 +389,7 @@ class KafkaConsumer:
         try:
             data = await consumer.getmany(timeout_ms=timeout_ms, max_records=max_records)
         except (KafkaError, asyncio.CancelledError) as exc:
-            if isinstance(exc, asyncio.CancelledError) and not _unasked():
+            if _stop_asked(exc):
                 raise
             raise BusUnavailable(f"group {self.group}: fetch failed: {exc!r}") from exc
         messages = [
@@ -442,7 +442,7 @@ class KafkaConsumer:
                     self._commit_timeout,
                 )
             except (KafkaError, asyncio.CancelledError) as exc:
-                if isinstance(exc, asyncio.CancelledError) and not _unasked():
+                if _stop_asked(exc):
                     raise
                 raise BusUnavailable(f"group {self.group}: commit failed: {exc!r}") from exc
         finally:

@@ -58,7 +58,11 @@ async def _timeline(
         return {}
     specs = [spec for r in rules for spec, _ in event_specs(r)]
     unnamed = {s.type for s in specs if s.name is None}
-    named = {(s.type, s.name.strip().lower()) for s in specs if s.name and s.type not in unnamed}
+    named = {
+        (s.type, name)
+        for s in specs
+        if (name := s.normal_name) is not None and s.type not in unnamed
+    }
     return await aud_repo.load_events(
         conn,
         profile_ids,

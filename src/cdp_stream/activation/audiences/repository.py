@@ -97,7 +97,8 @@ async def load_events(
         among(events.c.type, sorted({t for t, _ in names}))
         & func.lower(events.c.event).like(any_(bindparam(None, patterns, type_=ARRAY(Text))))
     )
-    payload = events.c.payload if payloads else literal_column("'{}'::jsonb", JSONB)
+    empty = literal_column("'{}'::jsonb", JSONB)
+    payload = (events.c.payload if payloads else empty).label("payload")
     out: dict[uuid.UUID, list[EventView]] = defaultdict(list)
     rows = await conn.execute(
         select(
@@ -106,7 +107,7 @@ async def load_events(
     )
     for r in rows:
         out[r.profile_id].append(
-            EventView(type=r.type, event=r.event, timestamp=r.timestamp, payload=r[4])
+            EventView(type=r.type, event=r.event, timestamp=r.timestamp, payload=r.payload)
         )
     return out
 
@@ -161,8 +162,8 @@ def _at(value: datetime) -> ColumnElement[datetime]:
 def _same_kind(spec: EventSpec) -> list[ColumnElement[bool]]:
     """SQL for the part of ``rules.matches`` an index can help with: type and name."""
     clauses: list[ColumnElement[bool]] = [events.c.type == spec.type]
-    if spec.name is not None:
-        clauses.append(func.lower(func.btrim(events.c.event)) == spec.name.strip().lower())
+    if spec.normal_name is not None:
+        clauses.append(func.lower(func.btrim(events.c.event)) == spec.normal_name)
     return clauses
 
 

@@ -240,6 +240,11 @@ class EventSpec(_Model):
         return value
 
     @property
+    def normal_name(self) -> str | None:
+        """The event name as events are compared with it (see ``matches``)."""
+        return _normal_name(self.name)
+
+    @property
     def window(self) -> timedelta:
         match = _DURATION.match(self.within)
         assert match is not None  # validated
@@ -494,7 +499,7 @@ def matches(spec: EventSpec, event: EventView) -> bool:
     """The event is of the kind ``spec`` counts (type, name, where), at any time."""
     if event["type"] != spec.type:
         return False
-    if spec.name is not None and _normal_name(event["event"]) != _normal_name(spec.name):
+    if spec.name is not None and _normal_name(event["event"]) != spec.normal_name:
         return False
     return all(holds(c, _where_value(event["payload"], k)) for k, c in (spec.where or {}).items())
 
