@@ -137,6 +137,12 @@ class Settings(BaseSettings):
     )
     # Activation (cdp_stream.activation): the CRM feed, audiences, the DMP feed.
     activation_batch_size: int = Field(default=500, ge=1)
+    activation_in_flight: int = Field(
+        default=2,
+        ge=1,
+        description="batches an activation process applies at once, each its own "
+        "transaction: one's Python runs while another's statements run in Postgres",
+    )
     activation_linger_ms: int = Field(
         default=250,
         ge=0,
