@@ -62,8 +62,8 @@ class _Activation:
         updates = [u for _, u in batch]
 
         async def work(conn: AsyncConnection) -> None:
-            await crm_feed.apply_updates(conn, updates, self._settings)
-            await membership.apply_updates(conn, updates, datetime.now(UTC))
+            read = await crm_feed.apply_updates(conn, updates, self._settings)
+            await membership.apply_updates(conn, updates, datetime.now(UTC), read)
 
         await retrying(self._engine, work, self._stop)
 

@@ -133,6 +133,19 @@ async def canonical_ids(
     return out
 
 
+async def canonical_profiles(
+    conn: AsyncConnection, ids: Iterable[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """The canonical ones among ``ids`` as activation sees them, ``{"traits", "computed"}``:
+    read once per activation batch, for the CRM's contacts and the audiences' rules."""
+    rows = await conn.execute(
+        select(profiles.c.id, profiles.c.traits, profiles.c.computed).where(
+            among(profiles.c.id, ids), profiles.c.merged_into.is_(None)
+        )
+    )
+    return {r.id: {"traits": r.traits, "computed": r.computed} for r in rows}
+
+
 async def profile_for_identifier(conn: AsyncConnection, ident: Identifier) -> uuid.UUID | None:
     return (await profiles_of(conn, [ident])).get(ident)
 

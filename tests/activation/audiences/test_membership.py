@@ -79,8 +79,11 @@ async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:
 
 
 async def apply(engine: AsyncEngine, updates: list[dict[str, Any]], now: datetime) -> None:
+    """As the activation consumer: the updates' profiles read first (by the CRM feed)."""
+    batch = typed(updates)
     async with engine.begin() as conn:
-        await aud.apply_updates(conn, typed(updates), now)
+        read = await repo.canonical_profiles(conn, {i for u in batch for i in u.profile_ids()})
+        await aud.apply_updates(conn, batch, now, read)
 
 
 async def expire(engine: AsyncEngine, now: datetime, since: datetime | None = None) -> int:

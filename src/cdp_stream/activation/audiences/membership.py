@@ -23,7 +23,7 @@ import asyncio
 import functools
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -39,6 +39,7 @@ from cdp_stream.activation.audiences.rules import (
     longest_window,
     time_may_admit,
 )
+from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.db import retrying
 from cdp_stream.retry import Stopping, stopped_within
 from cdp_stream.updates import ProfileUpdate
@@ -78,13 +79,17 @@ async def reconcile(
     chosen: Sequence[Audience],
     profile_ids: Iterable[uuid.UUID],
     now: datetime,
+    canonical: Mapping[uuid.UUID, Mapping[str, Any]] | None = None,
 ) -> int:
     """Bring membership of ``profile_ids`` in ``chosen`` to what the rules say now; the
-    number of enter / exit changes recorded. The caller holds the profiles' locks."""
+    number of enter / exit changes recorded. The caller holds the profiles' locks.
+    ``canonical``: the canonical ones among them, if the caller read them already in
+    this transaction (``repo.canonical_profiles``); else they are read here."""
     ids = sorted(set(profile_ids))
     if not ids or not chosen:
         return 0
-    canonical = await aud_repo.canonical_profiles(conn, ids)
+    if canonical is None:
+        canonical = await repo.canonical_profiles(conn, ids)
     timeline = await _timeline(conn, list(canonical), [a.rule for a in chosen], now)
     current = await aud_repo.current_members(conn, ids, [a.id for a in chosen])
     entering, leaving = diff(wanted(chosen, canonical, timeline, now), current)
@@ -103,10 +108,15 @@ async def reconcile(
 
 
 async def apply_updates(
-    conn: AsyncConnection, updates: Sequence[ProfileUpdate], now: datetime
+    conn: AsyncConnection,
+    updates: Sequence[ProfileUpdate],
+    now: datetime,
+    read: Mapping[uuid.UUID, Mapping[str, Any]],
 ) -> None:
     """Re-evaluate every audience for the profiles a micro-batch of profile updates names,
-    inside the caller's transaction. Merged-away and deleted profiles leave everything."""
+    inside the caller's transaction. Merged-away and deleted profiles leave everything.
+    ``read``: ``repo.canonical_profiles`` of (at least) the updates' profiles, read in
+    this transaction (by the CRM feed, which needs them too)."""
     ids = sorted({i for u in updates for i in u.profile_ids()})
     if not ids:
         return
@@ -114,7 +124,7 @@ async def apply_updates(
     if not chosen:
         return
     await aud_repo.lock_profiles(conn, ids)
-    await reconcile(conn, chosen, ids, now)
+    await reconcile(conn, chosen, ids, now, {i: read[i] for i in ids if i in read})
 
 
 async def _crossed(

@@ -67,18 +67,6 @@ async def lock_profiles(conn: AsyncConnection, profile_ids: Iterable[uuid.UUID])
     await repo.lock_keys(conn, [repo.lock_key("audience-profile", str(p)) for p in profile_ids])
 
 
-async def canonical_profiles(
-    conn: AsyncConnection, ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, dict[str, Any]]:
-    """The canonical ones among ``ids``, as rules see them: ``{"traits", "computed"}``."""
-    rows = await conn.execute(
-        select(profiles_table.c.id, profiles_table.c.traits, profiles_table.c.computed).where(
-            among(profiles_table.c.id, ids), profiles_table.c.merged_into.is_(None)
-        )
-    )
-    return {r.id: {"traits": r.traits, "computed": r.computed} for r in rows}
-
-
 async def load_events(
     conn: AsyncConnection,
     profile_ids: Sequence[uuid.UUID],

@@ -48,10 +48,12 @@ class _Announced:
 
 async def apply_updates(
     conn: AsyncConnection, updates: Sequence[ProfileUpdate], settings: Settings
-) -> None:
+) -> dict[uuid.UUID, dict[str, Any]]:
     """Bring contacts, interactions and the webhook queue up to date with a micro-batch of
     ``cdp.profile-updates``, inside the caller's transaction. Safe to run again on the same
-    updates (redelivery) and concurrently with other activation consumers."""
+    updates (redelivery) and concurrently with other activation consumers. Returns the
+    canonical profiles it read (the updates' people as they are now), for the audiences
+    to use in the same transaction instead of reading them again."""
     tombstones = [u for u in updates if u.type == "deleted"]
     changes = [u for u in updates if u.type != "deleted"]
     split = {i for u in changes for i in u.split_ids()}
@@ -70,7 +72,9 @@ async def apply_updates(
     announced.new |= await _record_interactions(conn, changes, canonical, settings)
     # Contacts after the interactions: a contact created now announces its whole history.
     heads = sorted(set(canonical.values()))
-    created = await _write_contacts(conn, heads, settings, out)
+    state = await repo.canonical_profiles(conn, heads) if heads else {}
+    held = await crm_repo.read_held(conn, state) if state else {}
+    created = await _write_contacts(conn, heads, state, held, settings, out)
     webhook = bool(settings.crm_webhook_url)
     if webhook and (announced.new or created):
         for row in await crm_repo.unseen_interactions(
@@ -81,6 +85,7 @@ async def apply_updates(
         await _erase(conn, erased, out if webhook else None)
     if webhook and out.rows:
         await crm_repo.queue_deliveries(conn, out.rows)
+    return state
 
 
 async def _fold(
@@ -139,20 +144,25 @@ async def _record_interactions(
 
 
 async def _write_contacts(
-    conn: AsyncConnection, heads: list[uuid.UUID], settings: Settings, out: Outgoing
+    conn: AsyncConnection,
+    heads: list[uuid.UUID],
+    state: dict[uuid.UUID, dict[str, Any]],
+    held: crm_repo.Held,
+    settings: Settings,
+    out: Outgoing,
 ) -> list[uuid.UUID]:
-    """Upsert the contacts of ``heads`` where a field changed (queueing them for the
-    webhook), drop those that no longer qualify; returns the newly created ones."""
+    """Upsert the contacts of ``heads`` (``state``, ``held``: the canonical ones as read)
+    where a field changed (queueing them for the webhook), drop those that no longer
+    qualify; returns the newly created ones."""
     if not heads:
         return []
-    state, held = await crm_repo.read_profiles(conn, heads)
     existing = await crm_repo.read_contacts(conn, heads)
     # Only a would-be subscriber needs its stored events read: a lead or customer stays one.
     maybe_lead = [
         pid
         for pid in state
         if may_become_contact(held[pid])
-        and not is_customer(state[pid][1])
+        and not is_customer(state[pid]["computed"])
         and existing.get(pid, {}).get("lifecycle_stage") not in ("lead", "customer")
     ]
     leads = await crm_repo.leads(conn, maybe_lead)
@@ -163,7 +173,7 @@ async def _write_contacts(
         before = existing.get(pid)
         contact = None
         if pid in state:
-            traits, computed = state[pid]
+            traits, computed = state[pid]["traits"], state[pid]["computed"]
             stage = None if before is None else before["lifecycle_stage"]
             contact = contact_of(
                 traits, computed, held[pid], rules, lead=pid in leads, stage_before=stage

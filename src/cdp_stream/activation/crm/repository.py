@@ -26,11 +26,9 @@ from cdp_stream.profiles.models import (
     crm_webhook_deliveries,
     events,
     identities,
-    profiles,
 )
 from cdp_stream.profiles.sql import among
 
-Profiles = dict[uuid.UUID, tuple[dict[str, Any], dict[str, Any]]]  # id -> (traits, computed)
 Held = dict[uuid.UUID, dict[str, list[str]]]  # id -> identity type -> values, oldest first
 
 _MAPPING = (
@@ -94,27 +92,20 @@ async def insert_interactions(conn: AsyncConnection, rows: list[dict[str, Any]])
     return set(inserted.scalars())
 
 
-async def read_profiles(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> tuple[Profiles, Held]:
-    """The canonical ones among ``ids``: their traits and computed traits, and the
-    identities a contact shows."""
-    found = await conn.execute(
-        select(profiles.c.id, profiles.c.traits, profiles.c.computed).where(
-            among(profiles.c.id, ids), profiles.c.merged_into.is_(None)
-        )
-    )
-    state = {r.id: (r.traits, r.computed) for r in found}
-    held: Held = {pid: {} for pid in state}
+async def read_held(conn: AsyncConnection, ids: Iterable[uuid.UUID]) -> Held:
+    """The identities a contact shows, of each of ``ids``."""
+    held: Held = {pid: {} for pid in ids}
     rows = await conn.execute(
         select(identities.c.profile_id, identities.c.type, identities.c.value)
         .where(
-            among(identities.c.profile_id, state),
+            among(identities.c.profile_id, held),
             identities.c.type.in_(list(IDENTITY_TYPES)),
         )
         .order_by(identities.c.created_at, identities.c.value)
     )
     for r in rows:
         held[r.profile_id].setdefault(r.type, []).append(r.value)
-    return state, held
+    return held
 
 
 async def read_contacts(
