@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from cdp_stream.activation.crm.interactions import interaction_of
 from cdp_stream.collector.intake import channel_of
-from cdp_stream.event_names import EMAIL_EVENTS, PURCHASE_EVENTS, UNSUBSCRIBED, name_key
+from cdp_stream.event_names import (
+    EMAIL_EVENTS,
+    PURCHASE_EVENTS,
+    UNSUBSCRIBED,
+    WHITESPACE,
+    name_key,
+)
 from cdp_stream.resolver import computed
 
 TS = "2026-01-01T00:00:00.000000Z"
@@ -14,6 +22,11 @@ TS = "2026-01-01T00:00:00.000000Z"
 
 def test_names_are_compared_trimmed_and_lower_cased() -> None:
     assert name_key("  Email Opened\t") == "email opened"
+
+
+def test_sql_trims_what_python_trims() -> None:
+    """``WHITESPACE`` (SQL's ``btrim`` set) is exactly what ``str.strip()`` removes."""
+    assert set(WHITESPACE) == {c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace()}
 
 
 @pytest.mark.parametrize("name", [*EMAIL_EVENTS, "Email Unsubscribed", " marked as SPAM "])

@@ -40,6 +40,15 @@ def name_key(name: str) -> str:
     return name.strip().lower()
 
 
+# What ``str.strip()`` trims (every character ``str.isspace()``), for SQL to trim the
+# same: ``btrim`` alone trims spaces only, and a name sent as "Form Submitted\t" would
+# then be another name in a query than in Python (``profiles.sql.name_key_of``).
+WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004"
+    "\u2005\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+
+
 # Accepted form -> the spec's name.
 EMAIL_EVENTS: dict[str, str] = {
     **{

@@ -160,6 +160,22 @@ async def test_named_events_count_however_the_name_is_written(
     assert await members(engine, aid) == {await owner(engine, "anonymous_id", counted)}
 
 
+async def test_a_named_event_padded_with_any_whitespace_leaves_its_window(
+    engine: AsyncEngine, audience: Make
+) -> None:
+    """Expiry finds the events that left a window by name as the rule matches them: a
+    name sent with a tab or a newline around it expires like any other."""
+    name = uid("Trial Started ")
+    aid = await audience({"event": {"type": "track", "name": name, "within": "7d"}})
+    anon = uid("a-")
+    updates = await put(engine, ev("track", T0, anonymousId=anon, event=f"\t{name}\n"))
+    pid = await owner(engine, "anonymous_id", anon)
+    await apply(engine, updates, T0 + HOUR)
+    assert await members(engine, aid) == {pid}
+    assert await expire(engine, T0 + 7 * DAY) >= 1
+    assert await members(engine, aid) == set()
+
+
 async def test_event_properties_are_read_only_for_rules_that_look_into_them(
     engine: AsyncEngine, audience: Make
 ) -> None:

@@ -486,6 +486,28 @@ async def test_tombstone_forgets_the_person(engine: AsyncEngine) -> None:
     assert await snapshot(engine, *ids) == ([None] * len(ids), [], left)
 
 
+async def test_a_lead_event_counts_whatever_whitespace_pads_its_name(engine: AsyncEngine) -> None:
+    """The stored events decide who is a lead, trimmed as Python trims (tab, newline, no-break
+    space), not only of spaces."""
+    users = [uid("u") for _ in range(3)]
+    names = ["Form Submitted\t", "\n signed up", "\xa0Form Submitted\u3000"]
+    for user, name in zip(users, names, strict=True):
+        identify = ev(
+            "identify", "2024-03-01T10:00:00Z", userId=user, traits={"email": f"{user}@x.test"}
+        )
+        await feed(engine, await resolve(engine, identify), NO_WEBHOOK)
+        pid = await owner(engine, "user_id", user)
+        c = await contact(engine, pid)
+        assert c is not None and c["lifecycle_stage"] == "subscriber"
+        await feed(
+            engine,
+            await resolve(engine, track(name, "2024-03-01T10:01:00Z", userId=user)),
+            NO_WEBHOOK,
+        )
+        c = await contact(engine, pid)
+        assert c is not None and c["lifecycle_stage"] == "lead", name
+
+
 async def test_tombstone_alone_removes_contact_and_interactions(engine: AsyncEngine) -> None:
     user = uid("u")
     updates = await resolve(

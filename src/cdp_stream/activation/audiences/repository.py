@@ -43,7 +43,7 @@ from cdp_stream.identity import BUILT_IN
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import audience_changes, audience_members, audiences, events
 from cdp_stream.profiles.models import profiles as profiles_table
-from cdp_stream.profiles.sql import among
+from cdp_stream.profiles.sql import among, name_key_of
 
 _PENDING = {"status": "pending", "processed": 0, "total": None}
 
@@ -151,7 +151,7 @@ def _same_kind(spec: EventSpec) -> list[ColumnElement[bool]]:
     """SQL for the part of ``rules.matches`` an index can help with: type and name."""
     clauses: list[ColumnElement[bool]] = [events.c.type == spec.type]
     if spec.normal_name is not None:
-        clauses.append(func.lower(func.btrim(events.c.event)) == spec.normal_name)
+        clauses.append(name_key_of(events.c.event) == spec.normal_name)
     return clauses
 
 

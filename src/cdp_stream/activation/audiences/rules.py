@@ -28,6 +28,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from cdp_stream import computed_traits
+from cdp_stream.event_names import name_key
 from cdp_stream.events import EVENT_TYPES, EventType
 
 OPERATORS = ("eq", "ne", "gt", "gte", "lt", "lte", "exists", "in", "starts_with")
@@ -482,7 +483,7 @@ def _count_holds(spec: CountSpec, n: int) -> bool:
 
 
 def _normal_name(name: Any) -> str | None:
-    return name.strip().lower() if isinstance(name, str) else None
+    return name_key(name) if isinstance(name, str) else None
 
 
 def _where_value(payload: Mapping[str, Any], key: str) -> Any:

@@ -27,7 +27,7 @@ from cdp_stream.profiles.models import (
     events,
     identities,
 )
-from cdp_stream.profiles.sql import among
+from cdp_stream.profiles.sql import among, name_key_of
 
 Held = dict[uuid.UUID, dict[str, list[str]]]  # id -> identity type -> values, oldest first
 
@@ -126,7 +126,7 @@ async def leads(conn: AsyncConnection, pids: list[uuid.UUID]) -> set[uuid.UUID]:
         .where(
             among(events.c.profile_id, pids),
             events.c.type == "track",
-            func.lower(func.btrim(events.c.event)).in_(list(LEAD_KINDS)),
+            name_key_of(events.c.event).in_(list(LEAD_KINDS)),
         )
         .distinct()
     )
