@@ -21,7 +21,6 @@ blocking its partition forever.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import time
 from collections.abc import Sequence
@@ -236,17 +235,6 @@ class _Relay:
             await self._task
 
 
-def _collect_garbage_less() -> None:
-    """Fewer, cheaper garbage collections: a batch decodes thousands of events into
-    hundreds of thousands of containers, and with CPython's default thresholds a full
-    collection ran every few hundred events, walking every object the process holds (a
-    fifth of the resolver's time under py-spy). The youngest generation is collected
-    every 20,000 allocations instead of 700, and what exists once the consumer has joined
-    is frozen out of the walks (by the runtime). (Process-wide: in ``cdp-stream up`` the
-    other stages share it.)"""
-    gc.set_threshold(20_000, 20, 20)
-
-
 def _set_aside(rejected: str, result: BatchResult) -> list[Record]:
     """The rejected-topic records for the events a batch stored nowhere."""
     return [
@@ -322,7 +310,6 @@ async def run_resolver(
         return
     if resealed:
         log.info("sealed %d suppression rows with the current key", resealed)
-    _collect_garbage_less()
     resolver = _Resolver(bus, engine, settings, dead, stop)
     resolver.relay.kick()  # what a crash left behind
     polling = Polling(
