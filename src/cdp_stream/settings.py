@@ -136,7 +136,12 @@ class Settings(BaseSettings):
         default=1.0, gt=0, description="how often a resolver vacuums the profile-update outbox"
     )
     # Activation (cdp_stream.activation): the CRM feed, audiences, the DMP feed.
-    activation_batch_size: int = Field(default=500, ge=1)
+    activation_batch_size: int = Field(
+        default=2000,
+        ge=1,
+        description="profile updates per activation transaction, at most (a backlog's "
+        "batches: at a steady rate the linger ends a batch first)",
+    )
     activation_in_flight: int = Field(
         default=2,
         ge=1,
