@@ -1,8 +1,7 @@
 """The consumer runtime (``cdp_stream.consuming``) with a stage of its own on the real
 broker and server: every record decoded and applied once, in batches, its offsets
 committed (lag 0); a record that cannot be decoded and one that cannot be applied both
-parked on the dead-letter topic while the rest go on; each step timed; ``stop`` ends it.
-With ``in_flight`` batches applied at once, offsets are still committed in order."""
+parked on the dead-letter topic while the rest go on; each step timed; ``stop`` ends it."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ import pytest
 
 from cdp_stream.app import Runtime
 from cdp_stream.bus.base import Message, Record
-from cdp_stream.consuming import Polling, _InFlight, _Timed, run_consumer
+from cdp_stream.consuming import Polling, run_consumer
 from cdp_stream.metrics import REGISTRY
 from cdp_stream.poison import DeadLetters
 from cdp_stream.settings import Settings
@@ -54,23 +53,6 @@ class Numbers:
         self.commits_seen += 1
 
 
-class SlowNumbers(Numbers):
-    """Numbers whose every apply takes a while, counting how many ran at once."""
-
-    def __init__(self, dead: DeadLetters) -> None:
-        super().__init__(dead)
-        self.open = self.most_open = 0
-
-    async def apply(self, batch: Sequence[tuple[Message, int]]) -> None:
-        self.open += 1
-        self.most_open = max(self.most_open, self.open)
-        try:
-            await asyncio.sleep(0.05)
-            await super().apply(batch)
-        finally:
-            self.open -= 1
-
-
 @pytest.fixture
 async def runtime(kafka_bootstrap: str, pg_url: str) -> AsyncIterator[Runtime]:
     settings = Settings(
@@ -88,13 +70,13 @@ def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def _lag(group: str = GROUP) -> list[float]:
+def _lag() -> list[float]:
     return [
         s.value
         for family in REGISTRY.collect()
         if family.name == "cdp_consumer_lag"
         for s in family.samples
-        if s.labels["group"] == group
+        if s.labels["group"] == GROUP
     ]
 
 
@@ -131,59 +113,3 @@ async def test_every_record_applied_once_and_the_bad_ones_parked(runtime: Runtim
     for step, count in timed.items():
         assert _sample("cdp_consumer_step_duration_seconds_count", group=GROUP, step=step) > count
     assert _sample("cdp_consumer_records_total", group=GROUP) >= 201
-
-
-@pytest.mark.parametrize("in_flight", [1, 2])
-async def test_in_flight_batches_are_applied_at_once(runtime: Runtime, in_flight: int) -> None:
-    names, stop, name = runtime.settings.topics, asyncio.Event(), f"{GROUP}-{uid()}"
-    dead = DeadLetters(runtime.bus, runtime.engine, names.dead_letters, name, stop)
-    stage = SlowNumbers(dead)
-    values = [str(i).encode() for i in range(100, 400)]  # no 13: none is parked
-    await runtime.bus.publish_many([Record(names.events, v, v) for v in values])
-    polling = Polling(batch_size=20, timeout_ms=100, linger_ms=0, in_flight=in_flight)
-    group = f"{names.namespace}{name}"
-    task = asyncio.create_task(
-        run_consumer(runtime.bus, group, [names.events], stage, polling, dead, stop)
-    )
-
-    async def settled() -> bool:
-        lag = _lag(name)
-        return len(stage.done) == 300 and len(lag) == 3 and not any(lag)
-
-    try:
-        assert await eventually(settled, within_s=60)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-    assert sorted(stage.done) == list(range(100, 400))
-    assert stage.most_open == in_flight
-
-
-class _Commits:
-    """A consumer that only records what is committed (the order is the point here)."""
-
-    def __init__(self) -> None:
-        self.committed: list[dict[tuple[str, int], int]] = []
-
-    async def commit(self, offsets: dict[tuple[str, int], int]) -> None:
-        self.committed.append(offsets)
-
-
-async def test_offsets_are_committed_in_order_whichever_batch_ends_first() -> None:
-    consumer, counted = _Commits(), []
-    applying = _InFlight(consumer, 2, counted.append)  # type: ignore[arg-type]
-    first, second = asyncio.Event(), asyncio.Event()
-
-    async def apply(done: asyncio.Event, wait: asyncio.Event | None = None) -> None:
-        if wait is not None:
-            await wait.wait()
-        done.set()
-
-    stage = Numbers(None)  # type: ignore[arg-type]
-    batch = [Message("t", 0, offset, None, b"1") for offset in range(3)]
-    applying.add(batch[:2], apply(first, wait=second))  # the older batch ends last
-    applying.add(batch[2:], apply(second))
-    await asyncio.wait_for(applying.settle(stage, _Timed(GROUP), every=True), 5)
-    assert first.is_set() and second.is_set()
-    assert consumer.committed == [{("t", 0): 2}, {("t", 0): 3}]
-    assert counted == [2, 1] and stage.commits_seen == 2

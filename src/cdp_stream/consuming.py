@@ -12,13 +12,9 @@ and why:
    (:class:`_Ahead`): decoding needs no lock, so Python and Postgres overlap.
 2. **apply** the batch (the stage's one transaction); a record that can never be applied
    is bisected out and parked on ``cdp.dead-letters`` (:mod:`cdp_stream.poison`); an
-   outage propagates and the batch is retried whole. Up to ``in_flight`` batches are
-   applied at once (:class:`_InFlight`), for a stage whose transactions are safe beside
-   each other (as they are beside another member's): one batch's Python runs while
-   another's statements run in Postgres, which one transaction at a time leaves idle.
-3. **commit** the offsets, in order and only after the transactions up to them: a crash
-   before it redelivers those batches (and the one taken ahead), which the stages'
-   applies turn into no-ops.
+   outage propagates and the batch is retried whole.
+3. **commit** the offsets, only after the transaction: a crash before it redelivers the
+   batch (and the one taken ahead), which the stages' applies turn into no-ops.
 
 The bus failing mid-batch: leave the group and rejoin, so the next batch starts at the
 committed offsets (the batch taken ahead is dropped). The database away past a stop:
@@ -35,7 +31,6 @@ import contextlib
 import gc
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
@@ -71,13 +66,11 @@ class Stage(Protocol[T]):
 
 @dataclass(frozen=True)
 class Polling:
-    """How a group polls: records per batch, the first wait, the linger for more; and
-    how many batches it applies at once."""
+    """How a group polls: records per batch, the first wait, the linger for more."""
 
     batch_size: int
     timeout_ms: int
     linger_ms: int
-    in_flight: int = 1
 
 
 _Taken = tuple[list[Message], list[tuple[Message, T]]]
@@ -128,40 +121,6 @@ class _Timed:
             yield
         finally:
             self._steps[step].observe(time.perf_counter() - started)
-
-
-class _InFlight:
-    """Batches being applied, each in a task of its own, oldest first: their offsets are
-    committed in that order, each once its own transaction and all before it are done."""
-
-    def __init__(self, consumer: Consumer, limit: int, committed: Callable[[int], None]) -> None:
-        self._consumer, self._limit, self._committed = consumer, limit, committed
-        self._tasks: deque[tuple[list[Message], asyncio.Task[None]]] = deque()
-
-    def add(self, messages: list[Message], applying: Awaitable[None]) -> None:
-        self._tasks.append((messages, asyncio.ensure_future(applying)))
-
-    async def settle(self, stage: Stage[T], timed: _Timed, every: bool = False) -> None:
-        """Commit the batches that are done, oldest first; wait for the oldest while
-        ``in_flight`` are open (``every``: until none is). A failed apply raises here."""
-        while self._tasks and (
-            every or len(self._tasks) >= self._limit or self._tasks[0][1].done()
-        ):
-            messages, task = self._tasks[0]
-            await task
-            self._tasks.popleft()
-            await stage.applied()
-            with timed("commit"):
-                await self._consumer.commit(next_offsets(messages))
-            self._committed(len(messages))
-
-    async def drop(self) -> None:
-        """Cancel what is open: its offsets are not committed, so it is delivered again."""
-        tasks = [task for _, task in self._tasks]
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _track_lag(consumer: Consumer, group: str, stop: asyncio.Event) -> None:
@@ -219,10 +178,6 @@ async def run_consumer(
     async def park(item: tuple[Message, T], exc: Exception) -> None:
         await dead.park_message(item[0], exc)
 
-    async def apply(items: list[tuple[Message, T]]) -> None:
-        with timed("apply"):
-            await apply_isolating(items, stage.apply, park)
-
     await consumer.start()
     # Fewer, cheaper garbage collections. A batch decodes into hundreds of thousands of
     # containers, and with CPython's default thresholds a full collection ran every few
@@ -238,27 +193,30 @@ async def run_consumer(
     # decoding a batch; benchmarks/pipeline.py and resolve.py).
     gc.freeze()
     ahead: _Ahead[T] = _Ahead(take)
-    applying = _InFlight(consumer, polling.in_flight, records.inc)
     lag = asyncio.create_task(_track_lag(consumer, name, stop))
     try:
         while not stop.is_set():
             await stage.between()
             try:
                 taken = await ahead.next()
-                if taken is not None:
-                    applying.add(taken[0], apply(taken[1]))
-                await applying.settle(stage, timed, every=taken is None or stop.is_set())
+                if taken is None:
+                    continue
+                messages, items = taken
+                with timed("apply"):
+                    await apply_isolating(items, stage.apply, park)
+                await stage.applied()
+                with timed("commit"):
+                    await consumer.commit(next_offsets(messages))
+                records.inc(len(messages))
             except BusUnavailable as exc:
                 log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
                 metrics.consumer_rejoins.labels(name).inc()
-                await applying.drop()
                 await ahead.drop()
                 await rejoin(consumer, stop)
             except Stopping:
                 log.info("stopping with the database away: the batch is redelivered later")
     finally:
         lag.cancel()
-        await applying.drop()
         await ahead.drop()
         await asyncio.gather(lag, return_exceptions=True)
         await consumer.stop()

@@ -142,12 +142,6 @@ class Settings(BaseSettings):
         description="profile updates per activation transaction, at most (a backlog's "
         "batches: at a steady rate the linger ends a batch first)",
     )
-    activation_in_flight: int = Field(
-        default=2,
-        ge=1,
-        description="batches an activation process applies at once, each its own "
-        "transaction: one's Python runs while another's statements run in Postgres",
-    )
     activation_linger_ms: int = Field(
         default=250,
         ge=0,

@@ -93,7 +93,6 @@ async def run_activation(
         settings.activation_batch_size,
         settings.activation_poll_timeout_ms,
         settings.activation_linger_ms,
-        settings.activation_in_flight,
     )
     try:
         await backfill.resume_backfills(engine, stop)  # what a restart interrupted
