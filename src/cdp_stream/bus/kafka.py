@@ -52,9 +52,10 @@ _FAILURES = (KafkaError, OSError, TimeoutError)
 
 
 def _stop_asked(exc: BaseException) -> bool:
-    """Whether ``exc`` is a cancel asked of this task, to let through. aiokafka lets its
-    own CancelledErrors escape (while a consumer rejoins after the broker came back):
-    those are the bus failing, not a stop; let through, one ended the consumer process."""
+    """Whether ``exc`` is a cancel asked of this task, to let through. aiokafka also lets
+    CancelledErrors of its own tasks escape (while a consumer rejoins after the broker
+    came back): those are the bus failing, not a stop, and let through, one ended the
+    consumer process."""
     return isinstance(exc, asyncio.CancelledError) and cancel_asked()
 
 

@@ -116,7 +116,9 @@ async def apply_updates(
     """Re-evaluate every audience for the profiles a micro-batch of profile updates names,
     inside the caller's transaction. Merged-away and deleted profiles leave everything.
     ``read``: ``repo.canonical_profiles`` of (at least) the updates' profiles, read in
-    this transaction (by the CRM feed, which needs them too)."""
+    this transaction (by the CRM feed, which needs them too). It was read before these
+    locks; a change the resolver made since comes with an update of its own, which
+    evaluates the profile again."""
     ids = sorted({i for u in updates for i in u.profile_ids()})
     if not ids:
         return
