@@ -68,8 +68,8 @@ class Runtime:
     engine: AsyncEngine
     bus: Bus
     credentials: NewCredentials = field(default_factory=NewCredentials)
-    # The API's profile lookups: a pool of its own without pre-ping, since one lookup is
-    # one statement (see ``read_only``); None: they share ``engine``.
+    # The API's profile lookups: a pool of their own, so that other work never holds up a
+    # lookup's connection (see ``read_only``); None: they share ``engine``.
     lookups: AsyncEngine | None = None
 
     @classmethod
@@ -105,7 +105,7 @@ class Runtime:
             raise
         # Connects lazily. Ten kept: a burst of lookups that finds every pooled connection
         # busy opens more, and each one over pool_size is closed again after its lookup.
-        lookups = make_engine(database_url, f"{role}-lookups", pool_size=10, pre_ping=False)
+        lookups = make_engine(database_url, f"{role}-lookups", pool_size=10)
         return cls(settings, role, engine, bus, creds, lookups)
 
     async def stop(self) -> None:

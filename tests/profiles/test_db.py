@@ -3,6 +3,7 @@ retried until the database answers again; an error in the work itself is not."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -76,32 +77,58 @@ async def test_an_error_of_the_work_is_raised_not_retried(
     assert attempts == 1
 
 
-# --- read_only: an engine without pre-ping, a dead connection retried once ---------------
+# --- a pooled connection the server closed, at checkout and in use ----------------------
 
 
-async def test_read_only_meets_pooled_connections_killed_in_between(
-    pg_url: str, engine: AsyncEngine
+async def _closed_in_pool(engine: AsyncEngine, admin: AsyncEngine) -> list[int]:
+    """Two pooled connections of ``engine`` whose backends the server then ended (what a
+    restart does to them), once the client has read the close; their backend pids."""
+    async with engine.connect() as a, engine.connect() as b:  # two in the pool
+        drivers = [(await c.get_raw_connection()).driver_connection for c in (a, b)]
+        pids = [(await c.execute(text("SELECT pg_backend_pid()"))).scalar_one() for c in (a, b)]
+    async with admin.connect() as conn:
+        for pid in pids:
+            await conn.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+    for _ in range(100):
+        if all(d.is_closed() for d in drivers):
+            return pids
+        await asyncio.sleep(0.01)
+    raise AssertionError("the client never saw the server close its connections")
+
+
+async def test_a_closed_pooled_connection_is_replaced_at_checkout(
+    own_engine: AsyncEngine, engine: AsyncEngine
 ) -> None:
-    """Without pre-ping the pool hands out a connection a restart ended; ``read_only``
-    runs the read again on a fresh one, and runs it outside a transaction."""
-    lookups = make_engine(pg_url, "test-lookups", pre_ping=False)
+    """No retry needed and no ping: the work runs once, on a connection of its own."""
+    pids = await _closed_in_pool(own_engine, engine)
     try:
-        async with lookups.connect() as a, lookups.connect() as b:  # two in the pool
-            pids = [(await c.execute(text("SELECT pg_backend_pid()"))).scalar_one() for c in (a, b)]
-        async with engine.connect() as admin:
-            for pid in pids:
-                await admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
-        calls = 0
-
-        async def work(conn: AsyncConnection) -> tuple[int, bool]:
-            nonlocal calls
-            calls += 1
-            pid, first = (await conn.execute(text("SELECT pg_backend_pid(), now()"))).one()
-            await conn.execute(text("SELECT pg_sleep(0.01)"))
-            return pid, (await conn.execute(text("SELECT now()"))).scalar_one() > first
-
-        pid, autocommit = await read_only(lookups, work)
+        async with own_engine.connect() as conn:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
     finally:
-        await lookups.dispose()
-    assert calls == 2 and pid not in pids
+        await own_engine.dispose()
+    assert pid not in pids
+
+
+async def test_read_only_runs_again_when_its_connection_dies_in_use(
+    own_engine: AsyncEngine,
+) -> None:
+    """A connection that dies during the read (the server ends it then) is not seen at
+    checkout; ``read_only`` runs the read again on a fresh one, outside a transaction."""
+    calls, pids = 0, []
+
+    async def work(conn: AsyncConnection) -> bool:
+        nonlocal calls
+        calls += 1
+        pid, first = (await conn.execute(text("SELECT pg_backend_pid(), now()"))).one()
+        pids.append(pid)
+        if calls == 1:
+            await conn.execute(text("SELECT pg_terminate_backend(pg_backend_pid())"))
+        await conn.execute(text("SELECT pg_sleep(0.01)"))
+        return bool((await conn.execute(text("SELECT now()"))).scalar_one() > first)
+
+    try:
+        autocommit = await read_only(own_engine, work)
+    finally:
+        await own_engine.dispose()
+    assert calls == 2 and pids[0] != pids[1]
     assert autocommit  # in one transaction, now() would stay at its start

@@ -12,13 +12,14 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import orjson
 from asyncpg.exceptions import InterfaceError as PgClientInterfaceError
 from asyncpg.exceptions import InternalClientError
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy import event
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
@@ -52,17 +53,16 @@ async def resolve_database_url(settings: Settings) -> str:
 DATABASE_UNAVAILABLE: tuple[type[Exception], ...] = (DBAPIError, PoolTimeout, OSError, TimeoutError)
 
 
-def make_engine(url: str, role: str, pool_size: int = 5, *, pre_ping: bool = True) -> AsyncEngine:
+def make_engine(url: str, role: str, pool_size: int = 5) -> AsyncEngine:
     """An async engine whose connections name the process role in ``pg_stat_activity``.
 
-    ``pre_ping`` tests each connection as it leaves the pool (three round trips with
-    asyncpg: BEGIN, an empty query, ROLLBACK), so that work never meets one a restart of
-    Postgres closed; without it, the caller retries what meets one (see ``read_only``)."""
-    return create_async_engine(
+    A pooled connection the server has closed is replaced as it leaves the pool (see
+    ``_drop_closed``); one that dies in use raises, and ``retrying`` / ``read_only`` run
+    the work again on a fresh one."""
+    engine = create_async_engine(
         url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=pre_ping,
         pool_timeout=10,
         # An error's text must not quote the values (identifiers, traits): it is logged.
         hide_parameters=True,
@@ -72,12 +72,24 @@ def make_engine(url: str, role: str, pool_size: int = 5, *, pre_ping: bool = Tru
         # A database that is down answers within seconds, not asyncpg's default minute.
         connect_args={"server_settings": {"application_name": f"cdp-stream-{role}"}, "timeout": 5},
     )
+    event.listen(engine.sync_engine, "checkout", _drop_closed)
+    return engine
+
+
+def _drop_closed(dbapi_connection: Any, _record: Any, _proxy: Any) -> None:
+    """Refuse a pooled connection whose socket the server closed (a restart, a terminated
+    backend: asyncpg reads the close while the connection idles in the pool); the pool then
+    discards it and hands out another. No round trip, where ``pool_pre_ping`` takes three
+    with asyncpg (BEGIN, an empty query, ROLLBACK): 0.1 ms of CPU and 0.18 ms per
+    transaction here, two transactions per resolver batch."""
+    if dbapi_connection.driver_connection.is_closed():
+        raise DisconnectionError("the server closed this pooled connection")
 
 
 async def read_only(engine: AsyncEngine, work: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    """``work`` (reads only) outside a transaction, one statement a round trip, on an engine
-    made without ``pre_ping``: run once more on a fresh connection if the one it got was
-    dead (Postgres restarted: SQLAlchemy then drops every pooled connection)."""
+    """``work`` (reads only) outside a transaction, one statement a round trip: run once
+    more on a fresh connection if the one it got died before or during its work (Postgres
+    restarted: SQLAlchemy then drops every pooled connection)."""
 
     async def once() -> T:
         async with engine.connect() as conn:
