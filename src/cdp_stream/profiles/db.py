@@ -69,8 +69,17 @@ def make_engine(url: str, role: str, pool_size: int = 5) -> AsyncEngine:
         # jsonb columns through orjson: several times faster than the stdlib both ways.
         json_serializer=lambda value: orjson.dumps(value).decode(),
         json_deserializer=orjson.loads,
-        # A database that is down answers within seconds, not asyncpg's default minute.
-        connect_args={"server_settings": {"application_name": f"cdp-stream-{role}"}, "timeout": 5},
+        connect_args={
+            "server_settings": {
+                "application_name": f"cdp-stream-{role}",
+                # Every statement here is short. Postgres JIT-compiles one whose estimated
+                # cost passes jit_above_cost, tens of ms for a statement that runs in one:
+                # the outbox's take was, at times, in the pipeline benchmark.
+                "jit": "off",
+            },
+            # A database that is down answers within seconds, not asyncpg's default minute.
+            "timeout": 5,
+        },
     )
     event.listen(engine.sync_engine, "checkout", _drop_closed)
     return engine

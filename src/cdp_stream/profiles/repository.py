@@ -33,17 +33,17 @@ def lock_key(kind: str, value: str) -> int:
     return int.from_bytes(digest, "big", signed=True)
 
 
+_LOCK_KEYS = text("SELECT count(pg_advisory_xact_lock(k)) FROM unnest(CAST(:keys AS bigint[])) k")
+
+
 async def lock_keys(conn: AsyncConnection, keys: Iterable[int]) -> None:
     """Take transaction advisory locks in ascending order, so concurrent batches that
-    touch the same identifiers queue up instead of deadlocking."""
+    touch the same identifiers queue up instead of deadlocking. Through SQLAlchemy, not
+    ``driver``: often the transaction's first statement, which SQLAlchemy then begins
+    with it, where ``driver`` would spend a round trip of its own on beginning it."""
     ordered = sorted(set(keys))
     if ordered:
-        await driver(
-            conn,
-            lambda db: db.execute(
-                "SELECT count(pg_advisory_xact_lock(k)) FROM unnest($1::bigint[]) k", ordered
-            ),
-        )
+        await conn.execute(_LOCK_KEYS, {"keys": ordered})
 
 
 async def driver(conn: AsyncConnection, call: Callable[[Any], Awaitable[T]]) -> T:
