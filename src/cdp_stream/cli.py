@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import os
 import shutil
@@ -35,7 +34,7 @@ import uvicorn
 import uvloop
 from sqlalchemy.engine import make_url
 
-from cdp_stream import logs, metrics
+from cdp_stream import heap, logs, metrics
 from cdp_stream.activation.consumer import run_activation
 from cdp_stream.activation.crm import webhook
 from cdp_stream.app import Runtime, StartupFailed, create_app
@@ -196,9 +195,7 @@ async def _run_stages(
             access_log=False,
         )
         server = _Server(config)
-        # What startup made (modules, the app, its models) lives as long as the process:
-        # out of the collector's way, so a garbage collection walks only the requests'.
-        gc.freeze()
+        heap.settle()
         stages[asyncio.create_task(server.serve(None if sock is None else [sock]))] = "http"
     stopping = asyncio.create_task(stop.wait())
     try:

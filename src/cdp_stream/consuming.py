@@ -28,14 +28,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
-from cdp_stream import logs, metrics
+from cdp_stream import heap, logs, metrics
 from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, fill, next_offsets, rejoin
 from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.retry import Stopping
@@ -179,19 +178,7 @@ async def run_consumer(
         await dead.park_message(item[0], exc)
 
     await consumer.start()
-    # Fewer, cheaper garbage collections. A batch decodes into hundreds of thousands of
-    # containers, and with CPython's default thresholds a full collection ran every few
-    # hundred records, walking every object the process holds (a fifth of the resolver's
-    # time under py-spy; activation, catching up, spent 12% of its CPU in collections
-    # (gc.callbacks) and 7% with these). The youngest generation is collected every
-    # 20,000 allocations instead of 700; full collections still run, so memory stays
-    # flat. Process-wide: in ``cdp-stream up`` the other stages share it.
-    gc.set_threshold(20_000, 20, 20)
-    # What exists now (modules, the stage, the consumer and its client, SQLAlchemy's
-    # caches) lives as long as the process: out of the collector's walks, which would
-    # otherwise visit it all at each full collection (measured: most of the time spent
-    # decoding a batch; benchmarks/pipeline.py and resolve.py).
-    gc.freeze()
+    heap.settle()
     ahead: _Ahead[T] = _Ahead(take)
     lag = asyncio.create_task(_track_lag(consumer, name, stop))
     try:
