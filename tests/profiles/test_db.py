@@ -11,6 +11,8 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from cdp_stream.identity import Identifier
+from cdp_stream.profiles import reads
 from cdp_stream.profiles.db import make_engine, read_only, retrying
 
 
@@ -141,3 +143,26 @@ async def test_connections_run_without_jit(own_engine: AsyncEngine) -> None:
             assert (await conn.execute(text("SHOW jit"))).scalar_one() == "off"
     finally:
         await own_engine.dispose()
+
+
+async def test_read_only_reads_a_profile_again_when_the_server_ended_its_connection(
+    own_engine: AsyncEngine, engine: AsyncEngine
+) -> None:
+    """The API's lookup read (asyncpg itself, not SQLAlchemy) on a connection the server
+    ended meanwhile: read again on a fresh one, as a read through SQLAlchemy would be."""
+    calls = 0
+
+    async def work(conn: AsyncConnection) -> reads.ProfileRow | None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            pid = (await conn.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+            async with engine.connect() as admin:
+                await admin.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})
+        return await reads.read_profile_of(conn, Identifier("user_id", "nobody"))
+
+    try:
+        assert await read_only(own_engine, work) is None
+    finally:
+        await own_engine.dispose()
+    assert calls == 2

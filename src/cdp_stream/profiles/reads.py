@@ -10,10 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, NamedTuple
 
-from sqlalchemy import JSON, DateTime, Row, func, select, text, tuple_
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+import asyncpg
+from sqlalchemy import func, select, tuple_
 from sqlalchemy.ext.asyncio import AsyncConnection
-from sqlalchemy.types import TypeEngine
 
 from cdp_stream.identity import Identifier
 from cdp_stream.profiles.models import (
@@ -24,7 +23,7 @@ from cdp_stream.profiles.models import (
     profile_splits,
     profiles,
 )
-from cdp_stream.profiles.repository import group_ids
+from cdp_stream.profiles.repository import fetch_row, group_ids
 
 _PROFILE = """SELECT p.id, p.traits, p.computed, p.created_at, p.updated_at,
   (SELECT json_agg(json_build_object('type', i.type, 'value', i.value)
@@ -32,20 +31,11 @@ _PROFILE = """SELECT p.id, p.traits, p.computed, p.created_at, p.updated_at,
      FROM identities i WHERE i.profile_id = p.id) AS identities,
   (SELECT json_agg(m.id ORDER BY m.id) FROM profiles m WHERE m.merged_into = p.id) AS merged_from
 FROM profiles p"""
-_PROFILE_COLUMNS: dict[str, TypeEngine[Any] | type[TypeEngine[Any]]] = {
-    "id": UUID(as_uuid=True),
-    "traits": JSONB,
-    "computed": JSONB,
-    "created_at": DateTime(timezone=True),
-    "updated_at": DateTime(timezone=True),
-    "identities": JSON,
-    "merged_from": JSON,
-}
-_PROFILE_BY_ID = text(_PROFILE + " WHERE p.id = :id").columns(**_PROFILE_COLUMNS)
+_PROFILE_BY_ID = _PROFILE + " WHERE p.id = $1"
 # Identities always point at a canonical profile: no merged_into to follow.
-_PROFILE_BY_IDENTIFIER = text(
-    _PROFILE + " JOIN identities x ON x.profile_id = p.id WHERE x.type = :type AND x.value = :value"
-).columns(**_PROFILE_COLUMNS)
+_PROFILE_BY_IDENTIFIER = (
+    _PROFILE + " JOIN identities x ON x.profile_id = p.id WHERE x.type = $1 AND x.value = $2"
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,29 +51,28 @@ class ProfileRow:
     updated_at: datetime
 
 
-def _profile(row: Row[Any] | None) -> ProfileRow | None:
+def _profile(row: asyncpg.Record | None) -> ProfileRow | None:
     if row is None:
         return None
     return ProfileRow(
-        str(row.id),
-        row.identities or [],
-        row.traits,
-        row.computed,
-        row.merged_from or [],
-        row.created_at,
-        row.updated_at,
+        str(row["id"]),
+        row["identities"] or [],
+        row["traits"],
+        row["computed"],
+        row["merged_from"] or [],
+        row["created_at"],
+        row["updated_at"],
     )
 
 
 async def read_profile(conn: AsyncConnection, profile_id: uuid.UUID) -> ProfileRow | None:
     """The profile ``profile_id`` (as it is: merged-away ones are not followed)."""
-    return _profile((await conn.execute(_PROFILE_BY_ID, {"id": profile_id})).one_or_none())
+    return _profile(await fetch_row(conn, _PROFILE_BY_ID, profile_id))
 
 
 async def read_profile_of(conn: AsyncConnection, ident: Identifier) -> ProfileRow | None:
-    """The profile that holds ``ident``, or None."""
-    params = {"type": ident.type, "value": ident.value}
-    return _profile((await conn.execute(_PROFILE_BY_IDENTIFIER, params)).one_or_none())
+    """The profile that holds ``ident``, or None: the API's lookups, read by asyncpg."""
+    return _profile(await fetch_row(conn, _PROFILE_BY_IDENTIFIER, ident.type, ident.value))
 
 
 @dataclass(frozen=True, slots=True)
