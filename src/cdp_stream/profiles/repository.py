@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -51,12 +51,10 @@ async def driver(conn: AsyncConnection, call: Callable[[Any], Awaitable[T]]) -> 
     """``call`` with the asyncpg connection under ``conn``, in its transaction: asyncpg's
     records and COPY rather than SQLAlchemy's rows (thousands per batch). SQLAlchemy
     begins the transaction at its own first statement, so one is made first if none was."""
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert driver is not None
-    if not driver.is_in_transaction():
-        await conn.execute(text("SELECT 1"))
-    with _as_sqlalchemy_errors():
-        return await call(driver)
+    async with _driver_of(conn) as db:
+        if not db.is_in_transaction():
+            await conn.execute(text("SELECT 1"))
+        return await call(db)
 
 
 async def fetch_row(conn: AsyncConnection, query: str, *args: Any) -> asyncpg.Record | None:
@@ -64,16 +62,9 @@ async def fetch_row(conn: AsyncConnection, query: str, *args: Any) -> asyncpg.Re
     connection, in its transaction if SQLAlchemy began one (a single statement needs
     none). For the API's profile lookups: SQLAlchemy's execute and result cost about as
     much client CPU as the rest of the read (0.22-0.27 against 0.13-0.15 ms a lookup)."""
-    driver = (await conn.get_raw_connection()).driver_connection
-    assert driver is not None
-    try:
-        with _as_sqlalchemy_errors():
-            row: asyncpg.Record | None = await driver.fetchrow(query, *args)
-            return row
-    except DBAPIError as exc:
-        if exc.connection_invalidated:  # not back into the pool, as SQLAlchemy would
-            await conn.invalidate(exc)
-        raise
+    async with _driver_of(conn) as db:
+        row: asyncpg.Record | None = await db.fetchrow(query, *args)
+        return row
 
 
 # The server ended the connection: admin_shutdown (a restart, pg_terminate_backend) and
@@ -86,14 +77,20 @@ _ENDED = (
 )
 
 
-@contextlib.contextmanager
-def _as_sqlalchemy_errors() -> Iterator[None]:
-    """The driver's errors raised as SQLAlchemy's: ``retrying`` retries deadlocks and
-    unique violations and waits out a lost connection, ``read_only`` reads again on a
-    fresh connection, and the API answers 503 to a database that is away."""
+@contextlib.asynccontextmanager
+async def _driver_of(conn: AsyncConnection) -> AsyncIterator[Any]:
+    """The asyncpg connection under ``conn``, its errors raised as SQLAlchemy's:
+    ``retrying`` retries deadlocks and unique violations and waits out a lost
+    connection, ``read_only`` reads again on a fresh connection, and the API answers 503
+    to a database that is away. A connection the server ended is invalidated, as
+    SQLAlchemy does with one its own statements find dead: the pool never hands it out
+    again."""
+    db = (await conn.get_raw_connection()).driver_connection
+    assert db is not None
     try:
-        yield
+        yield db
     except (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, *_ENDED) as exc:
+        await conn.invalidate(exc)
         raise OperationalError(None, None, exc, connection_invalidated=True) from exc
     except asyncpg.PostgresError as exc:
         raise DBAPIError(None, None, exc) from exc
