@@ -43,7 +43,7 @@ from cdp_stream.identity import BUILT_IN
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import audience_changes, audience_members, audiences, events
 from cdp_stream.profiles.models import profiles as profiles_table
-from cdp_stream.profiles.sql import among, name_key_of
+from cdp_stream.profiles.sql import among, name_key_of, unnested
 
 _PENDING = {"status": "pending", "processed": 0, "total": None}
 
@@ -114,9 +114,11 @@ async def current_members(
 
 async def enter(conn: AsyncConnection, pairs: list[Member], now: datetime) -> list[Member]:
     """Add members (entered at ``now``); those really added (not there already)."""
+    names = ("audience_id", "profile_id", "entered_at")
+    rows = [{"audience_id": a, "profile_id": p, "entered_at": now} for a, p in pairs]
     entered = await conn.execute(
         pg_insert(audience_members)
-        .values([{"audience_id": a, "profile_id": p, "entered_at": now} for a, p in pairs])
+        .from_select(names, unnested(audience_members, names, rows))
         .on_conflict_do_nothing()
         .returning(audience_members.c.audience_id, audience_members.c.profile_id)
     )
@@ -126,9 +128,11 @@ async def enter(conn: AsyncConnection, pairs: list[Member], now: datetime) -> li
 async def leave(conn: AsyncConnection, pairs: list[Member]) -> list[Member]:
     """Remove members; those really removed."""
     member = tuple_(audience_members.c.audience_id, audience_members.c.profile_id)
+    names = ("audience_id", "profile_id")
+    rows = [{"audience_id": a, "profile_id": p} for a, p in pairs]
     left = await conn.execute(
         delete(audience_members)
-        .where(member.in_(pairs))
+        .where(member.in_(unnested(audience_members, names, rows)))
         .returning(audience_members.c.audience_id, audience_members.c.profile_id)
     )
     return [(a, p) for a, p in left]

@@ -27,7 +27,7 @@ from cdp_stream.profiles.models import (
     events,
     identities,
 )
-from cdp_stream.profiles.sql import among, name_key_of
+from cdp_stream.profiles.sql import among, name_key_of, unnested
 
 Held = dict[uuid.UUID, dict[str, list[str]]]  # id -> identity type -> values, oldest first
 
@@ -83,11 +83,12 @@ async def follow_events(conn: AsyncConnection, profile_ids: Iterable[uuid.UUID])
 
 async def insert_interactions(conn: AsyncConnection, rows: list[dict[str, Any]]) -> set[int]:
     """Store interactions, each once per source event; the ids of those new."""
+    names = ("profile_id", "source_id", "message_id", "kind", "occurred_at", "details")
     inserted = await conn.execute(
         insert(crm_interactions)
+        .from_select(names, unnested(crm_interactions, names, rows))
         .on_conflict_do_nothing(constraint="crm_interactions_event_key")
-        .returning(crm_interactions.c.id),
-        rows,
+        .returning(crm_interactions.c.id)
     )
     return set(inserted.scalars())
 
@@ -135,13 +136,13 @@ async def leads(conn: AsyncConnection, pids: list[uuid.UUID]) -> set[uuid.UUID]:
 
 async def upsert_contacts(conn: AsyncConnection, rows: list[dict[str, Any]]) -> list[Row[Any]]:
     """Write contacts (``profile_id`` and :data:`CONTACT_FIELDS`); the rows as stored."""
-    stmt = insert(crm_contacts)
+    names = ("profile_id", *CONTACT_FIELDS)
+    stmt = insert(crm_contacts).from_select(names, unnested(crm_contacts, names, rows))
     written = await conn.execute(
         stmt.on_conflict_do_update(
             index_elements=[crm_contacts.c.profile_id],
             set_={**{f: stmt.excluded[f] for f in CONTACT_FIELDS}, "updated_at": func.now()},
-        ).returning(*crm_contacts.c),
-        rows,
+        ).returning(*crm_contacts.c)
     )
     return list(written)
 
