@@ -1,18 +1,21 @@
 """The consumer runtime (``cdp_stream.consuming``) with a stage of its own on the real
 broker and server: every record decoded and applied once, in batches, its offsets
 committed (lag 0); a record that cannot be decoded and one that cannot be applied both
-parked on the dead-letter topic while the rest go on; each step timed; ``stop`` ends it."""
+parked on the dead-letter topic while the rest go on; each step timed; ``stop`` ends it.
+A stage that holds records back gets them again, no offset is committed past them, and
+one held back every time it is offered is applied waiting."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
 
 import pytest
 
 from cdp_stream.app import Runtime
-from cdp_stream.bus.base import Message, Record
-from cdp_stream.consuming import Polling, run_consumer
+from cdp_stream.bus.base import Bus, Consumer, Message, Record, TopicPartition
+from cdp_stream.consuming import HOLD_ROUNDS, Polling, run_consumer
 from cdp_stream.metrics import REGISTRY
 from cdp_stream.poison import DeadLetters
 from cdp_stream.settings import Settings
@@ -40,11 +43,14 @@ class Numbers:
                 await self.dead.park_message(m, exc)
         return out
 
-    async def apply(self, batch: Sequence[tuple[Message, int]]) -> None:
+    async def apply(
+        self, batch: Sequence[tuple[Message, int]], wait: bool
+    ) -> Sequence[tuple[Message, int]]:
         if any(n == 13 for _, n in batch):
             raise ValueError("13 is never applied")
         self.done += [n for _, n in batch]
         self.batches += 1
+        return ()
 
     async def between(self) -> None:
         return None
@@ -70,13 +76,13 @@ def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
-def _lag() -> list[float]:
+def _lag(topic: str) -> list[float]:
     return [
         s.value
         for family in REGISTRY.collect()
         if family.name == "cdp_consumer_lag"
         for s in family.samples
-        if s.labels["group"] == GROUP
+        if s.labels["group"] == GROUP and s.labels["topic"] == topic
     ]
 
 
@@ -99,7 +105,7 @@ async def test_every_record_applied_once_and_the_bad_ones_parked(runtime: Runtim
 
     async def settled() -> bool:
         all_parked = _sample("cdp_dead_letters_total", consumer=GROUP) == parked + 2
-        lag = _lag()
+        lag = _lag(names.events)
         return len(stage.done) == 199 and all_parked and len(lag) == 3 and not any(lag)
 
     try:
@@ -113,3 +119,87 @@ async def test_every_record_applied_once_and_the_bad_ones_parked(runtime: Runtim
     for step, count in timed.items():
         assert _sample("cdp_consumer_step_duration_seconds_count", group=GROUP, step=step) > count
     assert _sample("cdp_consumer_records_total", group=GROUP) >= 201
+
+
+class Commits:
+    """A bus whose consumers record every commit they are asked for."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.seen: list[dict[TopicPartition, int]] = []
+
+    def consumer(self, group: str, topics: Sequence[str]) -> Consumer:
+        inner = self.bus.consumer(group, topics)
+        seen = self.seen
+
+        class Recording:
+            def __getattr__(self, name: str) -> Any:
+                return getattr(inner, name)
+
+            async def commit(self, offsets: Mapping[TopicPartition, int]) -> None:
+                seen.append(dict(offsets))
+                await inner.commit(offsets)
+
+        return Recording()  # type: ignore[return-value]
+
+
+class Holding(Numbers):
+    """Holds back, when not asked to wait, each multiple of 7 the first time it is offered,
+    and 99 every time; notes how many commits there were when it applied 99."""
+
+    def __init__(self, dead: DeadLetters, commits: Commits) -> None:
+        super().__init__(dead)
+        self.commits = commits
+        self.offered: dict[int, int] = {}
+        self.where: dict[int, tuple[TopicPartition, int]] = {}
+        self.commits_before_99: int | None = None
+
+    async def apply(
+        self, batch: Sequence[tuple[Message, int]], wait: bool
+    ) -> Sequence[tuple[Message, int]]:
+        back = []
+        for item in batch:
+            m, n = item
+            self.where[n] = ((m.topic, m.partition), m.offset)
+            self.offered[n] = self.offered.get(n, 0) + 1
+            if not wait and (n == 99 or (n % 7 == 0 and self.offered[n] == 1)):
+                back.append(item)
+            elif n == 99:
+                self.commits_before_99 = len(self.commits.seen)
+        await super().apply([item for item in batch if item not in back], wait)
+        return back
+
+
+async def test_records_held_back_come_again_and_hold_their_offsets(runtime: Runtime) -> None:
+    names, stop = runtime.settings.topics, asyncio.Event()
+    dead = DeadLetters(runtime.bus, runtime.engine, names.dead_letters, GROUP, stop)
+    bus = Commits(runtime.bus)
+    stage = Holding(dead, bus)
+    values = [str(i).encode() for i in range(100) if i != 13]
+    await runtime.bus.publish_many([Record(names.events, v, v) for v in values])
+    polling = Polling(batch_size=20, timeout_ms=100, linger_ms=10)
+    group = f"{names.namespace}{GROUP}"
+    task = asyncio.create_task(
+        run_consumer(bus, group, [names.events], stage, polling, dead, stop)  # type: ignore[arg-type]
+    )
+
+    async def settled() -> bool:
+        lag = _lag(names.events)
+        return len(stage.done) == 99 and len(lag) == 3 and not any(lag)
+
+    try:
+        assert await eventually(settled, within_s=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert sorted(stage.done) == [i for i in range(100) if i != 13]  # each exactly once
+    assert all(stage.offered[n] == 2 for n in range(7, 99, 7))  # held back once, then taken
+    # 99 was held back every time it was offered without waiting, then applied waiting:
+    # after HOLD_ROUNDS holds, or sooner when a poll found nothing new.
+    assert stage.commits_before_99 is not None and 2 <= stage.offered[99] <= HOLD_ROUNDS + 1
+    # While it was held, its partition's commits stopped at it; then they went past it.
+    tp, offset = stage.where[99]
+    before = [c[tp] for c in bus.seen[: stage.commits_before_99] if tp in c]
+    after = [c[tp] for c in bus.seen[stage.commits_before_99 :] if tp in c]
+    assert before and all(o <= offset for o in before)
+    assert after == [offset + 1]

@@ -12,9 +12,13 @@ and why:
    (:class:`_Ahead`): decoding needs no lock, so Python and Postgres overlap.
 2. **apply** the batch (the stage's one transaction); a record that can never be applied
    is bisected out and parked on ``cdp.dead-letters`` (:mod:`cdp_stream.poison`); an
-   outage propagates and the batch is retried whole.
-3. **commit** the offsets, only after the transaction: a crash before it redelivers the
-   batch (and the one taken ahead), which the stages' applies turn into no-ops.
+   outage propagates and the batch is retried whole. A stage may hold records back
+   rather than wait for another consumer's transaction (the resolver: events of people
+   another resolver has locked); they go into the next batch, and a record held back
+   :data:`HOLD_ROUNDS` times, or when a poll finds nothing new, is applied waiting.
+3. **commit** the offsets, only after the transaction, and per partition never past a
+   record held back: a crash before it redelivers the batch (and the one taken ahead, and
+   what was held), which the stages' applies turn into no-ops.
 
 The bus failing mid-batch: leave the group and rejoin, so the next batch starts at the
 committed offsets (the batch taken ahead is dropped). The database away past a stop:
@@ -35,7 +39,16 @@ from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 from cdp_stream import heap, logs, metrics
-from cdp_stream.bus.base import Bus, BusUnavailable, Consumer, Message, fill, next_offsets, rejoin
+from cdp_stream.bus.base import (
+    Bus,
+    BusUnavailable,
+    Consumer,
+    Message,
+    TopicPartition,
+    fill,
+    next_offsets,
+    rejoin,
+)
 from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.retry import Stopping
 
@@ -43,6 +56,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 LAG_EVERY_S = 5.0
+
+# A record held back this many times is applied waiting, so that one always shared with
+# another consumer's batches is not held back for ever (nor its partition's offset).
+HOLD_ROUNDS = 3
 
 
 class Stage(Protocol[T]):
@@ -52,9 +69,13 @@ class Stage(Protocol[T]):
         """The typed messages of a polled batch, each with its record. A record that is
         not one is parked or rejected here and left out (its offset is still committed)."""
 
-    async def apply(self, batch: Sequence[tuple[Message, T]]) -> None:
+    async def apply(
+        self, batch: Sequence[tuple[Message, T]], wait: bool
+    ) -> Sequence[tuple[Message, T]]:
         """Apply the batch in one transaction; raise to have it bisected (poison) or,
-        for an outage, retried whole."""
+        for an outage, retried whole. Unless ``wait``, it may return items it held back
+        instead of waiting for what another consumer's transaction holds: they come
+        again with the next batch."""
 
     async def between(self) -> None:
         """Housekeeping between two batches (and after a poll that found nothing)."""
@@ -122,6 +143,55 @@ class _Timed:
             self._steps[step].observe(time.perf_counter() - started)
 
 
+class _Held(Generic[T]):
+    """The items a stage held back, each with how many times, and the offsets that may be
+    committed: per partition the first held item's, or past the last record taken."""
+
+    def __init__(self) -> None:
+        self._times: dict[int, int] = {}  # id(item) -> times held back
+        self._items: list[tuple[Message, T]] = []
+        self._next: dict[TopicPartition, int] = {}  # past the last record taken
+        self._was_held: set[TopicPartition] = set()  # partitions of items held last round
+
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def due(
+        self, items: list[tuple[Message, T]], idle: bool
+    ) -> tuple[list[tuple[Message, T]], list[tuple[Message, T]]]:
+        """This round's items: those to apply waiting (held back :data:`HOLD_ROUNDS` times,
+        or all of them when the poll found nothing new) and the rest, the held ones first."""
+        before, self._items = self._items, []
+        patient = [i for i in before if idle or self._times[id(i)] >= HOLD_ROUNDS]
+        eager = [i for i in before if not idle and self._times[id(i)] < HOLD_ROUNDS] + items
+        self._times = {id(i): self._times[id(i)] for i in eager if id(i) in self._times}
+        return patient, eager
+
+    def applier(
+        self, stage: Stage[T], wait: bool
+    ) -> Callable[[Sequence[tuple[Message, T]]], Awaitable[None]]:
+        async def apply(batch: Sequence[tuple[Message, T]]) -> None:
+            back = await stage.apply(batch, wait)
+            for item in back:
+                self._times[id(item)] = self._times.get(id(item), 0) + 1
+            self._items += back
+
+        return apply
+
+    def offsets(self, messages: Sequence[Message]) -> dict[TopicPartition, int]:
+        """The offsets to commit after this round (``messages``: the records it took), for
+        the partitions it took records of or had held some back."""
+        taken = next_offsets(messages)
+        for tp, offset in taken.items():
+            self._next[tp] = max(self._next.get(tp, 0), offset)
+        commit = {tp: self._next[tp] for tp in self._was_held | set(taken)}
+        for m, _ in self._items:
+            tp = (m.topic, m.partition)
+            commit[tp] = min(commit[tp], m.offset)
+        self._was_held = {(m.topic, m.partition) for m, _ in self._items}
+        return commit
+
+
 async def _track_lag(consumer: Consumer, group: str, stop: asyncio.Event) -> None:
     """Refresh ``cdp_consumer_lag`` for the partitions this member owns, every
     :data:`LAG_EVERY_S`; partitions it no longer owns are dropped from the gauge.
@@ -180,25 +250,31 @@ async def run_consumer(
     await consumer.start()
     heap.settle()
     ahead: _Ahead[T] = _Ahead(take)
+    held = _Held[T]()
     lag = asyncio.create_task(_track_lag(consumer, name, stop))
     try:
         while not stop.is_set():
             await stage.between()
             try:
                 taken = await ahead.next()
-                if taken is None:
+                if taken is None and not held:
                     continue
-                messages, items = taken
+                messages, items = taken or ([], [])
                 with timed("apply"):
-                    await apply_isolating(items, stage.apply, park)
+                    patient, eager = held.due(items, idle=taken is None)
+                    if patient:
+                        await apply_isolating(patient, held.applier(stage, wait=True), park)
+                    if eager:
+                        await apply_isolating(eager, held.applier(stage, wait=False), park)
                 await stage.applied()
                 with timed("commit"):
-                    await consumer.commit(next_offsets(messages))
+                    await consumer.commit(held.offsets(messages))
                 records.inc(len(messages))
             except BusUnavailable as exc:
                 log.warning("bus unavailable, rejoining from the committed offsets: %s", exc)
                 metrics.consumer_rejoins.labels(name).inc()
                 await ahead.drop()
+                held = _Held()
                 await rejoin(consumer, stop)
             except Stopping:
                 log.info("stopping with the database away: the batch is redelivered later")

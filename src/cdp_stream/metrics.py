@@ -152,7 +152,8 @@ retries = Counter(
 # --- Identity resolution ---------------------------------------------------------------
 resolver_events = Counter(
     "cdp_resolver_events",
-    "events the resolver applied, by outcome (stored, duplicate)",
+    "events the resolver took, by outcome (stored, duplicate; held_back: their people were"
+    " locked by another resolver, so they went into a later batch)",
     ["outcome"],
     registry=REGISTRY,
 )

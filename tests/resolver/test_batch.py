@@ -1,4 +1,5 @@
-"""apply_batch on the real Postgres server: redelivery, ordering, concurrent batches."""
+"""apply_batch on the real Postgres server: redelivery, ordering, concurrent batches, and
+a batch that does not wait holding back what another transaction holds."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import identities
-from cdp_stream.resolver.batch import apply_batch
+from cdp_stream.resolver.batch import apply_batch, apply_prepared, prepare
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.settings import Settings
 
@@ -119,3 +120,32 @@ async def test_concurrent_batches_on_the_same_people_never_split_an_identity(
     for p in people:
         assert by_value[p] == by_value[f"{p}-anon"]
     assert stored == 120
+
+
+async def test_not_waiting_holds_back_only_the_people_another_transaction_holds(
+    engine: AsyncEngine,
+) -> None:
+    a, b = f"a-{uuid.uuid4().hex[:8]}", f"b-{uuid.uuid4().hex[:8]}"
+    ts = "2024-01-01T00:00:00Z"
+    async with engine.begin() as conn:  # a's profile: a user id and an email
+        await apply_batch(conn, [ev(f"{a}-0", ts, userId=a, traits={"email": f"{a}@x.io"})], RULES)
+    batch = prepare(
+        [
+            ev(f"{a}-2", ts, userId=a),  # an identifier the other transaction holds
+            ev(f"{a}-3", ts, traits={"email": f"{a}@x.io"}),  # a free one, of its profile
+            ev(f"{b}-1", ts, userId=b),  # someone else
+        ],
+        RULES,
+    )
+    async with engine.begin() as other:  # holds a's user id and a's profile row till the end
+        await apply_batch(other, [ev(f"{a}-1", ts, userId=a)], RULES)
+        async with engine.begin() as conn:  # waiting here would never end: `other` is open
+            result = await asyncio.wait_for(apply_prepared(conn, batch, RULES, wait=False), 10)
+    assert result.stored == 1
+    assert sorted(p.key[1] for p in result.held) == [f"{a}-2", f"{a}-3"]
+    async with engine.begin() as conn:  # the next batch, once `other` committed
+        later = await apply_prepared(conn, result.held, RULES, wait=False)
+    assert (later.stored, later.held) == (2, [])
+    profile = await _profile(engine, Identifier("user_id", a))
+    assert profile["computed"]["event_count"] == 4
+    assert (await _profile(engine, Identifier("user_id", b)))["computed"]["event_count"] == 1

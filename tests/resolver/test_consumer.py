@@ -281,7 +281,7 @@ async def test_a_batch_taken_ahead_is_not_committed_before_its_own_transaction(
     (taken ahead); stopping then commits neither: both come again."""
     applied: list[list[str]] = []
 
-    async def database_away(conn: Any, batch: Sequence[Any], rules: Any) -> None:
+    async def database_away(conn: Any, batch: Sequence[Any], rules: Any, wait: bool) -> None:
         applied.append([p.key[1] for p in batch])
         raise ConnectionRefusedError("database away (test)")
 

@@ -58,7 +58,9 @@ class _Activation:
                 await self._dead.park_message(m, exc)  # every update: never valid
         return updates
 
-    async def apply(self, batch: Sequence[_Update]) -> None:
+    async def apply(self, batch: Sequence[_Update], wait: bool) -> Sequence[_Update]:
+        """The batch in one transaction, waiting for whatever locks it needs (it holds
+        nothing back)."""
         updates = [u for _, u in batch]
 
         async def work(conn: AsyncConnection) -> None:
@@ -66,6 +68,7 @@ class _Activation:
             await membership.apply_updates(conn, updates, datetime.now(UTC), read)
 
         await retrying(self._engine, work, self._stop)
+        return ()
 
     async def between(self) -> None:
         return None

@@ -47,6 +47,21 @@ async def lock_keys(conn: AsyncConnection, keys: Iterable[int]) -> None:
         await conn.execute(_LOCK_KEYS, {"keys": ordered})
 
 
+_TRY_LOCK_KEYS = text(
+    "SELECT k FROM unnest(CAST(:keys AS bigint[])) k WHERE NOT pg_try_advisory_xact_lock(k)"
+)
+
+
+async def try_lock_keys(conn: AsyncConnection, keys: Iterable[int]) -> set[int]:
+    """Take those of the transaction advisory locks that are free and return the keys
+    another transaction holds, without waiting for them (so in no particular order: a
+    transaction that never waits cannot be part of a deadlock)."""
+    wanted = list(set(keys))
+    if not wanted:
+        return set()
+    return set((await conn.execute(_TRY_LOCK_KEYS, {"keys": wanted})).scalars())
+
+
 async def driver(conn: AsyncConnection, call: Callable[[Any], Awaitable[T]]) -> T:
     """``call`` with the asyncpg connection under ``conn``, in its transaction: asyncpg's
     records and COPY rather than SQLAlchemy's rows (thousands per batch). SQLAlchemy

@@ -5,7 +5,9 @@ The steps, in the order they must run:
 0. prepare - before the transaction, what each event alone gives: identifiers, times,
             its traits, computed traits and order report, its JSON (:func:`prepare`).
 1. lock   - advisory locks on every identifier in the batch, in ascending key order:
-            concurrent resolvers serialize on shared identifiers.
+            concurrent resolvers serialize on shared identifiers. Or, not waiting (what
+            the consumer asks first), only the free ones: an event with an identifier
+            another transaction holds is held back for a later batch.
 2. dedupe - drop events already stored (a redelivery) and repeats inside the batch. Two
             resolvers storing one message at once (only around a rebalance: a message
             keeps its partition) meet on the events' unique key: the later one's
@@ -15,7 +17,8 @@ The steps, in the order they must run:
             between reading and locking (another resolver merged, an operator unmerged,
             a person was erased: the identities read after the lock no longer hold it)
             :class:`StaleRead` makes the caller retry the batch; once the rows are
-            locked nothing can move them.
+            locked nothing can move them. Not waiting, rows another transaction holds
+            are skipped (``SKIP LOCKED``) and their events held back.
    An event carrying an identifier of a deleted person is set aside (suppressed).
    The dedupe, the owners and the suppressed identifiers are one statement (after the
    locks: a claim committed while we waited is seen), the row locks and the identities
@@ -34,15 +37,16 @@ The steps, in the order they must run:
 Why every identifier is locked, and not only those whose owner may change (new claims):
 correctness does not rest on the advisory locks (the row locks, the unique key of
 ``identities``: a racing claim fails and the batch is retried, and :class:`StaleRead` give
-it); they save those retries. What concurrent resolvers wait on is the
-profiles they share: a batch must hold the row lock of every profile it folds events into
-from reading its state to writing it, so two batches with a person in common run one
-after the other whatever the identifier locks, and locking fewer identifiers would move
-the waits to the row locks, not remove them. Waits are few when batches seldom share
-people: the collector keys a browser's events by its anonymousId (one partition for a
-visitor's history and sign-in), which holds on real traffic (many people, a few events
-each per batch) and not on the resolver benchmark's default history, where every
-2,000-event batch holds events of nearly all of its 500 people.
+it); they save those retries. A batch must hold the row lock of every profile it folds
+events into from reading its state to writing it, so two batches with a person in
+common cannot both go on. Waiting made them run one after the other, whole: two
+2,000-event batches of a backlog nearly always share someone, even among 12,000 people,
+and three resolvers caught up no faster than one (``benchmarks/resolve.py``). Holding
+back only the events of the people another batch holds lets them run side by side; the
+order of a person's events does not matter (the merges and folds are
+order-independent), and the consumer runtime commits no offset past an event held back
+(:mod:`cdp_stream.consuming`), and applies it waiting once it has been held back a few
+times, so it is not held back for ever.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class BatchResult:
     suppressed: list[dict[str, Any]] = field(default_factory=list)  # a deleted person's
     merges: int = 0
     refusals: int = 0
+    held: list[Prepared] = field(default_factory=list)  # for a later batch (not waiting)
 
 
 # Why a link between two groups an operator split is refused (``repo.record_split``).
@@ -250,6 +255,14 @@ def prepare(events: Sequence[dict[str, Any]], rules: IdentityRules) -> list[Prep
     return out
 
 
+def _hold_back(
+    batch: Sequence[Prepared], taken: set[Identifier], result: BatchResult
+) -> list[Prepared]:
+    """The batch less its events with an identifier in ``taken``: those are held back."""
+    result.held += [p for p in batch if taken.intersection(p.ids)]
+    return [p for p in batch if taken.isdisjoint(p.ids)]
+
+
 async def apply_batch(
     conn: AsyncConnection, events: Sequence[dict[str, Any]], rules: IdentityRules
 ) -> BatchResult:
@@ -257,18 +270,31 @@ async def apply_batch(
 
 
 async def apply_prepared(
-    conn: AsyncConnection, batch: Sequence[Prepared], rules: IdentityRules
+    conn: AsyncConnection, batch: Sequence[Prepared], rules: IdentityRules, wait: bool = True
 ) -> BatchResult:
+    """The batch's steps (see the module docstring). With ``wait`` False it waits for no
+    other transaction: an event with an identifier or a profile another one holds is held
+    back (``BatchResult.held``) for a later batch, and the rest is applied."""
     result = BatchResult()
     every_id = sorted({i for p in batch for i in p.ids})
+    keys = {i: shared.lock_key(i.type, i.value) for i in every_id}
 
     started = time.perf_counter()
-    await shared.lock_keys(conn, [shared.lock_key(i.type, i.value) for i in every_id])
+    if wait:
+        await shared.lock_keys(conn, keys.values())
+    else:
+        busy = await shared.try_lock_keys(conn, keys.values())
+        if busy:
+            batch = _hold_back(batch, {i for i, k in keys.items() if k in busy}, result)
+            every_id = sorted({i for p in batch for i in p.ids})
     metrics.lock_wait.labels("identifiers").observe(time.perf_counter() - started)
     read = await repo.batch_reads(conn, [p.key for p in batch], every_id, rules.suppression)
     seen, owner, gone = read.stored, read.owners, read.suppressed
     started = time.perf_counter()
-    loaded = await repo.lock_profiles(conn, set(owner.values()))
+    loaded = await repo.lock_profiles(conn, set(owner.values()), skip_locked=not wait)
+    if len(loaded) < len(set(owner.values())):  # others hold these rows (not waiting)
+        batch = _hold_back(batch, {i for i, pid in owner.items() if pid not in loaded}, result)
+        owner = {i: pid for i, pid in owner.items() if pid in loaded}
     metrics.lock_wait.labels("profiles").observe(time.perf_counter() - started)
     held = await repo.groups_of(conn, list(loaded))  # now that the rows are ours
     members = held.members

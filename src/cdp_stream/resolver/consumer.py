@@ -69,8 +69,9 @@ async def _apply(
     batch: Sequence[Prepared],
     rules: IdentityRules,
     stop: asyncio.Event | None,
+    wait: bool = True,
 ) -> BatchResult:
-    result = await retrying(engine, lambda conn: apply_prepared(conn, batch, rules), stop)
+    result = await retrying(engine, lambda conn: apply_prepared(conn, batch, rules, wait), stop)
     _count(result)
     return result
 
@@ -266,12 +267,24 @@ class _Resolver:
     async def decode(self, messages: Sequence[Message]) -> list[tuple[Message, _Item]]:
         return await _decode_prepared(self._bus, self._names.rejected, messages, self._rules)
 
-    async def apply(self, batch: Sequence[tuple[Message, _Item]]) -> None:
+    async def apply(
+        self, batch: Sequence[tuple[Message, _Item]], wait: bool
+    ) -> list[tuple[Message, _Item]]:
+        """The batch in one transaction; not waiting, the events of people another
+        resolver holds are returned, prepared, for the next batch."""
         rules = self._rules
         prepared = [p if p is not None else prepare([e], rules)[0] for _, (e, p) in batch]
-        result = await _apply(self._engine, prepared, rules, self._stop)
+        result = await _apply(self._engine, prepared, rules, self._stop, wait)
         await self._bus.publish_many(_set_aside(self._names.rejected, result))
-        log.debug("batch: %d stored, %d duplicates", result.stored, result.duplicates)
+        log.debug(
+            "batch: %d stored, %d duplicates, %d held back",
+            result.stored,
+            result.duplicates,
+            len(result.held),
+        )
+        held = {id(p) for p in result.held}
+        pairs = zip(batch, prepared, strict=True)
+        return [(m, (e, p)) for (m, (e, _)), p in pairs if id(p) in held]
 
     async def between(self) -> None:
         if self._clock() - self._vacuumed_at >= self._settings.resolver_outbox_vacuum_s:
@@ -288,6 +301,7 @@ def _count(result: BatchResult) -> None:
     """A committed batch in the resolver's metrics."""
     metrics.resolver_events.labels("stored").inc(result.stored)
     metrics.resolver_events.labels("duplicate").inc(result.duplicates)
+    metrics.resolver_events.labels("held_back").inc(len(result.held))
     metrics.profile_merges.inc(result.merges)
     metrics.identity_refusals.inc(result.refusals)
     set_aside = (("unidentified", result.unidentified), ("suppressed", result.suppressed))

@@ -103,14 +103,16 @@ WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE"""
 
 
 async def lock_profiles(
-    conn: AsyncConnection, ids: Iterable[uuid.UUID]
+    conn: AsyncConnection, ids: Iterable[uuid.UUID], skip_locked: bool = False
 ) -> dict[uuid.UUID, LockedProfile]:
     """Row-lock the profiles in id order (concurrent resolvers queue, never deadlock on
-    each other's order) and read them as they are now."""
+    each other's order) and read them as they are now; with ``skip_locked``, only those
+    no other transaction holds (the others are left out, not waited for)."""
     wanted = sorted(set(ids))
     if not wanted:
         return {}
-    rows = await driver(conn, lambda db: db.fetch(_LOCK_PROFILES, wanted))
+    query = _LOCK_PROFILES + " SKIP LOCKED" if skip_locked else _LOCK_PROFILES
+    rows = await driver(conn, lambda db: db.fetch(query, wanted))
     return {
         pid: LockedProfile(merged_into, created_at, ProfileState(trait_state, computed))
         for pid, merged_into, created_at, trait_state, computed in rows
