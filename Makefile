@@ -86,9 +86,11 @@ schemas: install
 
 ## bench: the printed benchmarks against the real broker and server (wrk: Debian's, the HTTP load)
 ## bench: every benchmark, on a broker of its own started new (port $(BENCH_KAFKA_PORT)): one
-## that kept the thousands of topics test runs leave spends about twice the CPU per event
+## that kept the thousands of topics test runs leave spends about twice the CPU per event; with
+## Kafka's default initial rebalance delay, so that consumers started together form one group
 BENCH_KAFKA_PORT ?= 19492
-BENCH_KAFKA := CDP_KAFKA_PORT=$(BENCH_KAFKA_PORT) CDP_KAFKA_CONTROLLER_PORT=$$(($(BENCH_KAFKA_PORT) + 1)) bash $(KAFKA)
+BENCH_KAFKA := CDP_KAFKA_PORT=$(BENCH_KAFKA_PORT) CDP_KAFKA_CONTROLLER_PORT=$$(($(BENCH_KAFKA_PORT) + 1)) \
+	CDP_KAFKA_INITIAL_REBALANCE_DELAY_MS=3000 bash $(KAFKA)
 bench: install
 	command -v wrk >/dev/null || $(SUDO) apt-get install -y -q wrk || \
 		{ $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q wrk; }

@@ -9,7 +9,10 @@
 # and such a broker spends about twice the CPU per event (benchmarks/pipeline.py, issue 10).
 #
 # env: CDP_KAFKA_PORT (9092), CDP_KAFKA_CONTROLLER_PORT (9093), CDP_CACHE_DIR (<repo>/.cache),
-#      CDP_KAFKA_START_TIMEOUT (60 s), CDP_KAFKA_HEAP (512m), CDP_PYTHON (<repo>/.venv/bin/python)
+#      CDP_KAFKA_START_TIMEOUT (60 s), CDP_KAFKA_HEAP (512m), CDP_PYTHON (<repo>/.venv/bin/python),
+#      CDP_KAFKA_INITIAL_REBALANCE_DELAY_MS (0: a new group's first member starts at once, which
+#      tests want; Kafka's default, 3000, lets members started together join before the first
+#      assignment, as on a production broker: `make bench` uses it)
 # layout: <cache>/kafka-4.3.1/lib/           jars (fetched once by Maven, via ~/.m2)
 #         <cache>/kafka-4.3.1/broker-<port>/ server.properties, data/, kafka.pid, server.log
 set -euo pipefail
@@ -22,6 +25,7 @@ mkdir -p "$CACHE" && CACHE="$(cd "$CACHE" && pwd)"
 PORT="${CDP_KAFKA_PORT:-9092}"
 CPORT="${CDP_KAFKA_CONTROLLER_PORT:-9093}"
 TIMEOUT="${CDP_KAFKA_START_TIMEOUT:-60}"
+REBALANCE_DELAY="${CDP_KAFKA_INITIAL_REBALANCE_DELAY_MS:-0}"
 PY="${CDP_PYTHON:-$REPO/.venv/bin/python}"
 KDIR="$CACHE/kafka-$VERSION"
 LIB="$KDIR/lib"
@@ -142,7 +146,7 @@ transaction.state.log.min.isr=1
 transaction.state.log.num.partitions=1
 share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
-group.initial.rebalance.delay.ms=0
+group.initial.rebalance.delay.ms=$REBALANCE_DELAY
 # the application creates its topics; a typo'd topic must fail, not appear
 auto.create.topics.enable=false
 EOF
