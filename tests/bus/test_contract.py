@@ -403,19 +403,6 @@ async def test_fill_lingers_for_the_rest_of_a_batch(bus: Bus, member: MakeConsum
     assert [m.value for m in got] == [b"v0", b"v1", b"v2"]
 
 
-async def test_fill_ends_its_linger_once_the_batch_is_full(bus: Bus, member: MakeConsumer) -> None:
-    """A batch filled while ``fill`` lingers comes at its next look (a fifth of the
-    linger), not at the end of the linger: a consumer behind does not sleep on a backlog."""
-    topic = await new_topic(bus, 1)
-    consumer = await member(group(), [topic])
-    await bus.publish(topic, b"k", b"first")
-    batch = asyncio.create_task(fill(consumer, 3, 5_000, linger_ms=20_000))
-    await asyncio.sleep(0.2)
-    await bus.publish_many([Record(topic, b"k", v) for v in (b"second", b"third")])
-    got = await asyncio.wait_for(batch, 12)  # a look every 4 s; the linger would be 20 s
-    assert [m.value for m in got] == [b"first", b"second", b"third"]
-
-
 async def test_lag_is_log_end_minus_committed_per_owned_partition(
     bus: Bus, member: MakeConsumer
 ) -> None:

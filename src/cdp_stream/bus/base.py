@@ -110,28 +110,18 @@ class Bus(Protocol):
     def consumer(self, group: str, topics: Sequence[str]) -> Consumer: ...
 
 
-# A linger looks for the rest of its batch this many times, so that a consumer behind (a
-# backlog, whose fetches have not all landed yet) waits a fraction of it, not all of it.
-LINGER_LOOKS = 5
-
-
 async def fill(
     consumer: Consumer, max_records: int, timeout_ms: int, linger_ms: int
 ) -> list[Message]:
     """Up to ``max_records`` records: the first wait as ``getmany``'s, then, when fewer came,
-    up to ``linger_ms`` more for the rest of the batch (the consumer's side of Kafka's
-    ``fetch.max.wait.ms``), ending once it is full. Why: a consumer's cost is mostly per
-    batch (round trips, a commit), and at a steady few hundred records/s a poll would return
-    a handful at a time; a short linger makes the batches several times larger for that
-    much latency. It looks :data:`LINGER_LOOKS` times rather than once at the end: working
-    off a backlog, activation's first polls found part of a batch fetched and slept its
-    whole 250 ms linger while the rest had arrived within milliseconds."""
+    ``linger_ms`` more for the rest of the batch (the consumer's side of Kafka's
+    ``fetch.max.wait.ms``). Why: a consumer's cost is mostly per batch (round trips, a
+    commit), and at a steady few hundred records/s a poll would return a handful at a time;
+    a short linger makes the batches several times larger for that much latency."""
     messages = await consumer.getmany(max_records, timeout_ms)
-    looks = LINGER_LOOKS if linger_ms > 0 else 0
-    while messages and looks and len(messages) < max_records:
-        await asyncio.sleep(linger_ms / 1000 / LINGER_LOOKS)
+    if messages and linger_ms > 0 and len(messages) < max_records:
+        await asyncio.sleep(linger_ms / 1000)
         messages += await consumer.getmany(max_records - len(messages), 0)
-        looks -= 1
     return messages
 
 
