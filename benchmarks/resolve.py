@@ -385,14 +385,15 @@ async def timed(
     run.stored, run.seconds, run.outbox_peak = n, elapsed, peak
     waits.pop("idle", None)
     run.waits = {k: v / max(polls, 1) for k, v in waits.most_common()}
-    run.per_resolver = [100 * cpu_s([p]) / elapsed for p in mine]
-    run.cpu = {k: 100 * v / elapsed for k, v in meter.used(0, -1).items()}
-    if run.first_s is not None and n > run.first_n:  # the same, after start-up
+    if run.first_s is not None and n > run.first_n:  # after start-up
         steady, span = meter.used(1, -1), elapsed - run.first_s
         now = [cpu_s([p]) for p in mine]
         run.per_resolver = [100 * (b - a) / span for a, b in zip(at_first, now, strict=True)]
         run.cpu = {k: 100 * v / span for k, v in steady.items()}
         run.per_event = {k: 1000 * steady[k] / (n - run.first_n) for k in ("resolvers", "db")}
+    else:  # nothing after start-up to measure: the whole run
+        run.per_resolver = [100 * cpu_s([p]) / elapsed for p in mine]
+        run.cpu = {k: 100 * v / elapsed for k, v in meter.used(0, -1).items()}
     return procs
 
 

@@ -291,8 +291,9 @@ async def apply_prepared(
     read = await repo.batch_reads(conn, [p.key for p in batch], every_id, rules.suppression)
     seen, owner, gone = read.stored, read.owners, read.suppressed
     started = time.perf_counter()
-    loaded = await repo.lock_profiles(conn, set(owner.values()), skip_locked=not wait)
-    if len(loaded) < len(set(owner.values())):  # others hold these rows (not waiting)
+    owners = set(owner.values())
+    loaded = await repo.lock_profiles(conn, owners, skip_locked=not wait)
+    if len(loaded) < len(owners):  # others hold these rows (not waiting)
         batch = _hold_back(batch, {i for i, pid in owner.items() if pid not in loaded}, result)
         owner = {i: pid for i, pid in owner.items() if pid in loaded}
     metrics.lock_wait.labels("profiles").observe(time.perf_counter() - started)
