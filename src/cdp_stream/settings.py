@@ -137,10 +137,11 @@ class Settings(BaseSettings):
     )
     # Activation (cdp_stream.activation): the CRM feed, audiences, the DMP feed.
     activation_batch_size: int = Field(
-        default=2000,
+        default=4000,
         ge=1,
         description="profile updates per activation transaction, at most (a backlog's "
-        "batches: at a steady rate the linger ends a batch first)",
+        "batches: at a steady rate the linger ends a batch first); twice the resolver's, "
+        "so that activation works off what the resolvers made as fast as they made it",
     )
     activation_linger_ms: int = Field(
         default=250,
