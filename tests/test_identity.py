@@ -55,6 +55,14 @@ def test_values_are_normalized_per_type() -> None:
     assert german.normalize("phone", "030 1234567") == "+49301234567"
 
 
+def test_a_phone_number_is_normalized_per_region_however_often_it_comes() -> None:
+    """Parsed numbers are cached: by number and region, never one region's for another."""
+    german = IdentityRules.from_settings(Settings(phone_default_region="DE"))
+    for _ in range(3):
+        assert RULES.normalize("phone", "030 1234567") == "030 1234567"  # no region: kept
+        assert german.normalize("phone", "030 1234567") == "+49301234567"
+
+
 def test_every_identifier_source_in_priority_order() -> None:
     event = {
         "userId": " u1 ",
