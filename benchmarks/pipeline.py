@@ -505,6 +505,8 @@ async def bench(opts: argparse.Namespace, stages: Stages, db: str) -> None:
         sys.exit(f"cdp-stream migrate failed:\n    {stages.tail('migrate')}")
     del stages.procs["migrate"]
     collector, api = free_port(), free_port()
+    while api == collector:  # the kernel may hand the same free port out twice
+        api = free_port()
     stages.start("collector", "collector", "--port", str(collector))
     if not await ready(collector, stages.procs["collector"]):  # it makes the credentials
         sys.exit(f"the collector did not become ready:\n    {stages.tail('collector')}")
