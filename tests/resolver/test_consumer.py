@@ -180,6 +180,34 @@ async def test_updates_committed_before_a_crash_are_relayed_at_start_up(
     assert left == 0
 
 
+async def test_a_batch_publishes_its_updates_from_memory_as_the_table_would(
+    engine: AsyncEngine,
+) -> None:
+    """The updates a batch wrote, published from memory once it committed: each the
+    update a relay of the table makes of its row (its events included), and the rows are
+    gone after."""
+    run = uuid.uuid4().hex[:10]
+    events = [orjson.loads(event(f"{run}-{i}", f"u-{run}-{i % 2}")) for i in range(5)]
+    result = await apply_with_retry(engine, events, RULES)
+    assert len(result.updates) == 2  # one per profile
+    async with engine.connect() as conn:  # what the table's relay would publish
+        from_table = await outbox.take_outbox(conn, 10, list(result.updates))
+        await conn.rollback()
+    bus = MemoryBus(default_partitions=1)
+    await bus.ensure_topics(Topics().all(1))
+    await consumer.publish_written(engine, bus, Topics().profile_updates, result.updates)
+    reader = bus.consumer(f"test-{run}", [Topics().profile_updates])
+    await reader.start()
+    published = [(m.key.decode(), orjson.loads(m.value)) for m in await reader.getmany(100, 100)]
+    await reader.stop()
+    assert published == [(key, orjson.loads(value)) for key, value in from_table]
+    assert sorted(e["messageId"] for _, u in published for e in u["events"]) == sorted(
+        e["messageId"] for e in events
+    )
+    async with engine.connect() as conn:
+        assert await outbox.take_outbox(conn, 10, list(result.updates)) == []
+
+
 async def test_a_relay_goes_round_until_a_take_comes_back_short(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,8 +2,11 @@
 to ``cdp.profile-updates`` after it commits (by the resolvers, or by the request that
 queued them), so a crash between the commit and the publish loses nothing.
 
-Shared by the resolver (a batch's updates) and the API (an unmerge's, an erasure's
-tombstone), so it sits below both.
+Two ways out: a resolver publishes the updates its batch wrote from memory once the batch
+commits and then deletes those rows by id (``spliced``, ``delete_outbox``); whatever that
+leaves (a crash, a broker away, a request's updates) is taken from the table by
+``take_outbox``, its events read back from ``events``. Shared by the resolver (a batch's
+updates) and the API (an unmerge's, an erasure's tombstone), so it sits below both.
 """
 
 from __future__ import annotations
@@ -25,16 +28,43 @@ _COLUMNS = ("key", "payload", "event_sources", "event_messages")
 @dataclass(frozen=True, slots=True)
 class Update:
     """A profile update for the outbox: its key and JSON object, and the events (source,
-    message) the relay adds to it as ``"events": [...]``; None: the payload is whole."""
+    message) the relay adds to it as ``"events": [...]``; None: the payload is whole.
+    ``texts``: those events' JSON, when the writer has them (a resolver's batch), for
+    publishing the update from memory."""
 
     key: str
     payload: bytes
     events: Sequence[tuple[str, str]] | None = None
+    texts: Sequence[bytes] = ()
+
+    def record(self) -> bytes:
+        """The record as relayed, its events spliced in from ``texts``."""
+        if self.events is None:
+            return self.payload
+        return spliced(self.payload, b",".join(self.texts))
 
 
-async def insert_outbox(conn: AsyncConnection, updates: Sequence[Update]) -> None:
-    """Profile updates to relay to ``cdp.profile-updates`` once this transaction commits."""
-    await copy_records(conn, "profile_update_outbox", _COLUMNS, _rows(updates))
+def spliced(payload: bytes, events: bytes) -> bytes:
+    """An update's JSON object with ``"events": [<events>]`` added (``events``: the events'
+    JSON objects, comma-separated)."""
+    return payload[:-1] + b',"events":[' + events + b"]}"
+
+
+_IDS = text(
+    "SELECT nextval(pg_get_serial_sequence('profile_update_outbox', 'id'))"
+    " FROM generate_series(1, :n)"
+)
+
+
+async def insert_outbox(conn: AsyncConnection, updates: Sequence[Update]) -> list[int]:
+    """Profile updates to relay to ``cdp.profile-updates`` once this transaction commits;
+    their ids, in order (taken from the sequence first: ``COPY`` returns none)."""
+    if not updates:
+        return []
+    ids = list((await conn.execute(_IDS, {"n": len(updates)})).scalars())
+    rows = [(i, *row) for i, row in zip(ids, _rows(updates), strict=True)]
+    await copy_records(conn, "profile_update_outbox", ("id", *_COLUMNS), rows)
+    return ids
 
 
 def _rows(updates: Sequence[Update]) -> list[tuple[Any, ...]]:
@@ -98,10 +128,18 @@ async def take_outbox(
     for r in taken:
         payload: bytes = r.payload
         if r.spliced:
-            events = (r.events or "").encode()
-            payload = payload[:-1] + b',"events":[' + events + b"]}"
+            payload = spliced(payload, (r.events or "").encode())
         out.append((r.key, payload))
     return out
+
+
+async def delete_outbox(conn: AsyncConnection, ids: Sequence[int]) -> None:
+    """Forget rows published from memory (a row a ``take_outbox`` took meanwhile is gone
+    already: it was published twice, which the topic's consumers allow)."""
+    await conn.execute(
+        text("DELETE FROM profile_update_outbox WHERE id = ANY(CAST(:ids AS bigint[]))"),
+        {"ids": list(ids)},
+    )
 
 
 async def vacuum_outbox(conn: AsyncConnection) -> bool:

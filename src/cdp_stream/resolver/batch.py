@@ -89,6 +89,8 @@ class BatchResult:
     merges: int = 0
     refusals: int = 0
     held: list[Prepared] = field(default_factory=list)  # for a later batch (not waiting)
+    # the profile updates written to the outbox, by row id: to publish once committed
+    updates: dict[int, Update] = field(default_factory=dict)
 
 
 # Why a link between two groups an operator split is refused (``repo.record_split``).
@@ -375,20 +377,19 @@ async def apply_prepared(
     merged_into: dict[uuid.UUID, list[uuid.UUID]] = {}
     for _, merged, _ in graph.merges:
         merged_into.setdefault(final(merged), []).append(merged)
-    await outbox.insert_outbox(
-        conn,
-        [
-            update
-            for pid, state in states.items()
-            for update in updates(
-                pid,
-                merged_into.get(pid, []),
-                loaded[pid].state if pid in loaded else ProfileState({}, {}),
-                state,
-                [row for row, _ in by_profile.get(pid, [])],
-            )
-        ],
-    )
+    written = [
+        update
+        for pid, state in states.items()
+        for update in updates(
+            pid,
+            merged_into.get(pid, []),
+            loaded[pid].state if pid in loaded else ProfileState({}, {}),
+            state,
+            [row for row, _ in by_profile.get(pid, [])],
+        )
+    ]
+    ids = await outbox.insert_outbox(conn, written)
+    result.updates = dict(zip(ids, written, strict=True))
     result.stored = len(rows)
     result.merges = len(graph.merges)
     result.refusals = len(graph.refusals)
@@ -404,9 +405,10 @@ def updates(
     split_from: uuid.UUID | None = None,
 ) -> list[Update]:
     """The profile updates of one profile for one batch: what changed over the batch, the
-    profiles merged into it, and its events (named here, added by the relay), at most
-    :data:`UPDATE_EVENTS_BYTES` of them per update (so an update stays small however busy
-    the profile is); a profile merged without events of its own gets one without any.
+    profiles merged into it, and its events (named, with their JSON, for the relay to
+    add), at most :data:`UPDATE_EVENTS_BYTES` of them per update (so an update stays small
+    however busy the profile is); a profile merged without events of its own gets one
+    without any.
 
     (a :class:`cdp_stream.updates.ProfileUpdate`); from an unmerge, ``split_from`` names
     the other profile of the two it made (whose events and identities may have been this
@@ -418,12 +420,20 @@ def updates(
         {k: v for k, v in after.computed.items() if before.computed.get(k) != v},
         None if split_from is None else str(split_from),
     )
-    chunks: list[list[tuple[str, str]]] = [[]]
+    chunks: list[list[EventRow]] = [[]]
     size = 0
     for row in events:
         if chunks[-1] and size + len(row.text) > UPDATE_EVENTS_BYTES:
             chunks.append([])
             size = 0
-        chunks[-1].append((row.source_id, row.message_id))
+        chunks[-1].append(row)
         size += len(row.text) + 1
-    return [Update(str(pid), payload, chunk) for chunk in chunks]
+    return [
+        Update(
+            str(pid),
+            payload,
+            [(r.source_id, r.message_id) for r in chunk],
+            [r.text for r in chunk],
+        )
+        for chunk in chunks
+    ]

@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import orjson
@@ -39,6 +39,7 @@ from cdp_stream.identity import IdentityRules
 from cdp_stream.poison import DeadLetters, apply_isolating
 from cdp_stream.profiles import outbox
 from cdp_stream.profiles.db import retrying
+from cdp_stream.profiles.outbox import Update
 from cdp_stream.profiles.suppression import rekey
 from cdp_stream.resolver.batch import BatchResult, Prepared, apply_prepared, prepare
 from cdp_stream.retry import Stopping
@@ -76,6 +77,45 @@ async def _apply(
     return result
 
 
+def _publisher(
+    bus: Bus, topic: str, dead: DeadLetters | None
+) -> Callable[[Sequence[tuple[str, bytes]]], Awaitable[None]]:
+    """Publishes (key, JSON) profile updates; with ``dead``, one Kafka refuses for its size
+    is parked there instead of blocking the rest."""
+
+    async def publish(rows: Sequence[tuple[str, bytes]]) -> None:
+        started = time.perf_counter()
+        await bus.publish_many([Record(topic, key.encode(), value) for key, value in rows])
+        metrics.produce_duration.labels("resolver").observe(time.perf_counter() - started)
+        metrics.profile_updates_relayed.inc(len(rows))
+
+    async def park(row: tuple[str, bytes], exc: Exception) -> None:
+        if dead is None:
+            raise exc
+        await dead.park("profile_update_outbox", row[0].encode(), row[1], exc)
+
+    async def run(rows: Sequence[tuple[str, bytes]]) -> None:
+        await apply_isolating(rows, publish, park)
+
+    return run
+
+
+async def publish_written(
+    engine: AsyncEngine,
+    bus: Bus,
+    topic: str,
+    written: Mapping[int, Update],
+    dead: DeadLetters | None = None,
+) -> None:
+    """Publish the updates a committed batch wrote (outbox row id -> update) from memory,
+    then delete their rows (autocommit: one round trip). A failure leaves them for
+    ``relay_outbox``; the rows of updates published before it are published again then."""
+    await _publisher(bus, topic, dead)([(u.key, u.record()) for u in written.values()])
+    async with engine.connect() as conn:
+        conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+        await outbox.delete_outbox(conn, list(written))
+
+
 async def relay_outbox(
     engine: AsyncEngine,
     bus: Bus,
@@ -93,21 +133,11 @@ async def relay_outbox(
     Kafka refuses for its size is parked there instead of blocking the outbox.
     """
     relayed = 0
-
-    async def publish(rows: Sequence[tuple[str, bytes]]) -> None:
-        started = time.perf_counter()
-        await bus.publish_many([Record(topic, key.encode(), value) for key, value in rows])
-        metrics.produce_duration.labels("resolver").observe(time.perf_counter() - started)
-        metrics.profile_updates_relayed.inc(len(rows))
-
-    async def park(row: tuple[str, bytes], exc: Exception) -> None:
-        if dead is None:
-            raise exc
-        await dead.park("profile_update_outbox", row[0].encode(), row[1], exc)
+    publish = _publisher(bus, topic, dead)
 
     async def step(conn: AsyncConnection) -> int:
         rows = await outbox.take_outbox(conn, limit, ids)
-        await apply_isolating(rows, publish, park)
+        await publish(rows)
         return len(rows)
 
     # A take short of ``limit`` found all there was: another round would cost a
@@ -201,16 +231,27 @@ class _Relay:
     """The outbox relayed beside the loop, not in it: a batch's updates are published
     (waiting for the broker's acknowledgements) while the next batch is polled and
     applied, and its offsets are committed without waiting for them: the outbox holds
-    them. One relay at a time; one asked for while another runs makes that one go round
-    again, so every commit is followed by a relay that started after it. A relay that
-    fails (broker or database away) is logged and leaves its rows in the outbox;
-    ``failed`` says to ask again."""
+    them. The updates this resolver's batches wrote are published from memory
+    (``publish_written``: no read of the table and its events back); the table itself is
+    relayed (``relay_outbox``) at start-up and after a failure, for what a crash or an
+    outage left in it, and until then nothing is published from memory, so an update is
+    not overtaken by a later one of the same profile. One relay at a time; one asked for
+    while another runs makes that one go round again, so every commit is followed by a
+    relay that started after it. A relay that fails (broker or database away) is logged
+    and leaves its rows in the outbox; ``failed`` says to ask again."""
 
     def __init__(self, engine: AsyncEngine, bus: Bus, topic: str, dead: DeadLetters) -> None:
         self._engine, self._bus, self._topic, self._dead = engine, bus, topic, dead
         self._task: asyncio.Task[None] | None = None
         self._again = False
+        self._written: dict[int, Update] = {}  # committed, not yet published
+        self._from_table = True  # what a crash left there first
         self.failed = False
+
+    def hand(self, written: Mapping[int, Update]) -> None:
+        """Updates of a batch that committed, by outbox row id: relay them."""
+        self._written.update(written)
+        self.kick()
 
     def kick(self) -> None:
         if self._task is None or self._task.done():
@@ -224,10 +265,16 @@ class _Relay:
         while self._again:
             self._again = False
             try:
-                await relay_outbox(self._engine, self._bus, self._topic, self._dead)
+                if self._from_table:
+                    self._written.clear()  # committed, so in the table: taken from there
+                    await relay_outbox(self._engine, self._bus, self._topic, self._dead)
+                    self._from_table = False
+                elif self._written:
+                    written, self._written = self._written, {}
+                    await publish_written(self._engine, self._bus, self._topic, written, self._dead)
             except (BusUnavailable, Stopping, DBAPIError, OSError) as exc:
                 log.warning("profile updates left in the outbox, relaying again later: %s", exc)
-                self.failed = True
+                self.failed = self._from_table = True
                 return
 
     async def settle(self) -> None:
@@ -275,6 +322,7 @@ class _Resolver:
         rules = self._rules
         prepared = [p if p is not None else prepare([e], rules)[0] for _, (e, p) in batch]
         result = await _apply(self._engine, prepared, rules, self._stop, wait)
+        self.relay.hand(result.updates)
         await self._bus.publish_many(_set_aside(self._names.rejected, result))
         log.debug(
             "batch: %d stored, %d duplicates, %d held back",
@@ -294,7 +342,7 @@ class _Resolver:
             self.relay.kick()
 
     async def applied(self) -> None:
-        self.relay.kick()
+        return None
 
 
 def _count(result: BatchResult) -> None:
