@@ -6,9 +6,10 @@ at start-up), the next batch polled, decoded and prepared while one's transactio
 Offsets are committed only after the database commit, batch after batch in order, so a
 crash anywhere before it redelivers the batch (and the one taken ahead), and
 ``batch.apply_prepared`` turns the redelivery into a no-op.
-Profile updates are written to an outbox table in the batch's transaction and relayed to
-``cdp.profile-updates`` after it commits (and at start-up): a crash between the commit and
-the publish leaves them in the outbox for the next relay, never lost. Every
+Profile updates are written to an outbox table in the batch's transaction and published to
+``cdp.profile-updates`` from memory after it commits (the table itself is relayed at
+start-up and after a failure): a crash between the commit and the publish leaves them in
+the outbox for the next relay, never lost. Every
 ``resolver_outbox_vacuum_s`` the loop vacuums the outbox (one resolver at a time), so the
 rows relayed do not pile up as dead tuples between autovacuum passes. An event with no
 usable identifier is not stored; it goes to the rejected topic with that reason, and so
