@@ -208,6 +208,40 @@ async def test_a_batch_publishes_its_updates_from_memory_as_the_table_would(
         assert await outbox.take_outbox(conn, 10, list(result.updates)) == []
 
 
+async def test_rows_left_in_the_outbox_by_another_process_are_swept(
+    engine: AsyncEngine,
+) -> None:
+    """A request's update whose own publish failed stays in the outbox: a running resolver,
+    which publishes its batches' updates from memory, sweeps it up once it is old enough
+    (and not before: a younger row may be another resolver's, being published)."""
+    run = uuid.uuid4().hex[:10]
+    bus = MemoryBus(default_partitions=1)
+    await bus.ensure_topics(Topics().all(1))
+    stop = asyncio.Event()
+    settings = Settings(resolver_poll_timeout_ms=20, resolver_outbox_vacuum_s=0.05)
+    task = asyncio.create_task(run_resolver(bus, engine, settings, stop))
+    await bus.publish(Topics().events, b"k", event(f"{run}-a", f"u-{run}"))
+    assert await eventually(lambda: updates_for(bus, {f"{run}-a"}))  # started, relaying
+    left = {"profile_id": f"left-{run}", "events": [{"messageId": f"{run}-left"}]}
+    async with engine.begin() as conn:
+        [young] = await outbox.queue(conn, [outbox.Update(f"young-{run}", b'{"young": 1}')])
+        [old] = await outbox.queue(conn, [outbox.Update(f"left-{run}", orjson.dumps(left))])
+        await conn.execute(
+            text(
+                "UPDATE profile_update_outbox SET created_at = now() - interval '1 hour'"
+                " WHERE id = :id"
+            ),
+            {"id": old},
+        )
+    swept = await eventually(lambda: updates_for(bus, {f"{run}-left"}))
+    stop.set()
+    await task
+    assert [u["profile_id"] for u in swept] == [f"left-{run}"]
+    async with engine.begin() as conn:
+        assert await outbox.take_outbox(conn, 10, [old]) == []
+        assert len(await outbox.take_outbox(conn, 10, [young])) == 1  # not its age yet
+
+
 async def test_a_relay_goes_round_until_a_take_comes_back_short(
     engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -111,19 +111,26 @@ FROM taken t ORDER BY t.id
 """
 _TAKE_ALL = text(_TAKE.format(where=""))
 _TAKE_IDS = text(_TAKE.format(where="WHERE id = ANY(CAST(:ids AS bigint[]))"))
+_TAKE_OLD = text(_TAKE.format(where="WHERE created_at < now() - make_interval(secs => :age)"))
 
 
 async def take_outbox(
-    conn: AsyncConnection, limit: int, ids: Sequence[int] | None = None
+    conn: AsyncConnection,
+    limit: int,
+    ids: Sequence[int] | None = None,
+    older_than_s: float | None = None,
 ) -> list[tuple[str, bytes]]:
     """Delete and return up to ``limit`` pending updates (key, JSON), oldest first, their
     events read from ``events`` (an event erased since is left out); rows another
     transaction is relaying are skipped. They come back if the caller rolls back. With
-    ``ids``, only those rows (the ones a request queued)."""
-    if ids is None:
-        taken = await conn.execute(_TAKE_ALL, {"n": limit})
-    else:
+    ``ids``, only those rows (the ones a request queued); with ``older_than_s``, only rows
+    written that long ago (left behind, not being published from memory)."""
+    if ids is not None:
         taken = await conn.execute(_TAKE_IDS, {"n": limit, "ids": list(ids)})
+    elif older_than_s is not None:
+        taken = await conn.execute(_TAKE_OLD, {"n": limit, "age": older_than_s})
+    else:
+        taken = await conn.execute(_TAKE_ALL, {"n": limit})
     out = []
     for r in taken:
         payload: bytes = r.payload

@@ -124,9 +124,11 @@ async def relay_outbox(
     dead: DeadLetters | None = None,
     limit: int = 5000,
     ids: Sequence[int] | None = None,
+    older_than_s: float | None = None,
 ) -> int:
     """Publish pending profile updates, oldest first, and delete them once acknowledged;
-    with ``ids``, only those rows (the ones a request queued: the rest are the resolvers').
+    with ``ids``, only those rows (the ones a request queued: the rest are the resolvers');
+    with ``older_than_s``, only rows written that long ago.
 
     Rows are taken with ``SKIP LOCKED``, so resolvers relay side by side; a failure before
     the delete commits leaves the rows for the next relay (at-least-once: a consumer of
@@ -137,7 +139,7 @@ async def relay_outbox(
     publish = _publisher(bus, topic, dead)
 
     async def step(conn: AsyncConnection) -> int:
-        rows = await outbox.take_outbox(conn, limit, ids)
+        rows = await outbox.take_outbox(conn, limit, ids, older_than_s)
         await publish(rows)
         return len(rows)
 
@@ -228,6 +230,11 @@ async def _decode_prepared(
     return items
 
 
+# An outbox row this old is a leftover: a batch's own rows are published and deleted
+# within its broker's acknowledgement time (``publish_timeout_s``, 10 s by default).
+LEFTOVER_AGE_S = 30.0
+
+
 class _Relay:
     """The outbox relayed beside the loop, not in it: a batch's updates are published
     (waiting for the broker's acknowledgements) while the next batch is polled and
@@ -236,7 +243,10 @@ class _Relay:
     (``publish_written``: no read of the table and its events back); the table itself is
     relayed (``relay_outbox``) at start-up and after a failure, for what a crash or an
     outage left in it, and until then nothing is published from memory, so an update is
-    not overtaken by a later one of the same profile. One relay at a time; one asked for
+    not overtaken by a later one of the same profile. Rows older than
+    :data:`LEFTOVER_AGE_S` are swept every ``resolver_outbox_vacuum_s`` (``sweep``): what
+    another process left (a request whose publish failed, a batch whose commit was
+    reported lost and then applied again as duplicates). One relay at a time; one asked for
     while another runs makes that one go round again, so every commit is followed by a
     relay that started after it. A relay that fails (broker or database away) is logged
     and leaves its rows in the outbox; ``failed`` says to ask again."""
@@ -247,11 +257,17 @@ class _Relay:
         self._again = False
         self._written: dict[int, Update] = {}  # committed, not yet published
         self._from_table = True  # what a crash left there first
+        self._leftovers = False
         self.failed = False
 
     def hand(self, written: Mapping[int, Update]) -> None:
         """Updates of a batch that committed, by outbox row id: relay them."""
         self._written.update(written)
+        self.kick()
+
+    def sweep(self) -> None:
+        """Relay the rows left in the outbox :data:`LEFTOVER_AGE_S` ago or more."""
+        self._leftovers = True
         self.kick()
 
     def kick(self) -> None:
@@ -269,8 +285,17 @@ class _Relay:
                 if self._from_table:
                     self._written.clear()  # committed, so in the table: taken from there
                     await relay_outbox(self._engine, self._bus, self._topic, self._dead)
-                    self._from_table = False
-                elif self._written:
+                    self._from_table = self._leftovers = False
+                if self._leftovers:
+                    self._leftovers = False
+                    await relay_outbox(
+                        self._engine,
+                        self._bus,
+                        self._topic,
+                        self._dead,
+                        older_than_s=LEFTOVER_AGE_S,
+                    )
+                if self._written:
                     written, self._written = self._written, {}
                     await publish_written(self._engine, self._bus, self._topic, written, self._dead)
             except (BusUnavailable, Stopping, DBAPIError, OSError) as exc:
@@ -338,6 +363,7 @@ class _Resolver:
     async def between(self) -> None:
         if self._clock() - self._vacuumed_at >= self._settings.resolver_outbox_vacuum_s:
             await vacuum_outbox(self._engine)
+            self.relay.sweep()
             self._vacuumed_at = self._clock()
         if self.relay.failed:
             self.relay.kick()
