@@ -28,8 +28,8 @@ async def pending(engine: AsyncEngine, keys: list[str]) -> list[str]:
 async def test_taking_by_id_leaves_the_other_rows(engine: AsyncEngine) -> None:
     mine, theirs = uid("mine"), uid("theirs")
     async with engine.begin() as conn:
-        await outbox.insert_outbox(conn, [update(theirs)])  # a resolver batch's, by COPY
-        ids = await outbox.queue(conn, [update(mine, type="deleted"), update(mine, n=2)])
+        await outbox.insert_outbox(conn, [update(theirs)])  # another writer's row
+        ids = await outbox.insert_outbox(conn, [update(mine, type="deleted"), update(mine, n=2)])
     assert len(set(ids)) == 2
     async with engine.begin() as conn:
         taken = await outbox.take_outbox(conn, 100, ids)
@@ -47,7 +47,7 @@ async def test_a_rolled_back_take_leaves_the_rows(engine: AsyncEngine) -> None:
     rolls back, and the rows wait for the resolvers."""
     mine = uid("mine")
     async with engine.begin() as conn:
-        ids = await outbox.queue(conn, [update(mine, events=[])])
+        ids = await outbox.insert_outbox(conn, [update(mine, events=[])])
     async with engine.connect() as conn, conn.begin() as tx:
         assert len(await outbox.take_outbox(conn, 100, ids)) == 1
         await tx.rollback()

@@ -224,8 +224,8 @@ async def test_rows_left_in_the_outbox_by_another_process_are_swept(
     assert await eventually(lambda: updates_for(bus, {f"{run}-a"}))  # started, relaying
     left = {"profile_id": f"left-{run}", "events": [{"messageId": f"{run}-left"}]}
     async with engine.begin() as conn:
-        [young] = await outbox.queue(conn, [outbox.Update(f"young-{run}", b'{"young": 1}')])
-        [old] = await outbox.queue(conn, [outbox.Update(f"left-{run}", orjson.dumps(left))])
+        [young] = await outbox.insert_outbox(conn, [outbox.Update(f"young-{run}", b'{"young": 1}')])
+        [old] = await outbox.insert_outbox(conn, [outbox.Update(f"left-{run}", orjson.dumps(left))])
         await conn.execute(
             text(
                 "UPDATE profile_update_outbox SET created_at = now() - interval '1 hour'"
@@ -259,7 +259,9 @@ async def test_a_relay_goes_round_until_a_take_comes_back_short(
     run = uuid.uuid4().hex[:10]
     keys = [f"{run}-{i}" for i in range(5)]
     async with engine.begin() as conn:
-        ids = await outbox.queue(conn, [outbox.Update(k, orjson.dumps({"k": k})) for k in keys])
+        ids = await outbox.insert_outbox(
+            conn, [outbox.Update(k, orjson.dumps({"k": k})) for k in keys]
+        )
     bus = MemoryBus(default_partitions=1)
     await bus.ensure_topics(Topics().all(1))
     assert await relay_outbox(engine, bus, Topics().profile_updates, limit=2, ids=ids) == 5

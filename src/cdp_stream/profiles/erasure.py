@@ -27,7 +27,7 @@ from cdp_stream.profiles.models import (
     profiles,
     suppressed_identifiers,
 )
-from cdp_stream.profiles.outbox import Update, queue
+from cdp_stream.profiles.outbox import Update, insert_outbox
 from cdp_stream.profiles.repository import group_ids
 from cdp_stream.profiles.suppression import sealed_rows
 from cdp_stream.sealing import SuppressionKeys
@@ -54,7 +54,7 @@ async def erase(
     tombstone = ProfileUpdate(
         type="deleted", profile_id=str(canonical), merged_ids=[str(i) for i in merged]
     )
-    queued = await queue(conn, [Update(str(canonical), tombstone.payload())])
+    queued = await insert_outbox(conn, [Update(str(canonical), tombstone.payload())])
     return Erased(canonical, merged, queued)
 
 

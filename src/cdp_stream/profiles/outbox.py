@@ -16,10 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import text
-from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_stream.profiles.models import profile_update_outbox
 from cdp_stream.profiles.repository import copy_records, lock_key
 
 _COLUMNS = ("key", "payload", "event_sources", "event_messages")
@@ -58,7 +56,10 @@ _IDS = text(
 
 async def insert_outbox(conn: AsyncConnection, updates: Sequence[Update]) -> list[int]:
     """Profile updates to relay to ``cdp.profile-updates`` once this transaction commits;
-    their ids, in order (taken from the sequence first: ``COPY`` returns none)."""
+    their ids, in order (taken from the sequence first: ``COPY`` returns none). A
+    resolver publishes its batch's from memory; a request (an unmerge's updates, an
+    erasure's tombstone) publishes its own by id (``take_outbox(ids=...)``); every other
+    row is left to the resolvers."""
     if not updates:
         return []
     ids = list((await conn.execute(_IDS, {"n": len(updates)})).scalars())
@@ -77,19 +78,6 @@ def _rows(updates: Sequence[Update]) -> list[tuple[Any, ...]]:
         )
         for u in updates
     ]
-
-
-async def queue(conn: AsyncConnection, updates: Sequence[Update]) -> list[int]:
-    """A few profile updates (an unmerge's, an erasure's tombstone), as ``insert_outbox``
-    writes them, returning their ids: the request that wrote them publishes those itself
-    (``take_outbox(ids=...)``) and leaves every other row to the resolvers."""
-    if not updates:
-        return []
-    rows = await conn.execute(
-        insert(profile_update_outbox).returning(profile_update_outbox.c.id),
-        [dict(zip(_COLUMNS, row, strict=True)) for row in _rows(updates)],
-    )
-    return list(rows.scalars())
 
 
 # The rows to relay: all (a resolver's relay) or those of ``ids`` (a request's own).

@@ -30,7 +30,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from cdp_stream.profiles.outbox import queue
+from cdp_stream.profiles.outbox import insert_outbox
 from cdp_stream.resolver import computed, traits
 from cdp_stream.resolver import repository as repo
 from cdp_stream.resolver.batch import updates
@@ -91,7 +91,7 @@ async def unmerge_last(conn: AsyncConnection, canonical: uuid.UUID) -> Unmerged 
     await repo.mark_undone(conn, last.id)
     kept, restored = head[last.canonical_id], head[last.merged_id]
     await repo.record_split(conn, kept, restored, last.id)
-    queued = await queue(
+    queued = await insert_outbox(
         conn,
         [
             update
