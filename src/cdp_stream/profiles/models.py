@@ -90,7 +90,14 @@ identities = Table(
     # The profile that first claimed it: what an unmerge regroups by.
     Column("claimed_by", UUID(as_uuid=True), nullable=False),
     PrimaryKeyConstraint("type", "value", name="identities_pkey"),
-    Index("identities_profile_id_idx", "profile_id"),
+    # Covering what is read by profile (its identities, a contact's), so that those reads
+    # are index-only scans (migration 0013).
+    Index(
+        "identities_profile_type_idx",
+        "profile_id",
+        "type",
+        postgresql_include=["value", "created_at"],
+    ),
 )
 
 profile_merges = Table(

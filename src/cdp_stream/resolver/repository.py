@@ -25,7 +25,6 @@ from cdp_stream.identity import Identifier
 from cdp_stream.profiles.models import (
     events,
     identities,
-    identity_refusals,
     orders,
     profile_merges,
     profile_splits,
@@ -153,13 +152,19 @@ async def groups_of(conn: AsyncConnection, ids: Sequence[uuid.UUID]) -> Groups:
     return out
 
 
+_INSERT_PROFILES = """INSERT INTO profiles (id, created_at, updated_at)
+SELECT id, at, at FROM unnest($1::uuid[], $2::timestamptz[]) AS p(id, at)"""
+
+
 async def insert_profiles(
     conn: AsyncConnection, rows: Sequence[tuple[uuid.UUID, datetime]]
 ) -> None:
+    """New profiles (id, created at). Like every write of a batch, one statement on the
+    driver's connection, whatever the number of rows: per-row statements (an executemany)
+    cost each row a statement's overhead on both sides."""
     if rows:
-        await conn.execute(
-            insert(profiles), [{"id": pid, "created_at": at, "updated_at": at} for pid, at in rows]
-        )
+        params = ([pid for pid, _ in rows], [at for _, at in rows])
+        await driver(conn, lambda db: db.execute(_INSERT_PROFILES, *params))
 
 
 def _id_mapping(pairs: dict[uuid.UUID, uuid.UUID]) -> tuple[Subquery, dict[str, Any]]:
@@ -172,6 +177,29 @@ def _id_mapping(pairs: dict[uuid.UUID, uuid.UUID]) -> tuple[Subquery, dict[str, 
     return mapping, {"old": list(pairs), "new": list(pairs.values())}
 
 
+# The merges of a batch in one statement: logged, then (m: merged-away id -> the final
+# canonical one) every row pointing at a merged-away profile pointed at its canonical one.
+# The parts see the same snapshot and touch different rows: a merged-away profile was
+# canonical (merged_into NULL) until now, so no row is both one that ``gone`` and one
+# that ``before`` updates.
+_RECORD_MERGES = """
+WITH m AS (SELECT * FROM unnest($1::uuid[], $2::uuid[]) AS m(old, new)),
+logged AS (
+  INSERT INTO profile_merges (canonical_id, merged_id, source_id, message_id)
+  SELECT * FROM unnest($3::uuid[], $4::uuid[], $5::text[], $6::text[])
+), gone AS (
+  UPDATE profiles p SET merged_into = m.new, updated_at = now() FROM m WHERE p.id = m.old
+), before AS (
+  UPDATE profiles p SET merged_into = m.new FROM m WHERE p.merged_into = m.old
+), ids AS (
+  UPDATE identities t SET profile_id = m.new FROM m WHERE t.profile_id = m.old
+), bought AS (
+  UPDATE orders t SET profile_id = m.new FROM m WHERE t.profile_id = m.old
+)
+UPDATE events t SET profile_id = m.new FROM m WHERE t.profile_id = m.old
+"""
+
+
 async def record_merges(
     conn: AsyncConnection,
     merges: Sequence[tuple[uuid.UUID, uuid.UUID, tuple[str, str]]],
@@ -182,47 +210,36 @@ async def record_merges(
     and orders at the final canonical profile."""
     if not merges:
         return
-    await conn.execute(
-        insert(profile_merges),
-        [
-            {"canonical_id": c, "merged_id": m, "source_id": s, "message_id": mid}
-            for c, m, (s, mid) in merges
-        ],
+    head = {m: final(m) for _, m, _ in merges}
+    params = (
+        list(head),
+        list(head.values()),
+        [c for c, _, _ in merges],
+        [m for _, m, _ in merges],
+        [s for _, _, (s, _) in merges],
+        [mid for _, _, (_, mid) in merges],
     )
-    mapping, params = _id_mapping({m: final(m) for _, m, _ in merges})
-    await conn.execute(
-        update(profiles)
-        .where(profiles.c.id == mapping.c.old)
-        .values(merged_into=mapping.c.new, updated_at=func.now()),
-        params,
-    )
-    await conn.execute(
-        update(profiles)
-        .where(profiles.c.merged_into == mapping.c.old)
-        .values(merged_into=mapping.c.new),
-        params,
-    )
-    for table in (identities, events, orders):
-        await conn.execute(
-            update(table)
-            .where(table.c.profile_id == mapping.c.old)
-            .values(profile_id=mapping.c.new),
-            params,
-        )
+    await driver(conn, lambda db: db.execute(_RECORD_MERGES, *params))
+
+
+_INSERT_IDENTITIES = """INSERT INTO identities (type, value, profile_id, claimed_by)
+SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::uuid[])"""
 
 
 async def insert_identities(
     conn: AsyncConnection, rows: Sequence[tuple[Identifier, uuid.UUID, uuid.UUID]]
 ) -> None:
-    """(identifier, canonical profile, the profile that claimed it)."""
+    """(identifier, canonical profile, the profile that claimed it). A claim racing
+    another resolver's fails on the primary key (a unique violation: the batch is
+    retried)."""
     if rows:
-        await conn.execute(
-            insert(identities),
-            [
-                {"type": i.type, "value": i.value, "profile_id": p, "claimed_by": c}
-                for i, p, c in rows
-            ],
+        params = (
+            [i.type for i, _, _ in rows],
+            [i.value for i, _, _ in rows],
+            [p for _, p, _ in rows],
+            [c for _, _, c in rows],
         )
+        await driver(conn, lambda db: db.execute(_INSERT_IDENTITIES, *params))
 
 
 @dataclass(slots=True)
@@ -237,27 +254,28 @@ class Refusal:
     message_id: str
 
 
+_INSERT_REFUSALS = """INSERT INTO identity_refusals
+  (profile_id, type, value, other_profile_id, reason, source_id, message_id)
+SELECT * FROM unnest(
+  $1::uuid[], $2::text[], $3::text[], $4::uuid[], $5::text[], $6::text[], $7::text[])"""
+
+
 async def insert_refusals(
     conn: AsyncConnection,
     refusals: Sequence[Refusal],
     final: Callable[[uuid.UUID], uuid.UUID],
 ) -> None:
     if refusals:
-        await conn.execute(
-            insert(identity_refusals),
-            [
-                {
-                    "profile_id": final(r.profile_id),
-                    "type": r.identifier.type,
-                    "value": r.identifier.value,
-                    "other_profile_id": r.other_profile_id and final(r.other_profile_id),
-                    "reason": r.reason,
-                    "source_id": r.source_id,
-                    "message_id": r.message_id,
-                }
-                for r in refusals
-            ],
+        params = (
+            [final(r.profile_id) for r in refusals],
+            [r.identifier.type for r in refusals],
+            [r.identifier.value for r in refusals],
+            [r.other_profile_id and final(r.other_profile_id) for r in refusals],
+            [r.reason for r in refusals],
+            [r.source_id for r in refusals],
+            [r.message_id for r in refusals],
         )
+        await driver(conn, lambda db: db.execute(_INSERT_REFUSALS, *params))
 
 
 _SAVE_STATES = """UPDATE profiles p SET traits = u.traits::jsonb,
