@@ -8,15 +8,17 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
 from cdp_stream.profiles.models import events as events_table
 from cdp_stream.profiles.models import identities
-from cdp_stream.resolver.batch import apply_batch, apply_prepared, prepare
+from cdp_stream.resolver import repository as resolver_repo
+from cdp_stream.resolver.batch import BatchResult, StaleRead, apply_batch, apply_prepared, prepare
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.settings import Settings
 
@@ -149,3 +151,51 @@ async def test_not_waiting_holds_back_only_the_people_another_transaction_holds(
     profile = await _profile(engine, Identifier("user_id", a))
     assert profile["computed"]["event_count"] == 4
     assert (await _profile(engine, Identifier("user_id", b)))["computed"]["event_count"] == 1
+
+
+async def _merged_while_locking(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch, wait: bool
+) -> tuple[str, str, BatchResult]:
+    """A batch with an event of anonymous id ``x`` and one of someone else, during which,
+    after it read that ``x`` is profile P's and before it locks P, another transaction
+    merges P into an older profile Q (``x`` moves to Q) and commits."""
+    a, x, c = (f"{k}-{uuid.uuid4().hex[:8]}" for k in "axc")
+    email, ts = f"{a}@x.io", "2024-01-01T00:00:00Z"
+    async with engine.begin() as conn:
+        await apply_batch(conn, [ev(f"{a}-q", ts, traits={"email": email})], RULES)  # Q
+    async with engine.begin() as conn:
+        await apply_batch(conn, [ev(f"{a}-p", ts, userId=a, anonymousId=x)], RULES)  # P
+    lock_profiles = resolver_repo.lock_profiles
+
+    async def merge_first(conn: AsyncConnection, *args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(resolver_repo, "lock_profiles", lock_profiles)
+        async with engine.begin() as other:
+            await apply_batch(other, [ev(f"{a}-m", ts, userId=a, traits={"email": email})], RULES)
+        return await lock_profiles(conn, *args, **kwargs)
+
+    monkeypatch.setattr(resolver_repo, "lock_profiles", merge_first)
+    batch = prepare([ev(f"{x}-1", ts, anonymousId=x), ev(f"{c}-1", ts, userId=c)], RULES)
+    async with engine.begin() as conn:
+        result = await asyncio.wait_for(apply_prepared(conn, batch, RULES, wait=wait), 10)
+    return x, c, result
+
+
+async def test_not_waiting_holds_back_the_events_of_identifiers_merged_away_meanwhile(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x, c, result = await _merged_while_locking(engine, monkeypatch, wait=False)
+    assert result.stored == 1  # the other person's event: no retry of the whole batch
+    assert [p.key[1] for p in result.held] == [f"{x}-1"]
+    async with engine.begin() as conn:  # the next batch reads x's owner anew: Q
+        later = await apply_prepared(conn, result.held, RULES, wait=False)
+    assert (later.stored, later.held) == (1, [])
+    merged = await _profile(engine, Identifier("anonymous_id", x))
+    assert merged["computed"]["event_count"] == 4  # Q's, P's, the merge's and x's
+    assert (await _profile(engine, Identifier("user_id", c)))["computed"]["event_count"] == 1
+
+
+async def test_waiting_retries_a_batch_whose_identifiers_moved_meanwhile(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with pytest.raises(StaleRead):
+        await _merged_while_locking(engine, monkeypatch, wait=True)
