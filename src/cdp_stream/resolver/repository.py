@@ -159,9 +159,9 @@ SELECT id, at, at FROM unnest($1::uuid[], $2::timestamptz[]) AS p(id, at)"""
 async def insert_profiles(
     conn: AsyncConnection, rows: Sequence[tuple[uuid.UUID, datetime]]
 ) -> None:
-    """New profiles (id, created at). Like every write of a batch, one statement on the
-    driver's connection, whatever the number of rows: per-row statements (an executemany)
-    cost each row a statement's overhead on both sides."""
+    """New profiles (id, created at). Like the batch's other writes, one statement on the
+    driver's connection however many rows: per-row statements (an executemany) cost each
+    row a statement's overhead on both sides."""
     if rows:
         params = ([pid for pid, _ in rows], [at for _, at in rows])
         await driver(conn, lambda db: db.execute(_INSERT_PROFILES, *params))
