@@ -233,7 +233,8 @@ async def _where_cancelled(stage: Awaitable[None]) -> None:
 @cli.command()
 def up(port: Port = None) -> None:
     """Run collector, resolver, activation and API in one process."""
-    uvloop.run(_serve(_settings(port), "up", ("collector", "api"), ("resolver", "activation")))
+    settings = _settings(port).in_one_process()
+    uvloop.run(_serve(settings, "up", ("collector", "api"), ("resolver", "activation")))
 
 
 @cli.command()
