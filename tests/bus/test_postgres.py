@@ -16,7 +16,12 @@ import pytest
 
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.bus.base import BusUnavailable, Message, Record, next_offsets
-from cdp_stream.bus.postgres import PostgresBus, PostgresConsumer, postgres_dsn
+from cdp_stream.bus.postgres import (
+    PARTITION_FETCH_BYTES,
+    PostgresBus,
+    PostgresConsumer,
+    postgres_dsn,
+)
 from cdp_stream.settings import Settings
 from tests.support import eventually
 
@@ -184,6 +189,27 @@ async def test_records_every_group_committed_past_are_dropped_after_the_retentio
     for reader in readers:
         await reader.stop()
     await keeping.stop()
+
+
+async def test_a_read_takes_about_a_mebibyte_of_each_partition(bus: PostgresBus) -> None:
+    """As a Kafka fetch (``max.partition.fetch.bytes``): whatever ``max_records`` asks, a
+    read takes records of a partition up to 1 MiB of values, and at least one however big;
+    the rest, in order, on the next reads, nothing lost or repeated."""
+    topic = f"t-{uid()}"
+    await bus.ensure_topics({topic: 1})
+    big = 400 * 1024
+    values = [bytes([i]) * big for i in range(5)] + [b"x" * (3 * 1024 * 1024), b"small"]
+    await bus.publish_many([Record(topic, b"k", v) for v in values])
+    consumer = bus.consumer(f"g-{uid()}", [topic])
+    await consumer.start()
+    reads = []
+    while sum(reads) < len(values):
+        got = await consumer.getmany(max_records=100, timeout_ms=5_000)
+        assert got, "a record was left behind"
+        reads.append(len(got))
+        assert sum(len(m.value) for m in got) <= PARTITION_FETCH_BYTES or len(got) == 1
+    assert reads == [2, 2, 1, 1, 1]  # 800 KiB, 800 KiB, 400 KiB, 3 MiB alone, 5 bytes
+    await consumer.stop()
 
 
 async def test_publish_fails_past_the_backlog_and_recovers_once_consumed(

@@ -40,6 +40,10 @@ _VACUUM_AFTER = 20_000  # deleted records  # NOTIFY payload: the topic id
 # (2 * group id, slot) for membership, (2 * group id + 1, topic id * _MAX_PARTITIONS +
 # partition) for partition ownership.
 _MAX_PARTITIONS = 1024
+# What one read takes of each partition's record values, at most (at least one record),
+# as Kafka's consumer does (max.partition.fetch.bytes): a batch of the collector's
+# biggest events (32 KiB) is not 2,000 of them in memory at once.
+PARTITION_FETCH_BYTES = 1024 * 1024
 
 # One statement, so one round trip (its implicit transaction commits at its end): take
 # offsets from the partitions' counters (the UPDATE's row locks are held until the commit,
@@ -578,8 +582,14 @@ class PostgresConsumer:
             except _FAILURES as exc:
                 raise BusUnavailable(f"group {self.group}: read failed: {exc!r}") from exc
             out = []
+            taken: dict[tuple[int, int], int] = {}  # bytes taken of each partition
             for r in rows:
                 tp = (r["topic_id"], r["partition"])
+                size = taken.get(tp, 0)
+                if size < 0 or (size and size + len(r["value"]) > PARTITION_FETCH_BYTES):
+                    taken[tp] = -1  # full: the rest of it is read again next time
+                    continue
+                taken[tp] = size + len(r["value"])
                 out.append(Message(self._topics[tp[0]], tp[1], r["offset"], r["key"], r["value"]))
                 self._positions[tp] = r["offset"] + 1
             return out
