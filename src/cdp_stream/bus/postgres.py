@@ -582,14 +582,17 @@ class PostgresConsumer:
             except _FAILURES as exc:
                 raise BusUnavailable(f"group {self.group}: read failed: {exc!r}") from exc
             out = []
+            # Cut here, not in the SQL: a running sum there cost 3.5 ms of Postgres a read of
+            # 2,000 records against 0.9 without it (it reads on past the limit).
             taken: dict[tuple[int, int], int] = {}  # bytes taken of each partition
+            full: set[tuple[int, int]] = set()  # the rest of these is read next time
             for r in rows:
                 tp = (r["topic_id"], r["partition"])
-                size = taken.get(tp, 0)
-                if size < 0 or (size and size + len(r["value"]) > PARTITION_FETCH_BYTES):
-                    taken[tp] = -1  # full: the rest of it is read again next time
+                size = taken.get(tp, 0) + len(r["value"])
+                if tp in full or (tp in taken and size > PARTITION_FETCH_BYTES):
+                    full.add(tp)
                     continue
-                taken[tp] = size + len(r["value"])
+                taken[tp] = size
                 out.append(Message(self._topics[tp[0]], tp[1], r["offset"], r["key"], r["value"]))
                 self._positions[tp] = r["offset"] + 1
             return out
