@@ -73,8 +73,8 @@ def create_index_online(name: str, table: str, columns: list[str], **kw: Any) ->
     """``CREATE INDEX CONCURRENTLY`` inside a revision: writes to ``table`` go on during
     the build. Outside the revision's transaction (Postgres requires it), so an attempt
     that failed may have left an invalid index of that name: dropped first."""
+    drop_index_online(name, table)
     with op.get_context().autocommit_block():
-        op.drop_index(name, table_name=table, if_exists=True, postgresql_concurrently=True)
         op.create_index(name, table, columns, postgresql_concurrently=True, **kw)
 
 
