@@ -251,6 +251,9 @@ async def test_page_identify_and_an_order_land_on_one_profile(
     page = await open_page(browser, library, site.url(library, "/shop", **FAST[library.name]))
     anonymous_id = await browser.call("eval", page=page, expression=library.anonymous_id)
     await call(browser, page, library, "identify", user, {"email": email, "plan": "pro"})
+    # Stored first, so the order's timestamp is later: each request's clock-skew correction
+    # (receivedAt - sentAt) can move back-to-back events a few milliseconds either way.
+    await events_of(f"email:{email}", 2, collector)
     order = {"order_id": uid("o"), "revenue": 30, "currency": "EUR"}
     await call(browser, page, library, "track", "Order Completed", order)
 
