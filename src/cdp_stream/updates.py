@@ -80,7 +80,7 @@ class ProfileUpdate(BaseModel):
 
     def split_ids(self) -> list[uuid.UUID]:
         """Both profiles an unmerge made (this one and ``split_from``), else none."""
-        other = _uuid(self.split_from)
+        other = None if self.split_from is None else _uuid(self.split_from)
         return [] if other is None else [*self.profile_ids()[:1], other]
 
     def payload(self, *, without_events: bool = False) -> bytes:

@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+import pytest
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -27,6 +28,7 @@ from cdp_stream.profiles.models import (
     crm_contacts,
     crm_interactions,
     crm_webhook_deliveries,
+    identities,
     profile_update_outbox,
 )
 from cdp_stream.resolver.consumer import apply_with_retry
@@ -337,6 +339,29 @@ async def test_stage_never_goes_down(engine: AsyncEngine) -> None:
     c = await contact(engine, pid)
     assert c is not None and c["lifecycle_stage"] == "customer"
     assert c["last_activity_at"] == at("2024-03-02T10:00:00Z")
+
+
+@pytest.mark.parametrize("settings", [SETTINGS, NO_WEBHOOK], ids=["webhook", "no-webhook"])
+async def test_a_contact_that_lost_its_email_and_user_id_goes(
+    engine: AsyncEngine, settings: Settings
+) -> None:
+    user = uid("u")
+    updates = await resolve(
+        engine,
+        ev("identify", "2024-03-01T10:00:00Z", userId=user, traits={"email": f"{user}@x.io"}),
+    )
+    await feed(engine, updates, settings)
+    pid = await owner(engine, "user_id", user)
+    assert await contact(engine, pid) is not None
+    async with engine.begin() as conn:  # as if an unmerge had taken both to another profile
+        await conn.execute(delete(identities).where(identities.c.profile_id == pid))
+    await feed(engine, updates, settings)  # redelivered: re-derived from the profile as it is
+    assert await contact(engine, pid) is None
+    told = [d["payload"] for d in await deliveries(engine, pid) if d["kind"] == "contact"]
+    expected = [("contact.upserted", None), ("contact.deleted", "no_identifier")]
+    assert [(t["type"], t.get("reason")) for t in told] == (
+        expected if settings.crm_webhook_url else []
+    )
 
 
 async def test_merge_folds_the_merged_away_contact_into_the_canonical_one(

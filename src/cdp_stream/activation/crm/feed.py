@@ -74,8 +74,8 @@ async def apply_updates(
     heads = sorted(set(canonical.values()))
     state = await repo.canonical_profiles(conn, heads) if heads else {}
     held = await crm_repo.read_held(conn, state) if state else {}
-    created = await _write_contacts(conn, heads, state, held, settings, out)
     webhook = bool(settings.crm_webhook_url)
+    created = await _write_contacts(conn, heads, state, held, settings, out if webhook else None)
     if webhook and (announced.new or created):
         for row in await crm_repo.unseen_interactions(
             conn, heads, announced.new - announced.known, created, announced.known
@@ -149,11 +149,11 @@ async def _write_contacts(
     state: dict[uuid.UUID, dict[str, Any]],
     held: crm_repo.Held,
     settings: Settings,
-    out: Outgoing,
+    out: Outgoing | None,
 ) -> list[uuid.UUID]:
     """Upsert the contacts of ``heads`` (``state``, ``held``: the canonical ones as read)
-    where a field changed (queueing them for the webhook), drop those that no longer
-    qualify; returns the newly created ones."""
+    where a field changed (queueing them in ``out`` for the webhook, if there is one), drop
+    those that no longer qualify; returns the newly created ones."""
     if not heads:
         return []
     existing = await crm_repo.read_contacts(conn, heads)
@@ -187,12 +187,15 @@ async def _write_contacts(
         upserts.append({"profile_id": pid, **contact})
         if before is None:
             created.append(pid)
-    if upserts:
-        written = await crm_repo.upsert_contacts(conn, upserts)
+    if upserts and out is None:  # no webhook: the stored rows need not come back
+        await crm_repo.upsert_contacts(conn, upserts)
+    elif upserts and out is not None:
+        written = await crm_repo.upsert_contacts_returning(conn, upserts)
         for r in sorted(written, key=lambda r: r.profile_id):
             out.upserted(dict(r._mapping), created=r.profile_id in created)
     if dropped:
         await crm_repo.delete_contacts(conn, dropped)
+    if dropped and out is not None:
         for pid in dropped:
             out.deleted(pid, [], "no_identifier")
     return created
