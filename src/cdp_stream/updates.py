@@ -80,7 +80,7 @@ class ProfileUpdate(BaseModel):
 
     def split_ids(self) -> list[uuid.UUID]:
         """Both profiles an unmerge made (this one and ``split_from``), else none."""
-        other = None if self.split_from is None else _uuid(self.split_from)
+        other = _uuid(self.split_from)
         return [] if other is None else [*self.profile_ids()[:1], other]
 
     def payload(self, *, without_events: bool = False) -> bytes:
@@ -89,6 +89,8 @@ class ProfileUpdate(BaseModel):
 
 
 def _uuid(value: str | None) -> uuid.UUID | None:
+    if value is None:  # most updates have no ``split_from``: no exception raised for them
+        return None
     try:
         return uuid.UUID(str(value))
     except ValueError:
