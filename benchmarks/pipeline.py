@@ -33,7 +33,10 @@ rate vs offered, non-2xx answers (5xx apart), collector latency p50/p99, event -
 p50/p99, lookup p50/p99, the resolvers' and activation's processed rates and consumer lag,
 CPU per process (% of one core: collector, api, each resolver, activation, the broker, this
 run's Postgres backends and the whole server, the load generators, this process, and
-"others": the rest of the machine, i.e. noise from whatever else runs on it).
+"others": the rest of the machine, i.e. noise from whatever else runs on it), and where
+Postgres's time went, by statement (pg_stat_statements, which
+``deploy/postgres/postgres.sh`` loads: the longest statements' share, calls/s, ms and rows
+a call).
 
 Then a step test: each rate of ``--steps`` for ``--step-seconds``, after the lag of the
 previous step has drained. Consumer-group lag (end offsets minus committed offsets, read
@@ -548,8 +551,13 @@ async def bench(opts: argparse.Namespace, stages: Stages, db: str) -> None:
             + ", ".join(f"{g} {e - c:,}" for g, (e, c) in left.items()),
             flush=True,
         )
+        dsn = env["CDP_DATABASE_URL"].replace("+asyncpg", "")
+        await statements(dsn, reset=True)
+        counted = time.monotonic()
         main = await phase_run(run, opts.rate, opts.seconds, opts.visible_timeout, 15.0)
         show_main(opts, main)
+        by_statement = await statements(dsn, reset=False)
+        show_statements(by_statement, time.monotonic() - counted, main.http.events)
         check(stages)
         steps: list[Phase] = []
         for rate in opts.steps:
@@ -629,6 +637,63 @@ def check(stages: Stages) -> None:
 
 
 # -- printing ------------------------------------------------------------------------------
+
+
+# -- Postgres by statement -----------------------------------------------------------------
+
+# This run's database's statements, most execution time first (pg_stat_statements: what
+# ``deploy/postgres/postgres.sh`` loads), normalized (``$1`` for every constant).
+_STATEMENTS = """
+SELECT calls, total_exec_time, rows, regexp_replace(query, '\\s+', ' ', 'g') AS query
+FROM pg_stat_statements
+WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+ORDER BY total_exec_time DESC
+"""
+
+
+async def statements(dsn: str, reset: bool) -> list[Any] | str:
+    """The run's statements so far (with ``reset``: none, counting starts now), or why
+    there are none: pg_stat_statements not loaded (a server not started by
+    ``deploy/postgres/postgres.sh``)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn, timeout=5)
+    try:
+        if reset:
+            await conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            await conn.execute(
+                "SELECT pg_stat_statements_reset(0, oid, 0) FROM pg_database"
+                " WHERE datname = current_database()"
+            )
+            return []
+        return list(await conn.fetch(_STATEMENTS))
+    except asyncpg.PostgresError as exc:
+        return f"no figures by statement: {exc}"
+    finally:
+        await conn.close()
+
+
+def show_statements(rows: list[Any] | str, seconds: float, events: int, top: int = 8) -> None:
+    """Where Postgres's time went over ``seconds`` (the main phase and the wait for its
+    last probes) in which ``events`` were accepted: each statement's share of the
+    execution time (wall time in the server: waiting for a CPU, a lock or the disk
+    included), its calls a second, time and rows a call."""
+    if isinstance(rows, str):
+        print(f"  Postgres by statement: {rows}")
+        return
+    total = sum(r["total_exec_time"] for r in rows)
+    print(
+        f"  Postgres by statement (pg_stat_statements, {seconds:.0f} s):"
+        f" {total / 1000 / seconds:.2f} s of execution a second,"
+        f" {total / max(events, 1):.3f} ms per event; the longest:"
+    )
+    print("     share   calls/s   ms/call  rows/call  statement")
+    for r in rows[:top]:
+        calls = max(r["calls"], 1)
+        print(
+            f"    {r['total_exec_time'] / max(total, 1e-9):6.1%} {calls / seconds:9.1f}"
+            f" {r['total_exec_time'] / calls:9.2f} {r['rows'] / calls:10.1f}  {r['query'][:90]}"
+        )
 
 
 def show_main(opts: argparse.Namespace, p: Phase) -> None:

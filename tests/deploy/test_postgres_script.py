@@ -41,3 +41,25 @@ def test_a_server_started_under_tmp_is_stopped_once_the_cache_opens_up() -> None
         postgres_sh("stop", cache, port)
         shutil.rmtree(f"/tmp/cdp-postgres-{port}", ignore_errors=True)
         shutil.rmtree(closed, ignore_errors=True)
+
+
+def test_the_server_records_each_statements_time_when_postgres_ships_the_module() -> None:
+    """``benchmarks/pipeline.py`` prints where Postgres's time went, by statement."""
+    cache, port = Path(tempfile.mkdtemp(prefix="cdp-cache-", dir="/tmp")), free_port()
+    shipped = Path("/usr/lib/postgresql/15/lib/pg_stat_statements.so").exists()
+    started = postgres_sh("start", cache, port)
+    assert started.returncode == 0, started.stderr
+    try:
+        shown = subprocess.run(
+            ["/usr/lib/postgresql/15/bin/psql", "-X", "-h", "127.0.0.1", "-p", str(port)]
+            + ["-U", "postgres", "-d", "cdp_test", "-tAc", "SHOW shared_preload_libraries"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert shown.returncode == 0, shown.stderr
+        assert ("pg_stat_statements" in shown.stdout) == shipped
+    finally:
+        postgres_sh("stop", cache, port)
+        shutil.rmtree(f"/tmp/cdp-postgres-{port}", ignore_errors=True)
+        shutil.rmtree(cache, ignore_errors=True)
