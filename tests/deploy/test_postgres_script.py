@@ -50,9 +50,9 @@ def test_the_server_records_each_statements_time_when_postgres_ships_the_module(
     started = postgres_sh("start", cache, port)
     assert started.returncode == 0, started.stderr
     try:
+        psql = ["/usr/lib/postgresql/15/bin/psql", "-X", "-h", "127.0.0.1", "-p", str(port)]
         shown = subprocess.run(
-            ["/usr/lib/postgresql/15/bin/psql", "-X", "-h", "127.0.0.1", "-p", str(port)]
-            + ["-U", "postgres", "-d", "cdp_test", "-tAc", "SHOW shared_preload_libraries"],
+            [*psql, "-U", "postgres", "-d", "cdp_test", "-tAc", "SHOW shared_preload_libraries"],
             capture_output=True,
             text=True,
             timeout=30,
