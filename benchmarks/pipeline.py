@@ -636,9 +636,6 @@ def check(stages: Stages) -> None:
         sys.exit("a stage died: the figures would mean nothing")
 
 
-# -- printing ------------------------------------------------------------------------------
-
-
 # -- Postgres by statement -----------------------------------------------------------------
 
 # This run's database's statements, most execution time first (pg_stat_statements: what
@@ -694,6 +691,9 @@ def show_statements(rows: list[Any] | str, seconds: float, events: int, top: int
             f"    {r['total_exec_time'] / max(total, 1e-9):6.1%} {calls / seconds:9.1f}"
             f" {r['total_exec_time'] / calls:9.2f} {r['rows'] / calls:10.1f}  {r['query'][:90]}"
         )
+
+
+# -- printing ------------------------------------------------------------------------------
 
 
 def show_main(opts: argparse.Namespace, p: Phase) -> None:
