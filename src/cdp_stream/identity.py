@@ -8,7 +8,7 @@ per-type limits, blocked values, the phone region) come from :class:`Settings`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -64,12 +64,16 @@ class IdentityRules:
             suppression=SuppressionKeys.from_settings(settings),
         )
 
+    @functools.cached_property
+    def _ranks(self) -> dict[str, int]:
+        """Each configured type's place in ``priority``, looked up once per identifier of
+        every event (the collector's and the resolver's hot paths)."""
+        return {type_: n for n, type_ in enumerate(self.priority)}
+
     def rank(self, type_: str) -> tuple[int, str]:
         """Sort key: configured types in order, then custom types alphabetically."""
-        try:
-            return self.priority.index(type_), ""
-        except ValueError:
-            return len(self.priority), type_
+        n = self._ranks.get(type_)
+        return (len(self.priority), type_) if n is None else (n, "")
 
     def limit(self, type_: str) -> int:
         return self.limits.get(type_, self.default_limit)
@@ -111,8 +115,14 @@ class IdentityRules:
             kind = item.get("type")
             if isinstance(kind, str) and kind.strip():
                 found.append((kind.strip().lower(), item.get("id")))
-        ids = (Identifier(t, v) for t, raw in found if (v := self.normalize(t, raw)) is not None)
-        return sorted(_unique(ids), key=lambda i: (self.rank(i.type), i.value))
+        ids: dict[Identifier, None] = {}  # in order, without repeats
+        for type_, raw in found:  # most are absent, and skipped before normalizing
+            if raw is not None and (value := self.normalize(type_, raw)) is not None:
+                ids[Identifier(type_, value)] = None
+        return sorted(ids, key=self._order)
+
+    def _order(self, ident: Identifier) -> tuple[tuple[int, str], str]:
+        return self.rank(ident.type), ident.value
 
     def parse_ref(self, ref: str) -> Identifier | None:
         """``type:value`` as used by the API, normalized like ingestion; None if not that."""
@@ -122,10 +132,6 @@ class IdentityRules:
             return None
         value = self.normalize(type_, raw)
         return None if value is None else Identifier(type_, value)
-
-
-def _unique(ids: Iterable[Identifier]) -> list[Identifier]:
-    return list(dict.fromkeys(ids))
 
 
 @functools.lru_cache(maxsize=16_384)
