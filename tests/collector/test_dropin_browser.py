@@ -238,20 +238,25 @@ def _path(url: str) -> str:
     return f"{parts.path}?{parts.query}" if parts.query else parts.path
 
 
-async def posts_of(browser: Chromium, page: str, count: int = 0) -> list[str]:
-    """Where the page posted (path?query), in the order the answers came, once ``count``
-    had come (or 20 s went by): the browser tells the driver of each answer on its own
-    time, on a loaded box after the events were stored."""
-    posts: list[str] = []
+async def answers_of(browser: Chromium, page: str, count: int = 0) -> list[tuple[str, str]]:
+    """The page's posts as (status, path?query), in the order the answers came, once
+    ``count`` had come (or 20 s went by): the browser tells the driver of each answer on
+    its own time, on a loaded box after the events were stored."""
+    posts: list[tuple[str, str]] = []
 
     async def enough() -> bool:
         nonlocal posts
         ended = await requests_of(browser, page)
-        posts = [path for _, method, path in ended if method == "POST"]
+        posts = [(status, path) for status, method, path in ended if method == "POST"]
         return len(posts) >= count
 
     await eventually(enough)
     return posts
+
+
+async def posts_of(browser: Chromium, page: str, count: int = 0) -> list[str]:
+    """Where the page posted (path?query): :func:`answers_of` without the statuses."""
+    return [path for _, path in await answers_of(browser, page, count)]
 
 
 @pytest.mark.parametrize("library", LIBRARIES, ids=lambda lib: lib.name)
@@ -570,10 +575,6 @@ async def test_group_alias_and_screen_calls_arrive(
     calls.append("alias")
     paths = {f"/v1/{c[0] if library is SEGMENT else c}" for c in calls}
 
-    async def answered() -> list[tuple[str, str]]:
-        ended = await requests_of(browser, page)
-        posts = [(path, status) for status, method, path in ended if method == "POST"]
-        return posts if len(posts) == len(calls) else []
-
-    posts = await eventually(answered)
-    assert {path for path, _ in posts} == paths and {s for _, s in posts} == {"200"}, posts
+    posts = await answers_of(browser, page, len(calls))
+    assert len(posts) == len(calls), posts
+    assert {path for _, path in posts} == paths and {s for s, _ in posts} == {"200"}, posts
