@@ -371,12 +371,16 @@ async def timed(
         waits: Counter[str] = Counter()
         polls = peak = n = 0
         at_first: list[float] = []  # each resolver's CPU seconds at the first stored row
+
+        async def stored() -> int:
+            return int(await conn.fetchval("SELECT count(*) FROM events"))
+
         while True:
             # ``count(*)`` only when the ids' span says it may have changed what is
             # checked: at the first row, and once every event may be in.
             span = int(await conn.fetchval(ID_SPAN))
             if (span and run.first_s is None) or span >= total:
-                n = int(await conn.fetchval("SELECT count(*) FROM events"))
+                n = await stored()
             peak = max(peak, await conn.fetchval(OUTBOX_BYTES))
             elapsed = time.monotonic() - t0
             if n and run.first_s is None:
@@ -389,11 +393,11 @@ async def timed(
             if n >= total:
                 break
             if dead := [p.returncode for p in procs if p.poll() is not None]:
-                n = int(await conn.fetchval("SELECT count(*) FROM events"))
+                n = await stored()
                 run.failure = f"a resolver exited ({dead}) with {n:,}/{total:,} stored"
                 break
             if elapsed > opts.timeout:
-                n = int(await conn.fetchval("SELECT count(*) FROM events"))
+                n = await stored()
                 run.failure = f"only {n:,}/{total:,} stored after {opts.timeout:g} s"
                 break
             await asyncio.sleep(0.2)
