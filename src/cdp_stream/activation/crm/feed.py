@@ -187,17 +187,18 @@ async def _write_contacts(
         upserts.append({"profile_id": pid, **contact})
         if before is None:
             created.append(pid)
-    if upserts and out is None:  # no webhook: the stored rows need not come back
-        await crm_repo.upsert_contacts(conn, upserts)
-    elif upserts and out is not None:
-        written = await crm_repo.upsert_contacts_returning(conn, upserts)
-        for r in sorted(written, key=lambda r: r.profile_id):
-            out.upserted(dict(r._mapping), created=r.profile_id in created)
+    if upserts:
+        if out is None:  # no webhook: the stored rows need not come back
+            await crm_repo.upsert_contacts(conn, upserts)
+        else:
+            written = await crm_repo.upsert_contacts_returning(conn, upserts)
+            for r in sorted(written, key=lambda r: r.profile_id):
+                out.upserted(dict(r._mapping), created=r.profile_id in created)
     if dropped:
         await crm_repo.delete_contacts(conn, dropped)
-    if dropped and out is not None:
-        for pid in dropped:
-            out.deleted(pid, [], "no_identifier")
+        if out is not None:
+            for pid in dropped:
+                out.deleted(pid, [], "no_identifier")
     return created
 
 
