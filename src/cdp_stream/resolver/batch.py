@@ -54,12 +54,14 @@ times, so it is not held back for ever.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -72,7 +74,13 @@ from cdp_stream.profiles.db import RetryTransaction
 from cdp_stream.profiles.outbox import Update
 from cdp_stream.resolver import computed, orders, traits
 from cdp_stream.resolver import repository as repo
-from cdp_stream.resolver.repository import EventRow, OrderRow, ProfileState, Refusal
+from cdp_stream.resolver.repository import (
+    EventRow,
+    LockedProfile,
+    OrderRow,
+    ProfileState,
+    Refusal,
+)
 from cdp_stream.timestamps import event_time
 from cdp_stream.updates import updated_payload
 
@@ -334,10 +342,77 @@ async def apply_prepared(
             placed.append((p, graph.place(p.ids, p.key, now)))
 
     final = graph.find
+    order_rows = [
+        OrderRow(*p.key, final(home), home, p.fact) for p, home in placed if p.fact is not None
+    ]
+    recount = {r.profile_id for r in order_rows} | {final(c) for c, _, _ in graph.merges}
+    # Postgres writes the graph while Python folds the profiles' states, and stores the
+    # events while Python makes the updates: each waits less for the other.
+    totals, (rows, by_profile, states) = await _beside(
+        _write_graph(conn, graph, order_rows, recount), _fold(graph, placed)
+    )
+    for pid in recount:
+        values = {k: v for k, v in states[pid].computed.items() if k not in computed.ORDER_FIELDS}
+        states[pid] = ProfileState(states[pid].trait_state, values | totals.get(pid, {}))
+    _, (saved, written) = await _beside(
+        repo.insert_events(conn, rows), _outputs(graph, loaded, states, by_profile)
+    )
+    await repo.save_states(conn, saved)
+    ids = await outbox.insert_outbox(conn, written)
+    result.updates = dict(zip(ids, written, strict=True))
+    result.stored = len(rows)
+    result.merges = len(graph.merges)
+    result.refusals = len(graph.refusals)
+    return result
+
+
+# Profiles (or events) worked on between two yields to the loop while a statement of the
+# same batch runs: about a millisecond of Python, the most its answer waits for it.
+_CHUNK = 200
+
+A = TypeVar("A")
+B = TypeVar("B")
+
+
+async def _beside(statements: Awaitable[A], python: Awaitable[B]) -> tuple[A, B]:
+    """Both results, the statements on the batch's connection running while the Python
+    (which yields every :data:`_CHUNK` items and never touches the connection) works."""
+    task = asyncio.ensure_future(statements)
+    try:
+        worked = await python
+    except BaseException:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+    return await task, worked
+
+
+async def _write_graph(
+    conn: AsyncConnection, graph: _Graph, order_rows: Sequence[OrderRow], recount: set[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, Any]]:
+    """The batch's new profiles, merges, claims, refusals and order reports; the money
+    totals of ``recount`` (the profiles that got orders or merges) once they are in."""
+    final = graph.find
+    await repo.insert_profiles(conn, [(pid, graph.created[pid]) for pid in graph.new_profiles])
+    await repo.record_merges(conn, graph.merges, final)
+    await repo.insert_identities(conn, [(i, final(p), p) for i, p in graph.claims])
+    await repo.insert_refusals(conn, graph.refusals, final)
+    await repo.insert_orders(conn, order_rows)
+    return await repo.order_totals(conn, recount)
+
+
+async def _fold(
+    graph: _Graph, placed: Sequence[tuple[Prepared, uuid.UUID]]
+) -> tuple[list[EventRow], dict[uuid.UUID, list[EventRow]], dict[uuid.UUID, ProfileState]]:
+    """The events' rows (by profile too) and the state of every profile the batch
+    touched: its events' traits and computed traits folded in, once per profile."""
+    final = graph.find
     rows: list[EventRow] = []
-    order_rows: list[OrderRow] = []
     by_profile: dict[uuid.UUID, list[tuple[EventRow, Prepared]]] = {}
-    for p, home in placed:
+    for n, (p, home) in enumerate(placed):
+        if n % _CHUNK == _CHUNK - 1:
+            await asyncio.sleep(0)
         event = p.event
         row = EventRow(
             source_id=p.key[0],
@@ -353,11 +428,11 @@ async def apply_prepared(
         )
         rows.append(row)
         by_profile.setdefault(row.profile_id, []).append((row, p))
-        if p.fact is not None:
-            order_rows.append(OrderRow(*p.key, row.profile_id, home, p.fact))
 
     states: dict[uuid.UUID, ProfileState] = {}
-    for pid, mine in by_profile.items():
+    for n, (pid, mine) in enumerate(by_profile.items()):
+        if n % _CHUNK == _CHUNK - 1:
+            await asyncio.sleep(0)
         state = graph.states[pid]
         trait_state: traits.TraitState = traits.merge(state.trait_state, {})
         values = dict(state.computed)
@@ -368,39 +443,29 @@ async def apply_prepared(
     for canonical, _, _ in graph.merges:  # merged without events of their own here
         pid = final(canonical)
         states.setdefault(pid, graph.states[pid])
+    return rows, {pid: [row for row, _ in mine] for pid, mine in by_profile.items()}, states
 
-    await repo.insert_profiles(conn, [(pid, graph.created[pid]) for pid in graph.new_profiles])
-    await repo.record_merges(conn, graph.merges, final)
-    await repo.insert_identities(conn, [(i, final(p), p) for i, p in graph.claims])
-    await repo.insert_refusals(conn, graph.refusals, final)
-    await repo.insert_events(conn, rows)
-    await repo.insert_orders(conn, order_rows)
-    recount = {r.profile_id for r in order_rows} | {final(c) for c, _, _ in graph.merges}
-    totals = await repo.order_totals(conn, recount)
-    for pid in recount:
-        values = {k: v for k, v in states[pid].computed.items() if k not in computed.ORDER_FIELDS}
-        states[pid] = ProfileState(states[pid].trait_state, values | totals.get(pid, {}))
-    await repo.save_states(conn, dict(sorted(states.items())))
+
+async def _outputs(
+    graph: _Graph,
+    loaded: dict[uuid.UUID, LockedProfile],
+    states: dict[uuid.UUID, ProfileState],
+    by_profile: dict[uuid.UUID, list[EventRow]],
+) -> tuple[list[repo.SavedState], list[Update]]:
+    """The profiles' states as saved (in id order) and their profile updates."""
     merged_into: dict[uuid.UUID, list[uuid.UUID]] = {}
     for _, merged, _ in graph.merges:
-        merged_into.setdefault(final(merged), []).append(merged)
-    written = [
-        update
-        for pid, state in states.items()
-        for update in updates(
-            pid,
-            merged_into.get(pid, []),
-            loaded[pid].state if pid in loaded else ProfileState({}, {}),
-            state,
-            [row for row, _ in by_profile.get(pid, [])],
-        )
-    ]
-    ids = await outbox.insert_outbox(conn, written)
-    result.updates = dict(zip(ids, written, strict=True))
-    result.stored = len(rows)
-    result.merges = len(graph.merges)
-    result.refusals = len(graph.refusals)
-    return result
+        merged_into.setdefault(graph.find(merged), []).append(merged)
+    saved: list[repo.SavedState] = []
+    written: list[Update] = []
+    for n, pid in enumerate(sorted(states)):
+        if n % _CHUNK == _CHUNK - 1:
+            await asyncio.sleep(0)
+        state = states[pid]
+        saved.append(repo.saved_state(pid, state))
+        before = loaded[pid].state if pid in loaded else ProfileState({}, {})
+        written += updates(pid, merged_into.get(pid, []), before, state, by_profile.get(pid, []))
+    return saved, written
 
 
 def updates(

@@ -284,16 +284,38 @@ FROM unnest($1::uuid[], $2::text[], $3::text[], $4::text[]) AS u(id, traits, tra
 WHERE p.id = u.id"""
 
 
-async def save_states(conn: AsyncConnection, states: dict[uuid.UUID, ProfileState]) -> None:
-    """Write the profiles' states in one statement (JSON made by orjson, here)."""
+@dataclass(frozen=True, slots=True)
+class SavedState:
+    """A profile's state as ``profiles`` stores it: its traits' view and the JSON of each
+    column (made by orjson, ahead of the statement)."""
+
+    id: uuid.UUID
+    traits: str
+    trait_state: str
+    computed: str
+
+
+def saved_state(pid: uuid.UUID, state: ProfileState) -> SavedState:
+    return SavedState(
+        pid,
+        orjson.dumps(trait_view(state.trait_state)).decode(),
+        orjson.dumps(state.trait_state).decode(),
+        orjson.dumps(state.computed).decode(),
+    )
+
+
+async def save_states(conn: AsyncConnection, states: Sequence[SavedState]) -> None:
+    """Write the profiles' states in one statement (in the order given: id order keeps
+    two transactions from locking rows in opposite orders)."""
     if not states:
         return
-    columns: dict[str, list[str]] = {"traits": [], "trait_state": [], "computed": []}
-    for s in states.values():
-        columns["traits"].append(orjson.dumps(trait_view(s.trait_state)).decode())
-        columns["trait_state"].append(orjson.dumps(s.trait_state).decode())
-        columns["computed"].append(orjson.dumps(s.computed).decode())
-    await driver(conn, lambda db: db.execute(_SAVE_STATES, list(states), *columns.values()))
+    params = (
+        [s.id for s in states],
+        [s.traits for s in states],
+        [s.trait_state for s in states],
+        [s.computed for s in states],
+    )
+    await driver(conn, lambda db: db.execute(_SAVE_STATES, *params))
 
 
 @dataclass(slots=True)

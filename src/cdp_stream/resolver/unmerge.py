@@ -87,7 +87,7 @@ async def unmerge_last(conn: AsyncConnection, canonical: uuid.UUID) -> Unmerged 
             traits.fold(trait_state, traits.of_event(payload, ts))
             computed.fold(values, computed.of_event(payload, ts))
         states[profile_id] = ProfileState(trait_state, values | money.get(profile_id, {}))
-    await repo.save_states(conn, states)
+    await repo.save_states(conn, [repo.saved_state(pid, states[pid]) for pid in sorted(states)])
     await repo.mark_undone(conn, last.id)
     kept, restored = head[last.canonical_id], head[last.merged_id]
     await repo.record_split(conn, kept, restored, last.id)
