@@ -260,7 +260,7 @@ async def run_consumer(
                 if taken is None and not held:
                     continue
                 messages, items = taken or ([], [])
-                with timed("apply"):
+                with timed("apply"), heap.paused():
                     patient, eager = held.due(items, idle=taken is None)
                     if patient:
                         await apply_isolating(patient, held.applier(stage, wait=True), park)
