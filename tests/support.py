@@ -25,6 +25,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from cdp_stream.activation.crm.feed import Incoming
+from cdp_stream.activation.crm.feed import incoming as feed_incoming
 from cdp_stream.api.deps import Tokens
 from cdp_stream.app import Runtime, create_app
 from cdp_stream.collector.routes import TRACKING_PATHS
@@ -105,6 +107,11 @@ async def outbox_updates(
 def typed(updates: Sequence[dict[str, Any]]) -> list[ProfileUpdate]:
     """Updates as the activation consumer decodes them off ``cdp.profile-updates``."""
     return [ProfileUpdate.model_validate(u) for u in updates]
+
+
+def incoming(updates: Sequence[dict[str, Any]], settings: Settings) -> list[Incoming]:
+    """The same, with what the CRM feed makes of each alone (as the consumer decodes)."""
+    return [feed_incoming(u, settings) for u in typed(updates)]
 
 
 async def api_app(

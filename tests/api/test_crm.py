@@ -15,7 +15,7 @@ from cdp_stream.activation.crm import feed as crm_feed
 from cdp_stream.api.crm import router
 from cdp_stream.settings import Settings
 from tests.activation.crm.test_feed import ev, owner, resolve, track, uid
-from tests.support import api_client, typed
+from tests.support import api_client, incoming
 
 READ_TOKEN = "tok_crm_read_" + uuid.uuid4().hex
 OTHER_TOKEN = "tok_crm_other_" + uuid.uuid4().hex  # no profiles:read
@@ -34,7 +34,7 @@ async def api(engine: AsyncEngine) -> AsyncIterator[httpx.AsyncClient]:
 async def feed(engine: AsyncEngine, *events: dict[str, Any]) -> None:
     updates = await resolve(engine, *events)
     async with engine.begin() as conn:
-        await crm_feed.apply_updates(conn, typed(updates), SETTINGS)
+        await crm_feed.apply_updates(conn, incoming(updates, SETTINGS), SETTINGS)
 
 
 async def get(api: httpx.AsyncClient, path: str, **params: Any) -> Any:

@@ -9,6 +9,7 @@ at a managed server.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -29,6 +30,7 @@ from cdp_stream.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 def _embedded_url(data_dir: Path) -> str:
@@ -207,3 +209,19 @@ def _retryable(exc: Exception) -> bool:
     return is_outage(exc) or (
         isinstance(exc, DBAPIError) and _sqlstate(exc) in _RETRYABLE_SQLSTATES
     )
+
+
+async def beside(statements: Awaitable[T], python: Awaitable[U]) -> tuple[T, U]:
+    """Both results, the statements running on a transaction's connection while Python
+    that needs neither them nor the connection works out something else: neither waits
+    for the other. ``python`` should yield to the loop every millisecond or so, or the
+    statements' answers wait for it."""
+    task = asyncio.ensure_future(statements)
+    try:
+        worked = await python
+    except BaseException:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+        raise
+    return await task, worked

@@ -55,13 +55,12 @@ times, so it is not held back for ever.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any
 
 import orjson
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -70,7 +69,7 @@ from cdp_stream import metrics
 from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import outbox
 from cdp_stream.profiles import repository as shared
-from cdp_stream.profiles.db import RetryTransaction
+from cdp_stream.profiles.db import RetryTransaction, beside
 from cdp_stream.profiles.outbox import Update
 from cdp_stream.resolver import computed, orders, traits
 from cdp_stream.resolver import repository as repo
@@ -348,13 +347,13 @@ async def apply_prepared(
     recount = {r.profile_id for r in order_rows} | {final(c) for c, _, _ in graph.merges}
     # Postgres writes the graph while Python folds the profiles' states, and stores the
     # events while Python makes the updates: each waits less for the other.
-    totals, (rows, by_profile, states) = await _beside(
+    totals, (rows, by_profile, states) = await beside(
         _write_graph(conn, graph, order_rows, recount), _fold(graph, placed)
     )
     for pid in recount:
         values = {k: v for k, v in states[pid].computed.items() if k not in computed.ORDER_FIELDS}
         states[pid] = ProfileState(states[pid].trait_state, values | totals.get(pid, {}))
-    _, (saved, written) = await _beside(
+    _, (saved, written) = await beside(
         repo.insert_events(conn, rows), _outputs(graph, loaded, states, by_profile)
     )
     await repo.save_states(conn, saved)
@@ -369,23 +368,6 @@ async def apply_prepared(
 # Profiles (or events) worked on between two yields to the loop while a statement of the
 # same batch runs: about a millisecond of Python, the most its answer waits for it.
 _CHUNK = 200
-
-A = TypeVar("A")
-B = TypeVar("B")
-
-
-async def _beside(statements: Awaitable[A], python: Awaitable[B]) -> tuple[A, B]:
-    """Both results, the statements on the batch's connection running while the Python
-    (which yields every :data:`_CHUNK` items and never touches the connection) works."""
-    task = asyncio.ensure_future(statements)
-    try:
-        worked = await python
-    except BaseException:
-        task.cancel()
-        with contextlib.suppress(BaseException):
-            await task
-        raise
-    return await task, worked
 
 
 async def _write_graph(

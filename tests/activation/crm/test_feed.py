@@ -34,7 +34,7 @@ from cdp_stream.profiles.models import (
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.resolver.unmerge import unmerge_last
 from cdp_stream.settings import Settings
-from tests.support import outbox_updates, stored_event, typed, uid
+from tests.support import incoming, outbox_updates, stored_event, uid
 
 RULES = IdentityRules.from_settings(Settings())
 SOURCE = "src_crm_test"
@@ -63,7 +63,7 @@ async def feed(
 ) -> None:
     """One activation micro-batch, committed."""
     async with engine.begin() as conn:
-        await crm_feed.apply_updates(conn, typed(updates), settings)
+        await crm_feed.apply_updates(conn, incoming(updates, settings), settings)
 
 
 async def owner(engine: AsyncEngine, type_: str, value: str) -> uuid.UUID:
@@ -559,7 +559,8 @@ async def test_concurrent_consumers_on_one_person(engine: AsyncEngine) -> None:
     )
 
     async def consume(batch: list[dict[str, Any]]) -> None:
-        await retrying(engine, lambda conn: crm_feed.apply_updates(conn, typed(batch), SETTINGS))
+        decoded = incoming(batch, SETTINGS)
+        await retrying(engine, lambda conn: crm_feed.apply_updates(conn, decoded, SETTINGS))
 
     await asyncio.gather(*(consume(updates) for _ in range(4)), consume(updates[::-1]))
     pid = await owner(engine, "user_id", user)

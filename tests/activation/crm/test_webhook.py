@@ -30,7 +30,7 @@ from cdp_stream.activation.crm import webhook
 from cdp_stream.profiles.models import crm_webhook_deliveries
 from cdp_stream.settings import Settings
 from tests.activation.crm.test_feed import ev, owner, resolve, track, uid
-from tests.support import eventually, typed
+from tests.support import eventually, incoming
 
 SECRET = "whsec-" + uuid.uuid4().hex
 BASE_DELAY = 0.1  # seconds: the first retry waits this, the second twice as long
@@ -276,7 +276,7 @@ async def test_crm_feed_to_receiver(engine: AsyncEngine, receiver: Receiver) -> 
         track("Form Submitted", "2024-03-01T10:01:00Z", context={"traits": {"email": email}}),
     )
     async with engine.begin() as conn:
-        await crm_feed.apply_updates(conn, typed(updates), settings)
+        await crm_feed.apply_updates(conn, incoming(updates, settings), settings)
     pid = str(await owner(engine, "email", email))
 
     async def all_sent() -> bool:

@@ -10,6 +10,7 @@ it is now (never from an update's deltas), an interaction is unique per source e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Sequence
@@ -26,15 +27,44 @@ from cdp_stream.activation.crm.contacts import (
     may_become_contact,
     unchanged,
 )
-from cdp_stream.activation.crm.interactions import interaction_of
+from cdp_stream.activation.crm.interactions import Interaction, interaction_of
 from cdp_stream.activation.crm.messages import Outgoing
 from cdp_stream.identity import IdentityRules
 from cdp_stream.payload import as_mapping
 from cdp_stream.profiles import repository as repo
+from cdp_stream.profiles.db import beside
 from cdp_stream.settings import Settings
 from cdp_stream.updates import ProfileUpdate
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A profile update and the CRM interactions its events are (source id, message id,
+    interaction): they depend on the events alone, so the activation consumer works them
+    out while decoding, ahead of the batch's transaction."""
+
+    update: ProfileUpdate
+    interactions: list[tuple[str, str, Interaction]]
+
+
+def incoming(update: ProfileUpdate, settings: Settings) -> Incoming:
+    update.profile_ids()  # parsed now too (cached), not in the transaction
+    found = []
+    for raw in update.events if update.type != "deleted" else ():
+        event = as_mapping(raw)
+        if not event.get("sourceId") or not event.get("messageId"):
+            continue
+        try:
+            interaction = interaction_of(event, settings.crm_key_pages)
+        except (KeyError, TypeError, ValueError) as exc:  # no usable timestamp
+            with logs.bind(messageId=event.get("messageId"), profile_id=update.profile_id):
+                log.warning("no CRM interaction for this event: %r", exc)
+            continue
+        if interaction is not None:
+            found.append((str(event["sourceId"]), str(event["messageId"]), interaction))
+    return Incoming(update, found)
 
 
 @dataclass
@@ -47,17 +77,17 @@ class _Announced:
 
 
 async def apply_updates(
-    conn: AsyncConnection, updates: Sequence[ProfileUpdate], settings: Settings
+    conn: AsyncConnection, batch: Sequence[Incoming], settings: Settings
 ) -> dict[uuid.UUID, dict[str, Any]]:
     """Bring contacts, interactions and the webhook queue up to date with a micro-batch of
     ``cdp.profile-updates``, inside the caller's transaction. Safe to run again on the same
     updates (redelivery) and concurrently with other activation consumers. Returns the
     canonical profiles it read (the updates' people as they are now), for the audiences
     to use in the same transaction instead of reading them again."""
-    tombstones = [u for u in updates if u.type == "deleted"]
-    changes = [u for u in updates if u.type != "deleted"]
-    split = {i for u in changes for i in u.split_ids()}
-    atoms = {i for u in changes for i in u.profile_ids()} | split
+    tombstones = [i.update for i in batch if i.update.type == "deleted"]
+    changes = [i for i in batch if i.update.type != "deleted"]
+    split = {p for i in changes for p in i.update.split_ids()}
+    atoms = {p for i in changes for p in i.update.profile_ids()} | split
     erased = [ids for u in tombstones if (ids := u.profile_ids())]
     canonical = await repo.canonical_ids(conn, atoms)
     # Activation consumers on different partitions can meet on one person (an update keyed
@@ -69,13 +99,20 @@ async def apply_updates(
     await _fold(conn, {a: c for a, c in canonical.items() if a != c}, announced, out)
     if split:
         announced.new |= await crm_repo.follow_events(conn, split)
-    announced.new |= await _record_interactions(conn, changes, canonical, settings)
-    # Contacts after the interactions: a contact created now announces its whole history.
     heads = sorted(set(canonical.values()))
     state = await repo.canonical_profiles(conn, heads) if heads else {}
     held = await crm_repo.read_held(conn, state) if state else {}
+    existing = await crm_repo.read_contacts(conn, heads) if heads else {}
+    leads = await crm_repo.leads(conn, _maybe_leads(state, held, existing))
+    # The interactions stored while the contacts are worked out; the contacts written
+    # after them: a contact created now announces its whole history.
+    stored, contacts = await beside(
+        _record_interactions(conn, changes, canonical),
+        _contacts(heads, state, held, existing, leads, settings),
+    )
+    announced.new |= stored
     webhook = bool(settings.crm_webhook_url)
-    created = await _write_contacts(conn, heads, state, held, settings, out if webhook else None)
+    created = await _write_contacts(conn, contacts, out if webhook else None)
     if webhook and (announced.new or created):
         for row in await crm_repo.unseen_interactions(
             conn, heads, announced.new - announced.known, created, announced.known
@@ -108,68 +145,73 @@ async def _fold(
 
 
 async def _record_interactions(
-    conn: AsyncConnection,
-    changes: Sequence[ProfileUpdate],
-    canonical: dict[uuid.UUID, uuid.UUID],
-    settings: Settings,
+    conn: AsyncConnection, changes: Sequence[Incoming], canonical: dict[uuid.UUID, uuid.UUID]
 ) -> set[int]:
-    """Store the interactions the updates' events are, each once per source event, on
-    the canonical profile; the ids of the new ones."""
+    """Store the updates' interactions, each once per source event, on the canonical
+    profile; the ids of the new ones."""
     rows = []
     for change in changes:
-        ids = change.profile_ids()
+        ids = change.update.profile_ids()
         home = canonical.get(ids[0]) if ids else None
-        for raw in change.events:
-            event = as_mapping(raw)
-            if home is None or not event.get("sourceId") or not event.get("messageId"):
-                continue
-            try:
-                found = interaction_of(event, settings.crm_key_pages)
-            except (KeyError, TypeError, ValueError) as exc:  # no usable timestamp
-                with logs.bind(messageId=event.get("messageId"), profile_id=str(home)):
-                    log.warning("no CRM interaction for this event: %r", exc)
-                continue
-            if found is not None:
-                rows.append(
-                    {
-                        "profile_id": home,
-                        "source_id": str(event["sourceId"]),
-                        "message_id": str(event["messageId"]),
-                        "kind": found.kind,
-                        "occurred_at": found.occurred_at,
-                        "details": found.details,
-                    }
-                )
+        if home is None:
+            continue
+        for source_id, message_id, found in change.interactions:
+            rows.append(
+                {
+                    "profile_id": home,
+                    "source_id": source_id,
+                    "message_id": message_id,
+                    "kind": found.kind,
+                    "occurred_at": found.occurred_at,
+                    "details": found.details,
+                }
+            )
     return await crm_repo.insert_interactions(conn, rows) if rows else set()
 
 
-async def _write_contacts(
-    conn: AsyncConnection,
-    heads: list[uuid.UUID],
-    state: dict[uuid.UUID, dict[str, Any]],
-    held: crm_repo.Held,
-    settings: Settings,
-    out: Outgoing | None,
+def _maybe_leads(
+    state: dict[uuid.UUID, dict[str, Any]], held: crm_repo.Held, existing: dict[uuid.UUID, Any]
 ) -> list[uuid.UUID]:
-    """Upsert the contacts of ``heads`` (``state``, ``held``: the canonical ones as read)
-    where a field changed (queueing them in ``out`` for the webhook, if there is one), drop
-    those that no longer qualify; returns the newly created ones."""
-    if not heads:
-        return []
-    existing = await crm_repo.read_contacts(conn, heads)
-    # Only a would-be subscriber needs its stored events read: a lead or customer stays one.
-    maybe_lead = [
+    """The profiles whose stored events must be read: only a would-be subscriber's (a
+    lead or a customer stays one)."""
+    return [
         pid
         for pid in state
         if may_become_contact(held[pid])
         and not is_customer(state[pid]["computed"])
         and existing.get(pid, {}).get("lifecycle_stage") not in ("lead", "customer")
     ]
-    leads = await crm_repo.leads(conn, maybe_lead)
+
+
+@dataclass
+class _Contacts:
+    """What the contacts of a batch's profiles become."""
+
+    upserts: list[dict[str, Any]] = field(default_factory=list)  # changed or new
+    created: list[uuid.UUID] = field(default_factory=list)  # new among them
+    dropped: list[uuid.UUID] = field(default_factory=list)  # lost their email and user id
+
+
+# Profiles worked on between two yields to the loop while the interactions are stored.
+_CHUNK = 200
+
+
+async def _contacts(
+    heads: list[uuid.UUID],
+    state: dict[uuid.UUID, dict[str, Any]],
+    held: crm_repo.Held,
+    existing: dict[uuid.UUID, Any],
+    leads: set[uuid.UUID],
+    settings: Settings,
+) -> _Contacts:
+    """The contacts of ``heads`` (``state``, ``held``: the canonical ones as read;
+    ``existing``: their stored contacts) where a field changed, and those that no longer
+    qualify."""
     rules = IdentityRules.from_settings(settings)
-    upserts: list[dict[str, Any]] = []
-    created, dropped = [], []
-    for pid in heads:
+    out = _Contacts()
+    for n, pid in enumerate(heads):
+        if n % _CHUNK == _CHUNK - 1:
+            await asyncio.sleep(0)
         before = existing.get(pid)
         contact = None
         if pid in state:
@@ -179,27 +221,35 @@ async def _write_contacts(
                 traits, computed, held[pid], rules, lead=pid in leads, stage_before=stage
             )
         if contact is None:
-            if before is not None and pid in state:  # lost its email and user id
-                dropped.append(pid)
+            if before is not None and pid in state:
+                out.dropped.append(pid)
             continue
         if unchanged(before, contact, settings.crm_activity_resolution_s):
             continue
-        upserts.append({"profile_id": pid, **contact})
+        out.upserts.append({"profile_id": pid, **contact})
         if before is None:
-            created.append(pid)
-    if upserts:
+            out.created.append(pid)
+    return out
+
+
+async def _write_contacts(
+    conn: AsyncConnection, contacts: _Contacts, out: Outgoing | None
+) -> list[uuid.UUID]:
+    """Upsert the changed contacts (queueing them in ``out`` for the webhook, if there is
+    one), delete those that no longer qualify; returns the newly created ones."""
+    if contacts.upserts:
         if out is None:  # no webhook: the stored rows need not come back
-            await crm_repo.upsert_contacts(conn, upserts)
+            await crm_repo.upsert_contacts(conn, contacts.upserts)
         else:
-            written = await crm_repo.upsert_contacts_returning(conn, upserts)
+            written = await crm_repo.upsert_contacts_returning(conn, contacts.upserts)
             for r in sorted(written, key=lambda r: r.profile_id):
-                out.upserted(dict(r._mapping), created=r.profile_id in created)
-    if dropped:
-        await crm_repo.delete_contacts(conn, dropped)
+                out.upserted(dict(r._mapping), created=r.profile_id in contacts.created)
+    if contacts.dropped:
+        await crm_repo.delete_contacts(conn, contacts.dropped)
         if out is not None:
-            for pid in dropped:
+            for pid in contacts.dropped:
                 out.deleted(pid, [], "no_identifier")
-    return created
+    return contacts.created
 
 
 async def _erase(
