@@ -624,3 +624,41 @@ async def test_an_unmerge_moves_interactions_back_and_splits_the_contact(
     before = await snapshot(engine, kept, done.restored)
     await feed(engine, updates)  # redelivered: nothing changes
     assert await snapshot(engine, kept, done.restored) == before
+
+
+def test_an_updates_interactions_are_worked_out_as_it_is_decoded(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``incoming``, which the consumer runs ahead of the transaction: the interactions of
+    the events a salesperson wants, the update kept without its events."""
+    pid = uuid.uuid4()
+    order = track("Order Completed", "2026-01-02T10:00:00Z", properties={"order_id": "o-1"})
+    unreadable = track("Form Submitted", "not a time")
+    update = {
+        "profile_id": str(pid),
+        "events": [
+            ev("page", "2026-01-02T09:00:00Z", properties={"path": "/pricing"}),
+            ev("page", "2026-01-02T09:01:00Z", properties={"path": "/blog"}),  # not key
+            order,
+            unreadable,
+            {"type": "track", "event": "Order Completed"},  # no source or message id
+        ],
+    }
+    [decoded] = incoming([update], SETTINGS)
+    assert [(s, k.kind) for s, _, k in decoded.interactions] == [
+        (SOURCE, "page_viewed"),
+        (SOURCE, "order_completed"),
+    ]
+    assert decoded.interactions[1][1] == order["messageId"]
+    assert decoded.interactions[1][2].details["order_id"] == "o-1"
+    assert decoded.update.events == []
+    assert decoded.update.profile_ids() == [pid]
+    assert "no CRM interaction for this event" in caplog.text  # logged, the rest kept
+
+
+def test_a_tombstones_events_make_no_interactions() -> None:
+    pid = uuid.uuid4()
+    event = ev("page", "2026-01-02T09:00:00Z", properties={"path": "/pricing"})
+    [decoded] = incoming([{"type": "deleted", "profile_id": str(pid), "events": [event]}], SETTINGS)
+    assert decoded.interactions == []
+    assert decoded.update.type == "deleted"

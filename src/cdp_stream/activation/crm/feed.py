@@ -43,14 +43,15 @@ log = logging.getLogger(__name__)
 class Incoming:
     """A profile update and the CRM interactions its events are (source id, message id,
     interaction): they depend on the events alone, so the activation consumer works them
-    out while decoding, ahead of the batch's transaction."""
+    out while decoding, ahead of the batch's transaction, and keeps the update without
+    its events (nothing after needs them: a batch taken ahead holds a fraction of the
+    objects, which the collection after each batch walks)."""
 
     update: ProfileUpdate
     interactions: list[tuple[str, str, Interaction]]
 
 
 def incoming(update: ProfileUpdate, settings: Settings) -> Incoming:
-    update.profile_ids()  # parsed now too (cached), not in the transaction
     found = []
     for raw in update.events if update.type != "deleted" else ():
         event = as_mapping(raw)
@@ -64,7 +65,9 @@ def incoming(update: ProfileUpdate, settings: Settings) -> Incoming:
             continue
         if interaction is not None:
             found.append((str(event["sourceId"]), str(event["messageId"]), interaction))
-    return Incoming(update, found)
+    kept = update.model_copy(update={"events": []})
+    kept.profile_ids()  # parsed now too (cached), not in the transaction
+    return Incoming(kept, found)
 
 
 @dataclass
