@@ -29,13 +29,19 @@ def test_settle_raises_the_thresholds_and_freezes_what_exists() -> None:
     assert not any(o is made_before for o in gc.get_objects())  # no collection walks it
 
 
-def test_no_collection_runs_while_any_stage_has_a_batch_in_hand() -> None:
+def test_no_collection_runs_while_a_stage_applies_its_batch() -> None:
     assert gc.isenabled()
     with heap.paused():  # the resolver's batch
         assert not gc.isenabled()
+    assert gc.isenabled()
+
+
+def test_the_first_stage_done_with_its_batch_resumes_collections() -> None:
+    with heap.paused():  # the resolver's batch
         with heap.paused():  # activation's, in the same process (``cdp-stream up``)
             assert not gc.isenabled()
-        assert not gc.isenabled()  # the resolver still has its batch
+        # activation is done: whatever the resolver does, collections wait no longer
+        assert gc.isenabled()
     assert gc.isenabled()
 
 

@@ -30,18 +30,15 @@ def settle() -> None:
     gc.freeze()
 
 
-_pausing = 0  # batches in hand, of every stage in the process
-
-
 @contextlib.contextmanager
 def paused() -> Iterator[None]:
-    """No cyclic collection until every stage of the process is done with its batch."""
-    global _pausing
-    _pausing += 1
+    """No cyclic collection while a stage applies its batch. In a process of several
+    stages (``cdp-stream up``) the first to finish its batch resumes them, whatever the
+    others are doing: with batches of two stages overlapping back to back, a count of
+    the batches in hand might never reach zero, and cyclic garbage would never be
+    collected. So collections never wait longer than one batch."""
     gc.disable()
     try:
         yield
     finally:
-        _pausing -= 1
-        if not _pausing:
-            gc.enable()
+        gc.enable()
