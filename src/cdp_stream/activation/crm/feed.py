@@ -1,8 +1,10 @@
 """The CRM feed's step in the activation consumer: a micro-batch of
 ``cdp.profile-updates`` -> contacts, interactions and the webhook queue, inside the
-consumer's transaction. The steps run in order (each says why it comes where it does);
-what a contact or an interaction is lives in ``contacts.py`` and ``interactions.py``,
-the SQL in ``repository.py``.
+consumer's transaction. What an update's events make (its interactions) depends on them
+alone and is worked out as the consumer decodes it (:func:`incoming`), ahead of the
+transaction. The steps run in order (each says why it comes where it does); what a
+contact or an interaction is lives in ``contacts.py`` and ``interactions.py``, the SQL in
+``repository.py``.
 
 Idempotent, since the topic is at-least-once: a contact is re-derived from the profile as
 it is now (never from an update's deltas), an interaction is unique per source event.
