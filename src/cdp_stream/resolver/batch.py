@@ -391,10 +391,11 @@ async def _fold(
     graph: _Graph, placed: Sequence[tuple[Prepared, uuid.UUID]]
 ) -> tuple[list[EventRow], dict[uuid.UUID, list[EventRow]], dict[uuid.UUID, ProfileState]]:
     """The events' rows (by profile too) and the state of every profile the batch
-    touched: its events' traits and computed traits folded in, once per profile."""
+    touched: copied once, its events' traits and computed traits folded into the copy."""
     final = graph.find
     rows: list[EventRow] = []
-    by_profile: dict[uuid.UUID, list[tuple[EventRow, Prepared]]] = {}
+    by_profile: dict[uuid.UUID, list[EventRow]] = {}
+    states: dict[uuid.UUID, ProfileState] = {}
     for n, (p, home) in enumerate(placed):
         if n % _CHUNK == _CHUNK - 1:
             await asyncio.sleep(0)
@@ -412,23 +413,18 @@ async def _fold(
             text=p.text,
         )
         rows.append(row)
-        by_profile.setdefault(row.profile_id, []).append((row, p))
-
-    states: dict[uuid.UUID, ProfileState] = {}
-    for n, (pid, mine) in enumerate(by_profile.items()):
-        if n % _CHUNK == _CHUNK - 1:
-            await asyncio.sleep(0)
-        state = graph.states[pid]
-        trait_state: traits.TraitState = traits.merge(state.trait_state, {})
-        values = dict(state.computed)
-        for _, p in mine:
-            traits.fold(trait_state, p.trait_part)
-            computed.fold(values, p.computed_part)
-        states[pid] = ProfileState(trait_state, values)
+        pid = row.profile_id
+        if pid not in states:  # its state copied once; its events fold into the copy
+            state = graph.states[pid]
+            states[pid] = ProfileState(traits.merge(state.trait_state, {}), dict(state.computed))
+            by_profile[pid] = []
+        by_profile[pid].append(row)
+        traits.fold(states[pid].trait_state, p.trait_part)
+        computed.fold(states[pid].computed, p.computed_part)
     for canonical, _, _ in graph.merges:  # merged without events of their own here
         pid = final(canonical)
         states.setdefault(pid, graph.states[pid])
-    return rows, {pid: [row for row, _ in mine] for pid, mine in by_profile.items()}, states
+    return rows, by_profile, states
 
 
 async def _outputs(
