@@ -3,7 +3,8 @@ broker and server: every record decoded and applied once, in batches, its offset
 committed (lag 0); a record that cannot be decoded and one that cannot be applied both
 parked on the dead-letter topic while the rest go on; each step timed; ``stop`` ends it.
 A stage that holds records back gets them again, no offset is committed past them, and
-one held back every time it is offered is applied waiting."""
+one held back every time it is offered is applied waiting, also when the stage hands it
+back as a new object (as the resolver does)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 
 from cdp_stream.app import Runtime
 from cdp_stream.bus.base import Bus, Consumer, Message, Record, TopicPartition
-from cdp_stream.consuming import HOLD_ROUNDS, Polling, run_consumer
+from cdp_stream.consuming import HOLD_ROUNDS, Polling, _Held, run_consumer
 from cdp_stream.metrics import REGISTRY
 from cdp_stream.poison import DeadLetters
 from cdp_stream.settings import Settings
@@ -203,3 +204,37 @@ async def test_records_held_back_come_again_and_hold_their_offsets(runtime: Runt
     after = [c[tp] for c in bus.seen[stage.commits_before_99 :] if tp in c]
     assert before and all(o <= offset for o in before)
     assert after == [offset + 1]
+
+
+class Copying:
+    """A stage that holds back every record when not asked to wait, handing each back as a
+    new (record, item) pair, as the resolver does with the events it holds back."""
+
+    def __init__(self) -> None:
+        self.waited: list[int] = []
+
+    async def apply(
+        self, batch: Sequence[tuple[Message, int]], wait: bool
+    ) -> Sequence[tuple[Message, int]]:
+        if wait:
+            self.waited += [n for _, n in batch]
+            return []
+        return [(m, n) for m, n in batch]
+
+
+async def test_a_record_handed_back_as_a_new_object_is_applied_waiting_after_its_rounds() -> None:
+    """Rounds are counted by record, not by the object the stage returned: while every
+    poll finds something new (not idle), a record held back HOLD_ROUNDS times is applied
+    waiting in the next round, and not before."""
+    held, stage = _Held[int](), Copying()
+    fresh = (Message("t", 0, i, None, b"") for i in range(1, 100))
+    items = [(Message("t", 0, 0, None, b""), 0)]
+    for _ in range(HOLD_ROUNDS):
+        patient, eager = held.due(items, idle=False)
+        assert not patient
+        await held.applier(stage, wait=False)(eager)  # type: ignore[arg-type]
+        items = [(next(fresh), 1)]  # the poll found a new record every round
+    patient, eager = held.due(items, idle=False)
+    await held.applier(stage, wait=True)(patient)  # type: ignore[arg-type]
+    assert stage.waited == [0]
+    assert 0 not in [n for _, n in eager]  # applied once: not offered again

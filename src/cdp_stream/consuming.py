@@ -143,12 +143,18 @@ class _Timed:
             self._steps[step].observe(time.perf_counter() - started)
 
 
+def _at(m: Message) -> tuple[str, int, int]:
+    """A record's position: what identifies it across the batches it is held back from."""
+    return m.topic, m.partition, m.offset
+
+
 class _Held(Generic[T]):
     """The items a stage held back, each with how many times, and the offsets that may be
     committed: per partition the first held item's, or past the last record taken."""
 
     def __init__(self) -> None:
-        self._times: dict[int, int] = {}  # id(item) -> times held back
+        # times held back, by record: a stage may return its held items as new objects
+        self._times: dict[tuple[str, int, int], int] = {}
         self._items: list[tuple[Message, T]] = []
         self._next: dict[TopicPartition, int] = {}  # past the last record taken
         self._was_held: set[TopicPartition] = set()  # partitions of items held last round
@@ -162,18 +168,19 @@ class _Held(Generic[T]):
         """This round's items: those to apply waiting (held back :data:`HOLD_ROUNDS` times,
         or all of them when the poll found nothing new) and the rest, the held ones first."""
         before, self._items = self._items, []
-        patient = [i for i in before if idle or self._times[id(i)] >= HOLD_ROUNDS]
-        eager = [i for i in before if not idle and self._times[id(i)] < HOLD_ROUNDS] + items
-        self._times = {id(i): self._times[id(i)] for i in eager if id(i) in self._times}
-        return patient, eager
+        counted = [(i, self._times[_at(i[0])]) for i in before]
+        patient = [i for i, n in counted if idle or n >= HOLD_ROUNDS]
+        again = [(i, n) for i, n in counted if not idle and n < HOLD_ROUNDS]
+        self._times = {_at(i[0]): n for i, n in again}
+        return patient, [i for i, _ in again] + items
 
     def applier(
         self, stage: Stage[T], wait: bool
     ) -> Callable[[Sequence[tuple[Message, T]]], Awaitable[None]]:
         async def apply(batch: Sequence[tuple[Message, T]]) -> None:
             back = await stage.apply(batch, wait)
-            for item in back:
-                self._times[id(item)] = self._times.get(id(item), 0) + 1
+            for m, _ in back:
+                self._times[_at(m)] = self._times.get(_at(m), 0) + 1
             self._items += back
 
         return apply
