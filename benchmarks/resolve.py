@@ -34,7 +34,13 @@ shared with whatever else runs on the box); ``broker``; ``bench``, this process;
 ``others``, the machine less all of these; ``machine``. After start-up it is also given per
 stored event (ms), which the noise of other processes does not inflate as it does rates.
 Lock waits: the mean number of resolver backends waiting on a lock (``wait_event_type``
-``Lock``: advisory locks on identifiers, profile rows) over the polls after start-up. The size of
+``Lock``: advisory locks on identifiers, profile rows) over the polls after start-up; and,
+from each resolver's ``/metrics`` once every event is stored, how often events were held
+back (their people locked by another resolver's batch; one held back twice counts twice)
+and the seconds all batches spent taking their locks: with several resolvers on this
+case's few people nearly every batch shares someone with the others', and an event held
+back :data:`cdp_stream.consuming.HOLD_ROUNDS` times, or once the backlog is worked off,
+is applied waiting for them (the waits). The size of
 ``profile_update_outbox`` (heap, TOAST, indexes): the largest at a poll, and once the
 resolvers have stopped, with its live and dead rows: what the insert-then-delete churn
 of the updates left. The summary ends with
@@ -66,9 +72,11 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import httpx
 import orjson
 import psutil
-from collect import cleanup, cpu_s, database, service_args  # the sibling's helpers
+from collect import cleanup, cpu_s, database, free_port, service_args  # the sibling's helpers
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.engine import make_url
 
 from cdp_stream.resolver.repository import EVENT_COLUMNS
@@ -115,6 +123,8 @@ class Run:
     outbox_peak: int = 0  # its largest size (bytes) at a poll during the run
     retries: int = 0  # batch retries in the resolver logs (conflicts, races)
     batches: int = 0  # transactions that stored events
+    held_back: float = 0.0  # events held back (each time), from the resolvers' metrics
+    lock_wait_s: dict[str, float] = field(default_factory=dict)  # all resolvers', by lock
     codes: list[int | None] = field(default_factory=list)
     failure: str | None = None
 
@@ -296,8 +306,9 @@ async def prepare(db_url: str, bootstrap: str, namespace: str, case: Case) -> No
 
 
 def start_resolvers(
-    opts: argparse.Namespace, db_url: str, namespace: str, log: Path, n: int
+    opts: argparse.Namespace, db_url: str, namespace: str, log: Path, ports: list[int]
 ) -> list[subprocess.Popen[bytes]]:
+    """One resolver per metrics port, each in a session of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CDP_")}
     env |= {"CDP_KAFKA_BOOTSTRAP": opts.bootstrap, "CDP_DATABASE_URL": db_url}
     env |= {"CDP_TOPIC_NAMESPACE": namespace, "CDP_SUPPRESSION_KEY": f"bench-{namespace}"}
@@ -306,13 +317,34 @@ def start_resolvers(
     command = [Path(sys.executable).with_name("cdp-stream"), "resolver"]
     procs = []
     with log.open("ab") as out:  # own sessions: Ctrl-C reaches us, we stop them in order
-        for _ in range(n):
+        for port in ports:
             procs.append(
                 subprocess.Popen(
-                    command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                    command,
+                    env=env | {"CDP_METRICS_PORT": str(port)},
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
             )
     return procs
+
+
+async def contention(ports: list[int], run: Run) -> None:
+    """From the resolvers' own metrics: the events they held back (each time: one held
+    back twice counts twice) and the seconds their batches spent taking locks (waiting,
+    or trying without waiting), summed over the resolvers."""
+    async with httpx.AsyncClient(timeout=5) as client:
+        for port in ports:
+            text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "cdp_resolver_events_total":
+                        if sample.labels.get("outcome") == "held_back":
+                            run.held_back += sample.value
+                    elif sample.name == "cdp_lock_wait_seconds_sum":
+                        lock = sample.labels["lock"]
+                        run.lock_wait_s[lock] = run.lock_wait_s.get(lock, 0.0) + sample.value
 
 
 def stop_resolvers(procs: list[subprocess.Popen[bytes]]) -> list[int | None]:
@@ -363,7 +395,8 @@ async def timed(
     conn = await asyncpg.connect(db_url.replace("+asyncpg", ""), timeout=5)
     try:
         t0 = time.monotonic()
-        procs = start_resolvers(opts, db_url, namespace, log, run.resolvers)
+        ports = [free_port() for _ in range(run.resolvers)]
+        procs = start_resolvers(opts, db_url, namespace, log, ports)
         opts.procs.extend(procs)  # for the cleanup, whatever happens here
         mine = [psutil.Process(p.pid) for p in procs]
         meter = Meter(mine, opts.postgres, opts.broker, db)
@@ -402,6 +435,8 @@ async def timed(
                 break
             await asyncio.sleep(0.2)
         meter.sample()
+        if run.failure is None:
+            await contention(ports, run)
     finally:
         await conn.close()
     run.stored, run.seconds, run.outbox_peak = n, elapsed, peak
@@ -509,6 +544,14 @@ def describe_waits(waits: dict[str, float]) -> str:
     return shown or "none busy"
 
 
+def contended(run: Run) -> str:
+    taking = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(run.lock_wait_s.items()))
+    return (
+        f"held back {run.held_back / max(run.stored, 1):.2f} times per stored event;"
+        f" taking locks (all resolvers' batches): {taking or 'not measured'}"
+    )
+
+
 def show(run: Run, repeat: int) -> None:
     label = f"resolver x{run.resolvers} run {repeat}:"
     if run.first_s is None:
@@ -526,6 +569,7 @@ def show(run: Run, repeat: int) -> None:
         f" after start-up, CPU ms/event: {ms}\n"
         f"  {'':<20} resolvers' backends (mean number): {describe_waits(run.waits)};"
         f" waiting on locks {run.lock_waits:.2f}\n"
+        f"  {'':<20} {contended(run)}\n"
         f"  {'':<20} outbox after the run: {run.outbox};"
         f" at most {run.outbox_peak / 1024:,.0f} KiB during it\n"
         f"  {'':<20} COPY of the same rows: {run.copy_indexed:,.0f} rows/s with the indexes"
@@ -621,6 +665,8 @@ def report(opts: argparse.Namespace, case: Case, runs: list[Run]) -> None:
             + f"\n{'':<14}resolvers' backends (mean number): {describe_waits(waits)}"
             + f"\n{'':<14}waiting on locks (mean backends, polled from pg_stat_activity"
             f" every 0.2 s): {spread([r.lock_waits for r in mine], '.2f')}"
+            + f"\n{'':<14}held back, times per stored event:"
+            f" {spread([r.held_back / max(r.stored, 1) for r in mine], '.2f')}"
             + f"\n{'':<14}outbox at most {spread([r.outbox_peak / 1024 for r in mine])} KiB"
             " during a run; after it: "
             + "; ".join(str(r.outbox) for r in mine if r.outbox)
