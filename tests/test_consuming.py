@@ -4,11 +4,12 @@ committed (lag 0); a record that cannot be decoded and one that cannot be applie
 parked on the dead-letter topic while the rest go on; each step timed; ``stop`` ends it.
 A stage that holds records back gets them again, no offset is committed past them, and
 one held back every time it is offered is applied waiting, also when the stage hands it
-back as a new object (as the resolver does)."""
+back as a new object (as the resolver does). A batch is freed before collections resume."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -238,3 +239,58 @@ async def test_a_record_handed_back_as_a_new_object_is_applied_waiting_after_its
     await held.applier(stage, wait=True)(patient)  # type: ignore[arg-type]
     assert stage.waited == [0]
     assert 0 not in [n for _, n in eager]  # applied once: not offered again
+
+
+class Item:
+    """A decoded record that notes, as it dies, whether collections were running."""
+
+    __slots__ = ("collecting", "n")
+
+    def __init__(self, n: int, collecting: dict[int, bool]) -> None:
+        self.n, self.collecting = n, collecting
+
+    def __del__(self) -> None:
+        self.collecting[self.n] = gc.isenabled()
+
+
+class Tracked(Numbers):
+    """Decodes each record into an :class:`Item`."""
+
+    def __init__(self, dead: DeadLetters) -> None:
+        super().__init__(dead)
+        self.collecting: dict[int, bool] = {}  # n -> collections running when it died
+
+    async def decode(self, messages: Sequence[Message]) -> list[tuple[Message, Item]]:  # type: ignore[override]
+        return [(m, Item(int(m.value), self.collecting)) for m in messages]
+
+    async def apply(  # type: ignore[override]
+        self, batch: Sequence[tuple[Message, Item]], wait: bool
+    ) -> Sequence[tuple[Message, Item]]:
+        self.done += [item.n for _, item in batch]
+        return ()
+
+
+async def test_a_batch_is_freed_while_collections_are_still_paused(runtime: Runtime) -> None:
+    """The runtime drops its references to a batch before it resumes collections, so the
+    collection that follows does not walk the batch it just applied."""
+    names, stop = runtime.settings.topics, asyncio.Event()
+    dead = DeadLetters(runtime.bus, runtime.engine, names.dead_letters, GROUP, stop)
+    stage = Tracked(dead)
+    values = [str(i).encode() for i in range(100)]
+    await runtime.bus.publish_many([Record(names.events, v, v) for v in values])
+    polling = Polling(batch_size=20, timeout_ms=100, linger_ms=10)
+    group = f"{names.namespace}{GROUP}"
+    task = asyncio.create_task(
+        run_consumer(runtime.bus, group, [names.events], stage, polling, dead, stop)  # type: ignore[arg-type]
+    )
+
+    async def applied() -> bool:
+        return len(stage.done) == 100
+
+    try:
+        assert await eventually(applied, within_s=60)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert sorted(stage.done) == list(range(100))
+    assert {n: stage.collecting.get(n) for n in stage.done} == dict.fromkeys(range(100), False)

@@ -273,6 +273,11 @@ async def run_consumer(
                         await apply_isolating(patient, held.applier(stage, wait=True), park)
                     if eager:
                         await apply_isolating(eager, held.applier(stage, wait=False), park)
+                    # The batch dies here, by reference counting, while collections are
+                    # still paused: the collection that resumes them walks only what lives
+                    # on (the batch taken ahead), not the hundreds of thousands of
+                    # containers of the one just applied.
+                    del taken, items, patient, eager
                 await stage.applied()
                 with timed("commit"):
                     await consumer.commit(held.offsets(messages))
