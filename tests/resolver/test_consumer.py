@@ -352,9 +352,11 @@ async def test_a_batch_taken_ahead_is_not_committed_before_its_own_transaction(
     taken: list[int] = []
     real_prepare = consumer.prepare
 
-    def counting_prepare(events: Sequence[dict[str, Any]], rules: IdentityRules) -> Any:
+    def counting_prepare(
+        events: Sequence[dict[str, Any]], rules: IdentityRules, texts: Sequence[bytes]
+    ) -> Any:
         taken.append(len(events))
-        return real_prepare(events, rules)
+        return real_prepare(events, rules, texts)
 
     monkeypatch.setattr("cdp_stream.resolver.consumer.apply_prepared", database_away)
     monkeypatch.setattr("cdp_stream.resolver.consumer.prepare", counting_prepare)
@@ -507,3 +509,29 @@ async def test_a_time_outside_utc_dates_is_parked_not_a_crash(
     await parked.stop()
     assert any("out of range once converted to UTC" in r for r in reasons)
     assert await stored(engine, [run]) == 0
+
+
+async def test_an_event_is_stored_as_its_record_carries_it(engine: AsyncEngine) -> None:
+    """The record's JSON is stored, not the decoded event encoded again (what the
+    collector writes is what orjson would write; a number another producer wrote with
+    more digits than a float holds keeps them)."""
+    run = uuid.uuid4().hex[:10]
+    exact = "0.12345678901234567890123"
+    raw = event(run, f"u-{run}")[:-1] + b',"properties":{"amount":' + exact.encode() + b"}}"
+    bus = MemoryBus(default_partitions=1)
+    await bus.ensure_topics(Topics().all(1))
+    await bus.publish(Topics().events, b"k", raw)
+    stop = asyncio.Event()
+    task = asyncio.create_task(run_resolver(bus, engine, SETTINGS, stop))
+
+    async def is_stored() -> bool:
+        return await stored(engine, [run]) == 1
+
+    assert await eventually(is_stored)
+    stop.set()
+    await task
+    amount = events_table.c.payload["properties"]["amount"].astext
+    async with engine.connect() as conn:
+        kept = await conn.scalar(select(amount).where(events_table.c.message_id == run))
+    assert kept == exact
+    assert orjson.dumps(orjson.loads(raw)) != raw  # encoded again, it would have lost them

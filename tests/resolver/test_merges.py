@@ -7,13 +7,19 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.identity import Identifier, IdentityRules
 from cdp_stream.profiles import reads
 from cdp_stream.profiles import repository as repo
-from cdp_stream.profiles.models import identities, identity_refusals, profile_merges, profiles
+from cdp_stream.profiles.models import (
+    events,
+    identities,
+    identity_refusals,
+    profile_merges,
+    profiles,
+)
 from cdp_stream.resolver import repository as resolver_repo
 from cdp_stream.resolver.consumer import apply_with_retry
 from cdp_stream.resolver.unmerge import unmerge_last
@@ -168,6 +174,45 @@ async def test_limits_cap_claims_too(engine: AsyncEngine) -> None:
             .all()
         )
     assert refused == [f"e2-{run}@x.io"]
+
+
+async def test_a_profile_over_a_lowered_limit_takes_no_more_links(engine: AsyncEngine) -> None:
+    """Limits lowered after a profile grew past them: events by its identifiers are not
+    linked to it any more (each link refused and recorded), event after event of a batch,
+    and it keeps what it had."""
+    run = uid()
+    user, emails = f"u-{run}", [f"e{i}-{run}@x.io" for i in range(2)]
+    wide = IdentityRules.from_settings(Settings(identity_limits={"email": 2}))
+    grown = [
+        ev(f"{run}-{i}", "2024-01-01T00:00:00Z", userId=user, traits={"email": e})
+        for i, e in enumerate(emails)
+    ]
+    await apply_with_retry(engine, grown, wide)
+    pid = await owner(engine, "user_id", user)
+    narrow = IdentityRules.from_settings(Settings(identity_limits={"email": 1}))
+    later = [
+        ev(f"{run}-later-{i}", "2024-01-02T00:00:00Z", anonymousId="null", traits={"email": e})
+        for i, e in enumerate(emails + emails)
+    ]
+    await apply_with_retry(engine, later, narrow)
+    kept = {(i["type"], i["value"]) for i in (await profile(engine, pid))["identities"]}
+    assert kept == {("user_id", user), *(("email", e) for e in emails)}
+    async with engine.connect() as conn:
+        refused = (
+            await conn.execute(
+                select(identity_refusals.c.other_profile_id, identity_refusals.c.reason).where(
+                    identity_refusals.c.message_id.like(f"{run}-later-%")
+                )
+            )
+        ).all()
+        on_it = await conn.scalar(
+            select(func.count())
+            .select_from(events)
+            .where(events.c.profile_id == pid, events.c.message_id.like(f"{run}-later-%"))
+        )
+    assert len(refused) == 4
+    assert all(other == pid and "at most 1 email" in why for other, why in refused)
+    assert on_it == 0
 
 
 async def test_concurrent_merges_leave_one_profile_per_person(engine: AsyncEngine) -> None:

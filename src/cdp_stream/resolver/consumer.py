@@ -204,13 +204,15 @@ async def _decode(
 _Item = tuple[dict[str, Any], Prepared | None]
 
 
-def _prepared(events: Sequence[dict[str, Any]], rules: IdentityRules) -> list[Prepared | None]:
+def _prepared(
+    chunk: Sequence[tuple[Message, dict[str, Any]]], rules: IdentityRules
+) -> list[Prepared | None]:
     """``prepare`` of a chunk taken ahead; if it fails, None for each event: they are
     prepared again in their batch's ``apply``, where a poison event is isolated."""
     try:
-        return list(prepare(events, rules))
+        return list(prepare([e for _, e in chunk], rules, [m.value for m, _ in chunk]))
     except Exception:
-        return [None] * len(events)
+        return [None] * len(chunk)
 
 
 async def _decode_prepared(
@@ -225,7 +227,7 @@ async def _decode_prepared(
     for i in range(0, len(events), _CHUNK):
         await asyncio.sleep(0)
         chunk = events[i : i + _CHUNK]
-        prepared = _prepared([e for _, e in chunk], rules)
+        prepared = _prepared(chunk, rules)
         items += [(m, (e, p)) for (m, e), p in zip(chunk, prepared, strict=True)]
     return items
 
@@ -346,7 +348,9 @@ class _Resolver:
         """The batch in one transaction; not waiting, the events of people another
         resolver holds are returned, prepared, for the next batch."""
         rules = self._rules
-        prepared = [p if p is not None else prepare([e], rules)[0] for _, (e, p) in batch]
+        prepared = [
+            p if p is not None else prepare([e], rules, [m.value])[0] for m, (e, p) in batch
+        ]
         result = await _apply(self._engine, prepared, rules, self._stop, wait)
         self.relay.hand(result.updates)
         await self._bus.publish_many(_set_aside(self._names.rejected, result))
