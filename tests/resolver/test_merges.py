@@ -7,7 +7,7 @@ import uuid
 from dataclasses import asdict
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from cdp_stream.identity import Identifier, IdentityRules
@@ -304,6 +304,38 @@ async def test_unmerge_restores_both_profiles(engine: AsyncEngine) -> None:
     assert kept["computed"]["event_count"] == 2
     async with engine.begin() as conn:
         assert await unmerge_last(conn, canonical) is None  # nothing left to undo
+
+
+async def test_an_unmerge_finds_the_groups_rows_by_index(engine: AsyncEngine) -> None:
+    """Its identities, events and orders are found through ``profile_id``'s indexes, not
+    by reading the whole tables (which grow with every event) while it holds the group."""
+    run = uid()
+    a, user = f"a-{run}", f"u-{run}"
+    await apply(engine, ev(f"{run}-1", "2024-01-01T00:00:00Z", anonymousId=a, type="page"))
+    await apply(
+        engine,
+        ev(
+            f"{run}-2",
+            "2024-01-02T00:00:00Z",
+            type="track",
+            event="Order Completed",
+            userId=user,
+            properties={"order_id": f"o-{run}", "total": 5},
+        ),
+    )
+    await apply(engine, ev(f"{run}-3", "2024-01-03T00:00:00Z", userId=user, anonymousId=a))
+    canonical = await owner(engine, "user_id", user)
+    # this backend's table scans not yet reported (its transactions' since the last report)
+    scans = text(
+        "SELECT relname, seq_scan FROM pg_stat_xact_user_tables"
+        " WHERE relname IN ('identities', 'events', 'orders')"
+    )
+    async with engine.begin() as conn:
+        await conn.execute(text("SET LOCAL enable_seqscan = off"))  # an index, if any fits
+        before = dict((await conn.execute(scans)).all())
+        assert await unmerge_last(conn, canonical) is not None
+        after = dict((await conn.execute(scans)).all())
+    assert after == before
 
 
 async def test_an_unmerged_pair_stays_split_until_the_split_is_removed(

@@ -483,9 +483,15 @@ async def merge_log(conn: AsyncConnection, atoms: Sequence[uuid.UUID]) -> list[M
 
 
 async def regroup(conn: AsyncConnection, head: dict[uuid.UUID, uuid.UUID]) -> None:
-    """Point each atom, its claimed identities and its first-attached events and orders
-    at its head."""
+    """Point each atom (``head``: every atom of one group), its claimed identities and
+    its first-attached events and orders at its head.
+
+    Rows are found by profile first: every identity, event and order of the group points
+    at one of its atoms (its canonical profile), and ``profile_id`` is indexed where
+    ``claimed_by`` and the events' origin are not: without it an unmerge read the whole
+    of ``events`` and ``identities``, holding the group's locks."""
     mapping, params = _id_mapping(head)
+    atoms = list(head)
     await conn.execute(
         update(profiles)
         .where(profiles.c.id == mapping.c.old)
@@ -494,14 +500,14 @@ async def regroup(conn: AsyncConnection, head: dict[uuid.UUID, uuid.UUID]) -> No
     )
     await conn.execute(
         update(identities)
-        .where(identities.c.claimed_by == mapping.c.old)
+        .where(identities.c.profile_id.in_(atoms), identities.c.claimed_by == mapping.c.old)
         .values(profile_id=mapping.c.new),
         params,
     )
     for table in (events, orders):
         await conn.execute(
             update(table)
-            .where(table.c.origin_profile_id == mapping.c.old)
+            .where(table.c.profile_id.in_(atoms), table.c.origin_profile_id == mapping.c.old)
             .values(profile_id=mapping.c.new),
             params,
         )
