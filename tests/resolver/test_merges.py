@@ -311,19 +311,15 @@ async def test_an_unmerge_finds_the_groups_rows_by_index(engine: AsyncEngine) ->
     by reading the whole tables (which grow with every event) while it holds the group."""
     run = uid()
     a, user = f"a-{run}", f"u-{run}"
-    await apply(engine, ev(f"{run}-1", "2024-01-01T00:00:00Z", anonymousId=a, type="page"))
-    await apply(
-        engine,
-        ev(
-            f"{run}-2",
-            "2024-01-02T00:00:00Z",
-            type="track",
-            event="Order Completed",
-            userId=user,
-            properties={"order_id": f"o-{run}", "total": 5},
-        ),
-    )
-    await apply(engine, ev(f"{run}-3", "2024-01-03T00:00:00Z", userId=user, anonymousId=a))
+    order = {"order_id": f"o-{run}", "total": 5}
+    purchase = {"type": "track", "event": "Order Completed", "properties": order}
+    history = [
+        ev(f"{run}-1", "2024-01-01T00:00:00Z", anonymousId=a, type="page"),
+        ev(f"{run}-2", "2024-01-02T00:00:00Z", userId=user, **purchase),
+        ev(f"{run}-3", "2024-01-03T00:00:00Z", userId=user, anonymousId=a),
+    ]
+    for event in history:  # a batch each: the third merges the first two's profiles
+        await apply(engine, event)
     canonical = await owner(engine, "user_id", user)
     # this backend's table scans not yet reported (its transactions' since the last report)
     scans = text(
