@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import hashlib
+import weakref
 
 from cdp_stream.identity import EMAIL
 from cdp_stream.sealing import SuppressionKeys
@@ -34,3 +36,17 @@ def test_each_set_of_keys_answers_with_its_own_seals() -> None:
     assert after.candidates(EMAIL, ADA)[0] == after.seal(EMAIL, ADA)
     assert after.candidates(EMAIL, ADA)[1] == before.seal(EMAIL, ADA)
     assert before.seal(EMAIL, ADA) != after.seal(EMAIL, ADA)
+
+
+def test_keys_made_for_one_batch_are_freed_when_dropped() -> None:
+    """Activation makes its identity rules, keys included, for each batch: what they keep
+    must not hold them in a cycle that only a collection frees."""
+    batch_keys = keys("k")
+    batch_keys.candidates(EMAIL, ADA)
+    gone = weakref.ref(batch_keys)
+    gc.disable()
+    try:
+        del batch_keys
+        assert gone() is None
+    finally:
+        gc.enable()

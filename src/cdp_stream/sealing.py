@@ -59,7 +59,11 @@ class SuppressionKeys:
     _cached: Callable[[str, str], tuple[str, ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        cached = functools.lru_cache(maxsize=CANDIDATES_CACHED)(self._candidates)
+        # on the keys, not on self: no reference cycle, so a set of keys made for one batch
+        # (activation's rules) is freed as soon as it is dropped
+        sealing = (*([self.current] if self.current else []), *self.old)
+        uncached = functools.partial(_candidates, sealing)
+        cached = functools.lru_cache(maxsize=CANDIDATES_CACHED)(uncached)
         object.__setattr__(self, "_cached", cached)
 
     @classmethod
@@ -84,7 +88,7 @@ class SuppressionKeys:
         old key's, the plain digest."""
         return self._cached(type_, value)
 
-    def _candidates(self, type_: str, value: str) -> tuple[str, ...]:
-        inner = _inner(type_, value)
-        keys = [self.current] if self.current else []
-        return (*[k.seal(inner) for k in [*keys, *self.old]], inner.hex())
+
+def _candidates(keys: tuple[_Key, ...], type_: str, value: str) -> tuple[str, ...]:
+    inner = _inner(type_, value)
+    return (*[k.seal(inner) for k in keys], inner.hex())
