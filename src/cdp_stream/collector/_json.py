@@ -111,7 +111,10 @@ def loads_strict(body: bytes, max_depth: int) -> Any:
     value = _fast(body)
     if value is _SLOW:
         value = _loads_stdlib(body, max_depth)
-    if _too_deep(value, max_depth):
+    # Each level of nesting opens with a bracket of its own, so a body with fewer brackets
+    # than the limit is within it (brackets in strings only add to the count): a single
+    # event's few skip the walk.
+    if body.count(b"{") + body.count(b"[") > max_depth and _too_deep(value, max_depth):
         raise BadRequest(400, f"JSON nested deeper than {max_depth} levels")
     return value
 

@@ -31,7 +31,7 @@ from cdp_stream.bus.base import Bus, BusUnavailable, Record
 from cdp_stream.collector._json import BadRequest, loads_strict
 from cdp_stream.collector.auth import Sources
 from cdp_stream.collector.intake import intake, rejection_record
-from cdp_stream.collector.routes import bus_unavailable, error_response, read_body
+from cdp_stream.collector.routes import bus_unavailable, error_response, raw_headers, read_body
 from cdp_stream.event_names import (
     EMAIL_BOUNCED,
     EMAIL_DELIVERED,
@@ -376,7 +376,9 @@ async def sendgrid_webhook(request: Request, source: str) -> JSONResponse:
     settings: Settings = request.app.state.settings
     received_at = datetime.now(UTC)
     try:
-        body = await read_body(request, settings.max_request_bytes)
+        body = await read_body(
+            request.receive, raw_headers(request.scope), settings.max_request_bytes
+        )
         key = settings.sendgrid_verification_key
         signature = request.headers.get(SENDGRID_SIGNATURE)
         timestamp = request.headers.get(SENDGRID_TIMESTAMP)
@@ -417,7 +419,10 @@ async def mailgun_webhook(request: Request, source: str) -> JSONResponse:
     received_at = datetime.now(UTC)
     try:
         body = loads_strict(
-            await read_body(request, settings.max_request_bytes), settings.max_json_depth
+            await read_body(
+                request.receive, raw_headers(request.scope), settings.max_request_bytes
+            ),
+            settings.max_json_depth,
         )
     except BadRequest as exc:
         return error_response(exc.status, exc.message)
