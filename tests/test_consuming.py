@@ -130,8 +130,8 @@ class Commits:
         self.bus = bus
         self.seen: list[dict[TopicPartition, int]] = []
 
-    def consumer(self, group: str, topics: Sequence[str]) -> Consumer:
-        inner = self.bus.consumer(group, topics)
+    def consumer(self, group: str, topics: Sequence[str], linger_ms: int = 0) -> Consumer:
+        inner = self.bus.consumer(group, topics, linger_ms)
         seen = self.seen
 
         class Recording:

@@ -238,13 +238,11 @@ async def run_consumer(
     timed = _Timed(name)
     batch_records = metrics.consumer_batch_records.labels(name)
     records = metrics.consumer_records.labels(name)
-    consumer = bus.consumer(group, topics)
+    consumer = bus.consumer(group, topics, polling.linger_ms)
 
     async def take() -> _Taken[T] | None:
         with timed("poll"):
-            messages = await fill(
-                consumer, polling.batch_size, polling.timeout_ms, polling.linger_ms
-            )
+            messages = await fill(consumer, polling.batch_size, polling.timeout_ms)
         if not messages:
             return None
         batch_records.observe(len(messages))

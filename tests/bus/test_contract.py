@@ -17,6 +17,7 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Protocol
 
 import pytest
 
@@ -85,7 +86,10 @@ async def bus(where: tuple[str, str]) -> AsyncIterator[Bus]:
     await b.stop()
 
 
-MakeConsumer = Callable[[str, Sequence[str]], Awaitable[Consumer]]
+class MakeConsumer(Protocol):
+    def __call__(
+        self, group: str, topics: Sequence[str], linger_ms: int = 0
+    ) -> Awaitable[Consumer]: ...
 
 
 @pytest.fixture
@@ -93,8 +97,8 @@ async def member(bus: Bus) -> AsyncIterator[MakeConsumer]:
     """Start group members; whatever a test leaves running is stopped afterwards."""
     started: list[Consumer] = []
 
-    async def make(group: str, topics: Sequence[str]) -> Consumer:
-        c = bus.consumer(group, topics)
+    async def make(group: str, topics: Sequence[str], linger_ms: int = 0) -> Consumer:
+        c = bus.consumer(group, topics, linger_ms)
         started.append(c)
         await c.start()
         return c
@@ -388,18 +392,27 @@ async def test_getmany_waits_then_returns_empty_and_honours_max_records(
 
 
 async def test_fill_lingers_for_the_rest_of_a_batch(bus: Bus, member: MakeConsumer) -> None:
-    """``fill`` (how the resolver and activation poll): a record published while it
-    lingers after the first one joins the same batch, and the batch stops at max_records."""
+    """``fill`` (how the resolver and activation poll) with a member made to linger: records
+    published one at a time, 50 ms apart, come in a few batches, not one a poll (Kafka's
+    consumer lingers at the broker, the others in ``fill``); a batch stops at max_records."""
     topic = await new_topic(bus, 1)
-    consumer = await member(group(), [topic])
-    await bus.publish(topic, b"k", b"first")
-    batch = asyncio.create_task(fill(consumer, 10, 5_000, linger_ms=1_500))
-    await asyncio.sleep(0.2)
-    await bus.publish(topic, b"k", b"second")
-    assert [m.value for m in await batch] == [b"first", b"second"]
+    consumer = await member(group(), [topic], linger_ms=1_000)
+
+    async def trickle() -> None:
+        for i in range(10):
+            await bus.publish(topic, b"k", f"t{i}".encode())
+            await asyncio.sleep(0.05)
+
+    sending = asyncio.create_task(trickle())
+    batches: list[list[Message]] = []
+    while sum(map(len, batches)) < 10:
+        batches.append(await fill(consumer, 100, 5_000))
+    await sending
+    assert [m.value for b in batches for m in b] == [f"t{i}".encode() for i in range(10)]
+    assert len(batches) <= 4, [len(b) for b in batches]
 
     await bus.publish_many([Record(topic, b"k", f"v{i}".encode()) for i in range(5)])
-    got = await fill(consumer, 3, 5_000, linger_ms=500)
+    got = await fill(consumer, 3, 5_000)
     assert [m.value for m in got] == [b"v0", b"v1", b"v2"]
 
 

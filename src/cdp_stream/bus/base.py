@@ -63,6 +63,10 @@ TopicPartition = tuple[str, int]
 class Consumer(Protocol):
     """A member of a consumer group."""
 
+    linger_ms: int
+    """How long :func:`fill` waits for the rest of a batch after a poll that did not fill
+    one: the linger asked of :meth:`Bus.consumer`, or 0 where the broker waits instead."""
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None:
@@ -107,20 +111,21 @@ class Bus(Protocol):
     async def ping(self) -> None:
         """Raise :class:`BusUnavailable` when the broker cannot be reached."""
 
-    def consumer(self, group: str, topics: Sequence[str]) -> Consumer: ...
+    def consumer(self, group: str, topics: Sequence[str], linger_ms: int = 0) -> Consumer:
+        """A member of ``group``; ``linger_ms``: how long a poll that found part of a batch
+        waits for the rest (see :func:`fill`)."""
 
 
-async def fill(
-    consumer: Consumer, max_records: int, timeout_ms: int, linger_ms: int
-) -> list[Message]:
+async def fill(consumer: Consumer, max_records: int, timeout_ms: int) -> list[Message]:
     """Up to ``max_records`` records: the first wait as ``getmany``'s, then, when fewer came,
-    ``linger_ms`` more for the rest of the batch (the consumer's side of Kafka's
-    ``fetch.max.wait.ms``). Why: a consumer's cost is mostly per batch (round trips, a
-    commit), and at a steady few hundred records/s a poll would return a handful at a time;
-    a short linger makes the batches several times larger for that much latency."""
+    the consumer's ``linger_ms`` more for the rest of the batch. Why: a consumer's cost is
+    mostly per batch (round trips, a commit), and at a steady few hundred records/s a poll
+    would return a handful at a time; a short linger makes the batches several times larger
+    for that much latency. (Kafka's consumer lingers at the broker instead: see
+    :class:`~cdp_stream.bus.kafka.KafkaConsumer`.)"""
     messages = await consumer.getmany(max_records, timeout_ms)
-    if messages and linger_ms > 0 and len(messages) < max_records:
-        await asyncio.sleep(linger_ms / 1000)
+    if messages and consumer.linger_ms > 0 and len(messages) < max_records:
+        await asyncio.sleep(consumer.linger_ms / 1000)
         messages += await consumer.getmany(max_records - len(messages), 0)
     return messages
 

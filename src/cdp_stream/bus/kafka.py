@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 # What a broker failure looks like from aiokafka: its own errors, socket errors, timeouts.
 _FAILURES = (KafkaError, OSError, TimeoutError)
 
+# A lingering consumer's fetch is answered before its linger once this much is there: more
+# than a batch of the collector's events (see KafkaConsumer).
+FETCH_MIN_BYTES = 1 << 20
+
 
 def _stop_asked(exc: BaseException) -> bool:
     """Whether ``exc`` is a cancel asked of this task, to let through. aiokafka also lets
@@ -282,12 +286,13 @@ class KafkaBus:
 
     # -- consumers ----------------------------------------------------------------------
 
-    def consumer(self, group: str, topics: Sequence[str]) -> KafkaConsumer:
+    def consumer(self, group: str, topics: Sequence[str], linger_ms: int = 0) -> KafkaConsumer:
         return KafkaConsumer(
             self._bootstrap,
             self._client_id,
             group,
             topics,
+            linger_ms=linger_ms,
             session_timeout_ms=self._session_timeout_ms,
         )
 
@@ -313,6 +318,7 @@ class KafkaConsumer:
         group: str,
         topics: Sequence[str],
         *,
+        linger_ms: int = 0,
         start_timeout_s: float = 60.0,
         commit_timeout_s: float = 10.0,
         revoke_grace_s: float = 20.0,
@@ -323,6 +329,14 @@ class KafkaConsumer:
         self._bootstrap = bootstrap
         self._client_id = client_id
         self._topics = list(topics)
+        # The linger is the broker's: it holds a fetch until FETCH_MIN_BYTES of records are
+        # there or linger_ms has passed (fetch.min.bytes, fetch.max.wait.ms). With aiokafka's
+        # defaults (1 byte, 500 ms) every producer request answered the fetch waiting on
+        # its partitions, and while ``fill`` slept its linger the fetcher went round again
+        # and again: hundreds of fetch answers a second at a steady rate, each a round of
+        # work for the broker and for this process. Now one a linger; ``fill`` adds none.
+        self._fetch_wait_ms = linger_ms
+        self.linger_ms = 0
         self._start_timeout = start_timeout_s
         self._commit_timeout = commit_timeout_s
         self._revoke_grace = revoke_grace_s
@@ -348,6 +362,8 @@ class KafkaConsumer:
             # grace a member gives its in-flight batch at revoke time.
             rebalance_timeout_ms=int((self._revoke_grace + 30) * 1000),
             metadata_max_age_ms=30_000,
+            fetch_max_wait_ms=self._fetch_wait_ms or 500,  # aiokafka's defaults without one
+            fetch_min_bytes=FETCH_MIN_BYTES if self._fetch_wait_ms else 1,
         )
         consumer.subscribe(self._topics, listener=_Listener(self))
         try:

@@ -147,8 +147,8 @@ class MemoryBus:
     async def ping(self) -> None:
         return None
 
-    def consumer(self, group: str, topics: Sequence[str]) -> MemoryConsumer:
-        return MemoryConsumer(self, group, topics)
+    def consumer(self, group: str, topics: Sequence[str], linger_ms: int = 0) -> MemoryConsumer:
+        return MemoryConsumer(self, group, topics, linger_ms)
 
     # -- logs ---------------------------------------------------------------------------
 
@@ -229,10 +229,13 @@ class MemoryBus:
 class MemoryConsumer:
     """A member of a consumer group on a :class:`MemoryBus`."""
 
-    def __init__(self, bus: MemoryBus, group: str, topics: Sequence[str]) -> None:
+    def __init__(
+        self, bus: MemoryBus, group: str, topics: Sequence[str], linger_ms: int = 0
+    ) -> None:
         self._bus = bus
         self.group = group
         self.topics = frozenset(topics)
+        self.linger_ms = linger_ms
         self.member_id = 0  # 0: not a member (not started, or stopped)
         self._generation = 0
         self._positions: dict[TopicPartition, int] = {}

@@ -375,8 +375,8 @@ class PostgresBus:
 
     # -- consumers ------------------------------------------------------------------------
 
-    def consumer(self, group: str, topics: Sequence[str]) -> PostgresConsumer:
-        return PostgresConsumer(self, group, topics)
+    def consumer(self, group: str, topics: Sequence[str], linger_ms: int = 0) -> PostgresConsumer:
+        return PostgresConsumer(self, group, topics, linger_ms)
 
 
 class PostgresConsumer:
@@ -385,9 +385,12 @@ class PostgresConsumer:
     Its connection holds its membership and partition locks, LISTENs for new records and
     writes its commits; one query at a time, hence ``_lock``."""
 
-    def __init__(self, bus: PostgresBus, group: str, topics: Sequence[str]) -> None:
+    def __init__(
+        self, bus: PostgresBus, group: str, topics: Sequence[str], linger_ms: int = 0
+    ) -> None:
         self._bus = bus
         self.group = group
+        self.linger_ms = linger_ms
         self._topic_names = sorted(set(topics))
         self._conn: Any = None  # asyncpg.Connection
         self._lock = asyncio.Lock()
