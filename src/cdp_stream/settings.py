@@ -140,7 +140,8 @@ class Settings(BaseSettings):
         ge=0,
         description="after a poll that did not fill a batch, how long a resolver waits for "
         "more events before applying it: bigger batches, fewer round trips, this much more "
-        "event->profile latency",
+        "event->profile latency (on Kafka the broker holds each fetch this long instead: "
+        "fetch.max.wait.ms)",
     )
     resolver_outbox_vacuum_s: float = Field(
         default=1.0, gt=0, description="how often a resolver vacuums the profile-update outbox"
