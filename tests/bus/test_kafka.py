@@ -2,7 +2,8 @@
 killed with SIGKILL): every failed publish is a :class:`BusUnavailable`, publishing works
 again once the broker is back, and nothing is left behind in the event loop — no "Task
 exception was never retrieved", no error raised in an aiokafka callback. And a record
-too large for Kafka is :class:`RecordTooLarge`, not an outage."""
+too large for Kafka is :class:`RecordTooLarge`, not an outage; a consumer's linger is
+the broker's."""
 
 from __future__ import annotations
 
@@ -152,6 +153,39 @@ async def test_a_consumer_the_broker_left_broken_still_closes(
         await rejoin(consumer, asyncio.Event())
         assert consumer.assignment() == {(topic, 0)}
         assert any("did not close cleanly" in r.getMessage() for r in caplog.records)
+    finally:
+        await consumer.stop()
+        await bus.stop()
+
+
+@pytest.mark.parametrize("linger_ms", [0, 1_000])
+async def test_a_lingering_consumer_is_answered_by_the_broker_once_a_linger(
+    kafka_bootstrap: str, linger_ms: int
+) -> None:
+    """The Kafka consumer's linger is the broker's (``fetch.max.wait.ms``), not a sleep in
+    ``fill``: polled by ``getmany`` alone, records published 50 ms apart come in a few
+    answers with a linger, one or two at a time without."""
+    bus = KafkaBus(kafka_bootstrap)
+    topic = f"test-linger-{uid()}"
+    await bus.start()
+    await bus.ensure_topics({topic: 1})
+    consumer = bus.consumer(f"test-linger-{uid()}", [topic], linger_ms)
+    await consumer.start()
+    try:
+        assert consumer.linger_ms == 0  # fill adds no wait of its own
+
+        async def trickle() -> None:
+            for i in range(10):
+                await bus.publish(topic, b"k", f"t{i}".encode())
+                await asyncio.sleep(0.05)
+
+        sending = asyncio.create_task(trickle())
+        answers: list[int] = []
+        while sum(answers) < 10:
+            if got := await consumer.getmany(100, 5_000):
+                answers.append(len(got))
+        await sending
+        assert (len(answers) <= 4) == (linger_ms > 0), answers
     finally:
         await consumer.stop()
         await bus.stop()
