@@ -339,7 +339,13 @@ class KafkaConsumer:
         # On a backlog ``fill`` no longer tops a batch up after a linger either, so one
         # round of fetches must carry a batch: 4 MiB a partition, not aiokafka's 1 (with
         # which three resolvers, two partitions each, took ~1,700 events a batch).
-        self._fetch_wait_ms = linger_ms
+        self._fetching: dict[str, int] = {}  # without a linger: aiokafka's defaults
+        if linger_ms:
+            self._fetching = {
+                "fetch_max_wait_ms": linger_ms,
+                "fetch_min_bytes": FETCH_MIN_BYTES,
+                "max_partition_fetch_bytes": PARTITION_FETCH_BYTES,
+            }
         self.linger_ms = 0
         self._start_timeout = start_timeout_s
         self._commit_timeout = commit_timeout_s
@@ -366,9 +372,7 @@ class KafkaConsumer:
             # grace a member gives its in-flight batch at revoke time.
             rebalance_timeout_ms=int((self._revoke_grace + 30) * 1000),
             metadata_max_age_ms=30_000,
-            fetch_max_wait_ms=self._fetch_wait_ms or 500,  # aiokafka's defaults without one
-            fetch_min_bytes=FETCH_MIN_BYTES if self._fetch_wait_ms else 1,
-            max_partition_fetch_bytes=PARTITION_FETCH_BYTES if self._fetch_wait_ms else 1 << 20,
+            **self._fetching,
         )
         consumer.subscribe(self._topics, listener=_Listener(self))
         try:
